@@ -1,0 +1,66 @@
+"""The paged KV pool on device: per layer, K and V arrays of shape [num_pages, page_size, KVH, D].
+
+KV heads are split over the mesh's "tensor" axis like the attention heads that read them (replicated
+when the axis does not divide them). Page 0 is the null page: padding tokens write there and no
+sequence reads it, so the allocator hands out pages 1..num_pages-1 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from sgjax.mesh import TENSOR, named_sharding
+from sgjax.models.config import ModelConfig
+
+NULL_PAGE = 0
+KV_AXES = (None, None, TENSOR, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPoolConfig:
+    num_pages: int  # including the null page
+    page_size: int  # tokens per page
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: str | None = None) -> "KVPoolConfig":
+        return cls(num_pages, page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.dtype)
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_page(self) -> int:
+        """K and V bytes of one page over all layers (what sizing the pool from free memory divides by)."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+class KVPool:
+    """Owns the device arrays; the model runner passes `caches` into each step and stores what returns."""
+
+    def __init__(self, cfg: KVPoolConfig, mesh: Mesh):
+        if cfg.num_pages < 2:
+            raise ValueError(f"KV pool needs at least 2 pages (one is the null page); got {cfg.num_pages}")
+        if not 1 <= cfg.page_size <= 128:
+            raise ValueError(f"page size must be between 1 and 128 tokens; got {cfg.page_size}")
+        self.config = cfg
+        self.sharding = named_sharding(KV_AXES, cfg.page_shape, mesh)
+        zeros = jax.jit(
+            lambda: [(jnp.zeros(cfg.page_shape, cfg.dtype), jnp.zeros(cfg.page_shape, cfg.dtype))
+                     for _ in range(cfg.num_layers)],
+            out_shardings=self.sharding,
+        )
+        self.caches: list[tuple[jax.Array, jax.Array]] = [tuple(kv) for kv in zeros()]
+
+    @property
+    def num_usable_pages(self) -> int:
+        return self.config.num_pages - 1

@@ -1,0 +1,24 @@
+"""What every attention backend reads besides q/k/v: where each sequence's tokens and pages are."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    """A flat batch of T new tokens from B sequences (prefill chunks and decodes mixed).
+
+    Sequence b owns tokens query_start_loc[b]:query_start_loc[b+1] of the flat batch; they are the
+    last tokens of its kv_lens[b] tokens, whose K/V live in pages page_table[b, :]. Padding sequences
+    have kv_lens 0 and no tokens; padding tokens lie after query_start_loc[B] and write their K/V to
+    slot 0..page_size-1 of the reserved null page 0, which no sequence reads.
+    """
+
+    slot_mapping: jax.Array  # [T] int32: page * page_size + offset where token t's K/V goes
+    page_table: jax.Array  # [B, max_pages] int32
+    kv_lens: jax.Array  # [B] int32: tokens in the cache after this step (cached prefix + new)
+    query_start_loc: jax.Array  # [B + 1] int32: prefix sums of new tokens per sequence

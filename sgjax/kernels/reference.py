@@ -1,0 +1,74 @@
+"""Ragged paged attention in plain jax.numpy: the definition every kernel is checked against.
+
+It gathers each token's whole sequence from the page pool, so it costs T x L memory: fine as an
+oracle and for small CPU runs, not for serving at scale (the Pallas kernels are for that).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sgjax.kernels.metadata import AttentionMetadata
+
+MASK_VALUE = -1e30  # finite so a fully masked (padding) row gives a harmless average, not NaN
+
+
+def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
+    """Scatter the new tokens' K/V ([T, KVH, D]) into the pool ([pages, page_size, KVH, D])."""
+    shape = k_pages.shape
+    flat = (shape[0] * shape[1],) + shape[2:]
+    k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype)).reshape(shape)
+    v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype)).reshape(shape)
+    return k_pages, v_pages
+
+
+def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """(sequence index, absolute position) of each token of the flat batch."""
+    qsl = meta.query_start_loc
+    num_seqs = meta.kv_lens.shape[0]
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(qsl[1:], tok, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]
+    pos = meta.kv_lens[seq] - q_lens[seq] + (tok - qsl[seq])
+    return seq, pos
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Causal attention of q [T, H, D] over the paged K/V of each token's sequence -> [T, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    seq, pos = token_positions(meta, num_tokens)
+
+    pages = meta.page_table[seq]  # [T, max_pages]
+    k = k_pages[pages].reshape(num_tokens, -1, num_kv_heads, head_dim)  # [T, L, KVH, D]
+    v = v_pages[pages].reshape(num_tokens, -1, num_kv_heads, head_dim)
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,tlkd->tkgl", qg, k.astype(jnp.float32)) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+
+    kv_idx = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+    visible = (kv_idx <= pos[:, None]) & (kv_idx < meta.kv_lens[seq][:, None])
+    if sliding_window is not None:
+        visible &= pos[:, None] - kv_idx < sliding_window
+    scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("tkgl,tlkd->tkgd", probs, v.astype(jnp.float32))
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, **kwargs):
+    """Backend entry point: write this step's K/V into the pool, then attend. Returns (out, k_pages, v_pages)."""
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs), k_pages, v_pages

@@ -1,0 +1,131 @@
+"""ModelConfig: the few numbers a decoder needs, read once from a Hugging Face config.json.
+
+transformers fills each family's defaults (Qwen2's qkv bias, Gemma 2's alternating windows), and
+we copy out only what the model code reads, so model code never touches an HF config object.
+Both the transformers 4.x (`rope_scaling`, `rope_theta`) and 5.x (`rope_parameters`) spellings work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items, hashable for jit
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+    # Gemma 2
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    dtype: str = "bfloat16"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, dtype: str | None = None) -> "ModelConfig":
+        """Read `model_path/config.json`; `dtype` overrides the checkpoint's dtype."""
+        path = os.path.join(model_path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
+        with open(path) as f:
+            raw = json.load(f)
+        architectures = raw.get("architectures") or []
+        if not architectures:
+            raise ValueError(f"{path} has no 'architectures' entry; cannot choose a model class")
+        from sgjax.models.registry import check_supported
+
+        check_supported(architectures[0])
+        import transformers
+
+        hf = transformers.AutoConfig.from_pretrained(model_path)
+        return cls.from_hf(hf, architectures[0], dtype)
+
+    @classmethod
+    def from_hf(cls, hf, architecture: str, dtype: str | None = None) -> "ModelConfig":
+        """Copy the fields we use out of a transformers PretrainedConfig."""
+        get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+        num_heads = hf.num_attention_heads
+        head_dim = get("head_dim") or hf.hidden_size // num_heads
+        rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
+        rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
+
+        layer_types = get("layer_types")
+        window = get("sliding_window")
+        if layer_types:
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        elif architecture.startswith("Mistral") and window:
+            windows = (window,) * hf.num_hidden_layers
+        else:
+            windows = (None,) * hf.num_hidden_layers
+
+        family = architecture.removesuffix("ForCausalLM")
+        attention_bias = bool(get("attention_bias", False))
+        if dtype is None:
+            dtype = str(get("dtype") or get("torch_dtype") or "bfloat16").removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported (choose from {sorted(DTYPES)})")
+        is_gemma = family.startswith("Gemma")
+        return cls(
+            architecture=architecture,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=get("max_position_embeddings", 8192),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            qkv_bias=family == "Qwen2" or attention_bias,
+            o_bias=attention_bias and family != "Qwen2",
+            mlp_bias=bool(get("mlp_bias", False)),
+            qk_norm=family == "Qwen3",
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            hidden_act=(get("hidden_activation") if is_gemma else None) or get("hidden_act") or "silu",
+            sliding_windows=windows,
+            attn_logit_softcap=get("attn_logit_softcapping") if is_gemma else None,
+            final_logit_softcap=get("final_logit_softcapping") if is_gemma else None,
+            query_pre_attn_scalar=get("query_pre_attn_scalar") if is_gemma else None,
+            dtype=dtype,
+        )

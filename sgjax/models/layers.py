@@ -1,0 +1,153 @@
+"""Building blocks shared by the decoder families: Linear, RMSNorm, RoPE, Attention, gated MLP.
+
+Weights keep Hugging Face's layout and names ([out, in] for linear layers) so a checkpoint tensor
+maps to a parameter by name alone and can be sliced straight onto its devices. Each Param carries
+`axes`: the mesh axis each dimension is split over (see sgjax/mesh.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgjax.kernels import AttentionMetadata, get_attention_backend
+from sgjax.mesh import TENSOR
+from sgjax.models.config import ModelConfig
+
+COLUMN = (TENSOR, None)  # output features split over "tensor" (q/k/v, gate/up)
+ROW = (None, TENSOR)  # input features split over "tensor" (o, down); XLA adds the all-reduce
+
+KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages, page_size, KVH, D]
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs):
+        init = jax.random.normal(rngs.params(), (out_features, in_features), dtype) * (in_features**-0.5)
+        self.weight = nnx.Param(init.astype(dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=(axes[0],)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm (x_hat * w); with `offset` Gemma's (x_hat * (1 + w), all in float32)."""
+
+    def __init__(self, dim: int, eps: float, dtype, offset: bool = False):
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if offset else jnp.ones((dim,), dtype), axes=(None,))
+        self.eps, self.offset = eps, offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
+    """Inverse frequencies of RoPE, with linear or Llama 3.1 ("llama3") scaling."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not scaling:
+        return inv_freq.astype(np.float32)
+    s = dict(scaling)
+    kind, factor = s.get("rope_type", s.get("type")), s["factor"]
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    # llama3: leave high frequencies, divide low ones by `factor`, interpolate between.
+    old_len = s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate [T, heads, D] by position, in HF's rotate-half layout."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
+        h, d, dt = cfg.hidden_size, cfg.head_dim, cfg.jnp_dtype
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, axes=ROW, dtype=dt, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
+        else:
+            self.q_norm = self.k_norm = None
+        self.inv_freq_key = (d, cfg.rope_theta, cfg.rope_scaling)
+        self.attention_kwargs = dict(
+            scale=cfg.attention_scale,
+            sliding_window=cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None,
+            softcap=cfg.attn_logit_softcap,
+        )
+        self.attention_backend = attention_backend
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: KVCache, meta: AttentionMetadata):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(*self.inv_freq_key)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        attend = get_attention_backend(self.attention_backend)
+        out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], meta, **self.attention_kwargs)
+        return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU for Gemma."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, i, dt, b = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype, cfg.mlp_bias
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"activation {cfg.hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        self.gate_proj = Linear(h, i, bias=b, axes=COLUMN, dtype=dt, rngs=rngs)
+        self.up_proj = Linear(h, i, bias=b, axes=COLUMN, dtype=dt, rngs=rngs)
+        self.down_proj = Linear(i, h, bias=b, axes=ROW, dtype=dt, rngs=rngs)
+        self.hidden_act = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class Embedding(nnx.Module):
+    """Token embedding, split over the vocabulary; doubles as the tied LM head."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, dim), dtype), axes=COLUMN)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...h,vh->...v", x, self.weight[...], preferred_element_type=jnp.float32)

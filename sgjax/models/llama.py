@@ -1,0 +1,81 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3), variants chosen by ModelConfig.
+
+The forward pass takes a flat batch of tokens (prefill chunks and decodes mixed), reads and writes
+K/V through the paged pool, and returns hidden states; logits are computed only where asked for.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sgjax.kernels import AttentionMetadata
+from sgjax.models.config import ModelConfig
+from sgjax.models.layers import COLUMN, Attention, Embedding, GatedMLP, KVCache, Linear, RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.mlp = GatedMLP(cfg, rngs)
+
+    def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, kv, meta)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class DecoderModel(nnx.Module):
+    layer_class = DecoderLayer
+    norm_offset = False  # Gemma's norms scale by (1 + w)
+
+    def __init__(self, cfg: ModelConfig, attention_backend: str, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
+        self.layers = nnx.List(
+            [self.layer_class(cfg, i, attention_backend, rngs) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=self.norm_offset)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
+        x = self.embed(input_ids)
+        new_caches = []
+        for layer, kv in zip(self.layers, kv_caches):
+            x, kv = layer(x, positions, kv, meta)
+            new_caches.append(kv)
+        return self.norm(x), new_caches
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token ids + positions + paged KV -> hidden states; `compute_logits` for chosen rows."""
+
+    model_class = DecoderModel
+
+    def __init__(self, cfg: ModelConfig, *, attention_backend: str = "reference", rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = self.model_class(cfg, attention_backend, rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, axes=COLUMN,
+                                  dtype=cfg.jnp_dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVCache],
+                 meta: AttentionMetadata) -> tuple[jax.Array, list[KVCache]]:
+        """Returns (hidden [T, hidden_size], updated kv_caches)."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits [..., vocab] of the given hidden states."""
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...],
+                                preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcap
+        return cap * jnp.tanh(logits / cap) if cap else logits

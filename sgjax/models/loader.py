@@ -1,0 +1,147 @@
+"""Load a Hugging Face model folder into a sharded sgjax model.
+
+Each parameter is built with `jax.make_array_from_callback`: every device receives only its own slice,
+read lazily from a memory map of the safetensors shard, so the whole model is never materialised on
+one device (nor, beyond the page cache, on the host). `load_format="dummy"` instead runs the model's
+random initialiser under jit with the parameter shardings, for benchmarks of real sizes with no files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from sgjax.mesh import named_sharding
+from sgjax.models.config import ModelConfig
+from sgjax.models.registry import get_model_class
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointTensors:
+    """Tensor name -> lazily read numpy view, across all safetensors shards of a folder."""
+
+    def __init__(self, model_path: str):
+        index_path = os.path.join(model_path, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(model_path, name)):
+                    raise FileNotFoundError(f"checkpoint shard {name!r} listed in {index_path} is missing")
+        else:
+            files = sorted(n for n in os.listdir(model_path) if n.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors weights in model folder {model_path!r}")
+        self._tensors: dict[str, tuple[np.memmap, str, int, int, tuple[int, ...]]] = {}
+        for name in files:
+            self._read_header(os.path.join(model_path, name))
+
+    def _read_header(self, path: str) -> None:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            self._tensors[name] = (data, info["dtype"], base + begin, base + end, tuple(info["shape"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name][4]
+
+    def get(self, name: str) -> np.ndarray:
+        data, dtype, begin, end, shape = self._tensors[name]
+        return data[begin:end].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nnx.Module
+    config: ModelConfig
+    mesh: Mesh
+
+
+def checkpoint_name(path: tuple) -> str:
+    """nnx state path -> Hugging Face tensor name (our module tree mirrors HF's)."""
+    return ".".join(str(p) for p in path)
+
+
+def load_model(
+    model_path: str,
+    mesh: Mesh,
+    *,
+    dtype: str | None = None,
+    load_format: str = "auto",
+    attention_backend: str = "reference",
+    seed: int = 0,
+) -> LoadedModel:
+    """Build the model named by `model_path/config.json` with weights on `mesh`."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
+    cfg = ModelConfig.from_pretrained(model_path, dtype)
+    model_class = get_model_class(cfg.architecture)
+    make = lambda: model_class(cfg, attention_backend=attention_backend, rngs=nnx.Rngs(seed))  # noqa: E731
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    flat = nnx.to_flat_state(abstract_state)
+    shardings = [named_sharding(var.get_metadata().get("axes"), var.shape, mesh) for _, var in flat]
+
+    if load_format == "dummy":
+        init = jax.jit(lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.split(make())[1])],
+                       out_shardings=shardings)
+        values = init()
+    else:
+        values = _read_checkpoint(model_path, flat, shardings, cfg)
+    state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
+    return LoadedModel(nnx.merge(graphdef, state), cfg, mesh)
+
+
+def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.Array]:
+    tensors = CheckpointTensors(model_path)
+    target = np.dtype(cfg.jnp_dtype)
+    values = []
+    for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
+        name = checkpoint_name(path)
+        if name not in tensors:
+            raise KeyError(f"checkpoint in {model_path!r} has no tensor {name!r} (needed by {cfg.architecture})")
+        if tensors.shape(name) != tuple(var.shape):
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tensors.shape(name)}; "
+                f"config.json implies {tuple(var.shape)}"
+            )
+        source = tensors.get(name)
+        values.append(jax.make_array_from_callback(
+            tuple(var.shape), sharding, lambda index, src=source: np.asarray(src[index]).astype(target)
+        ))
+    return values
+
+
+def load_tokenizer(model_path: str):
+    """The checkpoint's Hugging Face tokenizer, with a clear error when its files are missing."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot load a tokenizer from {model_path!r}: {e}") from e
