@@ -22,7 +22,7 @@ FAMILIES = {
     # head_dim 32 != hidden/heads (8): any head_dim works.
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
-                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                    attn_logit_softcapping=1.0, final_logit_softcapping=0.5,
                                     hidden_activation="gelu_pytorch_tanh")),
 }
 CHAT_TEMPLATE = (
@@ -79,6 +79,8 @@ def make_tiny_model(path: str, family: str = "llama", *, seed: int = 0, max_shar
                 p.copy_((0.0 if family == "gemma2" else 1.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
+        if family == "gemma2":  # its scaled, tied embedding would otherwise drown the layers' output
+            model.model.embed_tokens.weight.mul_(0.1)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, max_shard_size=max_shard_size, safe_serialization=True)
     make_tokenizer(cfg.vocab_size).save_pretrained(path)
