@@ -54,7 +54,7 @@ class RadixMachine(RuleBasedStateMachine):
     @rule(tokens=tokens, extra=st.sampled_from([None, None, "lora-a"]))
     def match(self, tokens, extra):
         result = self.cache.match_prefix(tokens, extra)
-        assert result.pages == self.ref_match(tokens, extra)
+        assert result.pages.tolist() == self.ref_match(tokens, extra)
         assert result.num_tokens == len(result.pages) * self.ps
 
     @rule(tokens=tokens, extra=st.sampled_from([None, "lora-a"]))
@@ -69,13 +69,13 @@ class RadixMachine(RuleBasedStateMachine):
         except OutOfPages:
             self.cache.unlock(m.last_node)
             return
-        pages = m.pages + new
+        pages = m.pages.tolist() + new.tolist()
         # Insert the prefill right away (as for a running request) and move the lock to the new node.
-        tree_pages = self.cache.insert(tokens, pages, extra)
+        tree_pages = self.cache.insert(tokens, pages, extra).tolist()
         self.record_insert(tokens, extra, tree_pages)
         pages = tree_pages + pages[len(tree_pages):]
         m2 = self.cache.match_prefix(tokens, extra, record=False)
-        assert m2.pages == tree_pages
+        assert m2.pages.tolist() == tree_pages
         self.cache.lock(m2.last_node)
         self.cache.unlock(m.last_node)
         self.running[self.next_rid] = (extra, tokens, pages, m2.last_node, len(tree_pages))
@@ -91,10 +91,10 @@ class RadixMachine(RuleBasedStateMachine):
         need = self.alloc.pages_for(len(tokens)) - len(pages)
         if need > 0:
             if need <= self.alloc.num_free:
-                pages = pages + self.alloc.alloc(need)
+                pages = pages + self.alloc.alloc(need).tolist()
             else:
                 tokens = tokens[: len(pages) * self.ps]
-        tree_pages = self.cache.insert(tokens, pages, extra)
+        tree_pages = self.cache.insert(tokens, pages, extra).tolist()
         self.record_insert(tokens, extra, tree_pages)
         self.alloc.free(pages[len(tree_pages):])  # the partial last page is not cached
         self.cache.unlock(node)
@@ -155,29 +155,29 @@ def make(num_pages=64, page_size=1):
 
 def test_divergent_insert_splits_the_edge():
     alloc, cache = make()
-    a = alloc.alloc(6)
+    a = alloc.alloc(6).tolist()
     cache.insert([1, 2, 3, 4, 5, 6], a)
-    b = alloc.alloc(6)
+    b = alloc.alloc(6).tolist()
     shared = cache.insert([1, 2, 3, 9, 9, 9], b)
-    assert shared == a[:3] + b[3:]
+    assert shared.tolist() == a[:3] + b[3:]
     assert alloc.ref_counts[b[:3]].tolist() == [0, 0, 0], "duplicate prefix pages go back to the free list"
     root = cache._roots[None]
     (upper,) = root.children.values()
     assert upper.key.tolist() == [1, 2, 3] and sorted(c.key.tolist() for c in upper.children.values()) == [
         [4, 5, 6], [9, 9, 9]]
-    assert cache.match_prefix([1, 2, 3, 4, 7]).pages == a[:4]
+    assert cache.match_prefix([1, 2, 3, 4, 7]).pages.tolist() == a[:4]
 
 
 def test_page_aligned_matching_with_page_size_16():
     alloc, cache = make(page_size=16)
     tokens = list(range(100))
-    pages = alloc.alloc(7)  # 100 tokens: 6 whole pages + a partial one
-    assert cache.insert(tokens, pages) == pages[:6]
+    pages = alloc.alloc(7).tolist()  # 100 tokens: 6 whole pages + a partial one
+    assert cache.insert(tokens, pages).tolist() == pages[:6]
     m = cache.match_prefix(tokens[:50])
-    assert (m.num_tokens, m.pages) == (48, pages[:3])
+    assert (m.num_tokens, m.pages.tolist()) == (48, pages[:3])
     # A divergence inside the 4th page matches only the first 3 pages.
     m = cache.match_prefix(tokens[:60] + [999] + tokens[61:])
-    assert (m.num_tokens, m.pages) == (48, pages[:3])
+    assert (m.num_tokens, m.pages.tolist()) == (48, pages[:3])
     assert cache.match_prefix(tokens[:15]).num_tokens == 0
 
 
@@ -257,4 +257,4 @@ def test_insert_of_numpy_and_list_keys_agree():
     tokens = np.arange(12, dtype=np.int64)
     pages = alloc.alloc(3)
     cache.insert(tokens, pages)
-    assert cache.match_prefix(list(range(12))).pages == pages
+    assert cache.match_prefix(list(range(12))).pages.tolist() == pages.tolist()

@@ -27,12 +27,14 @@ class PageAllocator:
         self.num_pages, self.page_size = num_pages, page_size
         self.ref_counts = np.zeros(num_pages, np.int32)
         self.ref_counts[NULL_PAGE] = 1  # permanently held
-        # Hand out low page ids first (a stack popped from the end), which keeps tests readable.
-        self._free = list(range(num_pages - 1, NULL_PAGE, -1))
+        # A stack of free pages in a numpy array (no Python int per page: pools hold millions).
+        # Popped from the end, so low page ids come out first.
+        self._free = np.arange(num_pages - 1, NULL_PAGE, -1, dtype=np.int32)
+        self._num_free = num_pages - 1
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_usable(self) -> int:
@@ -41,28 +43,34 @@ class PageAllocator:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def alloc(self, n: int) -> list[int]:
-        """n fresh pages with count 1; raises OutOfPages (allocating nothing) if fewer are free."""
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} KV pages; {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+    def alloc(self, n: int) -> np.ndarray:
+        """n fresh pages (int32) with count 1; raises OutOfPages (allocating nothing) if fewer are free."""
+        if n > self._num_free:
+            raise OutOfPages(f"asked for {n} KV pages; {self._num_free} free")
+        self._num_free -= n
+        pages = self._free[self._num_free:self._num_free + n][::-1].copy()
         self.ref_counts[pages] = 1
         return pages
 
-    def incref(self, pages: Iterable[int]) -> None:
-        for p in pages:
-            if self.ref_counts[p] <= 0:
-                raise ValueError(f"page {p} is free; cannot share it")
-            self.ref_counts[p] += 1
+    def incref(self, pages: Iterable[int] | np.ndarray) -> None:
+        pages = np.asarray(pages, np.int32)
+        if (self.ref_counts[pages] <= 0).any():
+            raise ValueError(f"pages {pages[self.ref_counts[pages] <= 0].tolist()} are free; cannot share them")
+        np.add.at(self.ref_counts, pages, 1)
 
-    def free(self, pages: Iterable[int]) -> None:
+    def free(self, pages: Iterable[int] | np.ndarray) -> None:
         """Drop one reference to each page; pages reaching 0 go back to the free list."""
-        for p in pages:
-            if p == NULL_PAGE or self.ref_counts[p] <= 0:
-                raise ValueError(f"page {p} freed more often than it was allocated")
-            self.ref_counts[p] -= 1
-            if self.ref_counts[p] == 0:
-                self._free.append(p)
+        pages = np.asarray(pages, np.int32)
+        if pages.size == 0:
+            return
+        unique, counts = np.unique(pages, return_counts=True)
+        bad = (unique == NULL_PAGE) | (self.ref_counts[unique] < counts)
+        if bad.any():
+            raise ValueError(f"pages {unique[bad].tolist()} freed more often than they were allocated")
+        self.ref_counts[unique] -= counts.astype(np.int32)
+        released = unique[self.ref_counts[unique] == 0]
+        self._free[self._num_free:self._num_free + len(released)] = released
+        self._num_free += len(released)
 
     def free_pages(self) -> list[int]:
-        return list(self._free)
+        return self._free[:self._num_free].tolist()

@@ -27,9 +27,9 @@ from sgjax.cache.page_allocator import PageAllocator
 class TreeNode:
     __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access", "alive")
 
-    def __init__(self, key: np.ndarray, pages: list[int], parent: "TreeNode | None"):
-        self.key = key  # token ids on the edge from parent to this node (whole pages)
-        self.pages = pages  # one KV page per page_size tokens of key
+    def __init__(self, key: np.ndarray, pages: np.ndarray, parent: "TreeNode | None"):
+        self.key = key  # int32 token ids on the edge from parent to this node (whole pages)
+        self.pages = pages  # int32, one KV page per page_size tokens of key
         self.children: dict[Hashable, TreeNode] = {}
         self.parent = parent
         self.lock_ref = 0
@@ -43,7 +43,7 @@ class TreeNode:
 
 @dataclasses.dataclass
 class MatchResult:
-    pages: list[int]  # pages of the matched prefix, in order
+    pages: np.ndarray  # int32 pages of the matched prefix, in order
     num_tokens: int  # matched tokens (a multiple of page_size)
     last_node: TreeNode  # lock this while the prefix is in use
 
@@ -67,7 +67,7 @@ class RadixCache:
         key = self._as_key(tokens)
         usable = len(key) - len(key) % self.page_size
         node = self._root(extra_key)
-        pages: list[int] = []
+        pages: list[np.ndarray] = []
         pos, now = 0, next(self._clock)
         node.last_access = now
         while pos < usable:
@@ -78,7 +78,7 @@ class RadixCache:
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
-            pages.extend(child.pages)
+            pages.append(child.pages)
             pos += n
             node = child
         if node.is_leaf:
@@ -86,10 +86,11 @@ class RadixCache:
         if record:
             self.hit_tokens += pos
             self.miss_tokens += len(key) - pos
-        return MatchResult(pages, pos, node)
+        return MatchResult(_concat(pages), pos, node)
 
     # ---- insertion ----------------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int] | np.ndarray, pages: Sequence[int], extra_key: Hashable = None) -> list[int]:
+    def insert(self, tokens: Sequence[int] | np.ndarray, pages: Sequence[int] | np.ndarray,
+               extra_key: Hashable = None) -> np.ndarray:
         """Cache the whole pages of `tokens` (held in `pages`); return the tree's pages for that prefix.
 
         Ownership of `pages[:k]` (k = whole pages) passes to the tree. Where the tree already held a
@@ -99,18 +100,17 @@ class RadixCache:
         n_pages = len(key) // self.page_size
         if len(pages) < n_pages:
             raise ValueError(f"{len(key)} tokens need {n_pages} pages of {self.page_size}; got {len(pages)}")
-        key = key[: n_pages * self.page_size]
+        key, pages = key[: n_pages * self.page_size], np.asarray(pages, np.int32)
         node, pos, now = self._root(extra_key), 0, next(self._clock)
         node.last_access = now
-        result: list[int] = []
+        result: list[np.ndarray] = []
         while pos < len(key):
             child = node.children.get(self._child_key(key, pos))
             if child is None:
-                new_pages = list(pages[pos // self.page_size: n_pages])
-                child = TreeNode(key[pos:].copy(), new_pages, node)
+                child = TreeNode(key[pos:].copy(), pages[pos // self.page_size: n_pages].copy(), node)
                 node.children[self._child_key(key, pos)] = child
                 self.cached_tokens += len(child.key)
-                result.extend(new_pages)
+                result.append(child.pages)
                 node.last_access = now  # parent is no longer a leaf; its heap entries go stale
                 node = child
                 break
@@ -118,17 +118,15 @@ class RadixCache:
             if n < len(child.key):
                 child = self._split(child, n)
             given = pages[pos // self.page_size: (pos + n) // self.page_size]
-            duplicates = [g for g, t in zip(given, child.pages) if g != t]
-            if duplicates:
-                self.allocator.free(duplicates)
-            result.extend(child.pages)
+            self.allocator.free(given[given != child.pages])
+            result.append(child.pages)
             child.last_access = now
             pos += n
             node = child
         node.last_access = now
         if node.is_leaf:
             self._push_leaf(node)
-        return result
+        return _concat(result)
 
     # ---- locking ------------------------------------------------------------------------------
     def lock(self, node: TreeNode) -> None:
@@ -211,7 +209,7 @@ class RadixCache:
             stack = list(root.children.values())
             while stack:
                 node = stack.pop()
-                out.extend(node.pages)
+                out.extend(node.pages.tolist())
                 stack.extend(node.children.values())
         return out
 
@@ -219,7 +217,7 @@ class RadixCache:
     def _root(self, extra_key: Hashable) -> TreeNode:
         root = self._roots.get(extra_key)
         if root is None:
-            root = self._roots[extra_key] = TreeNode(np.zeros(0, np.int32), [], None)
+            root = self._roots[extra_key] = TreeNode(np.zeros(0, np.int32), np.zeros(0, np.int32), None)
         return root
 
     @staticmethod
@@ -254,3 +252,7 @@ class RadixCache:
     def _push_leaf(self, node: TreeNode) -> None:
         if self._evictable(node):
             heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node))
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
