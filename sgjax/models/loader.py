@@ -2,18 +2,20 @@
 
 Each parameter is built with `jax.make_array_from_callback`: every device receives only its own slice,
 read lazily from a memory map of the safetensors shard, so the whole model is never materialised on
-one device (nor, beyond the page cache, on the host). `load_format="dummy"` instead runs the model's
-random initialiser under jit with the parameter shardings, for benchmarks of real sizes with no files.
+one device (nor, beyond the page cache, on the host). `load_format="dummy"` instead makes random
+weights of the configured shapes on their devices, for benchmarks of real sizes with no files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -102,19 +104,42 @@ def load_model(
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = ModelConfig.from_pretrained(model_path, dtype)
     model_class = get_model_class(cfg.architecture)
-    make = lambda: model_class(cfg, attention_backend=attention_backend, rngs=nnx.Rngs(seed))  # noqa: E731
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(lambda: model_class(cfg, attention_backend=attention_backend, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(abstract_state)
     shardings = [named_sharding(var.get_metadata().get("axes"), var.shape, mesh) for _, var in flat]
 
     if load_format == "dummy":
-        init = jax.jit(lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.split(make())[1])],
-                       out_shardings=shardings)
-        values = init()
+        values = _random_weights(flat, shardings, seed)
     else:
         values = _read_checkpoint(model_path, flat, shardings, cfg)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh)
+
+
+def _random_weights(flat, shardings, seed: int) -> list[jax.Array]:
+    """Random weights made on their devices: N(0, 1/fan_in) matrices, unit norms, zero biases.
+
+    One small jitted initialiser per (shape, dtype, sharding), so a 32-layer model compiles a
+    handful of programs rather than one huge one.
+    """
+    key = jax.random.key(seed)
+    values = []
+    for i, ((path, var), sharding) in enumerate(zip(tqdm(flat, desc="dummy weights", unit="tensor"), shardings)):
+        name = checkpoint_name(path)
+        kind = "ones" if "norm" in name else "zeros" if name.endswith("bias") else "normal"
+        values.append(_init_fn(tuple(var.shape), np.dtype(var.dtype), sharding, kind)(jax.random.fold_in(key, i)))
+    return values
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(shape, dtype, sharding, kind):
+    def init(key):
+        if kind == "normal":
+            return (jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5).astype(dtype)
+        return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
+
+    return jax.jit(init, out_shardings=sharding)
 
 
 def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.Array]:

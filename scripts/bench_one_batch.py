@@ -1,0 +1,117 @@
+"""Latency of one prefill and of decode steps at several batch sizes, against the HBM floor.
+
+A first version (issue 9 extends it): static batches through sgjax.generate's jitted step with the
+attention backend given (the reference backend gathers whole sequences, so it is far from the kernel
+the engine will use). Decode floor = (weight bytes + KV bytes read per step) / HBM bandwidth, the
+bandwidth measured by a device-to-device copy in the same run.
+
+    python scripts/bench_one_batch.py --model llama-3-8b --batch-sizes 1,16,64 --input-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgjax.batch import SeqChunk, make_batch
+from sgjax.cache.kv_pool import KVPool, KVPoolConfig
+from sgjax.generate import make_step
+from sgjax.mesh import make_mesh
+from sgjax.models.loader import load_model
+from sgjax.models.presets import PRESETS, write_preset
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus written."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + 1)  # forces a real read and write
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / np.median(times)
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # compile + warm up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
+    p.add_argument("--batch-sizes", default="1,16,64")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--mesh", default="1x1")
+    p.add_argument("--attention-backend", default="reference")
+    p.add_argument("--repeat", type=int, default=10)
+    args = p.parse_args()
+
+    folder = write_preset(args.model, tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    loaded = load_model(folder, make_mesh(args.mesh), load_format="dummy",
+                        attention_backend=args.attention_backend)
+    jax.block_until_ready(jax.tree.leaves(loaded.model))
+    load_s = time.perf_counter() - t0
+    cfg = loaded.config
+    graphdef, state = nnx.split(loaded.model)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    bandwidth = copy_bandwidth()
+    step = make_step(graphdef)
+    print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
+          f"{weight_bytes / 1e9:.2f} GB loaded in {load_s:.1f} s, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+    ps, n_in = args.page_size, args.input_len
+    rows = []
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        pages_each = -(-(n_in + 1) // ps)
+        pool = KVPool(KVPoolConfig.for_model(cfg, 1 + bs * pages_each, ps), loaded.mesh)
+        chunks = [SeqChunk(list(np.random.default_rng(b).integers(0, cfg.vocab_size, n_in)), 0,
+                           list(range(1 + b * pages_each, 1 + (b + 1) * pages_each))) for b in range(bs)]
+        prefill = make_batch(chunks[:1], ps)
+
+        def run_prefill():
+            logits, pool.caches = step(state, pool.caches, prefill.input_ids, prefill.positions, prefill.meta,
+                                       prefill.last_token_index)
+            logits.block_until_ready()
+
+        prefill_s = timed(run_prefill, args.repeat)
+        decode = make_batch([SeqChunk([1], n_in, c.pages) for c in chunks], ps)
+
+        def run_decode():
+            logits, pool.caches = step(state, pool.caches, decode.input_ids, decode.positions, decode.meta,
+                                       decode.last_token_index)
+            logits.block_until_ready()
+
+        decode_s = timed(run_decode, args.repeat)
+        kv_bytes = bs * (n_in + 1) * pool.config.bytes_per_page // ps
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        flops = 2 * weight_bytes / 2 * n_in  # 2 flops per bf16 weight per token (matmuls only)
+        rows.append((bs, prefill_s * 1e3, flops / prefill_s / 1e12, decode_s * 1e3, floor * 1e3,
+                     floor / decode_s, bs / decode_s))
+        del pool
+
+    print(f"\nprefill of {n_in} tokens (one sequence) and one decode step at context {n_in}, "
+          f"attention backend {args.attention_backend}")
+    print(f"{'batch':>5} {'prefill ms':>10} {'prefill TFLOP/s':>15} {'decode ms':>9} {'HBM floor ms':>12} "
+          f"{'floor/actual':>12} {'tokens/s':>9}")
+    for r in rows:
+        print(f"{r[0]:>5} {r[1]:>10.2f} {r[2]:>15.1f} {r[3]:>9.2f} {r[4]:>12.2f} {r[5]:>12.1%} {r[6]:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
