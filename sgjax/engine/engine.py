@@ -1,0 +1,313 @@
+"""Engine: the offline API (generate, async_generate, async_stream) over a background engine thread.
+
+A request's path: tokenize (chat template for message lists) -> Request -> the engine thread's inbox
+-> Scheduler.schedule -> ModelRunner.run (forward + on-device sampling) -> append the token, detokenize
+incrementally, check stop conditions -> the caller's callback (an Event for sync calls, an asyncio
+queue for async ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from sgjax.batch import SeqChunk
+from sgjax.cache.kv_pool import KVPool, KVPoolConfig
+from sgjax.cache.page_allocator import PageAllocator
+from sgjax.cache.radix_cache import RadixCache
+from sgjax.config import EngineArgs
+from sgjax.engine.detokenizer import IncrementalDetokenizer
+from sgjax.engine.model_runner import ModelRunner
+from sgjax.engine.request import Request, Status
+from sgjax.engine.sampler import SamplingBatch
+from sgjax.engine.sampling_params import SamplingParams
+from sgjax.engine.scheduler import Scheduler
+from sgjax.mesh import make_mesh
+from sgjax.models.loader import load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+Prompt = str | list[dict]  # text, or chat messages
+Callback = Callable[[Request, str], None]  # (request, new text); request.finished tells the end
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, *, args: EngineArgs | None = None, **kwargs):
+        args = args or EngineArgs(model_path=model_path, **kwargs)
+        self.args = args
+        if args.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
+                                 load_format=args.load_format, attention_backend=args.attention_backend)
+        cfg = self.loaded.config
+        self.tokenizer = load_tokenizer(args.model_path)
+        self.context_length = args.context_length or cfg.max_position_embeddings
+        ps = args.page_size
+        max_pages_per_seq = -(-self.context_length // ps)
+        pool_cfg = KVPoolConfig.for_model(cfg, args.num_pages or 2, ps)
+        num_pages = args.num_pages or self._pages_from_memory(pool_cfg, max_pages_per_seq)
+        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps), self.loaded.mesh)
+        self.allocator = PageAllocator(num_pages, ps)
+        self.radix = None if args.disable_radix_cache else RadixCache(self.allocator)
+        prefill_budget = args.chunked_prefill_size or self.context_length
+        self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
+                                   chunked_prefill_size=prefill_budget, policy=args.schedule_policy)
+        self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
+                                  max_pages_per_seq=max_pages_per_seq,
+                                  max_tokens=prefill_budget + args.max_running_requests,
+                                  min_bucket=args.min_token_bucket)
+        self.eos_token_ids = self._eos_token_ids()
+        self._seeds = np.random.default_rng(args.random_seed)
+        self._callbacks: dict[int, Callback] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopped = False
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------------------
+    def generate(self, prompt: Prompt | list[Prompt] | None = None, sampling_params: dict | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
+        """Blocking generation for one prompt (returns a dict) or a batch (returns a list, n per prompt)."""
+        prompts, single = self._prompts(prompt, input_ids)
+        params = SamplingParams.from_dict(sampling_params)
+        done = threading.Event()
+        pending = [None] * (len(prompts) * params.n)
+        remaining = [len(pending)]
+        lock = threading.Lock()
+
+        def on_output(req: Request, _delta: str, slot: int):
+            if req.finished:
+                pending[slot] = self._result(req)
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        requests = self._make_requests(prompts, params)
+        for slot, req in enumerate(requests):
+            self._submit(req, lambda r, d, slot=slot: on_output(r, d, slot))
+        done.wait()
+        return pending[0] if single and params.n == 1 else pending
+
+    async def async_generate(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
+                             input_ids: list[int] | None = None) -> dict:
+        """One request, awaited."""
+        async for _, req in self._iterate(prompt, sampling_params, input_ids):
+            if req.finished:
+                return self._result(req)
+
+    async def async_stream(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
+                           input_ids: list[int] | None = None) -> AsyncIterator[str]:
+        """One request's text as it is generated, delta by delta."""
+        async for delta, _ in self._iterate(prompt, sampling_params, input_ids):
+            if delta:
+                yield delta
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        if input_ids is not None:
+            single = not input_ids or isinstance(input_ids[0], (int, np.integer))
+            return ([list(input_ids)] if single else [list(x) for x in input_ids]), single
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        items = [prompt] if single else list(prompt)
+        return [self._tokenize(p) for p in items], single
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            return self.apply_chat_template(prompt)
+        raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
+
+    def _make_requests(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
+        requests = []
+        for ids in prompts:
+            self._validate_prompt(ids, params)
+            base_seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+            for i in range(params.n):
+                requests.append(Request(
+                    rid=uuid.uuid4().hex, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)))
+        return requests
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.loaded.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
+        longest = min(len(ids) + params.max_new_tokens, self.context_length)
+        if self.allocator.pages_for(longest) > self.allocator.num_usable:
+            raise ValueError(f"a request of {longest} tokens needs {self.allocator.pages_for(longest)} KV pages; "
+                             f"the pool has {self.allocator.num_usable}")
+
+    def _submit(self, req: Request, callback: Callback) -> None:
+        self._inbox.put(("add", req, callback))
+
+    async def _iterate(self, prompt, sampling_params, input_ids) -> AsyncIterator[tuple[str, Request]]:
+        prompts, single = self._prompts(prompt, input_ids)
+        params = SamplingParams.from_dict(sampling_params)
+        if not single or params.n != 1:
+            raise ValueError("async_generate and async_stream take one prompt with n=1")
+        (req,) = self._make_requests(prompts, params)
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        self._submit(req, lambda r, delta: loop.call_soon_threadsafe(updates.put_nowait, (delta, r.finished)))
+        try:
+            while True:
+                delta, finished = await updates.get()
+                yield delta, req
+                if finished:
+                    return
+        finally:
+            if not req.finished:
+                self.abort(req.rid)  # the caller stopped listening
+
+    def _result(self, req: Request) -> dict:
+        meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason}
+        if req.params.logprobs:
+            meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
+        return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox(block=not self.scheduler.has_work())
+            if self._stopped or not self.scheduler.has_work():
+                continue
+            try:
+                self._step()
+            except Exception as e:  # keep serving: fail what was in flight, name the error
+                logger.exception("engine step failed")
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self.scheduler.abort(req.rid)
+                    self._finish(req, {"type": "abort", "message": f"engine error: {e}"})
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item[0] == "add":
+                _, req, callback = item
+                self._callbacks[id(req)] = callback
+                if req.params.max_new_tokens == 0:
+                    self._finish(req, {"type": "length", "length": 0})
+                else:
+                    self.scheduler.add(req)
+            elif item[0] == "abort":
+                req = self.scheduler.abort(item[1])
+                if req is not None:
+                    self._finish(req, {"type": "abort"})
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        chunks = [SeqChunk(req.fill_ids[req.num_computed:req.num_computed + n], req.num_computed, req.pages)
+                  for req, n in batch]
+        sampling = SamplingBatch.build([r.params for r, _ in batch], [r.seed for r, _ in batch],
+                                       [len(r.output_ids) for r, _ in batch], self.args.max_running_requests)
+        tokens, logprobs = self.runner.run(chunks, sampling)
+        self.num_steps += 1
+        for (req, n), token, logprob in zip(batch, tokens.tolist(), logprobs.tolist()):
+            was_prefill = req.num_pending > 1
+            req.num_computed += n
+            if was_prefill:
+                self.scheduler.cache_prefill(req)
+            if req.num_pending == 0:  # the chunk reached the end: its last logits give a new token
+                self._append_token(req, token, logprob)
+
+    def _append_token(self, req: Request, token: int, logprob: float) -> None:
+        p = req.params
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        finish = None
+        if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
+            finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output
+        else:
+            req.detokenizer.add(token)
+        if finish is None and (len(req.output_ids) >= p.max_new_tokens or len(req.fill_ids) >= self.context_length):
+            finish = {"type": "length", "length": len(req.output_ids)}
+        if finish is not None:
+            req.detokenizer.flush()
+        text = req.detokenizer.text
+        for stop in p.stop_strings:
+            # Only the newly decoded tail can complete a stop string.
+            at = text.find(stop, max(0, len(req.text) - len(stop)))
+            if at != -1:
+                text, finish = text[:at], {"type": "stop", "matched": stop}
+                break
+        if finish is None:
+            # Hold back what could still turn out to be the start of a stop string.
+            hold = max((len(s) - 1 for s in p.stop_strings), default=0)
+            text = text[: max(len(req.text), len(text) - hold)]
+        delta, req.text = text[len(req.text):], text
+        if finish is not None:
+            self.scheduler.finish(req)
+            self._finish(req, finish, delta)
+        else:
+            self._callbacks[id(req)](req, delta)
+
+    def _finish(self, req: Request, reason: dict, delta: str = "") -> None:
+        req.status, req.finish_reason = Status.FINISHED, reason
+        callback = self._callbacks.pop(id(req), None)
+        if callback is not None:
+            callback(req, delta)
+
+    # ---- set-up helpers ------------------------------------------------------------------------
+    def _eos_token_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.args.model_path).eos_token_id
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        except OSError:
+            pass
+        return ids
+
+    def _pages_from_memory(self, pool_cfg: KVPoolConfig, max_pages_per_seq: int) -> int:
+        """Pages that fit in mem_fraction_static of device memory after the weights."""
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:  # CPU: enough for every running request at full context
+            return 1 + self.args.max_running_requests * max_pages_per_seq
+        tensor = self.loaded.mesh.shape["tensor"]
+        per_device = pool_cfg.bytes_per_page // (tensor if pool_cfg.num_kv_heads % tensor == 0 else 1)
+        free = stats["bytes_limit"] * self.args.mem_fraction_static - stats["bytes_in_use"]
+        pages = int(free // per_device)
+        if pages < 2:
+            raise ValueError(f"no device memory left for the KV pool ({free / 2**30:.1f} GiB free after weights); "
+                             "raise mem_fraction_static or use a larger mesh")
+        return pages

@@ -1,0 +1,79 @@
+"""The model runner: one compiled program per token-count bucket, built at start-up.
+
+Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
+parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
+next power-of-two bucket. All buckets are compiled ahead of time (`jit(...).lower(...).compile()`),
+so serving calls only compiled executables and can never trigger a compilation. The KV pool is
+donated to each step, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sgjax.batch import SeqChunk, make_batch
+from sgjax.cache.kv_pool import KVPool
+from sgjax.engine.sampler import SamplingBatch, sample
+from sgjax.kernels import AttentionMetadata
+from sgjax.models.loader import LoadedModel
+
+
+def token_buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` up to the first one >= `largest`."""
+    buckets = [smallest]
+    while buckets[-1] < largest:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
+                 max_tokens: int, min_bucket: int = 16):
+        self.pool = pool
+        self.page_size = pool.config.page_size
+        self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
+        self.buckets = token_buckets(min_bucket, max_tokens)
+        self.graphdef, self.state = nnx.split(loaded.model)
+        step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1,))
+        self.compiled = {}
+        for t in tqdm(self.buckets, desc="compiling steps", unit="bucket"):
+            self.compiled[t] = step.lower(self.state, pool.caches, *self._abstract_inputs(t)).compile()
+
+    def _abstract_inputs(self, num_tokens: int):
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
+        b = self.max_seqs
+        meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
+                                 kv_lens=i32(b), query_start_loc=i32(b + 1))
+        sampling = SamplingBatch(temperature=f32(b), top_k=i32(b), top_p=f32(b), min_p=f32(b),
+                                 seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b))
+        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for t in self.buckets:
+            if t >= num_tokens:
+                return t
+        raise ValueError(f"step of {num_tokens} tokens exceeds the largest compiled bucket {self.buckets[-1]}")
+
+    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+        """One step; returns the sampled token and its logprob for each chunk's last token."""
+        total = sum(len(c.tokens) for c in chunks)
+        batch = make_batch(chunks, self.page_size, num_tokens=self.bucket_for(total), num_seqs=self.max_seqs,
+                           max_pages=self.max_pages)
+        tokens, logprobs, self.pool.caches = self.compiled[len(batch.input_ids)](
+            self.state, self.pool.caches, batch.input_ids, batch.positions, batch.meta, batch.last_token_index,
+            sampling)
+        n = len(chunks)
+        return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]
+
+
+def _step(graphdef, state, kv_caches, input_ids, positions, meta, rows, sampling):
+    model = nnx.merge(graphdef, state)
+    hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
+    tokens, logprobs = sample(model.compute_logits(hidden[rows]), sampling)
+    return tokens, logprobs, kv_caches

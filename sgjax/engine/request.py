@@ -1,0 +1,63 @@
+"""A request's state as it moves waiting -> running -> finished (and back to waiting if preempted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+import numpy as np
+
+from sgjax.engine.detokenizer import IncrementalDetokenizer
+from sgjax.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detokenizer: IncrementalDetokenizer | None = None
+    extra_key: Any = None  # requests with different extra keys never share cached prefixes
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    # KV state: pages[:num_tree_pages] belong to the radix tree (held by a lock on `tree_node`),
+    # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`.
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_tree_pages: int = 0
+    tree_node: Any = None
+    num_computed: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the radix cache on first admission
+    admitted: bool = False
+    finish_reason: dict | None = None
+    text: str = ""
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    aborted: bool = False
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose K/V the request needs: the prompt, then all outputs so far."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def key(self) -> np.ndarray:
+        return np.asarray(self.fill_ids, dtype=np.int32)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to run before the next sample (the rest of the prompt, or the last sampled token)."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,60 @@
+"""Per-request sampling parameters, validated once when the request arrives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = whole vocabulary
+    min_p: float = 0.0
+    seed: int | None = None  # None: drawn from the engine's random_seed stream
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+    logprobs: bool = False  # return the chosen tokens' logprobs
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingParams":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
+        params = cls(**d)
+        params.validate()
+        return params
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+             f"max_new_tokens must be a non-negative integer; got {self.max_new_tokens!r}")
+        need(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+             f"temperature must be in [0, 100]; got {self.temperature!r}")
+        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p!r}")
+        need(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+             f"top_k must be -1 or >= 1; got {self.top_k!r}")
+        need(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1]; got {self.min_p!r}")
+        need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128]; got {self.n!r}")
+        need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer; got {self.seed!r}")
+        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop must be a non-empty string or a list of them")
+        need(self.stop_token_ids is None or all(isinstance(t, int) for t in self.stop_token_ids),
+             "stop_token_ids must be a list of integers")

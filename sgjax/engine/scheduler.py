@@ -1,0 +1,166 @@
+"""The scheduler: which requests run in the next step, with how many tokens, in which KV pages.
+
+Policy, in order, each step:
+1. Running requests, oldest first: a decode takes 1 token, an unfinished prompt its next chunk (the
+   prefill budget, `chunked_prefill_size`, is shared by all chunks of the step). When pages run out,
+   unlocked radix-cache leaves are evicted; then the youngest running request is preempted: its
+   computed tokens go into the radix cache (so its re-admission finds them) and it returns to the
+   front of the queue.
+2. Waiting requests, longest cached prefix first (`lpm`) or in arrival order (`fcfs`), while there is
+   budget, a free slot (`max_running_requests`) and pages. New requests never preempt running ones.
+
+Page ownership: every page is in exactly one of the allocator's free list, the radix tree, or a
+running request's own pages (`Request.pages[num_tree_pages:]`).
+"""
+
+from __future__ import annotations
+
+import collections
+
+from sgjax.cache.page_allocator import PageAllocator
+from sgjax.cache.radix_cache import RadixCache
+from sgjax.engine.request import Request, Status
+
+
+class Scheduler:
+    def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
+                 chunked_prefill_size: int, policy: str = "lpm"):
+        self.allocator, self.radix = allocator, radix
+        self.page_size = allocator.page_size
+        self.max_running = max_running_requests
+        self.prefill_budget = chunked_prefill_size
+        self.policy = policy
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Request, int]]:
+        """The next step's (request, number of tokens to run) pairs."""
+        budget = self.prefill_budget
+        batch: list[tuple[Request, int]] = []
+        for req in list(self.running):
+            if req.status is not Status.RUNNING:
+                continue  # preempted while making room for an older request
+            n = 1 if req.num_pending == 1 else min(req.num_pending, budget)
+            if n <= 0 or not self._reserve(req, n):
+                continue
+            batch.append((req, n))
+            if req.num_pending > 1:
+                budget -= n
+        for req in self._waiting_in_policy_order():
+            if len(self.running) >= self.max_running or budget <= 0:
+                break
+            n = self._admit(req, budget)
+            if n is None:
+                break  # out of pages: later requests would not fit either
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _waiting_in_policy_order(self) -> list[Request]:
+        if self.policy == "fcfs" or self.radix is None:
+            return list(self.waiting)
+        match_len = {id(r): self.radix.match_prefix(r.key, r.extra_key, record=False).num_tokens
+                     for r in self.waiting}
+        return sorted(self.waiting, key=lambda r: -match_len[id(r)])  # stable: FCFS among equals
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """Move a waiting request to running with its cached prefix and pages for its first chunk."""
+        fill = req.key
+        node, pages, cached = None, [], 0
+        if self.radix is not None:
+            m = self.radix.match_prefix(fill, req.extra_key, record=not req.admitted)
+            # At least the last token must run, to produce the logits of the next one.
+            cached = min(m.num_tokens, (len(fill) - 1) // self.page_size * self.page_size)
+            node, pages = m.last_node, m.pages[: cached // self.page_size].tolist()
+            self.radix.lock(node)
+        n = min(len(fill) - cached, budget)
+        need = self.allocator.pages_for(cached + n) - len(pages)
+        if need > self.allocator.num_free and self.radix is not None:
+            self.radix.evict((need - self.allocator.num_free) * self.page_size)
+        if need > self.allocator.num_free:
+            if node is not None:
+                self.radix.unlock(node)
+            return None
+        self.waiting.remove(req)
+        req.pages = pages + self.allocator.alloc(need).tolist()
+        req.num_tree_pages, req.tree_node, req.num_computed = len(pages), node, cached
+        if not req.admitted:
+            req.cached_tokens, req.admitted = cached, True
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return n
+
+    def _reserve(self, req: Request, n: int) -> bool:
+        """Pages for n more tokens of a running request: evict, then preempt the youngest, if needed."""
+        need = self.allocator.pages_for(req.num_computed + n) - len(req.pages)
+        while need > self.allocator.num_free:
+            short = (need - self.allocator.num_free) * self.page_size
+            if self.radix is not None and self.radix.evictable_tokens and self.radix.evict(short):
+                continue
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.pages += self.allocator.alloc(need).tolist()
+        return True
+
+    # ---- after a step --------------------------------------------------------------------------
+    def cache_prefill(self, req: Request) -> None:
+        """Share a running request's computed prompt with the radix tree right away, so requests
+        with the same prefix that arrive meanwhile reuse its pages."""
+        if self.radix is None:
+            return
+        old = req.tree_node
+        self._insert(req)
+        req.tree_node = self.radix.match_prefix(req.key[: req.num_computed], req.extra_key, record=False).last_node
+        self.radix.lock(req.tree_node)
+        self.radix.unlock(old)
+
+    def finish(self, req: Request) -> None:
+        """Release a request's KV: computed tokens go into the radix tree, the rest is freed."""
+        self._release(req)
+        req.status = Status.FINISHED
+
+    def preempt(self, req: Request) -> None:
+        self._release(req)
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def abort(self, rid: str) -> Request | None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.status = Status.FINISHED
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.finish(req)
+                return req
+        return None
+
+    def _release(self, req: Request) -> None:
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        if self.radix is not None and req.tree_node is not None:
+            self._insert(req)
+            self.radix.unlock(req.tree_node)
+        own = req.pages[req.num_tree_pages:]
+        if own:
+            self.allocator.free(own)
+        req.pages, req.num_tree_pages, req.tree_node, req.num_computed = [], 0, None, 0
+
+    def _insert(self, req: Request) -> None:
+        """Hand the request's whole computed pages to the tree; adopt the tree's copies."""
+        tree_pages = self.radix.insert(req.key[: req.num_computed], req.pages, req.extra_key).tolist()
+        req.pages[: len(tree_pages)] = tree_pages
+        req.num_tree_pages = len(tree_pages)
