@@ -196,10 +196,10 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopped:
-            self._drain_inbox(block=not self.scheduler.has_work())
-            if self._stopped or not self.scheduler.has_work():
-                continue
             try:
+                self._drain_inbox(block=not self.scheduler.has_work())
+                if self._stopped or not self.scheduler.has_work():
+                    continue
                 self._step()
             except Exception as e:  # keep serving: fail what was in flight, name the error
                 logger.exception("engine step failed")
@@ -276,13 +276,22 @@ class Engine:
             self.scheduler.finish(req)
             self._finish(req, finish, delta)
         else:
-            self._callbacks[id(req)](req, delta)
+            self._notify(req, delta)
 
     def _finish(self, req: Request, reason: dict, delta: str = "") -> None:
         req.status, req.finish_reason = Status.FINISHED, reason
-        callback = self._callbacks.pop(id(req), None)
-        if callback is not None:
-            callback(req, delta)
+        self._notify(req, delta)
+        self._callbacks.pop(id(req), None)
+
+    def _notify(self, req: Request, delta: str) -> None:
+        """Tell the caller; a caller that is gone (closed event loop) gets its request aborted."""
+        try:
+            self._callbacks[id(req)](req, delta)
+        except Exception:
+            logger.warning("request %s: its caller is gone; aborting it", req.rid, exc_info=True)
+            self._callbacks.pop(id(req), None)
+            if not req.finished:
+                self._inbox.put(("abort", req.rid))
 
     # ---- set-up helpers ------------------------------------------------------------------------
     def _eos_token_ids(self) -> set[int]:
