@@ -110,6 +110,15 @@ def test_shared_prefix_is_reported_cached(engine):
     assert second["meta_info"]["prompt_tokens"] == 68
 
 
+def test_n_samples_share_the_prompt_pages(engine):
+    prompt = np.random.default_rng(8).integers(0, 512, 64).tolist()
+    results = engine.generate(input_ids=prompt, sampling_params={
+        "temperature": 1.0, "max_new_tokens": 6, "n": 4, "seed": 3, "ignore_eos": True})
+    assert len(results) == 4
+    assert sorted(r["meta_info"]["cached_tokens"] for r in results) == [0, 60, 60, 60]  # whole pages < 64
+    assert len({tuple(r["output_ids"]) for r in results}) > 1  # seeds 3, 4, 5, 6 differ
+
+
 def test_seeds_reproduce_and_top_k_1_is_greedy(engine, llama):
     prompt = llama[2][3]
     sample = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True}

@@ -146,10 +146,11 @@ class Engine:
         for ids in prompts:
             self._validate_prompt(ids, params)
             base_seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+            group = uuid.uuid4().hex if params.n > 1 else None
             for i in range(params.n):
                 requests.append(Request(
                     rid=uuid.uuid4().hex, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)))
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), group=group))
         return requests
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:

@@ -27,6 +27,7 @@ class Request:
     seed: int
     detokenizer: IncrementalDetokenizer | None = None
     extra_key: Any = None  # requests with different extra keys never share cached prefixes
+    group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING

@@ -8,6 +8,8 @@ Policy, in order, each step:
    front of the queue.
 2. Waiting requests, longest cached prefix first (`lpm`) or in arrival order (`fcfs`), while there is
    budget, a free slot (`max_running_requests`) and pages. New requests never preempt running ones.
+   Of the n samples of one prompt, one is admitted first; the others wait until its prompt is in
+   the radix cache and then share those pages.
 
 Page ownership: every page is in exactly one of the allocator's free list, the radix tree, or a
 running request's own pages (`Request.pages[num_tree_pages:]`).
@@ -57,6 +59,8 @@ class Scheduler:
         for req in self._waiting_in_policy_order():
             if len(self.running) >= self.max_running or budget <= 0:
                 break
+            if self._sibling_prefilling(req):
+                continue  # admit it once the prompt is cached, to share its pages
             n = self._admit(req, budget)
             if n is None:
                 break  # out of pages: later requests would not fit either
@@ -70,6 +74,10 @@ class Scheduler:
         match_len = {id(r): self.radix.match_prefix(r.key, r.extra_key, record=False).num_tokens
                      for r in self.waiting}
         return sorted(self.waiting, key=lambda r: -match_len[id(r)])  # stable: FCFS among equals
+
+    def _sibling_prefilling(self, req: Request) -> bool:
+        return (self.radix is not None and req.group is not None
+                and any(r.group == req.group and r.num_computed < len(r.prompt_ids) - 1 for r in self.running))
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Move a waiting request to running with its cached prefix and pages for its first chunk."""
