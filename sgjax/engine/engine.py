@@ -47,7 +47,12 @@ class Engine:
         self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
                                  load_format=args.load_format, attention_backend=args.attention_backend)
         cfg = self.loaded.config
-        self.tokenizer = load_tokenizer(args.model_path)
+        try:
+            self.tokenizer = load_tokenizer(args.model_path)
+        except FileNotFoundError:
+            if args.load_format != "dummy":
+                raise
+            self.tokenizer = None  # dummy weights for benchmarks: token ids in, token ids out
         self.context_length = args.context_length or cfg.max_position_embeddings
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
@@ -135,6 +140,8 @@ class Engine:
         return [self._tokenize(p) for p in items], single
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
@@ -150,7 +157,8 @@ class Engine:
             for i in range(params.n):
                 requests.append(Request(
                     rid=uuid.uuid4().hex, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), group=group))
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer
+                    else None, group=group))
         return requests
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -255,13 +263,13 @@ class Engine:
         finish = None
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output
-        else:
+        elif req.detokenizer is not None:
             req.detokenizer.add(token)
         if finish is None and (len(req.output_ids) >= p.max_new_tokens or len(req.fill_ids) >= self.context_length):
             finish = {"type": "length", "length": len(req.output_ids)}
-        if finish is not None:
+        if finish is not None and req.detokenizer is not None:
             req.detokenizer.flush()
-        text = req.detokenizer.text
+        text = req.detokenizer.text if req.detokenizer is not None else ""
         for stop in p.stop_strings:
             # Only the newly decoded tail can complete a stop string.
             at = text.find(stop, max(0, len(req.text) - len(stop)))
@@ -297,7 +305,7 @@ class Engine:
     # ---- set-up helpers ------------------------------------------------------------------------
     def _eos_token_ids(self) -> set[int]:
         ids = set()
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         try:
             from transformers import GenerationConfig
