@@ -240,3 +240,62 @@ def test_abort_frees_pages(engine):
     check_pages_accounted(engine)
     assert engine._thread.is_alive()
     assert engine.generate("hi", GREEDY)["meta_info"]["completion_tokens"] == 12
+
+
+def naive_penalised_greedy(hf_model, prompt, n, frequency=0.0, presence=0.0):
+    """Greedy decoding with OpenAI-style frequency/presence penalties applied to transformers' logits."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + out])).logits[0, -1].double().numpy()
+        counts = np.bincount(out, minlength=logits.shape[0])
+        out.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
+    return out
+
+
+def test_repetition_penalty_matches_transformers(engine, llama):
+    _, hf_model, prompts, expected = llama
+    prompt = prompts[4]
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), do_sample=False, repetition_penalty=1.5,
+                                max_new_tokens=12, min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "repetition_penalty": 1.5})
+    assert ours["output_ids"] == ref
+    assert ref != expected[4], "the penalty should change this output"
+
+
+def test_frequency_and_presence_penalties_match_naive_reference(engine, llama):
+    _, hf_model, prompts, expected = llama
+    params = {**GREEDY, "max_new_tokens": 16, "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    for i in (0, 6):
+        want = naive_penalised_greedy(hf_model, prompts[i], 16, frequency=1.5, presence=0.5)
+        assert engine.generate(input_ids=prompts[i], sampling_params=params)["output_ids"] == want
+    assert naive_penalised_greedy(hf_model, prompts[0], 12, 1.5, 0.5) != expected[0]
+
+
+def test_penalties_survive_preemption(llama):
+    """A penalised request recomputes its counts when it is re-admitted after preemption."""
+    path, hf_model, prompts, _ = llama
+    engine = make_engine(path, num_pages=41)
+    try:
+        params = {**GREEDY, "max_new_tokens": 16, "frequency_penalty": 1.5}
+        results = engine.generate(input_ids=prompts, sampling_params=params)
+        assert engine.scheduler.num_preemptions > 0
+        for i in (0, 9, 15):
+            assert results[i]["output_ids"] == naive_penalised_greedy(hf_model, prompts[i], 16, frequency=1.5)
+        check_pages_accounted(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_top_logprobs_match_transformers(engine, llama):
+    _, hf_model, prompts, _ = llama
+    result = engine.generate(input_ids=prompts[2], sampling_params={**GREEDY, "max_new_tokens": 4,
+                                                                    "top_logprobs_num": 5})
+    ids = prompts[2] + result["output_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1)
+    for k, top in enumerate(result["meta_info"]["output_top_logprobs"]):
+        values, indices = ref[len(prompts[2]) - 1 + k].topk(5)
+        assert [i for _, i in top] == indices.tolist()
+        assert [v for v, _ in top] == pytest.approx(values.tolist(), abs=1e-4)

@@ -200,6 +200,8 @@ class Engine:
                 "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason}
         if req.params.logprobs:
             meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
+        if req.params.top_logprobs_num:
+            meta["output_top_logprobs"] = req.output_top_logprobs
         return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -244,22 +246,29 @@ class Engine:
             return
         chunks = [SeqChunk(req.fill_ids[req.num_computed:req.num_computed + n], req.num_computed, req.pages)
                   for req, n in batch]
-        sampling = SamplingBatch.build([r.params for r, _ in batch], [r.seed for r, _ in batch],
-                                       [len(r.output_ids) for r, _ in batch], self.args.max_running_requests)
-        tokens, logprobs = self.runner.run(chunks, sampling)
+        reqs = [r for r, _ in batch]
+        sampling = SamplingBatch.build(
+            [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs],
+            [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],
+            self.args.max_running_requests, self.runner.spare_slot)
+        out = self.runner.run(chunks, sampling)
         self.num_steps += 1
-        for (req, n), token, logprob in zip(batch, tokens.tolist(), logprobs.tolist()):
+        for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1
             req.num_computed += n
             if was_prefill:
                 self.scheduler.cache_prefill(req)
             if req.num_pending == 0:  # the chunk reached the end: its last logits give a new token
-                self._append_token(req, token, logprob)
+                k = req.params.top_logprobs_num
+                top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
+                self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
 
-    def _append_token(self, req: Request, token: int, logprob: float) -> None:
+    def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:
         p = req.params
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
+        if top:
+            req.output_top_logprobs.append(top)
         finish = None
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output

@@ -3,23 +3,25 @@
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
 parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
 next power-of-two bucket. All buckets are compiled ahead of time (`jit(...).lower(...).compile()`),
-so serving calls only compiled executables and can never trigger a compilation. The KV pool is
-donated to each step, so XLA updates it in place.
+so serving calls only compiled executables and can never trigger a compilation. The KV pool and
+the penalty counts are donated to each step, so XLA updates them in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
-from sgjax.engine.sampler import SamplingBatch, sample
-from sgjax.kernels import AttentionMetadata
+from sgjax.engine.sampler import PenaltyState, SamplingBatch, sample, update_penalty_state
+from sgjax.kernels.metadata import AttentionMetadata, token_positions
 from sgjax.models.loader import LoadedModel
 
 
@@ -39,10 +41,12 @@ class ModelRunner:
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens)
         self.graphdef, self.state = nnx.split(loaded.model)
-        step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1,))
+        self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
+        step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1, 2))
         self.compiled = {}
         for t in tqdm(self.buckets, desc="compiling steps", unit="bucket"):
-            self.compiled[t] = step.lower(self.state, pool.caches, *self._abstract_inputs(t)).compile()
+            self.compiled[t] = step.lower(self.state, pool.caches, self.penalties,
+                                          *self._abstract_inputs(t)).compile()
 
     def _abstract_inputs(self, num_tokens: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
@@ -51,7 +55,9 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
         sampling = SamplingBatch(temperature=f32(b), top_k=i32(b), top_p=f32(b), min_p=f32(b),
-                                 seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b))
+                                 frequency_penalty=f32(b), presence_penalty=f32(b), repetition_penalty=f32(b),
+                                 seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b), slot=i32(b),
+                                 prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_))
         return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling
 
     def bucket_for(self, num_tokens: int) -> int:
@@ -60,20 +66,36 @@ class ModelRunner:
                 return t
         raise ValueError(f"step of {num_tokens} tokens exceeds the largest compiled bucket {self.buckets[-1]}")
 
-    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
-        """One step; returns the sampled token and its logprob for each chunk's last token."""
+    @property
+    def spare_slot(self) -> int:
+        """The PenaltyState row that padding rows write to."""
+        return self.max_seqs
+
+    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch) -> "StepOutput":
+        """One step; returns, for each chunk's last token, the sampled next token and logprobs."""
         total = sum(len(c.tokens) for c in chunks)
         batch = make_batch(chunks, self.page_size, num_tokens=self.bucket_for(total), num_seqs=self.max_seqs,
                            max_pages=self.max_pages)
-        tokens, logprobs, self.pool.caches = self.compiled[len(batch.input_ids)](
-            self.state, self.pool.caches, batch.input_ids, batch.positions, batch.meta, batch.last_token_index,
-            sampling)
+        out, self.pool.caches, self.penalties = self.compiled[len(batch.input_ids)](
+            self.state, self.pool.caches, self.penalties, batch.input_ids, batch.positions, batch.meta,
+            batch.last_token_index, sampling)
         n = len(chunks)
-        return np.asarray(tokens)[:n], np.asarray(logprobs)[:n]
+        return StepOutput(*(np.asarray(x)[:n] for x in out))
 
 
-def _step(graphdef, state, kv_caches, input_ids, positions, meta, rows, sampling):
+@dataclasses.dataclass
+class StepOutput:
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32, of the sampled tokens
+    top_logprobs: np.ndarray  # [n, TOP_LOGPROBS] float32, best first
+    top_ids: np.ndarray  # [n, TOP_LOGPROBS] int32
+
+
+def _step(graphdef, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling):
     model = nnx.merge(graphdef, state)
     hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
-    tokens, logprobs = sample(model.compute_logits(hidden[rows]), sampling)
-    return tokens, logprobs, kv_caches
+    token_rows, token_pos = token_positions(meta, input_ids.shape[0])
+    valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
+    penalties = update_penalty_state(penalties, sampling, input_ids, token_rows, token_pos, valid)
+    out = sample(model.compute_logits(hidden[rows]), sampling, penalties)
+    return out, kv_caches, penalties

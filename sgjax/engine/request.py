@@ -30,6 +30,7 @@ class Request:
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     # KV state: pages[:num_tree_pages] belong to the radix tree (held by a lock on `tree_node`),
     # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`.
@@ -37,6 +38,7 @@ class Request:
     num_tree_pages: int = 0
     tree_node: Any = None
     num_computed: int = 0
+    slot: int = -1  # row in the sampler's penalty state while running
     cached_tokens: int = 0  # prompt tokens found in the radix cache on first admission
     admitted: bool = False
     finish_reason: dict | None = None

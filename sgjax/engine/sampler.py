@@ -1,8 +1,13 @@
 """On-device sampling for a batch of rows, each with its own parameters and seed.
 
-Runs inside the compiled step, so the only thing that crosses to the host is one token id and one
-logprob per row. A row's random key is fold_in(seed, output position): the same seed gives the same
-tokens whatever else shares the batch.
+Runs inside the compiled step, so what crosses to the host per row is one token id, its logprob and
+the top TOP_LOGPROBS alternatives. A row's random key is fold_in(seed, output position): the same
+seed gives the same tokens whatever else shares the batch.
+
+Penalties read PenaltyState: per request slot, how often each token occurred in the output (frequency
+and presence penalties, OpenAI's definition) and whether it occurred anywhere in prompt or output
+(repetition penalty, HF's definition). The step updates it from its own input tokens, so a request
+that runs all its tokens through the model (penalised requests skip the prefix cache) has exact counts.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -21,12 +28,19 @@ class SamplingBatch:
     top_k: jax.Array  # [B] int32; <= 0 = whole vocabulary
     top_p: jax.Array  # [B] float32
     min_p: jax.Array  # [B] float32
+    frequency_penalty: jax.Array  # [B] float32
+    presence_penalty: jax.Array  # [B] float32
+    repetition_penalty: jax.Array  # [B] float32; 1 = off
     seed: jax.Array  # [B] uint32
     position: jax.Array  # [B] int32: index of the token being sampled among the request's outputs
+    slot: jax.Array  # [B] int32: the request's row in PenaltyState (padding rows: the spare last slot)
+    prompt_len: jax.Array  # [B] int32: inputs at positions >= this are output tokens
+    reset: jax.Array  # [B] bool: the request starts over in its slot (first step after admission)
 
     @classmethod
-    def build(cls, params: list, seeds: list[int], positions: list[int], size: int) -> "SamplingBatch":
-        """Host-side arrays padded to `size` rows (padding rows are greedy)."""
+    def build(cls, params: list, seeds: list[int], positions: list[int], slots: list[int],
+              prompt_lens: list[int], resets: list[bool], size: int, spare_slot: int) -> "SamplingBatch":
+        """Host-side arrays padded to `size` rows (padding rows are greedy and unpenalised)."""
         def col(values, dtype, fill):
             out = np.full(size, fill, dtype)
             out[: len(values)] = values
@@ -37,15 +51,60 @@ class SamplingBatch:
             top_k=col([p.top_k for p in params], np.int32, -1),
             top_p=col([p.top_p for p in params], np.float32, 1.0),
             min_p=col([p.min_p for p in params], np.float32, 0.0),
+            frequency_penalty=col([p.frequency_penalty for p in params], np.float32, 0.0),
+            presence_penalty=col([p.presence_penalty for p in params], np.float32, 0.0),
+            repetition_penalty=col([p.repetition_penalty for p in params], np.float32, 1.0),
             seed=col([s & 0xFFFFFFFF for s in seeds], np.uint32, 0),
             position=col(positions, np.int32, 0),
+            slot=col(slots, np.int32, spare_slot),
+            prompt_len=col(prompt_lens, np.int32, 0),
+            reset=col(resets, np.bool_, False),
         )
 
 
-def sample(logits: jax.Array, s: SamplingBatch) -> tuple[jax.Array, jax.Array]:
-    """logits [B, V] float32 -> (token ids [B], their logprobs under the unmodified distribution [B])."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PenaltyState:
+    output_counts: jax.Array  # [slots + 1, V] int32
+    seen: jax.Array  # [slots + 1, V] bool: in prompt or output
+
+    @classmethod
+    def zeros(cls, num_slots: int, vocab: int, sharding=None) -> "PenaltyState":
+        make = jax.jit(lambda: cls(jnp.zeros((num_slots + 1, vocab), jnp.int32),
+                                   jnp.zeros((num_slots + 1, vocab), jnp.bool_)), out_shardings=sharding)
+        return make()
+
+
+def update_penalty_state(state: PenaltyState, s: SamplingBatch, input_ids, token_rows, token_pos,
+                         valid) -> PenaltyState:
+    """Clear the slots of newly admitted requests, then count this step's input tokens."""
+    keep = jnp.ones(state.seen.shape[0], jnp.bool_).at[s.slot].min(~s.reset)
+    counts = state.output_counts * keep[:, None]
+    seen = state.seen & keep[:, None]
+    slots = s.slot[token_rows]
+    is_output = valid & (token_pos >= s.prompt_len[token_rows])
+    counts = counts.at[slots, input_ids].add(is_output.astype(jnp.int32))
+    seen = seen.at[slots, input_ids].max(valid)
+    return PenaltyState(counts, seen)
+
+
+def apply_penalties(logits: jax.Array, state: PenaltyState, s: SamplingBatch) -> jax.Array:
+    counts = state.output_counts[s.slot]
+    seen = state.seen[s.slot]
+    rep = s.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
+
+
+def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState):
+    """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
+
+    Logprobs are of the model's distribution (before penalties, temperature and filters).
+    """
     vocab = logits.shape[-1]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, vocab))
+    logits = apply_penalties(logits, penalties, s)
     greedy = jnp.argmax(logits, axis=-1)
 
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -62,4 +121,5 @@ def sample(logits: jax.Array, s: SamplingBatch) -> tuple[jax.Array, jax.Array]:
     choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), greedy, sampled).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)

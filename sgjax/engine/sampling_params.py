@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sgjax.engine.sampler import TOP_LOGPROBS
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -12,6 +14,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
     min_p: float = 0.0
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output so far
+    presence_penalty: float = 0.0  # minus this if the token occurred in the output so far
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of seen tokens
     seed: int | None = None  # None: drawn from the engine's random_seed stream
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -19,6 +24,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     logprobs: bool = False  # return the chosen tokens' logprobs
+    top_logprobs_num: int = 0  # and this many most likely alternatives per token
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -37,8 +43,8 @@ class SamplingParams:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+    def uses_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
     def validate(self) -> None:
         def need(ok: bool, message: str):
@@ -54,6 +60,13 @@ class SamplingParams:
              f"top_k must be -1 or >= 1; got {self.top_k!r}")
         need(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1]; got {self.min_p!r}")
         need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128]; got {self.n!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2]; got {value!r}")
+        need(isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 2,
+             f"repetition_penalty must be in (0, 2]; got {self.repetition_penalty!r}")
+        need(isinstance(self.top_logprobs_num, int) and 0 <= self.top_logprobs_num <= TOP_LOGPROBS,
+             f"top_logprobs_num must be in [0, {TOP_LOGPROBS}]; got {self.top_logprobs_num!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer; got {self.seed!r}")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop must be a non-empty string or a list of them")
         need(self.stop_token_ids is None or all(isinstance(t, int) for t in self.stop_token_ids),

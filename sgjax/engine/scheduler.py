@@ -34,6 +34,7 @@ class Scheduler:
         self.policy = policy
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.free_slots = list(range(max_running_requests - 1, -1, -1))  # rows of the penalty state
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
@@ -85,8 +86,11 @@ class Scheduler:
         node, pages, cached = None, [], 0
         if self.radix is not None:
             m = self.radix.match_prefix(fill, req.extra_key, record=not req.admitted)
-            # At least the last token must run, to produce the logits of the next one.
+            # At least the last token must run, to produce the logits of the next one. Penalised
+            # requests run every token, because the step counts tokens for the penalties.
             cached = min(m.num_tokens, (len(fill) - 1) // self.page_size * self.page_size)
+            if req.params.uses_penalties:
+                cached = 0
             node, pages = m.last_node, m.pages[: cached // self.page_size].tolist()
             self.radix.lock(node)
         n = min(len(fill) - cached, budget)
@@ -100,6 +104,7 @@ class Scheduler:
         self.waiting.remove(req)
         req.pages = pages + self.allocator.alloc(need).tolist()
         req.num_tree_pages, req.tree_node, req.num_computed = len(pages), node, cached
+        req.slot = self.free_slots.pop()
         if not req.admitted:
             req.cached_tokens, req.admitted = cached, True
         req.status = Status.RUNNING
@@ -159,6 +164,8 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
+            self.free_slots.append(req.slot)
+            req.slot = -1
         if self.radix is not None and req.tree_node is not None:
             self._insert(req)
             self.radix.unlock(req.tree_node)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 
 @jax.tree_util.register_dataclass
@@ -22,3 +23,14 @@ class AttentionMetadata:
     page_table: jax.Array  # [B, max_pages] int32
     kv_lens: jax.Array  # [B] int32: tokens in the cache after this step (cached prefix + new)
     query_start_loc: jax.Array  # [B + 1] int32: prefix sums of new tokens per sequence
+
+
+def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """(sequence index, absolute position) of each token of the flat batch."""
+    qsl = meta.query_start_loc
+    num_seqs = meta.kv_lens.shape[0]
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(qsl[1:], tok, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]
+    pos = meta.kv_lens[seq] - q_lens[seq] + (tok - qsl[seq])
+    return seq, pos

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sgjax.kernels.metadata import AttentionMetadata
+from sgjax.kernels.metadata import AttentionMetadata, token_positions
 
 MASK_VALUE = -1e30  # finite so a fully masked (padding) row gives a harmless average, not NaN
 
@@ -21,17 +21,6 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype)).reshape(shape)
     v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype)).reshape(shape)
     return k_pages, v_pages
-
-
-def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array]:
-    """(sequence index, absolute position) of each token of the flat batch."""
-    qsl = meta.query_start_loc
-    num_seqs = meta.kv_lens.shape[0]
-    tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(qsl[1:], tok, side="right"), 0, num_seqs - 1).astype(jnp.int32)
-    q_lens = qsl[1:] - qsl[:-1]
-    pos = meta.kv_lens[seq] - q_lens[seq] + (tok - qsl[seq])
-    return seq, pos
 
 
 def ragged_paged_attention(
