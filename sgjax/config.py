@@ -23,6 +23,7 @@ class EngineArgs:
     random_seed: int = 0
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     min_token_bucket: int = 16  # smallest compiled token count; buckets double up to the max
+    enable_prompt_logprobs: bool = False  # also compile steps that return prompt-token logprobs
 
     def __post_init__(self):
         if self.schedule_policy not in ("lpm", "fcfs"):

@@ -22,7 +22,8 @@ def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def make_engine(path, **overrides):
-    kwargs = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=32, num_pages=400)
+    kwargs = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=32, num_pages=400,
+                  enable_prompt_logprobs=True)
     return Engine(path, **{**kwargs, **overrides})
 
 
@@ -210,7 +211,7 @@ def test_serving_never_compiles(engine, llama):
         lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None)
     engine.generate(input_ids=mixed_prompts(12, seed=3), sampling_params={"temperature": 0.5, "max_new_tokens": 9})
     assert compiles == []
-    assert len(engine.runner.compiled) == len(engine.runner.buckets)
+    assert len(engine.runner.compiled) == len(engine.runner.buckets) * 2  # with prompt-logprob variants
 
 
 def test_bad_requests_raise_clear_errors(engine):
@@ -299,3 +300,36 @@ def test_top_logprobs_match_transformers(engine, llama):
         values, indices = ref[len(prompts[2]) - 1 + k].topk(5)
         assert [i for _, i in top] == indices.tolist()
         assert [v for v, _ in top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("start", [0, 9])
+def test_prompt_logprobs_match_transformers(engine, llama, start):
+    """Prompt logprobs across chunk boundaries (a 57-token prompt in chunks of 32), from a start position."""
+    _, hf_model, prompts, _ = llama
+    prompt = max(prompts, key=len)
+    assert len(prompt) > 32
+    # Cache the prompt first: the logprobs must be computed anyway, not skipped as a cached prefix.
+    engine.generate(input_ids=prompt, sampling_params=GREEDY)
+    result = engine.generate(input_ids=prompt, sampling_params={
+        **GREEDY, "max_new_tokens": 2, "logprob_start_len": start, "top_logprobs_num": 3})
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].double(), -1)
+    got = result["meta_info"]["input_token_logprobs"]
+    assert [t for _, t in got] == prompt[start:]
+    for q, (logprob, token) in zip(range(start, len(prompt)), got):
+        if q == 0:
+            assert logprob is None
+            continue
+        assert logprob == pytest.approx(float(ref[q - 1, token]), abs=1e-4), f"position {q}"
+        values, ids = ref[q - 1].topk(3)
+        assert [i for _, i in result["meta_info"]["input_top_logprobs"][q - start]] == ids.tolist()
+
+
+def test_prompt_logprobs_need_the_engine_option(llama):
+    engine = make_engine(llama[0], enable_prompt_logprobs=False)
+    try:
+        with pytest.raises(ValueError, match="enable_prompt_logprobs"):
+            engine.generate(input_ids=[1, 2, 3], sampling_params={**GREEDY, "logprob_start_len": 0})
+        assert engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 12
+    finally:
+        engine.shutdown()

@@ -67,7 +67,8 @@ class Engine:
         self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
-                                  min_bucket=args.min_token_bucket)
+                                  min_bucket=args.min_token_bucket,
+                                  enable_prompt_logprobs=args.enable_prompt_logprobs)
         self.eos_token_ids = self._eos_token_ids()
         self._seeds = np.random.default_rng(args.random_seed)
         self._callbacks: dict[int, Callback] = {}
@@ -169,6 +170,9 @@ class Engine:
             raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
+        if params.logprob_start_len >= 0 and not self.args.enable_prompt_logprobs:
+            raise ValueError("prompt logprobs (logprob_start_len >= 0) need an engine started with "
+                             "enable_prompt_logprobs=True")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)
         if self.allocator.pages_for(longest) > self.allocator.num_usable:
             raise ValueError(f"a request of {longest} tokens needs {self.allocator.pages_for(longest)} KV pages; "
@@ -202,6 +206,14 @@ class Engine:
             meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
         if req.params.top_logprobs_num:
             meta["output_top_logprobs"] = req.output_top_logprobs
+        start = req.params.logprob_start_len
+        if start >= 0:
+            positions = range(start, len(req.prompt_ids))
+            meta["input_token_logprobs"] = [(req.input_logprobs[q][0] if q in req.input_logprobs else None,
+                                             req.prompt_ids[q]) for q in positions]
+            if req.params.top_logprobs_num:
+                meta["input_top_logprobs"] = [req.input_logprobs[q][1] if q in req.input_logprobs else None
+                                              for q in positions]
         return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     # ---- the engine thread ---------------------------------------------------------------------
@@ -251,8 +263,12 @@ class Engine:
             [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs],
             [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],
             self.args.max_running_requests, self.runner.spare_slot)
-        out = self.runner.run(chunks, sampling)
+        wants_prompt = [self._wants_prompt_logprobs(r, n) for r, n in batch]
+        targets = [self._prompt_targets(r, n) for r, n in batch] if any(wants_prompt) else None
+        out = self.runner.run(chunks, sampling, targets)
         self.num_steps += 1
+        if targets is not None:
+            self._record_prompt_logprobs(batch, targets, out)
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1
             req.num_computed += n
@@ -262,6 +278,31 @@ class Engine:
                 k = req.params.top_logprobs_num
                 top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
                 self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
+
+    @staticmethod
+    def _wants_prompt_logprobs(req: Request, n: int) -> bool:
+        start = req.params.logprob_start_len
+        return start >= 0 and req.num_computed < len(req.prompt_ids) - 1 and req.num_computed + n >= max(start, 1)
+
+    def _prompt_targets(self, req: Request, n: int) -> list[int]:
+        """For each token of this chunk, the prompt token after it if its logprob is wanted, else -1."""
+        start, prompt = max(req.params.logprob_start_len, 1), req.prompt_ids
+        if req.params.logprob_start_len < 0:
+            return [-1] * n
+        return [prompt[q + 1] if start <= q + 1 < len(prompt) else -1
+                for q in range(req.num_computed, req.num_computed + n)]
+
+    def _record_prompt_logprobs(self, batch, targets, out) -> None:
+        offset = 0
+        for (req, n), per_chunk in zip(batch, targets):
+            k = req.params.top_logprobs_num
+            for i, target in enumerate(per_chunk):
+                if target >= 0:
+                    row = offset + i
+                    top = list(zip(out.prompt_top_logprobs[row, :k].tolist(), out.prompt_top_ids[row, :k].tolist()))
+                    # the chunk starts at num_computed, so its i-th token predicts position num_computed + i + 1
+                    req.input_logprobs[req.num_computed + i + 1] = (float(out.prompt_logprobs[row]), top)
+            offset += n
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:
         p = req.params

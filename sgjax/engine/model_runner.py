@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
-from sgjax.engine.sampler import PenaltyState, SamplingBatch, sample, update_penalty_state
+from sgjax.engine.sampler import TOP_LOGPROBS, PenaltyState, SamplingBatch, sample, update_penalty_state
 from sgjax.kernels.metadata import AttentionMetadata, token_positions
 from sgjax.models.loader import LoadedModel
 
@@ -35,18 +35,23 @@ def token_buckets(smallest: int, largest: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
-                 max_tokens: int, min_bucket: int = 16):
+                 max_tokens: int, min_bucket: int = 16, enable_prompt_logprobs: bool = False):
         self.pool = pool
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
-        step = jax.jit(functools.partial(_step, self.graphdef), donate_argnums=(1, 2))
+        # Steps that return prompt logprobs compute logits for every token, so they are separate
+        # programs, compiled only when enabled.
+        variants = (False, True) if enable_prompt_logprobs else (False,)
         self.compiled = {}
-        for t in tqdm(self.buckets, desc="compiling steps", unit="bucket"):
-            self.compiled[t] = step.lower(self.state, pool.caches, self.penalties,
-                                          *self._abstract_inputs(t)).compile()
+        for with_prompt in variants:
+            step = jax.jit(functools.partial(_step, self.graphdef, with_prompt), donate_argnums=(1, 2))
+            for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
+                          unit="bucket"):
+                self.compiled[t, with_prompt] = step.lower(self.state, pool.caches, self.penalties,
+                                                           *self._abstract_inputs(t)).compile()
 
     def _abstract_inputs(self, num_tokens: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
@@ -58,7 +63,7 @@ class ModelRunner:
                                  frequency_penalty=f32(b), presence_penalty=f32(b), repetition_penalty=f32(b),
                                  seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b), slot=i32(b),
                                  prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_))
-        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling
+        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -71,16 +76,32 @@ class ModelRunner:
         """The PenaltyState row that padding rows write to."""
         return self.max_seqs
 
-    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch) -> "StepOutput":
-        """One step; returns, for each chunk's last token, the sampled next token and logprobs."""
+    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch,
+            prompt_targets: list[list[int]] | None = None) -> "StepOutput":
+        """One step; returns, for each chunk's last token, the sampled next token and logprobs.
+
+        With `prompt_targets` (per chunk, the token that follows each of its tokens, -1 where none is
+        wanted) it also returns each token's logprob of its target and the top alternatives.
+        """
         total = sum(len(c.tokens) for c in chunks)
-        batch = make_batch(chunks, self.page_size, num_tokens=self.bucket_for(total), num_seqs=self.max_seqs,
+        num_tokens = self.bucket_for(total)
+        batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages)
-        out, self.pool.caches, self.penalties = self.compiled[len(batch.input_ids)](
+        targets = np.full(num_tokens, -1, np.int32)
+        if prompt_targets is not None:
+            if (num_tokens, True) not in self.compiled:
+                raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
+            flat = [t for per_chunk in prompt_targets for t in per_chunk]
+            targets[: len(flat)] = flat
+        out, self.pool.caches, self.penalties = self.compiled[num_tokens, prompt_targets is not None](
             self.state, self.pool.caches, self.penalties, batch.input_ids, batch.positions, batch.meta,
-            batch.last_token_index, sampling)
+            batch.last_token_index, sampling, targets)
         n = len(chunks)
-        return StepOutput(*(np.asarray(x)[:n] for x in out))
+        result = StepOutput(*(np.asarray(x)[:n] for x in out[:4]))
+        if prompt_targets is not None:
+            result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
+                np.asarray(x)[:total] for x in out[4:])
+        return result
 
 
 @dataclasses.dataclass
@@ -89,13 +110,23 @@ class StepOutput:
     logprobs: np.ndarray  # [n] float32, of the sampled tokens
     top_logprobs: np.ndarray  # [n, TOP_LOGPROBS] float32, best first
     top_ids: np.ndarray  # [n, TOP_LOGPROBS] int32
+    # With prompt targets, per token of the flat batch:
+    prompt_logprobs: np.ndarray | None = None  # [T] float32: logprob of the token's target
+    prompt_top_logprobs: np.ndarray | None = None  # [T, TOP_LOGPROBS]
+    prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
 
 
-def _step(graphdef, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling):
+def _step(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
+          targets):
     model = nnx.merge(graphdef, state)
     hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])
     valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
     penalties = update_penalty_state(penalties, sampling, input_ids, token_rows, token_pos, valid)
     out = sample(model.compute_logits(hidden[rows]), sampling, penalties)
+    if with_prompt:
+        logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
+        target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+        top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
+        out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
     return out, kv_caches, penalties

@@ -31,6 +31,8 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    # prompt position -> (logprob of that prompt token, top alternatives), when asked for
+    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] = dataclasses.field(default_factory=dict)
     status: Status = Status.WAITING
     # KV state: pages[:num_tree_pages] belong to the radix tree (held by a lock on `tree_node`),
     # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`.

@@ -25,6 +25,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False  # return the chosen tokens' logprobs
     top_logprobs_num: int = 0  # and this many most likely alternatives per token
+    logprob_start_len: int = -1  # >= 0: also the prompt tokens' logprobs from this position on
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -65,6 +66,8 @@ class SamplingParams:
             need(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2]; got {value!r}")
         need(isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 2,
              f"repetition_penalty must be in (0, 2]; got {self.repetition_penalty!r}")
+        need(isinstance(self.logprob_start_len, int) and self.logprob_start_len >= -1,
+             f"logprob_start_len must be an integer >= -1; got {self.logprob_start_len!r}")
         need(isinstance(self.top_logprobs_num, int) and 0 <= self.top_logprobs_num <= TOP_LOGPROBS,
              f"top_logprobs_num must be in [0, {TOP_LOGPROBS}]; got {self.top_logprobs_num!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer; got {self.seed!r}")

@@ -91,6 +91,8 @@ class Scheduler:
             cached = min(m.num_tokens, (len(fill) - 1) // self.page_size * self.page_size)
             if req.params.uses_penalties:
                 cached = 0
+            if req.params.logprob_start_len >= 0:  # the step before each wanted prompt token must run
+                cached = min(cached, max(req.params.logprob_start_len - 1, 0) // self.page_size * self.page_size)
             node, pages = m.last_node, m.pages[: cached // self.page_size].tolist()
             self.radix.lock(node)
         n = min(len(fill) - cached, budget)
