@@ -24,6 +24,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     min_token_bucket: int = 16  # smallest compiled token count; buckets double up to the max
     enable_prompt_logprobs: bool = False  # also compile steps that return prompt-token logprobs
+    disable_overlap_schedule: bool = False  # wait for each step before scheduling the next
 
     def __post_init__(self):
         if self.schedule_policy not in ("lpm", "fcfs"):

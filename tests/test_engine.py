@@ -87,7 +87,10 @@ def test_staggered_requests_match_transformers(engine, llama):
     # 40 pages of 4 tokens for 16 requests of up to ~72 tokens: requests must be preempted.
     dict(num_pages=41, max_running_requests=8),
     dict(num_pages=41, max_running_requests=8, disable_radix_cache=True, schedule_policy="fcfs"),
-], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix"])
+    dict(disable_overlap_schedule=True),
+    dict(num_pages=41, disable_overlap_schedule=True),
+], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
+        "preemption-no-overlap"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     engine = make_engine(path, **overrides)
@@ -333,3 +336,17 @@ def test_prompt_logprobs_need_the_engine_option(llama):
         assert engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 12
     finally:
         engine.shutdown()
+
+
+def test_overlap_feeds_sampled_tokens_on_device(engine, monkeypatch):
+    """With overlap, decode inputs are the previous step's samples, read on the device (placeholders)."""
+    from sgjax.engine.request import Request
+
+    seen = []
+    original = Request.chunk_tokens
+    monkeypatch.setattr(Request, "chunk_tokens", lambda self, n: seen.append(original(self, n)) or seen[-1])
+    steps = engine.num_steps
+    engine.generate(input_ids=[[1, 2, 3], [4, 5, 6, 7]], sampling_params={**GREEDY, "max_new_tokens": 10})
+    decode_inputs = [t for chunk in seen for t in chunk if len(chunk) == 1]
+    assert len(decode_inputs) == 18 and all(t < 0 for t in decode_inputs)
+    assert engine.num_steps - steps == 10  # no step is wasted on requests that are sure to finish

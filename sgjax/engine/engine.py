@@ -63,7 +63,8 @@ class Engine:
         self.radix = None if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
-                                   chunked_prefill_size=prefill_budget, policy=args.schedule_policy)
+                                   chunked_prefill_size=prefill_budget, context_length=self.context_length,
+                                   policy=args.schedule_policy)
         self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
@@ -218,16 +219,26 @@ class Engine:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        """Launch step N+1, then process step N's results while the device runs N+1."""
+        in_flight = None
         while not self._stopped:
             try:
-                self._drain_inbox(block=not self.scheduler.has_work())
-                if self._stopped or not self.scheduler.has_work():
-                    continue
-                self._step()
+                self._drain_inbox(block=in_flight is None and not self.scheduler.has_work())
+                if self._stopped:
+                    break
+                launched = self._launch() if self.scheduler.has_work() else None
+                if in_flight is not None:
+                    self._process(*in_flight)
+                in_flight = launched
+                if self.args.disable_overlap_schedule and in_flight is not None:
+                    self._process(*in_flight)
+                    in_flight = None
             except Exception as e:  # keep serving: fail what was in flight, name the error
                 logger.exception("engine step failed")
+                in_flight = None
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self.scheduler.abort(req.rid)
+                    req.num_unknown = 0
                     self._finish(req, {"type": "abort", "message": f"engine error: {e}"})
 
     def _drain_inbox(self, block: bool) -> None:
@@ -252,32 +263,48 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _step(self) -> None:
+    def _launch(self):
+        """Schedule and enqueue one step; returns what _process needs, or None if nothing could run."""
         batch = self.scheduler.schedule()
         if not batch:
-            return
-        chunks = [SeqChunk(req.fill_ids[req.num_computed:req.num_computed + n], req.num_computed, req.pages)
-                  for req, n in batch]
+            return None
         reqs = [r for r, _ in batch]
+        chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.pages) for req, n in batch]
         sampling = SamplingBatch.build(
-            [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) for r in reqs],
+            [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
             [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],
             self.args.max_running_requests, self.runner.spare_slot)
-        wants_prompt = [self._wants_prompt_logprobs(r, n) for r, n in batch]
-        targets = [self._prompt_targets(r, n) for r, n in batch] if any(wants_prompt) else None
-        out = self.runner.run(chunks, sampling, targets)
+        targets = None
+        if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
+            targets = [self._prompt_targets(r, n) for r, n in batch]
+        starts = [r.num_computed for r in reqs]
+        handle = self.runner.launch(chunks, sampling, targets)
         self.num_steps += 1
-        if targets is not None:
-            self._record_prompt_logprobs(batch, targets, out)
+        sampling_rows = []
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1
             req.num_computed += n
             if was_prefill:
                 self.scheduler.cache_prefill(req)
             if req.num_pending == 0:  # the chunk reached the end: its last logits give a new token
-                k = req.params.top_logprobs_num
-                top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
-                self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
+                req.num_unknown += 1
+                req.unknown_row = i
+                sampling_rows.append(i)
+        return batch, starts, targets, sampling_rows, handle
+
+    def _process(self, batch, starts, targets, sampling_rows, handle) -> None:
+        """Bring a step's samples to the host: append tokens, detokenize, check stops, notify callers."""
+        out = self.runner.collect(handle)
+        if targets is not None:
+            self._record_prompt_logprobs(batch, starts, targets, out)
+        for i in sampling_rows:
+            req = batch[i][0]
+            req.num_unknown -= 1
+            if req.finished:
+                continue  # it finished (or was aborted) while this step ran: the token is surplus
+            k = req.params.top_logprobs_num
+            top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
+            self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
 
     @staticmethod
     def _wants_prompt_logprobs(req: Request, n: int) -> bool:
@@ -292,16 +319,16 @@ class Engine:
         return [prompt[q + 1] if start <= q + 1 < len(prompt) else -1
                 for q in range(req.num_computed, req.num_computed + n)]
 
-    def _record_prompt_logprobs(self, batch, targets, out) -> None:
+    def _record_prompt_logprobs(self, batch, starts, targets, out) -> None:
         offset = 0
-        for (req, n), per_chunk in zip(batch, targets):
+        for (req, n), start, per_chunk in zip(batch, starts, targets):
             k = req.params.top_logprobs_num
             for i, target in enumerate(per_chunk):
                 if target >= 0:
                     row = offset + i
                     top = list(zip(out.prompt_top_logprobs[row, :k].tolist(), out.prompt_top_ids[row, :k].tolist()))
-                    # the chunk starts at num_computed, so its i-th token predicts position num_computed + i + 1
-                    req.input_logprobs[req.num_computed + i + 1] = (float(out.prompt_logprobs[row]), top)
+                    # the chunk's i-th token predicts the prompt token at position start + i + 1
+                    req.input_logprobs[start + i + 1] = (float(out.prompt_logprobs[row]), top)
             offset += n
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:

@@ -5,6 +5,10 @@ parameters) and page-table width (`context_length / page_size`), and a token cou
 next power-of-two bucket. All buckets are compiled ahead of time (`jit(...).lower(...).compile()`),
 so serving calls only compiled executables and can never trigger a compilation. The KV pool and
 the penalty counts are donated to each step, so XLA updates them in place.
+
+`launch` only enqueues a step; `collect` waits for its results. A token sampled by the step still
+running can be the next step's input: the host writes -(row + 1) and the step reads that row of the
+previous step's output on the device, so the host schedules step N+1 while the device runs step N.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class ModelRunner:
         self.buckets = token_buckets(min_bucket, max_tokens)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
+        self.prev_tokens = jax.numpy.zeros((max_seqs,), np.int32)  # the last launched step's samples
         # Steps that return prompt logprobs compute logits for every token, so they are separate
         # programs, compiled only when enabled.
         variants = (False, True) if enable_prompt_logprobs else (False,)
@@ -63,7 +68,7 @@ class ModelRunner:
                                  frequency_penalty=f32(b), presence_penalty=f32(b), repetition_penalty=f32(b),
                                  seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b), slot=i32(b),
                                  prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_))
-        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
+        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens), i32(b)
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -76,12 +81,13 @@ class ModelRunner:
         """The PenaltyState row that padding rows write to."""
         return self.max_seqs
 
-    def run(self, chunks: list[SeqChunk], sampling: SamplingBatch,
-            prompt_targets: list[list[int]] | None = None) -> "StepOutput":
-        """One step; returns, for each chunk's last token, the sampled next token and logprobs.
+    def launch(self, chunks: list[SeqChunk], sampling: SamplingBatch,
+               prompt_targets: list[list[int]] | None = None) -> "StepHandle":
+        """Enqueue one step; `collect` gives, for each chunk's last token, the sampled next token.
 
+        A chunk token -(r + 1) stands for the token sampled in row r of the previously launched step.
         With `prompt_targets` (per chunk, the token that follows each of its tokens, -1 where none is
-        wanted) it also returns each token's logprob of its target and the top alternatives.
+        wanted) the step also returns each token's logprob of its target and the top alternatives.
         """
         total = sum(len(c.tokens) for c in chunks)
         num_tokens = self.bucket_for(total)
@@ -95,13 +101,26 @@ class ModelRunner:
             targets[: len(flat)] = flat
         out, self.pool.caches, self.penalties = self.compiled[num_tokens, prompt_targets is not None](
             self.state, self.pool.caches, self.penalties, batch.input_ids, batch.positions, batch.meta,
-            batch.last_token_index, sampling, targets)
-        n = len(chunks)
+            batch.last_token_index, sampling, targets, self.prev_tokens)
+        self.prev_tokens = out[0]
+        return StepHandle(out, len(chunks), total)
+
+    @staticmethod
+    def collect(handle: "StepHandle") -> "StepOutput":
+        """Wait for a launched step and bring its results to the host."""
+        n, out = handle.num_chunks, handle.device_outputs
         result = StepOutput(*(np.asarray(x)[:n] for x in out[:4]))
-        if prompt_targets is not None:
+        if len(out) > 4:
             result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
-                np.asarray(x)[:total] for x in out[4:])
+                np.asarray(x)[: handle.num_tokens] for x in out[4:])
         return result
+
+
+@dataclasses.dataclass
+class StepHandle:
+    device_outputs: tuple  # still computing until collected
+    num_chunks: int
+    num_tokens: int
 
 
 @dataclasses.dataclass
@@ -117,7 +136,9 @@ class StepOutput:
 
 
 def _step(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
-          targets):
+          targets, prev_tokens):
+    from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
+    input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = nnx.merge(graphdef, state)
     hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])

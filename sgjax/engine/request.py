@@ -40,6 +40,11 @@ class Request:
     num_tree_pages: int = 0
     tree_node: Any = None
     num_computed: int = 0
+    # With overlap scheduling, tokens sampled by launched but unprocessed steps are not known on the
+    # host yet: up to two (step N's, and N+1's which ran on N's). At a launch at most the previous
+    # step's token is unknown, and unknown_row is its row there.
+    num_unknown: int = 0
+    unknown_row: int = -1
     slot: int = -1  # row in the sampler's penalty state while running
     cached_tokens: int = 0  # prompt tokens found in the radix cache on first admission
     admitted: bool = False
@@ -61,7 +66,20 @@ class Request:
     @property
     def num_pending(self) -> int:
         """Tokens to run before the next sample (the rest of the prompt, or the last sampled token)."""
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_unknown - self.num_computed
+
+    def chunk_tokens(self, n: int) -> list[int]:
+        """The next n tokens to run; the unknown token is written -(row + 1) (see ModelRunner.launch)."""
+        tokens = self.fill_ids[self.num_computed:self.num_computed + n]
+        if len(tokens) < n:
+            tokens.append(-(self.unknown_row + 1))
+        return tokens
+
+    def surely_finishes(self, context_length: int) -> bool:
+        """Whether the token in flight is the last one anyway (no point scheduling another step)."""
+        total = len(self.output_ids) + self.num_unknown
+        return self.num_unknown > 0 and (total >= self.params.max_new_tokens or
+                                         len(self.prompt_ids) + total >= context_length)
 
     @property
     def finished(self) -> bool:

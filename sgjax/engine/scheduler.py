@@ -26,12 +26,13 @@ from sgjax.engine.request import Request, Status
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
-                 chunked_prefill_size: int, policy: str = "lpm"):
+                 chunked_prefill_size: int, context_length: int, policy: str = "lpm"):
         self.allocator, self.radix = allocator, radix
         self.page_size = allocator.page_size
         self.max_running = max_running_requests
         self.prefill_budget = chunked_prefill_size
         self.policy = policy
+        self.context_length = context_length
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.free_slots = list(range(max_running_requests - 1, -1, -1))  # rows of the penalty state
@@ -49,8 +50,8 @@ class Scheduler:
         budget = self.prefill_budget
         batch: list[tuple[Request, int]] = []
         for req in list(self.running):
-            if req.status is not Status.RUNNING:
-                continue  # preempted while making room for an older request
+            if req.status is not Status.RUNNING or req.surely_finishes(self.context_length):
+                continue  # preempted while making room for an older request, or done once its token lands
             n = 1 if req.num_pending == 1 else min(req.num_pending, budget)
             if n <= 0 or not self._reserve(req, n):
                 continue
