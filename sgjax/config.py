@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 
 @dataclasses.dataclass
@@ -21,7 +22,9 @@ class EngineArgs:
     schedule_policy: str = "lpm"  # lpm (longest prefix match first) | fcfs
     disable_radix_cache: bool = False
     random_seed: int = 0
-    compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    # JAX's persistent compilation cache, so a restart loads the compiled steps; "" disables it.
+    compilation_cache_dir: str = dataclasses.field(
+        default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "xla"))
     min_token_bucket: int = 16  # smallest compiled token count; buckets double up to the max
     enable_prompt_logprobs: bool = False  # also compile steps that return prompt-token logprobs
     disable_overlap_schedule: bool = False  # wait for each step before scheduling the next
