@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 
@@ -38,3 +39,64 @@ class EngineArgs:
             raise ValueError("chunked_prefill_size must be >= 0 (0 disables chunking)")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError("mem_fraction_static must be between 0 and 1")
+
+
+@dataclasses.dataclass
+class ServerArgs:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None  # when set, every request needs "Authorization: Bearer <key>"
+    served_model_name: str | None = None  # None: the model folder's name
+    chat_template: str | None = None  # a Jinja template file overriding the tokenizer's
+    log_level: str = "info"
+    log_requests: bool = False
+    enable_metrics: bool = True
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """One CLI for the server and the scripts: every EngineArgs and ServerArgs field, SGLang's spelling."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--mesh", default="1x1", help="DATAxTENSOR, e.g. 2x4")
+    parser.add_argument("--tp", "--tp-size", type=int, default=None, help="tensor-parallel size (sets the mesh)")
+    parser.add_argument("--dp", "--dp-size", type=int, default=None, help="data-parallel size (sets the mesh)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--attention-backend", default="reference")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--mem-fraction-static", type=float, default=0.85)
+    parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--max-running-requests", type=int, default=32)
+    parser.add_argument("--chunked-prefill-size", type=int, default=512)
+    parser.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
+    parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--disable-overlap-schedule", action="store_true")
+    parser.add_argument("--enable-prompt-logprobs", action="store_true")
+    parser.add_argument("--random-seed", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--chat-template", default=None)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-requests", action="store_true")
+    parser.add_argument("--disable-metrics", action="store_true", help="no /metrics endpoint")
+    return parser
+
+
+def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
+    mesh = ns.mesh
+    if ns.tp is not None or ns.dp is not None:
+        mesh = f"{ns.dp or 1}x{ns.tp or 1}"
+    engine = EngineArgs(
+        model_path=ns.model_path, mesh=mesh, dtype=ns.dtype, load_format=ns.load_format,
+        attention_backend=ns.attention_backend, page_size=ns.page_size,
+        mem_fraction_static=ns.mem_fraction_static, context_length=ns.context_length,
+        max_running_requests=ns.max_running_requests, chunked_prefill_size=ns.chunked_prefill_size,
+        schedule_policy=ns.schedule_policy, disable_radix_cache=ns.disable_radix_cache,
+        disable_overlap_schedule=ns.disable_overlap_schedule, enable_prompt_logprobs=ns.enable_prompt_logprobs,
+        random_seed=ns.random_seed)
+    server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
+                        chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
+                        enable_metrics=not ns.disable_metrics)
+    return engine, server

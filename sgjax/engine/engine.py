@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -73,6 +74,7 @@ class Engine:
         self.eos_token_ids = self._eos_token_ids()
         self._seeds = np.random.default_rng(args.random_seed)
         self._callbacks: dict[int, Callback] = {}
+        self.finish_hooks: list[Callable[[Request], None]] = []  # called on the engine thread (metrics)
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = False
         self.num_steps = 0
@@ -92,7 +94,7 @@ class Engine:
 
         def on_output(req: Request, _delta: str, slot: int):
             if req.finished:
-                pending[slot] = self._result(req)
+                pending[slot] = self.result(req)
                 with lock:
                     remaining[0] -= 1
                     if remaining[0] == 0:
@@ -107,14 +109,14 @@ class Engine:
     async def async_generate(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
                              input_ids: list[int] | None = None) -> dict:
         """One request, awaited."""
-        async for _, req in self._iterate(prompt, sampling_params, input_ids):
+        async for _, req in self.stream_events(prompt, sampling_params, input_ids):
             if req.finished:
-                return self._result(req)
+                return self.result(req)
 
     async def async_stream(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
                            input_ids: list[int] | None = None) -> AsyncIterator[str]:
         """One request's text as it is generated, delta by delta."""
-        async for delta, _ in self._iterate(prompt, sampling_params, input_ids):
+        async for delta, _ in self.stream_events(prompt, sampling_params, input_ids):
             if delta:
                 yield delta
 
@@ -150,15 +152,18 @@ class Engine:
             return self.apply_chat_template(prompt)
         raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
 
-    def _make_requests(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
+    def _make_requests(self, prompts: list[list[int]], params: SamplingParams,
+                       rid: str | None = None) -> list[Request]:
         requests = []
         for ids in prompts:
             self._validate_prompt(ids, params)
             base_seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
             group = uuid.uuid4().hex if params.n > 1 else None
             for i in range(params.n):
+                name = rid if rid and len(prompts) * params.n == 1 else \
+                    f"{rid}-{len(requests)}" if rid else uuid.uuid4().hex
                 requests.append(Request(
-                    rid=uuid.uuid4().hex, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
+                    rid=name, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
                     detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer
                     else None, group=group))
         return requests
@@ -182,25 +187,54 @@ class Engine:
     def _submit(self, req: Request, callback: Callback) -> None:
         self._inbox.put(("add", req, callback))
 
-    async def _iterate(self, prompt, sampling_params, input_ids) -> AsyncIterator[tuple[str, Request]]:
-        prompts, single = self._prompts(prompt, input_ids)
-        params = SamplingParams.from_dict(sampling_params)
-        if not single or params.n != 1:
-            raise ValueError("async_generate and async_stream take one prompt with n=1")
-        (req,) = self._make_requests(prompts, params)
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-        self._submit(req, lambda r, delta: loop.call_soon_threadsafe(updates.put_nowait, (delta, r.finished)))
-        try:
-            while True:
-                delta, finished = await updates.get()
-                yield delta, req
-                if finished:
-                    return
-        finally:
-            if not req.finished:
-                self.abort(req.rid)  # the caller stopped listening
+    def make_requests(self, prompt: Prompt | list[Prompt] | None = None,
+                      sampling_params: SamplingParams | dict | None = None,
+                      input_ids: list[int] | list[list[int]] | None = None, rid: str | None = None) -> list[Request]:
+        """Tokenize and validate: one Request per prompt and sample (n). Raises ValueError naming the problem."""
+        prompts, _ = self._prompts(prompt, input_ids)
+        params = sampling_params if isinstance(sampling_params, SamplingParams) else \
+            SamplingParams.from_dict(sampling_params)
+        params.validate()
+        return self._make_requests(prompts, params, rid)
 
-    def _result(self, req: Request) -> dict:
+    async def run_requests(self, requests: list[Request]) -> AsyncIterator[tuple[int, str, Request]]:
+        """Submit requests; yield (index, text delta, request) as they progress, each request's last
+        update with request.finished set. Leaving the loop early aborts the unfinished ones."""
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        for i, req in enumerate(requests):
+            self._submit(req, lambda r, delta, i=i: loop.call_soon_threadsafe(
+                updates.put_nowait, (i, delta, r.finished)))
+        remaining = len(requests)
+        try:
+            while remaining:
+                i, delta, finished = await updates.get()
+                yield i, delta, requests[i]
+                remaining -= finished
+        finally:
+            for req in requests:
+                if not req.finished:
+                    self.abort(req.rid)  # the caller stopped listening
+
+    async def stream_events(self, prompt: Prompt | None = None,
+                            sampling_params: SamplingParams | dict | None = None,
+                            input_ids: list[int] | None = None,
+                            rid: str | None = None) -> AsyncIterator[tuple[str, Request]]:
+        """One request's (text delta, request) updates; the last has request.finished set."""
+        requests = self.make_requests(prompt, sampling_params, input_ids, rid)
+        if len(requests) != 1:
+            raise ValueError("stream_events takes one prompt with n=1")
+        async for _, delta, req in self.run_requests(requests):
+            yield delta, req
+
+    def flush_cache(self, timeout: float = 30.0) -> bool:
+        """Empty the radix cache (on the engine thread); False if requests are still running."""
+        done, result = threading.Event(), []
+        self._inbox.put(("flush", (done, result)))
+        done.wait(timeout)
+        return bool(result and result[0])
+
+    def result(self, req: Request) -> dict:
+        """A finished request as SGLang's native API returns it."""
         meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
                 "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason}
         if req.params.logprobs:
@@ -254,6 +288,13 @@ class Engine:
                     self._finish(req, {"type": "length", "length": 0})
                 else:
                     self.scheduler.add(req)
+            elif item[0] == "flush":
+                done, result = item[1]
+                idle = not self.scheduler.has_work()
+                if idle and self.radix is not None:
+                    self.radix.reset()
+                result.append(idle)
+                done.set()
             elif item[0] == "abort":
                 req = self.scheduler.abort(item[1])
                 if req is not None:
@@ -333,6 +374,8 @@ class Engine:
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:
         p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         if top:
@@ -366,6 +409,8 @@ class Engine:
 
     def _finish(self, req: Request, reason: dict, delta: str = "") -> None:
         req.status, req.finish_reason = Status.FINISHED, reason
+        for hook in self.finish_hooks:
+            hook(req)
         self._notify(req, delta)
         self._callbacks.pop(id(req), None)
 

@@ -1,0 +1,51 @@
+"""Prometheus metrics: request counts and latencies recorded as requests finish, engine gauges read
+at scrape time."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("sgjax_requests", "Finished requests by finish reason", ["status"], registry=r)
+        self.prompt_tokens = Counter("sgjax_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("sgjax_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("sgjax_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("sgjax_inter_token_latency_seconds", "Mean time between output tokens", registry=r,
+                             buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("sgjax_e2e_request_latency_seconds", "Arrival to last token", registry=r,
+                             buckets=LATENCY_BUCKETS)
+        self.running = Gauge("sgjax_num_running_requests", "Requests in the running batch", registry=r)
+        self.queued = Gauge("sgjax_num_queued_requests", "Requests waiting", registry=r)
+        self.kv_usage = Gauge("sgjax_kv_cache_usage", "Share of KV pages not free", registry=r)
+        self.hit_rate = Gauge("sgjax_prefix_cache_hit_rate", "Prompt tokens found in the radix cache", registry=r)
+
+    def observe(self, req) -> None:
+        """Record a finished request (called once per request)."""
+        now = time.monotonic()
+        self.requests.labels((req.finish_reason or {}).get("type", "unknown")).inc()
+        self.prompt_tokens.inc(len(req.prompt_ids))
+        self.generation_tokens.inc(len(req.output_ids))
+        self.e2e.observe(now - req.arrival_time)
+        if req.first_token_time is not None:
+            self.ttft.observe(req.first_token_time - req.arrival_time)
+            if len(req.output_ids) > 1:
+                self.itl.observe((now - req.first_token_time) / (len(req.output_ids) - 1))
+
+    def render(self) -> bytes:
+        engine = self.engine
+        self.running.set(len(engine.scheduler.running))
+        self.queued.set(len(engine.scheduler.waiting))
+        allocator = engine.allocator
+        self.kv_usage.set(1 - allocator.num_free / allocator.num_usable)
+        if engine.radix is not None:
+            self.hit_rate.set(engine.radix.hit_rate)
+        return generate_latest(self.registry)

@@ -1,0 +1,245 @@
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (streaming and not)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from sgjax.engine.sampler import TOP_LOGPROBS
+from sgjax.server.errors import ApiError, read_json, require
+from sgjax.server.streaming import open_event_stream, run, send_event
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def model_name(request: web.Request) -> str:
+    return request.app["server_args"].served_model_name
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": model_name(request), "object": "model", "created": request.app["started"], "owned_by": "sgjax"}]})
+
+
+def check_model(request: web.Request, body: dict) -> None:
+    name = body.get("model")
+    require(isinstance(name, str), "model is required", "model")
+    if name != model_name(request):
+        raise ApiError(f"model {name!r} does not exist; this server serves {model_name(request)!r}", param="model")
+
+
+def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
+    """The OpenAI fields every endpoint shares, in SamplingParams' terms (validated there)."""
+    for unsupported in ("logit_bias", "suffix", "tools", "functions", "response_format"):
+        value = body.get(unsupported)
+        if value and not (unsupported == "response_format" and value == {"type": "text"}):
+            raise ApiError(f"{unsupported} is not supported yet", param=unsupported)
+    best_of = body.get("best_of")
+    require(best_of is None or best_of == body.get("n", 1), "best_of other than n is not supported", "best_of")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", max_tokens_default))
+    params = {
+        "max_new_tokens": max_tokens,
+        "temperature": body.get("temperature", 1.0),
+        "top_p": body.get("top_p", 1.0),
+        "n": body.get("n", 1),
+        "stop": body.get("stop"),
+        "seed": body.get("seed"),
+        "frequency_penalty": body.get("frequency_penalty", 0.0),
+        "presence_penalty": body.get("presence_penalty", 0.0),
+    }
+    # SGLang's extensions to the OpenAI body
+    for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids"):
+        if name in body:
+            params[name] = body[name]
+    if params["max_new_tokens"] is None:
+        del params["max_new_tokens"]
+    return {k: v for k, v in params.items() if v is not None or k == "stop"}
+
+
+def usage(requests, n: int) -> dict:
+    prompt = sum(len(r.prompt_ids) for r in requests[::n])  # each prompt counted once, not once per sample
+    completion = sum(len(r.output_ids) for r in requests)
+    cached = sum(r.cached_tokens for r in requests[::n])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(req) -> str:
+    reason = (req.finish_reason or {}).get("type")
+    if reason == "abort":
+        raise ApiError(f"request aborted: {req.finish_reason.get('message', 'aborted')}", status=500,
+                       type_="server_error")
+    return FINISH_REASONS[reason]
+
+
+def make_requests(request: web.Request, prompt, params: dict, input_ids=None):
+    try:
+        return request.app["engine"].make_requests(prompt, params, input_ids, rid=request["request_id"])
+    except ValueError as e:
+        raise ApiError(str(e)) from None
+
+
+# ---- /v1/completions -----------------------------------------------------------------------
+
+def completion_prompts(body: dict) -> tuple[list | None, list | None]:
+    """(texts, token id lists): exactly one is set."""
+    prompt = body.get("prompt")
+    require(prompt is not None, "prompt is required", "prompt")
+    if isinstance(prompt, str):
+        return [prompt], None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return None, [prompt]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return None, prompt
+    raise ApiError("prompt must be a string, a list of strings, a list of token ids, or a list of those",
+                   param="prompt")
+
+
+def completion_logprobs(engine, req, echo: bool) -> dict:
+    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+    meta = engine.result(req)["meta_info"]
+    decode = lambda t: engine.tokenizer.decode([t]) if engine.tokenizer else ""  # noqa: E731
+    pairs = list(meta.get("input_token_logprobs", [])) if echo else []
+    tops = list(meta.get("input_top_logprobs", [])) if echo else []
+    pairs += meta.get("output_token_logprobs", [])
+    tops += meta.get("output_top_logprobs", [None] * len(meta.get("output_token_logprobs", [])))
+    tokens = [decode(t) for _, t in pairs]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in pairs],
+            "top_logprobs": [{decode(t): lp for lp, t in top} if top else None for top in tops],
+            "text_offset": offsets}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    engine = request.app["engine"]
+    body = await read_json(request)
+    check_model(request, body)
+    texts, id_lists = completion_prompts(body)
+    params = common_sampling(body, 16)
+    logprobs = body.get("logprobs")
+    echo = bool(body.get("echo"))
+    require(logprobs is None or (isinstance(logprobs, int) and 0 <= logprobs <= TOP_LOGPROBS),
+            f"logprobs must be an integer in [0, {TOP_LOGPROBS}]", "logprobs")
+    if logprobs is not None:
+        params.update(logprobs=True, top_logprobs_num=logprobs)
+        if echo:
+            params["logprob_start_len"] = 0
+    requests = make_requests(request, texts, params, id_lists)
+    n = params.get("n", 1)
+    prompt_texts = texts or [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists]
+    head = {"id": f"cmpl-{request['request_id']}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name(request)}
+
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        response = await open_event_stream(request)
+        sent_echo = set()
+        async for i, delta, req in run(request, requests):
+            if echo and i not in sent_echo:
+                sent_echo.add(i)
+                delta = prompt_texts[i // n] + delta
+            choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": None}
+            if req.finished:
+                choice["finish_reason"] = finish_reason(req)
+                if logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(engine, req, echo)
+            if delta or req.finished:
+                await send_event(response, {**head, "choices": [choice]})
+        if include_usage:
+            await send_event(response, {**head, "choices": [], "usage": usage(requests, n)})
+        await send_event(response, "[DONE]")
+        return response
+
+    async for _ in run(request, requests):
+        pass
+    choices = []
+    for i, req in enumerate(requests):
+        choices.append({"index": i, "text": (prompt_texts[i // n] if echo else "") + req.text,
+                        "logprobs": completion_logprobs(engine, req, echo) if logprobs is not None else None,
+                        "finish_reason": finish_reason(req)})
+    return web.json_response({**head, "choices": choices, "usage": usage(requests, n)})
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    require(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
+    out = []
+    for m in messages:
+        require(isinstance(m, dict) and isinstance(m.get("role"), str), "each message needs a role", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                require(isinstance(part, dict) and part.get("type") == "text",
+                        "only text content parts are supported yet", "messages")
+                parts.append(part.get("text", ""))
+            content = "".join(parts)
+        require(content is None or isinstance(content, str), "message content must be a string or parts", "messages")
+        out.append({"role": m["role"], "content": content or ""})
+    return out
+
+
+def chat_logprobs(engine, req) -> dict:
+    meta = engine.result(req)["meta_info"]
+    decode = lambda t: engine.tokenizer.decode([t]) if engine.tokenizer else ""  # noqa: E731
+    entry = lambda lp, t: {"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())}  # noqa: E731
+    tops = meta.get("output_top_logprobs") or [[] for _ in meta["output_token_logprobs"]]
+    return {"content": [{**entry(lp, t), "top_logprobs": [entry(a, b) for a, b in top]}
+                        for (lp, t), top in zip(meta["output_token_logprobs"], tops)]}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    engine = request.app["engine"]
+    body = await read_json(request)
+    check_model(request, body)
+    messages = chat_messages(body)
+    params = common_sampling(body, None)
+    want_logprobs = bool(body.get("logprobs"))
+    top = body.get("top_logprobs")
+    require(top is None or (want_logprobs and isinstance(top, int) and 0 <= top <= TOP_LOGPROBS),
+            f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}] and needs logprobs=true", "top_logprobs")
+    if want_logprobs:
+        params.update(logprobs=True, top_logprobs_num=top or 0)
+    if engine.tokenizer is None:
+        raise ApiError("this server has no tokenizer, so it cannot apply a chat template")
+    if "max_new_tokens" not in params:
+        params["max_new_tokens"] = max(1, engine.context_length - len(engine.apply_chat_template(messages)))
+    requests = make_requests(request, messages, params)
+    n = params.get("n", 1)
+    head = {"id": f"chatcmpl-{request['request_id']}", "created": int(time.time()), "model": model_name(request)}
+
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        response = await open_event_stream(request)
+        chunk = {**head, "object": "chat.completion.chunk"}
+        for i in range(len(requests)):
+            await send_event(response, {**chunk, "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        async for i, delta, req in run(request, requests):
+            if delta:
+                await send_event(response, {**chunk, "choices": [
+                    {"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}]})
+            if req.finished:
+                await send_event(response, {**chunk, "choices": [
+                    {"index": i, "delta": {}, "finish_reason": finish_reason(req),
+                     "logprobs": chat_logprobs(engine, req) if want_logprobs else None}]})
+        if include_usage:
+            await send_event(response, {**chunk, "choices": [], "usage": usage(requests, n)})
+        await send_event(response, "[DONE]")
+        return response
+
+    async for _ in run(request, requests):
+        pass
+    choices = [{"index": i, "message": {"role": "assistant", "content": req.text},
+                "logprobs": chat_logprobs(engine, req) if want_logprobs else None,
+                "finish_reason": finish_reason(req)} for i, req in enumerate(requests)]
+    return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(requests, n)})
