@@ -103,7 +103,7 @@ def main() -> None:
         flops = 2 * weight_bytes / 2 * n_in  # 2 flops per bf16 weight per token (matmuls only)
         rows.append((bs, prefill_s * 1e3, flops / prefill_s / 1e12, decode_s * 1e3, floor * 1e3,
                      floor / decode_s, bs / decode_s))
-        del pool
+        pool.caches = None  # free this batch's KV pool before the next is made
 
     print(f"\nprefill of {n_in} tokens (one sequence) and one decode step at context {n_in}, "
           f"attention backend {args.attention_backend}")

@@ -205,7 +205,8 @@ def test_chat_messages_use_the_chat_template(engine):
     messages = [{"role": "user", "content": "Hello"}]
     ids = engine.apply_chat_template(messages)
     assert engine.tokenizer.decode(ids) == "<|user|>Hello<|end|><|assistant|>"
-    assert engine.generate(messages, GREEDY)["output_ids"] == engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    by_ids = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert engine.generate(messages, GREEDY)["output_ids"] == by_ids["output_ids"]
 
 
 def test_serving_never_compiles(engine, llama):

@@ -34,7 +34,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a request: whatever is left, replacement characters included."""
-        rest = self._decode(self.ids[self.prefix_offset:])[len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        rest = self._decode(self.ids[self.prefix_offset:])[len(before):]
         self.read_offset = len(self.ids)
         self.text += rest
         return rest

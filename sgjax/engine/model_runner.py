@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
-from sgjax.engine.sampler import TOP_LOGPROBS, PenaltyState, SamplingBatch, sample, update_penalty_state
+from sgjax.engine.sampler import (
+    TOP_LOGPROBS,
+    PenaltyState,
+    SamplingBatch,
+    sample,
+    update_penalty_state,
+)
 from sgjax.kernels.metadata import AttentionMetadata, token_positions
 from sgjax.models.loader import LoadedModel
 

@@ -56,10 +56,12 @@ class SamplingParams:
              f"max_new_tokens must be a non-negative integer; got {self.max_new_tokens!r}")
         need(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
              f"temperature must be in [0, 100]; got {self.temperature!r}")
-        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p!r}")
+        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+             f"top_p must be in (0, 1]; got {self.top_p!r}")
         need(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
              f"top_k must be -1 or >= 1; got {self.top_k!r}")
-        need(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1]; got {self.min_p!r}")
+        need(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
+             f"min_p must be in [0, 1]; got {self.min_p!r}")
         need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128]; got {self.n!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
@@ -71,6 +73,10 @@ class SamplingParams:
         need(isinstance(self.top_logprobs_num, int) and 0 <= self.top_logprobs_num <= TOP_LOGPROBS,
              f"top_logprobs_num must be in [0, {TOP_LOGPROBS}]; got {self.top_logprobs_num!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer; got {self.seed!r}")
-        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop must be a non-empty string or a list of them")
-        need(self.stop_token_ids is None or all(isinstance(t, int) for t in self.stop_token_ids),
-             "stop_token_ids must be a list of integers")
+        need(self.stop is None or isinstance(self.stop, (str, list)), "stop must be a string or a list of strings")
+        need(all(isinstance(s, str) and s for s in self.stop_strings),
+             "stop must be a non-empty string or a list of them")
+        need(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list) and all(
+            isinstance(t, int) for t in self.stop_token_ids)), "stop_token_ids must be a list of integers")
+        for name in ("ignore_eos", "skip_special_tokens", "logprobs"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false")

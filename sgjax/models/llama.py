@@ -12,7 +12,15 @@ from flax import nnx
 
 from sgjax.kernels import AttentionMetadata
 from sgjax.models.config import ModelConfig
-from sgjax.models.layers import COLUMN, Attention, Embedding, GatedMLP, KVCache, Linear, RMSNorm
+from sgjax.models.layers import (
+    COLUMN,
+    Attention,
+    Embedding,
+    GatedMLP,
+    KVCache,
+    Linear,
+    RMSNorm,
+)
 
 
 class DecoderLayer(nnx.Module):

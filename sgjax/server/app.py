@@ -13,6 +13,14 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.server import native_api, openai_api
 from sgjax.server.errors import ApiError, read_json
+from sgjax.server.keys import (
+    ENGINE,
+    ENGINE_REQUESTS,
+    METRICS,
+    REQUEST_ID,
+    SERVER_ARGS,
+    STARTED,
+)
 from sgjax.server.metrics import Metrics
 
 logger = logging.getLogger("sgjax.server")
@@ -21,15 +29,15 @@ OPEN_PATHS = {"/health"}  # reachable without the API key
 
 @web.middleware
 async def handle_request(request: web.Request, handler):
-    request["request_id"] = uuid.uuid4().hex
+    request[REQUEST_ID] = uuid.uuid4().hex
     started = time.monotonic()
     status = 500
     try:
-        key = request.app["server_args"].api_key
+        key = request.app[SERVER_ARGS].api_key
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
             raise ApiError("missing or wrong API key", status=401, type_="authentication_error")
-        if request.app["server_args"].log_requests and request.can_read_body:
-            logger.info("request %s body: %.2000s", request["request_id"], await request.text())
+        if request.app[SERVER_ARGS].log_requests and request.can_read_body:
+            logger.info("request %s body: %.2000s", request[REQUEST_ID], await request.text())
         response = await handler(request)
         status = response.status
         return response
@@ -43,13 +51,13 @@ async def handle_request(request: web.Request, handler):
         status = 499  # the client went away mid-stream
         raise
     except Exception as e:
-        logger.exception("request %s failed", request["request_id"])
+        logger.exception("request %s failed", request[REQUEST_ID])
         return ApiError(f"internal error: {e}", status=500, type_="server_error").response()
     finally:
-        for req in request.get("engine_requests", ()):
+        for req in request.get(ENGINE_REQUESTS, ()):
             if not req.finished:
-                request.app["engine"].abort(req.rid)
-        logger.info("request %s %s %s -> %s in %.1f ms", request["request_id"], request.method, request.path,
+                request.app[ENGINE].abort(req.rid)
+        logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
 
 
@@ -58,7 +66,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
-    engine = request.app["engine"]
+    engine = request.app[ENGINE]
     requests = engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
     async for _ in engine.run_requests(requests):
         pass
@@ -66,7 +74,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def model_info(request: web.Request) -> web.Response:
-    engine, args = request.app["engine"], request.app["server_args"]
+    engine, args = request.app[ENGINE], request.app[SERVER_ARGS]
     return web.json_response({"model_path": engine.args.model_path, "tokenizer_path": engine.args.model_path,
                               "is_generation": True, "served_model_name": args.served_model_name,
                               "architecture": engine.loaded.config.architecture,
@@ -74,8 +82,8 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    engine = request.app["engine"]
-    info = {**dataclasses.asdict(engine.args), **dataclasses.asdict(request.app["server_args"])}
+    engine = request.app[ENGINE]
+    info = {**dataclasses.asdict(engine.args), **dataclasses.asdict(request.app[SERVER_ARGS])}
     info.pop("api_key", None)
     info.update(num_pages=engine.allocator.num_usable, free_pages=engine.allocator.num_free,
                 num_running_requests=len(engine.scheduler.running), num_queued_requests=len(engine.scheduler.waiting),
@@ -86,7 +94,7 @@ async def server_info(request: web.Request) -> web.Response:
 async def flush_cache(request: web.Request) -> web.Response:
     import asyncio
 
-    if not await asyncio.get_running_loop().run_in_executor(None, request.app["engine"].flush_cache):
+    if not await asyncio.get_running_loop().run_in_executor(None, request.app[ENGINE].flush_cache):
         raise ApiError("cannot flush the cache while requests are running")
     return web.Response(text="cache flushed")
 
@@ -96,12 +104,12 @@ async def abort_request(request: web.Request) -> web.Response:
     rid = body.get("rid")
     if not isinstance(rid, str):
         raise ApiError("rid must be a string", param="rid")
-    request.app["engine"].abort(rid)
+    request.app[ENGINE].abort(rid)
     return web.Response(text="")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app["metrics"].render(), content_type="text/plain", charset="utf-8")
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 def make_app(engine, server_args: ServerArgs) -> web.Application:
@@ -112,7 +120,7 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
         with open(server_args.chat_template) as f:
             engine.tokenizer.chat_template = f.read()
     app = web.Application(middlewares=[handle_request], client_max_size=64 * 2**20)
-    app["engine"], app["server_args"], app["started"] = engine, server_args, int(time.time())
+    app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/get_model_info", model_info)
@@ -124,7 +132,7 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     if server_args.enable_metrics:
-        app["metrics"] = Metrics(engine)
-        engine.finish_hooks.append(app["metrics"].observe)
+        app[METRICS] = Metrics(engine)
+        engine.finish_hooks.append(app[METRICS].observe)
         app.router.add_get("/metrics", metrics)
     return app

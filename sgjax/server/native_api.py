@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
+from sgjax.server.keys import ENGINE, REQUEST_ID
 from sgjax.server.streaming import open_event_stream, run, send_event
 
 
@@ -17,7 +18,8 @@ def sampling_dict(body: dict) -> dict:
     params = dict(params)
     for unsupported in ("regex", "json_schema", "ebnf"):
         if params.pop(unsupported, None) is not None:
-            raise ApiError(f"sampling_params.{unsupported}: constrained decoding is not supported yet", param=unsupported)
+            raise ApiError(f"sampling_params.{unsupported}: constrained decoding is not supported yet",
+                           param=unsupported)
     if body.get("return_logprob"):
         params["logprobs"] = True
         params["top_logprobs_num"] = body.get("top_logprobs_num", 0)
@@ -46,7 +48,7 @@ def native_result(engine, req, body: dict) -> dict:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    engine = request.app["engine"]
+    engine = request.app[ENGINE]
     body = await read_json(request)
     text, input_ids = body.get("text"), body.get("input_ids")
     require((text is None) != (input_ids is None), "give exactly one of text and input_ids")
@@ -59,7 +61,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         require(ok, "input_ids must be a list of integers or a list of such lists", "input_ids")
     batched = isinstance(text, list) or (input_ids and isinstance(input_ids[0], list))
     try:
-        requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=request["request_id"])
+        requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=request[REQUEST_ID])
     except ValueError as e:
         raise ApiError(str(e)) from None
     if body.get("stream"):

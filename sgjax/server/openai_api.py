@@ -8,18 +8,19 @@ from aiohttp import web
 
 from sgjax.engine.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
+from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.streaming import open_event_stream, run, send_event
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 def model_name(request: web.Request) -> str:
-    return request.app["server_args"].served_model_name
+    return request.app[SERVER_ARGS].served_model_name
 
 
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [
-        {"id": model_name(request), "object": "model", "created": request.app["started"], "owned_by": "sgjax"}]})
+        {"id": model_name(request), "object": "model", "created": request.app[STARTED], "owned_by": "sgjax"}]})
 
 
 def check_model(request: web.Request, body: dict) -> None:
@@ -75,7 +76,7 @@ def finish_reason(req) -> str:
 
 def make_requests(request: web.Request, prompt, params: dict, input_ids=None):
     try:
-        return request.app["engine"].make_requests(prompt, params, input_ids, rid=request["request_id"])
+        return request.app[ENGINE].make_requests(prompt, params, input_ids, rid=request[REQUEST_ID])
     except ValueError as e:
         raise ApiError(str(e)) from None
 
@@ -118,7 +119,7 @@ def completion_logprobs(engine, req, echo: bool) -> dict:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app["engine"]
+    engine = request.app[ENGINE]
     body = await read_json(request)
     check_model(request, body)
     texts, id_lists = completion_prompts(body)
@@ -134,7 +135,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     requests = make_requests(request, texts, params, id_lists)
     n = params.get("n", 1)
     prompt_texts = texts or [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists]
-    head = {"id": f"cmpl-{request['request_id']}", "object": "text_completion", "created": int(time.time()),
+    head = {"id": f"cmpl-{request[REQUEST_ID]}", "object": "text_completion", "created": int(time.time()),
             "model": model_name(request)}
 
     if body.get("stream"):
@@ -198,7 +199,7 @@ def chat_logprobs(engine, req) -> dict:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app["engine"]
+    engine = request.app[ENGINE]
     body = await read_json(request)
     check_model(request, body)
     messages = chat_messages(body)
@@ -215,7 +216,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params["max_new_tokens"] = max(1, engine.context_length - len(engine.apply_chat_template(messages)))
     requests = make_requests(request, messages, params)
     n = params.get("n", 1)
-    head = {"id": f"chatcmpl-{request['request_id']}", "created": int(time.time()), "model": model_name(request)}
+    head = {"id": f"chatcmpl-{request[REQUEST_ID]}", "created": int(time.time()), "model": model_name(request)}
 
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

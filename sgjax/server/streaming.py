@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS
+
 
 def run(request: web.Request, requests: list) -> AsyncIterator:
     """The requests' (index, delta, request) updates. They are registered on the HTTP request, so the
     app's middleware aborts whatever is unfinished when the handler ends (a client that disconnected)."""
-    request["engine_requests"] = requests
-    return request.app["engine"].run_requests(requests)
+    request[ENGINE_REQUESTS] = requests
+    return request.app[ENGINE].run_requests(requests)
 
 
 async def open_event_stream(request: web.Request) -> web.StreamResponse:

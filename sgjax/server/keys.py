@@ -1,0 +1,10 @@
+"""Typed keys of what the aiohttp app and each request carry."""
+
+from aiohttp import web
+
+ENGINE = web.AppKey("engine", object)
+SERVER_ARGS = web.AppKey("server_args", object)
+STARTED = web.AppKey("started", int)
+METRICS = web.AppKey("metrics", object)
+REQUEST_ID = web.RequestKey("request_id", str)
+ENGINE_REQUESTS = web.RequestKey("engine_requests", list)

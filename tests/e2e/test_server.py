@@ -1,0 +1,304 @@
+"""The HTTP server on loopback with a tiny model: the official openai client, raw HTTP for SGLang's
+native API, concurrency, disconnects and errors. Token-level oracle: transformers' greedy tokens."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from aiohttp import web
+
+from sgjax.config import ServerArgs
+from sgjax.engine import Engine
+from sgjax.server.app import make_app
+from tests.hf_oracle import hf_greedy
+
+API_KEY = "test-key"
+MODEL = "tiny"
+
+
+class LiveServer:
+    """The app in its own event loop thread, on a free loopback port."""
+
+    def __init__(self, engine: Engine, **server_args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = make_app(engine, ServerArgs(port=self.port, **server_args))
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def serve():
+            asyncio.set_event_loop(self.loop)
+            self.runner = web.AppRunner(self.app)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert started.wait(30)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def post(url: str, body, key: str | None = API_KEY, raw: bytes | None = None):
+    """(status, parsed JSON body) of a POST."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            payload = r.read()
+            return r.status, json.loads(payload) if payload else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, key: str | None = API_KEY) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    path, hf_model = tiny_models("llama")
+    engine = Engine(path, dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64,
+                    num_pages=1200, enable_prompt_logprobs=True)
+    server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 512, int(rng.integers(2, 40))).tolist() for _ in range(16)]
+    expected = [hf_greedy(hf_model, p, 8) for p in prompts]
+    yield engine, server, prompts, expected
+    server.stop()
+    engine.shutdown()
+
+
+def decode(engine, ids) -> str:
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def client(server, cls=openai.OpenAI):
+    return cls(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_openai_completions_sync_and_streaming(setup):
+    engine, server, prompts, expected = setup
+    c = client(server)
+    r = c.completions.create(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=0)
+    assert r.choices[0].text == decode(engine, expected[0])
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompts[0]), 8)
+    chunks = list(c.completions.create(model=MODEL, prompt=prompts[1], max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == decode(engine, expected[1])
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_openai_completions_batch_n_echo_logprobs(setup):
+    engine, server, prompts, expected = setup
+    c = client(server)
+    r = c.completions.create(model=MODEL, prompt=[prompts[2], prompts[3]], max_tokens=8, temperature=0, n=2)
+    assert [ch.text for ch in r.choices] == [decode(engine, expected[i]) for i in (2, 2, 3, 3)]
+    assert r.usage.prompt_tokens == len(prompts[2]) + len(prompts[3])
+    text = decode(engine, prompts[4])
+    r = c.completions.create(model=MODEL, prompt=prompts[4], max_tokens=8, temperature=0, echo=True, logprobs=2)
+    assert r.choices[0].text == text + decode(engine, expected[4])
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(prompts[4]) + 8 and lp.token_logprobs[0] is None
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])  # keyed by text: byte pieces may collide
+
+
+def test_openai_chat_sync_async_and_streaming(setup):
+    engine, server, _, _ = setup
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    want = engine.generate(messages, {"temperature": 0, "max_new_tokens": 10})["text"]
+    r = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                               logprobs=True, top_logprobs=3)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert len(r.choices[0].logprobs.content) == 10
+    assert all(len(t.top_logprobs) == 3 for t in r.choices[0].logprobs.content)
+
+    async def streamed():
+        c = client(server, openai.AsyncOpenAI)
+        stream = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+        parts, usage = [], None
+        async for chunk in stream:
+            parts += [ch.delta.content or "" for ch in chunk.choices]
+            usage = chunk.usage or usage
+        plain = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+        return "".join(parts), usage, plain.choices[0].message.content
+
+    text, usage, plain = asyncio.run(streamed())
+    assert text == plain == want
+    assert usage.completion_tokens == 10
+
+
+def test_native_generate(setup):
+    engine, server, prompts, expected = setup
+    status, body = post(server.url + "/generate", {"input_ids": prompts[5], "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0}, "return_logprob": True, "top_logprobs_num": 2,
+        "return_text_in_logprobs": True})
+    assert status == 200 and body["output_ids"] == expected[5]
+    meta = body["meta_info"]
+    assert meta["prompt_tokens"] == len(prompts[5]) and meta["finish_reason"]["type"] == "length"
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == expected[5]
+    assert all(isinstance(text, str) for _, _, text in meta["output_token_logprobs"])
+    status, body = post(server.url + "/generate", {"input_ids": [prompts[6], prompts[7]],
+                                                   "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+    assert [b["output_ids"] for b in body] == [expected[6], expected[7]]
+    status, body = post(server.url + "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
+    assert status == 200 and body["meta_info"]["completion_tokens"] == 4
+
+
+def test_native_streaming_ends_with_done(setup):
+    engine, server, prompts, expected = setup
+    req = urllib.request.Request(server.url + "/generate", data=json.dumps({
+        "input_ids": prompts[8], "stream": True, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        lines = [line for line in r.read().decode().split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[-1]["output_ids"] == expected[8]
+    assert chunks[-1]["text"] == decode(engine, expected[8])  # cumulative, as SGLang streams
+
+
+def test_200_concurrent_requests_all_correct(setup):
+    engine, server, prompts, expected = setup
+
+    async def fire():
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async def one(i):
+                async with session.post(server.url + "/generate", json={
+                        "input_ids": prompts[i % 16], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}) as r:
+                    return i, r.status, await r.json()
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(fire())
+    for i, status, body in results:
+        assert status == 200 and body["output_ids"] == expected[i % 16], f"request {i}"
+    wait_until(lambda: not engine.scheduler.running)
+    assert engine.radix.hit_tokens > 0  # the repeated prompts were served from the prefix cache
+
+
+def test_disconnect_mid_stream_aborts_and_frees_pages(setup):
+    engine, server, prompts, _ = setup
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def start_and_drop():
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async with session.post(server.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": prompts[9], "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+                async for _ in r.content:
+                    break  # one chunk, then hang up
+
+    asyncio.run(start_and_drop())
+    wait_until(lambda: finished)
+    engine.finish_hooks.remove(finished.append)
+    assert finished[0].finish_reason["type"] == "abort" and len(finished[0].output_ids) < 400
+    wait_until(lambda: not engine.scheduler.running and not engine.scheduler.waiting)
+    tree = engine.radix.all_pages()
+    assert sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
+    status, body = post(server.url + "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200
+
+
+@pytest.mark.parametrize("path,body,needle", [
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1}, "max_new_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 1e9}, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": "high"}, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1] * 600}, "context length"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, "does not exist"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, "n must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+    ("/generate", {"text": "hi", "input_ids": [1]}, "exactly one"),
+    ("/generate", {"input_ids": [1, 100000]}, "token ids"),
+    ("/generate", {"text": "hi", "sampling_params": {"bogus": 1}}, "unknown sampling"),
+    ("/generate", {"text": "hi", "sampling_params": {"stop": 5}}, "stop must be"),
+    ("/generate", {"text": "hi", "sampling_params": "fast"}, "sampling_params must be"),
+])
+def test_bad_input_gets_400_with_openai_error_body(setup, path, body, needle):
+    _, server, _, _ = setup
+    status, err = post(server.url + path, body)
+    assert status == 400
+    assert needle in err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
+
+
+def test_invalid_json_and_api_key(setup):
+    _, server, _, _ = setup
+    status, err = post(server.url + "/v1/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in err["error"]["message"]
+    assert post(server.url + "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=None)[0] == 401
+    assert post(server.url + "/v1/completions", {"model": MODEL, "prompt": "hi"}, key="wrong")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert get(server.url + "/health", key=None)[0] == 200  # health needs no key
+    assert [m.id for m in client(server).models.list().data] == [MODEL]
+
+
+def test_info_and_health_endpoints(setup):
+    engine, server, _, _ = setup
+    status, text = get(server.url + "/get_model_info")
+    assert status == 200 and json.loads(text)["architecture"] == "LlamaForCausalLM"
+    status, text = get(server.url + "/get_server_info")
+    info = json.loads(text)
+    assert info["page_size"] == 4 and "api_key" not in info
+    assert get(server.url + "/health_generate")[0] == 200
+    status, _ = post(server.url + "/abort_request", {"rid": "no-such-request"})
+    assert status == 200
+
+
+def test_metrics_change_after_requests(setup):
+    engine, server, prompts, _ = setup
+
+    def scrape() -> dict:
+        out = {}
+        for line in get(server.url + "/metrics")[1].splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    before = scrape()
+    post(server.url + "/generate", {"input_ids": prompts[10], "sampling_params": {"max_new_tokens": 5}})
+    after = scrape()
+    assert after["sgjax_generation_tokens_total"] - before.get("sgjax_generation_tokens_total", 0) == 5
+    assert after["sgjax_prompt_tokens_total"] - before.get("sgjax_prompt_tokens_total", 0) == len(prompts[10])
+    key = 'sgjax_requests_total{status="length"}'
+    assert after[key] - before.get(key, 0) == 1
+    assert after["sgjax_e2e_request_latency_seconds_count"] > before.get("sgjax_e2e_request_latency_seconds_count", 0)
+    assert after["sgjax_time_to_first_token_seconds_count"] >= 1
+    assert 0 < after["sgjax_kv_cache_usage"] <= 1  # the radix tree holds the finished prompts' pages
+    assert after["sgjax_prefix_cache_hit_rate"] >= 0
