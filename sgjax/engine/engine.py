@@ -127,8 +127,10 @@ class Engine:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the chat (and tool definitions) as the model's template renders them."""
+        extra = {"tools": tools} if tools else {}
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- requests ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sgjax.engine.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.streaming import open_event_stream, run, send_event
+from sgjax.server.tool_parser import format_for, parse_tool_calls
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -32,7 +33,7 @@ def check_model(request: web.Request, body: dict) -> None:
 
 def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
     """The OpenAI fields every endpoint shares, in SamplingParams' terms (validated there)."""
-    for unsupported in ("logit_bias", "suffix", "tools", "functions", "response_format"):
+    for unsupported in ("logit_bias", "suffix", "functions", "response_format"):
         value = body.get(unsupported)
         if value and not (unsupported == "response_format" and value == {"type": "text"}):
             raise ApiError(f"{unsupported} is not supported yet", param=unsupported)
@@ -185,8 +186,34 @@ def chat_messages(body: dict) -> list[dict]:
                 parts.append(part.get("text", ""))
             content = "".join(parts)
         require(content is None or isinstance(content, str), "message content must be a string or parts", "messages")
-        out.append({"role": m["role"], "content": content or ""})
+        # tool_calls of assistant turns and tool_call_id of tool results pass through to the template
+        out.append({**m, "content": content or ""})
     return out
+
+
+def chat_tools(body: dict) -> list[dict] | None:
+    tools = body.get("tools")
+    if not tools:
+        return None
+    require(isinstance(tools, list) and all(
+        isinstance(t, dict) and t.get("type") == "function" and isinstance((t.get("function") or {}).get("name"), str)
+        for t in tools), "tools must be a list of {type: function, function: {name, ...}}", "tools")
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    if choice != "auto":
+        raise ApiError("tool_choice other than 'auto' or 'none' needs constrained decoding, not supported yet",
+                       param="tool_choice")
+    return tools
+
+
+def chat_message(req, tool_format: str | None) -> tuple[dict, str]:
+    """The assistant message of a finished request, and its finish reason."""
+    if tool_format:
+        content, calls = parse_tool_calls(req.text, tool_format)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": req.text}, finish_reason(req)
 
 
 def chat_logprobs(engine, req) -> dict:
@@ -212,9 +239,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params.update(logprobs=True, top_logprobs_num=top or 0)
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer, so it cannot apply a chat template")
+    tools = chat_tools(body)
+    tool_format = format_for(engine.loaded.config.architecture) if tools else None
+    try:
+        prompt_ids = engine.apply_chat_template(messages, tools)
+    except Exception as e:  # the template rejected the conversation (roles out of order, ...)
+        raise ApiError(f"chat template failed: {e}", param="messages") from None
     if "max_new_tokens" not in params:
-        params["max_new_tokens"] = max(1, engine.context_length - len(engine.apply_chat_template(messages)))
-    requests = make_requests(request, messages, params)
+        params["max_new_tokens"] = max(1, engine.context_length - len(prompt_ids))
+    requests = make_requests(request, None, params, input_ids=prompt_ids)
     n = params.get("n", 1)
     head = {"id": f"chatcmpl-{request[REQUEST_ID]}", "created": int(time.time()), "model": model_name(request)}
 
@@ -226,12 +259,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await send_event(response, {**chunk, "choices": [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
         async for i, delta, req in run(request, requests):
-            if delta:
+            if delta and not tool_format:  # with tools, the reply is sent whole once it can be parsed
                 await send_event(response, {**chunk, "choices": [
                     {"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}]})
             if req.finished:
+                message, reason = chat_message(req, tool_format)
+                last = {k: v for k, v in message.items() if k != "role"} if tool_format else {}
                 await send_event(response, {**chunk, "choices": [
-                    {"index": i, "delta": {}, "finish_reason": finish_reason(req),
+                    {"index": i, "delta": last, "finish_reason": reason,
                      "logprobs": chat_logprobs(engine, req) if want_logprobs else None}]})
         if include_usage:
             await send_event(response, {**chunk, "choices": [], "usage": usage(requests, n)})
@@ -240,7 +275,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     async for _ in run(request, requests):
         pass
-    choices = [{"index": i, "message": {"role": "assistant", "content": req.text},
-                "logprobs": chat_logprobs(engine, req) if want_logprobs else None,
-                "finish_reason": finish_reason(req)} for i, req in enumerate(requests)]
+    choices = []
+    for i, req in enumerate(requests):
+        message, reason = chat_message(req, tool_format)
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": chat_logprobs(engine, req) if want_logprobs else None})
     return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(requests, n)})

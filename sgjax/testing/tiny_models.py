@@ -26,6 +26,7 @@ FAMILIES = {
                                     hidden_activation="gelu_pytorch_tanh")),
 }
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>You may call: {{ tools | tojson }}<|end|>{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

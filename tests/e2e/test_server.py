@@ -302,3 +302,77 @@ def test_metrics_change_after_requests(setup):
     assert after["sgjax_time_to_first_token_seconds_count"] >= 1
     assert 0 < after["sgjax_kv_cache_usage"] <= 1  # the radix tree holds the finished prompts' pages
     assert after["sgjax_prefix_cache_hit_rate"] >= 0
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_chat_with_tools_renders_them_into_the_prompt(setup):
+    engine, server, _, _ = setup
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    c = client(server)
+    plain = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    with_tools = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, tools=TOOLS)
+    want = engine.apply_chat_template(messages, TOOLS)
+    assert with_tools.usage.prompt_tokens == len(want) > plain.usage.prompt_tokens
+    # The random model writes no tool call: the reply is plain content (llama3_json format).
+    assert with_tools.choices[0].message.tool_calls is None
+    assert with_tools.choices[0].message.content == decode(
+        engine, engine.generate(input_ids=want, sampling_params={"temperature": 0, "max_new_tokens": 4})["output_ids"])
+    streamed = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, tools=TOOLS,
+                                         stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == \
+        with_tools.choices[0].message.content
+
+
+def test_tool_errors(setup):
+    _, server, _, _ = setup
+    messages = [{"role": "user", "content": "x"}]
+    status, err = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [{}]})
+    assert status == 400 and "tools must be" in err["error"]["message"]
+    status, err = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": TOOLS,
+                                                              "tool_choice": "required"})
+    assert status == 400 and "tool_choice" in err["error"]["message"]
+
+
+def test_request_ids_appear_in_the_logs(setup, caplog):
+    _, server, prompts, _ = setup
+    with caplog.at_level("INFO", logger="sgjax.server"):
+        r = client(server).completions.create(model=MODEL, prompt=prompts[0], max_tokens=2)
+    request_id = r.id.removeprefix("cmpl-")
+    assert any(request_id in rec.getMessage() and "/v1/completions -> 200" in rec.getMessage()
+               for rec in caplog.records)
+
+
+def test_server_command_line_starts_and_serves(tiny_models):
+    """python -m sgjax.server, as a user starts it."""
+    import subprocess
+    import sys
+
+    path, _ = tiny_models("qwen2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sgjax.server", "--model-path", path, "--port", str(port),
+                             "--tp", "2", "--page-size", "8", "--max-running-requests", "4",
+                             "--chunked-prefill-size", "32", "--context-length", "128", "--served-model-name", "q"],
+                            env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                 "PATH": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                return get(url + "/health", key=None)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, timeout=120)
+        status, body = post(url + "/v1/completions", {"model": "q", "prompt": "Hello", "max_tokens": 3}, key=None)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        assert json.loads(get(url + "/get_server_info", key=None)[1])["mesh"] == "1x2"
+    finally:
+        proc.terminate()
+        proc.wait(30)
