@@ -1,9 +1,9 @@
 """Engine: the offline API (generate, async_generate, async_stream) over a background engine thread.
 
 A request's path: tokenize (chat template for message lists) -> Request -> the engine thread's inbox
--> Scheduler.schedule -> ModelRunner.run (forward + on-device sampling) -> append the token, detokenize
-incrementally, check stop conditions -> the caller's callback (an Event for sync calls, an asyncio
-queue for async ones).
+-> Scheduler.schedule -> ModelRunner.launch (forward + on-device sampling; the next step is scheduled
+while it runs) -> ModelRunner.collect -> append the token, detokenize incrementally, check stop
+conditions -> the caller's callback (an Event for sync calls, an asyncio queue for async ones).
 """
 
 from __future__ import annotations

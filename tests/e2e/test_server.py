@@ -304,8 +304,9 @@ def test_metrics_change_after_requests(setup):
     assert after["sgjax_prefix_cache_hit_rate"] >= 0
 
 
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": WEATHER_ARGS}}]
 
 
 def test_chat_with_tools_renders_them_into_the_prompt(setup):
