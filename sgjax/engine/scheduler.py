@@ -24,6 +24,9 @@ from sgjax.cache.radix_cache import RadixCache
 from sgjax.engine.request import Request, Status
 
 
+LPM_MAX_QUEUE = 128
+
+
 class Scheduler:
     def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
                  chunked_prefill_size: int, context_length: int, policy: str = "lpm"):
@@ -71,7 +74,8 @@ class Scheduler:
         return batch
 
     def _waiting_in_policy_order(self) -> list[Request]:
-        if self.policy == "fcfs" or self.radix is None:
+        # Matching every waiting prompt each step costs too much for long queues: FCFS there, as SGLang does.
+        if self.policy == "fcfs" or self.radix is None or len(self.waiting) > LPM_MAX_QUEUE:
             return list(self.waiting)
         match_len = {id(r): self.radix.match_prefix(r.key, r.extra_key, record=False).num_tokens
                      for r in self.waiting}
@@ -143,6 +147,8 @@ class Scheduler:
 
     def finish(self, req: Request) -> None:
         """Release a request's KV: computed tokens go into the radix tree, the rest is freed."""
+        if req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)  # preempted, and its last token in flight turned out to end it
         self._release(req)
         req.status = Status.FINISHED
 

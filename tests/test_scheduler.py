@@ -1,0 +1,78 @@
+"""Scheduler bookkeeping on its own (no model): pages and queues after preemption and finishing."""
+
+import numpy as np
+
+from sgjax.cache.page_allocator import PageAllocator
+from sgjax.cache.radix_cache import RadixCache
+from sgjax.engine.request import Request, Status
+from sgjax.engine.sampling_params import SamplingParams
+from sgjax.engine.scheduler import Scheduler
+
+
+def make(num_pages=9, page_size=4, **kw):
+    alloc = PageAllocator(num_pages, page_size)
+    radix = RadixCache(alloc)
+    return alloc, radix, Scheduler(alloc, radix, max_running_requests=4, chunked_prefill_size=64,
+                                   context_length=256, **kw)
+
+
+def request(rid, n, seed=0):
+    ids = np.random.default_rng(seed).integers(0, 100, n).tolist()
+    return Request(rid=rid, prompt_ids=ids, params=SamplingParams(max_new_tokens=4), seed=0)
+
+
+def pages_accounted(alloc, radix, sched):
+    held = [p for r in sched.running for p in r.pages[r.num_tree_pages:]]
+    everything = radix.all_pages() + held + alloc.free_pages()
+    return sorted(everything) == list(range(1, alloc.num_pages))
+
+
+def test_preempted_request_that_finishes_leaves_the_queue():
+    alloc, radix, sched = make()
+    a, b = request("a", 10, 1), request("b", 10, 2)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert [r.rid for r, _ in batch] == ["a", "b"]
+    for r, n in batch:
+        r.num_computed += n
+        r.num_unknown = 1  # its first token is still on the device
+    sched.preempt(b)
+    assert b.status is Status.WAITING and list(sched.waiting) == [b]
+    sched.finish(b)  # that token was an end-of-sequence
+    assert b.status is Status.FINISHED and not sched.waiting
+    sched.finish(a)
+    assert not sched.running and pages_accounted(alloc, radix, sched)
+
+
+def test_running_out_of_pages_preempts_the_youngest_and_keeps_its_prefix():
+    alloc, radix, sched = make(num_pages=9)  # 8 usable pages of 4 tokens
+    a, b = request("a", 12, 1), request("b", 16, 2)
+    sched.add(a)
+    sched.add(b)
+    for r, n in sched.schedule():
+        r.num_computed += n
+        sched.cache_prefill(r)
+    assert alloc.num_free == 1
+    a.output_ids, b.output_ids = [1], [2]  # each sampled a token: a needs a 4th page, b a 5th
+    batch = sched.schedule()
+    assert [r.rid for r, _ in batch] == ["a"] and b.status is Status.WAITING
+    assert sched.num_preemptions == 1
+    # b's prompt pages stayed in the radix tree for its re-admission
+    assert radix.match_prefix(b.prompt_ids, record=False).num_tokens == 16
+    assert pages_accounted(alloc, radix, sched)
+
+
+def test_long_queues_fall_back_to_fcfs():
+    alloc, radix, sched = make(num_pages=400)
+    first = request("first", 8, 1)
+    sched.add(first)
+    for r, n in sched.schedule():
+        r.num_computed += n
+    sched.finish(first)  # "first" is cached now
+    sched.add(request("new", 8, 2))
+    sched.add(request("again", 8, 1))  # same prompt as "first": longest prefix match
+    assert [r.rid for r in sched._waiting_in_policy_order()] == ["again", "new"]
+    for i in range(200):
+        sched.add(request(f"q{i}", 8, 3 + i))
+    assert sched._waiting_in_policy_order()[0].rid == "new"
