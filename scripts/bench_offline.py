@@ -30,13 +30,15 @@ def main() -> None:
     p.add_argument("--min-token-bucket", type=int, default=64)
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     args = p.parse_args()
 
     t0 = time.perf_counter()
     engine = Engine(write_preset(args.model, tempfile.mkdtemp()), load_format="dummy", mesh=args.mesh,
                     max_running_requests=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
                     context_length=args.context_length, mem_fraction_static=args.mem_fraction_static,
-                    min_token_bucket=args.min_token_bucket, disable_overlap_schedule=args.disable_overlap_schedule)
+                    min_token_bucket=args.min_token_bucket, disable_overlap_schedule=args.disable_overlap_schedule,
+                    attention_backend=args.attention_backend)
     startup = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, engine.loaded.config.vocab_size, args.input_len).tolist()
@@ -49,7 +51,7 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     out_tokens = sum(r["meta_info"]["completion_tokens"] for r in results)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy), "
-          f"attention {engine.args.attention_backend}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
+          f"attention {engine.attention_backend}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
     print(f"start-up {startup:.1f} s ({len(engine.runner.buckets)} buckets), KV pool "
           f"{engine.allocator.num_usable} pages of {engine.args.page_size}")
     print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out: {elapsed:.2f} s, "

@@ -22,6 +22,7 @@ from flax import nnx
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.generate import make_step
+from sgjax.kernels import resolve_backend
 from sgjax.mesh import make_mesh
 from sgjax.models.loader import load_model
 from sgjax.models.presets import PRESETS, write_preset
@@ -57,14 +58,14 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--mesh", default="1x1")
-    p.add_argument("--attention-backend", default="reference")
+    p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())
     t0 = time.perf_counter()
     loaded = load_model(folder, make_mesh(args.mesh), load_format="dummy",
-                        attention_backend=args.attention_backend)
+                        attention_backend=resolve_backend(args.attention_backend, args.page_size))
     jax.block_until_ready(jax.tree.leaves(loaded.model))
     load_s = time.perf_counter() - t0
     cfg = loaded.config

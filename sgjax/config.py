@@ -13,7 +13,7 @@ class EngineArgs:
     mesh: str = "1x1"  # DATAxTENSOR
     dtype: str | None = None  # None: the checkpoint's dtype
     load_format: str = "auto"  # auto | safetensors | dummy
-    attention_backend: str = "reference"
+    attention_backend: str = "pallas"  # or "reference"; pallas falls back (warning) where it has no kernel
     page_size: int = 16  # tokens per KV page
     num_pages: int | None = None  # KV pool size; None: from mem_fraction_static
     mem_fraction_static: float = 0.85  # share of device memory for weights + KV pool
@@ -62,7 +62,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--dp", "--dp-size", type=int, default=None, help="data-parallel size (sets the mesh)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--attention-backend", default="reference")
+    parser.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--mem-fraction-static", type=float, default=0.85)
     parser.add_argument("--context-length", type=int, default=None)

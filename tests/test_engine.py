@@ -23,7 +23,7 @@ def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def make_engine(path, **overrides):
     kwargs = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=32, num_pages=400,
-                  enable_prompt_logprobs=True)
+                  enable_prompt_logprobs=True, attention_backend="reference")
     return Engine(path, **{**kwargs, **overrides})
 
 
@@ -89,8 +89,9 @@ def test_staggered_requests_match_transformers(engine, llama):
     dict(num_pages=41, max_running_requests=8, disable_radix_cache=True, schedule_policy="fcfs"),
     dict(disable_overlap_schedule=True),
     dict(num_pages=41, disable_overlap_schedule=True),
+    dict(attention_backend="pallas_interpret"),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
-        "preemption-no-overlap"])
+        "preemption-no-overlap", "pallas-kernel"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     engine = make_engine(path, **overrides)

@@ -1,6 +1,7 @@
-"""The paged KV pool on device: per layer, K and V arrays of shape [num_pages, page_size, KVH, D].
+"""The paged KV pool on device: per layer, K and V arrays of shape [KVH, num_pages, page_size, D].
 
-KV heads are split over the mesh's "tensor" axis like the attention heads that read them (replicated
+Head-major, so one KV head's page is a contiguous [page_size, D] tile for the attention kernels. KV
+heads are split over the mesh's "tensor" axis like the attention heads that read them (replicated
 when the axis does not divide them). Page 0 is the null page: padding tokens write there and no
 sequence reads it, so the allocator hands out pages 1..num_pages-1 only.
 """
@@ -17,7 +18,7 @@ from sgjax.mesh import TENSOR, named_sharding
 from sgjax.models.config import ModelConfig
 
 NULL_PAGE = 0
-KV_AXES = (None, None, TENSOR, None)
+KV_AXES = (TENSOR, None, None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class KVPoolConfig:
 
     @property
     def page_shape(self) -> tuple[int, int, int, int]:
-        return (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        return (self.num_kv_heads, self.num_pages, self.page_size, self.head_dim)
 
     @property
     def bytes_per_page(self) -> int:

@@ -30,6 +30,7 @@ from sgjax.engine.request import Request, Status
 from sgjax.engine.sampler import SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
+from sgjax.kernels import resolve_backend
 from sgjax.mesh import make_mesh
 from sgjax.models.loader import load_model, load_tokenizer
 
@@ -44,8 +45,9 @@ class Engine:
         self.args = args
         if args.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        self.attention_backend = resolve_backend(args.attention_backend, args.page_size)
         self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
-                                 load_format=args.load_format, attention_backend=args.attention_backend)
+                                 load_format=args.load_format, attention_backend=self.attention_backend)
         cfg = self.loaded.config
         try:
             self.tokenizer = load_tokenizer(args.model_path)

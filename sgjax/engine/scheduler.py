@@ -23,7 +23,6 @@ from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.engine.request import Request, Status
 
-
 LPM_MAX_QUEUE = 128
 
 

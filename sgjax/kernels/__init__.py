@@ -1,22 +1,60 @@
 """Attention backends. Each exposes `attention(q, k, v, k_pages, v_pages, meta, *, scale,
-sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V and attends."""
+sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V and attends.
+
+- "pallas": the Pallas kernel for the platform (GPU: kernels/gpu); where there is none yet (CPU, TPU)
+  `resolve_backend` falls back to "reference" with a warning.
+- "reference": kernels/reference.py, pure jnp; the definition the kernels are tested against.
+- "pallas_interpret": the GPU kernel in Pallas' interpreter, so CPU tests can run it inside the engine.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Callable
+
+import jax
 
 from sgjax.kernels.metadata import AttentionMetadata
 
-BACKENDS = ("reference",)
+BACKENDS = ("pallas", "reference", "pallas_interpret")
+logger = logging.getLogger(__name__)
+
+
+def resolve_backend(name: str, page_size: int | None = None) -> str:
+    """The backend that will really run for `name` on this platform (warns when it differs)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    if name == "pallas":
+        platform = jax.default_backend()
+        if platform != "gpu":
+            logger.warning("no Pallas attention kernel for platform %r yet; using the reference attention", platform)
+            return "reference"
+        if page_size is not None and page_size & (page_size - 1):
+            logger.warning("the Pallas attention kernel needs a power-of-two page size (got %d); using the "
+                           "reference attention", page_size)
+            return "reference"
+    return name
 
 
 def get_attention_backend(name: str) -> Callable:
     """The attention function of backend `name`."""
-    if name == "reference":
-        from sgjax.kernels import reference
+    from sgjax.kernels import reference
 
+    if name == "reference":
         return reference.attention
+    if name in ("pallas", "pallas_interpret"):
+        return functools.partial(_paged_kernel_attention, interpret=name == "pallas_interpret")
     raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
 
 
-__all__ = ["AttentionMetadata", "BACKENDS", "get_attention_backend"]
+def _paged_kernel_attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, interpret: bool, **kwargs):
+    from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
+    from sgjax.kernels.reference import write_kv
+
+    # The write is a scatter into the donated pool beside the kernel: XLA does it in place.
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    return ragged_paged_attention(q, k_pages, v_pages, meta, interpret=interpret, **kwargs), k_pages, v_pages
+
+
+__all__ = ["AttentionMetadata", "BACKENDS", "get_attention_backend", "resolve_backend"]

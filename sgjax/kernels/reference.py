@@ -15,12 +15,13 @@ MASK_VALUE = -1e30  # finite so a fully masked (padding) row gives a harmless av
 
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
-    """Scatter the new tokens' K/V ([T, KVH, D]) into the pool ([pages, page_size, KVH, D])."""
-    shape = k_pages.shape
-    flat = (shape[0] * shape[1],) + shape[2:]
-    k_pages = k_pages.reshape(flat).at[slot_mapping].set(k.astype(k_pages.dtype)).reshape(shape)
-    v_pages = v_pages.reshape(flat).at[slot_mapping].set(v.astype(v_pages.dtype)).reshape(shape)
-    return k_pages, v_pages
+    """Scatter the new tokens' K/V ([T, KVH, D]) into the pool ([KVH, pages, page_size, D]), in place
+    when the pool is donated."""
+    kvh, pages, page_size, d = k_pages.shape
+    flat = (kvh, pages * page_size, d)
+    k_pages = k_pages.reshape(flat).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.reshape(flat).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_pages.reshape(kvh, pages, page_size, d), v_pages.reshape(kvh, pages, page_size, d)
 
 
 def ragged_paged_attention(
@@ -35,25 +36,25 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of q [T, H, D] over the paged K/V of each token's sequence -> [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_kv_heads = k_pages.shape[0]
     group = num_heads // num_kv_heads
     seq, pos = token_positions(meta, num_tokens)
 
     pages = meta.page_table[seq]  # [T, max_pages]
-    k = k_pages[pages].reshape(num_tokens, -1, num_kv_heads, head_dim)  # [T, L, KVH, D]
-    v = v_pages[pages].reshape(num_tokens, -1, num_kv_heads, head_dim)
+    k = k_pages[:, pages].reshape(num_kv_heads, num_tokens, -1, head_dim).swapaxes(0, 1)  # [T, KVH, L, D]
+    v = v_pages[:, pages].reshape(num_kv_heads, num_tokens, -1, head_dim).swapaxes(0, 1)
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", qg, k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("tkgd,tkld->tkgl", qg, k.astype(jnp.float32)) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
 
-    kv_idx = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+    kv_idx = jnp.arange(k.shape[2], dtype=jnp.int32)[None, :]
     visible = (kv_idx <= pos[:, None]) & (kv_idx < meta.kv_lens[seq][:, None])
     if sliding_window is not None:
         visible &= pos[:, None] - kv_idx < sliding_window
     scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgl,tlkd->tkgd", probs, v.astype(jnp.float32))
+    out = jnp.einsum("tkgl,tkld->tkgd", probs, v.astype(jnp.float32))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 

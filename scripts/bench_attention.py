@@ -1,0 +1,140 @@
+"""Attention kernels on the device: checks against the reference, then times decode and prefill.
+
+Decode: batch 64 at context 2k and 8k with Llama-3-8B heads (32 q / 8 KV, d=128), as a fraction of
+the HBM bandwidth measured by a copy in the same run; JAX's bundled Pallas paged_attention side by
+side. Prefill: one 4096-token causal chunk, as a fraction of the bf16 matmul rate measured in the
+same run; jax.nn.dot_product_attention (cuDNN) side by side.
+
+    python scripts/bench_attention.py [--page-size 16] [--configs default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax.batch import SeqChunk, make_batch
+from sgjax.kernels import reference
+from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
+
+H, KVH, D = 32, 8, 128
+
+
+def median_time(fn, *args, repeat: int = 20) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    x = jax.random.normal(jax.random.key(0), (1 << 31,), jnp.bfloat16)  # 4 GiB
+    return 2 * x.nbytes / median_time(jax.jit(lambda a: a * 2), x, repeat=10)
+
+
+def matmul_rate() -> float:
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    return 2 * 8192**3 / median_time(jax.jit(lambda x, y: x @ y), a, b, repeat=10)
+
+
+def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pages_each = -(-context // page_size)
+    num_pages = 1 + batch * pages_each
+    order = rng.permutation(np.arange(1, num_pages))
+    chunks = [SeqChunk([0] * q_len, context - q_len, order[b * pages_each:(b + 1) * pages_each].tolist())
+              for b in range(batch)]
+    meta = jax.tree.map(jnp.asarray, make_batch(chunks, page_size).meta)
+    kshape = (KVH, num_pages, page_size, D)
+    k = jax.random.normal(jax.random.key(seed + 1), kshape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(seed + 2), kshape, jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(seed + 3), (batch * q_len, H, D), jnp.bfloat16)
+    return q, k, v, meta
+
+
+def rel_error(got, want) -> float:
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--decode-configs", default="1:4,1:8,2:4", help="block_q:pages_per_block for decode")
+    p.add_argument("--prefill-configs", default="16:4,32:4,32:8,64:4", help="block_q:pages_per_block for prefill")
+    args = p.parse_args()
+    ps = args.page_size
+    bw, peak = copy_bandwidth(), matmul_rate()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: copy {bw / 1e12:.2f} TB/s, "
+          f"bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    scale = D**-0.5
+    rows = []
+
+    # correctness first, on a mixed batch with a window and soft-cap
+    q, k, v, meta = paged_case(4, 37, 300, ps, seed=5)
+    for kw in ({}, {"sliding_window": 64, "softcap": 30.0}):
+        want = reference.ragged_paged_attention(q, k, v, meta, scale=scale, **kw)
+        got = ragged_paged_attention(q, k, v, meta, scale=scale, **kw)
+        print(f"check vs reference {kw or ''}: relative error {rel_error(got, want):.2e}")
+
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+    for context in (2048, 8192):
+        q, k, v, meta = paged_case(64, 1, context, ps, seed=context)
+        kv_bytes = 2 * 64 * context * KVH * D * 2
+        for cfg in args.decode_configs.split(","):
+            bq, ppb = (int(x) for x in cfg.split(":"))
+            fn = jax.jit(lambda q, k, v, m, bq=bq, ppb=ppb: ragged_paged_attention(
+                q, k, v, m, scale=scale, block_q=bq, pages_per_block=ppb))
+            t = median_time(fn, q, k, v, meta)
+            rows.append((f"decode b64 ctx{context}", f"sgjax bq{bq} ppb{ppb}", t, kv_bytes / t / bw, None))
+        tables = meta.page_table
+        lengths = meta.kv_lens
+        fn = jax.jit(lambda q, k, v, t, n: jax_paged.paged_attention(q * scale, k, v, t, n, pages_per_compute_block=8))
+        try:
+            t = median_time(fn, q, k, v, tables, lengths)
+            want = fn(q, k, v, tables, lengths)
+            err = rel_error(ragged_paged_attention(q, k, v, meta, scale=scale), want)
+            rows.append((f"decode b64 ctx{context}", "jax pallas paged_attention", t, kv_bytes / t / bw, err))
+        except Exception as e:  # report, keep going
+            print(f"jax paged_attention failed: {type(e).__name__}: {str(e)[:200]}")
+
+    T = 4096
+    q, k, v, meta = paged_case(1, T, T, ps, seed=7)
+    flops = 4 * T * T * H * D / 2  # causal: half of QK^T and PV
+    for cfg in args.prefill_configs.split(","):
+        bq, ppb = (int(x) for x in cfg.split(":"))
+        fn = jax.jit(lambda q, k, v, m, bq=bq, ppb=ppb: ragged_paged_attention(
+            q, k, v, m, scale=scale, block_q=bq, pages_per_block=ppb))
+        try:
+            t = median_time(fn, q, k, v, meta, repeat=10)
+            rows.append(("prefill 4096", f"sgjax bq{bq} ppb{ppb}", t, flops / t / peak, None))
+        except Exception as e:
+            print(f"prefill config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+    dense_k = k[:, 1:].reshape(KVH, -1, D)[:, :T]  # contiguous copy for cuDNN (pages are permuted; timing only)
+    dense_v = v[:, 1:].reshape(KVH, -1, D)[:, :T]
+    qb, kb, vb = q[None], dense_k.transpose(1, 0, 2)[None], dense_v.transpose(1, 0, 2)[None]
+    fn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=scale, is_causal=True,
+                                                               implementation="cudnn"))
+    try:
+        t = median_time(fn, qb, kb, vb, repeat=10)
+        rows.append(("prefill 4096", "cudnn dot_product_attention", t, flops / t / peak, None))
+    except Exception as e:
+        print(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
+
+    print(f"\n{'case':<20} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
+    for case, name, t, frac, err in rows:
+        print(f"{case:<20} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
+    print("limit: decode = KV bytes / copy bandwidth; prefill = causal FLOPs / bf16 matmul rate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Ragged paged attention for GPUs, in Pallas (Triton lowering): the optimisation of
+`kernels/reference.py:ragged_paged_attention`, checked against it in tests.
+
+Work is split into query blocks that never straddle sequences: block i covers `block_q` tokens of one
+sequence (its prefill chunk, or its single decode token) for one KV head, i.e. block_q * G' rows of
+queries (the G query heads sharing the KV head, padded to G', a power of two as Triton's tiles need),
+so K/V pages are read once per group. Each program walks
+that sequence's pages through the page table, `pages_per_block` pages at a time, with an online
+softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
+logit soft-capping. Pages past the block's last position, or before the window, are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from sgjax.kernels.metadata import AttentionMetadata
+
+MASK_VALUE = -1e30
+
+
+def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int):
+    """(sequence, first token, valid) of each query block; a static upper bound on their number."""
+    num_seqs = query_start_loc.shape[0] - 1
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    blocks_per_seq = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks_per_seq)
+    num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
+    i = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), num_seqs - 1).astype(jnp.int32)
+    start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
+    return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
+
+
+def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, _, o_ref,
+            *, block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
+            window: int | None, softcap: float | None, exact: bool):
+    i = pl.program_id(0)
+    seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
+    q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
+    rows = block_q * padded_group
+    page_size, head_dim = k_ref.shape[-2], k_ref.shape[-1]
+    block_k = pages_per_block * page_size
+    dot = functools.partial(plgpu.dot, allow_tf32=False if exact else None)
+
+    row = jnp.arange(rows, dtype=jnp.int32)
+    tok = t0 + row // padded_group
+    row_ok = (tok < q_end) & (valid > 0) & (row % padded_group < group)
+    offset = kv_len - (q_end - q_start)  # position of the sequence's first new token
+    pos = offset + tok - q_start
+    q = q_ref[pl.ds(t0 * padded_group, rows), :]
+
+    last = jnp.minimum(offset + jnp.minimum(t0 + block_q, q_end) - 1 - q_start, kv_len - 1)
+    end_block = jnp.where(valid > 0, pl.cdiv(last + 1, block_k), 0)
+    start_block = 0 if window is None else jnp.maximum(offset + t0 - q_start - window + 1, 0) // block_k
+
+    def body(kb, carry):
+        o, m, denom = carry
+        pages = page_table_ref[seq, pl.ds(kb * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, head_dim)
+        v = v_ref[pages].reshape(block_k, head_dim)
+        s = dot(q, k, trans_b=True) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        j = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        visible = row_ok[:, None] & (j[None, :] <= pos[:, None]) & (j[None, :] < kv_len)
+        if window is not None:
+            visible &= pos[:, None] - j[None, :] < window
+        s = jnp.where(visible, s, MASK_VALUE)
+        m_next = jnp.maximum(m, s.max(axis=-1))
+        correction = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        denom_next = correction * denom + p.sum(axis=-1)
+        o_next = correction[:, None] * o + dot(p.astype(v.dtype), v)
+        return o_next, m_next, denom_next
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, _, denom = jax.lax.fori_loop(start_block, end_block, body, init)
+    out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
+    plgpu.store(o_ref.at[pl.ds(t0 * padded_group, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "block_q", "pages_per_block",
+                                             "num_warps", "num_stages", "interpret"))
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                           scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                           block_q: int | None = None, pages_per_block: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    padded_group = pl.next_power_of_2(group)
+    num_seqs = meta.kv_lens.shape[0]
+    if block_q is None:  # decode batches: few tokens per block; prefill: 64 query rows per block
+        block_q = max(1, 16 // padded_group) if num_tokens <= num_seqs else max(16, 64 // padded_group)
+    if pages_per_block is None:
+        pages_per_block = max(1, 64 // page_size)
+    rows = block_q * padded_group
+    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
+
+    # Query rows by KV head: [KVH, T * G' (+ one block of padding), D]; row = token * G' + group member.
+    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
+    q_rows = jnp.pad(q_rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim), ((0, 0), (0, rows), (0, 0)))
+    page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
+    out_rows = jnp.zeros_like(q_rows)
+
+    full = lambda *shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h: (h,) + (0,) * len(shape))  # noqa: E731
+    kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
+                               pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
+                               exact=q.dtype == jnp.float32)
+    out = pl.pallas_call(
+        kernel,
+        grid=(seq.shape[0], num_kv_heads),
+        in_specs=[full(*seq.shape), full(*start.shape), full(*valid.shape), full(*meta.kv_lens.shape),
+                  full(*meta.query_start_loc.shape), full(*page_table.shape),
+                  per_head(*q_rows.shape[1:]), per_head(*k_pages.shape[1:]), per_head(*v_pages.shape[1:]),
+                  per_head(*out_rows.shape[1:])],
+        out_specs=per_head(*out_rows.shape[1:]),
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
+        input_output_aliases={9: 0},  # padding rows stay zero
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages, out_rows)
+    out = out[:, : num_tokens * padded_group].reshape(num_kv_heads, num_tokens, padded_group, head_dim)
+    return out[:, :, :group].transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)

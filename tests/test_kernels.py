@@ -1,0 +1,69 @@
+"""Pallas kernels against kernels/reference.py (the definition), in interpret mode on the CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgjax.batch import SeqChunk, make_batch
+from sgjax.kernels import reference
+from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
+
+
+def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, cached, dtype):
+    """A mixed batch: each sequence has `cached` tokens in the pool and `q_len` new ones."""
+    rng = np.random.default_rng(seed)
+    pages_each = [-(-(c + n) // page_size) for c, n in zip(cached, q_lens)]
+    num_pages = 1 + sum(pages_each) + 3
+    order = rng.permutation(np.arange(1, num_pages))  # scattered pages, as after some serving
+    chunks, at = [], 0
+    for c, n, p in zip(cached, q_lens, pages_each):
+        chunks.append(SeqChunk(rng.integers(0, 100, n).tolist(), c, order[at:at + p].tolist()))
+        at += p
+    total = sum(q_lens)
+    batch = make_batch(chunks, page_size, num_tokens=total + 5, num_seqs=len(chunks) + 2)
+    meta = jax.tree.map(jnp.asarray, batch.meta)
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    k_pages = jnp.asarray(rng.standard_normal(shape), dtype)
+    v_pages = jnp.asarray(rng.standard_normal(shape), dtype)
+    q = jnp.asarray(rng.standard_normal((total + 5, num_heads, head_dim)), dtype)
+    return q, k_pages, v_pages, meta, total
+
+
+GRID = [
+    # (heads, kv heads, head_dim, page_size, q_lens, cached, window, softcap)
+    (8, 2, 64, 16, [1, 1, 1, 1], [5, 40, 17, 100], None, None),  # decodes
+    (8, 8, 128, 16, [37, 1, 20, 1], [0, 33, 16, 7], None, None),  # mixed prefill + decode, no GQA
+    (4, 1, 256, 32, [9, 50], [64, 3], 8, 30.0),  # Gemma-2-like: window and soft-cap
+    (16, 4, 128, 128, [3, 130, 1], [200, 0, 257], 64, None),  # large pages, window
+    (8, 2, 64, 64, [70], [0], None, 5.0),  # one long prefill chunk
+    (14, 2, 64, 16, [1, 12, 1], [30, 4, 0], None, None),  # 7 heads per KV head (Qwen2.5-7B): padded to 8
+]
+
+
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
+def test_gpu_kernel_matches_reference(case, dtype, tolerance):
+    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
+    q, k_pages, v_pages, meta, total = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads,
+                                                   head_dim=head_dim, page_size=page_size, q_lens=q_lens,
+                                                   cached=cached, dtype=dtype)
+    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)
+    assert got.shape == q.shape
+    got = got[:total].astype(jnp.float32)
+    assert np.isfinite(np.asarray(got)).all()
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < tolerance, f"relative error {rel:.2e}"
+
+
+def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):
+    from sgjax.kernels import resolve_backend
+
+    with caplog.at_level("WARNING"):
+        assert resolve_backend("pallas") == "reference"
+    assert "no Pallas attention kernel for platform 'cpu'" in caplog.text
+    assert resolve_backend("reference") == "reference"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash")
