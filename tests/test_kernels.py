@@ -50,12 +50,14 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
                                                    cached=cached, dtype=dtype)
     kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
-    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)
-    assert got.shape == q.shape
-    got = got[:total].astype(jnp.float32)
-    assert np.isfinite(np.asarray(got)).all()
-    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-    assert rel < tolerance, f"relative error {rel:.2e}"
+    for splits in (None, 3):  # the default, and the context split three ways (flash decoding)
+        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=splits,
+                                                **kwargs)
+        assert got.shape == q.shape
+        got = got[:total].astype(jnp.float32)
+        assert np.isfinite(np.asarray(got)).all()
+        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        assert rel < tolerance, f"kv_splits={splits}: relative error {rel:.2e}"
 
 
 def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):

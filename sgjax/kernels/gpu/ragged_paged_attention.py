@@ -8,6 +8,10 @@ so K/V pages are read once per group. Each program walks
 that sequence's pages through the page table, `pages_per_block` pages at a time, with an online
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
+
+Decode batches have few query blocks, so each block's pages are also split `kv_splits` ways across
+programs (flash decoding): each writes an unnormalised partial output with its running max and sum,
+and a small jnp step combines them.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int)
     return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
 
 
-def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, _, o_ref,
-            *, block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
-            window: int | None, softcap: float | None, exact: bool):
+def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
+            block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
+            window: int | None, softcap: float | None, exact: bool, kv_splits: int):
     i = pl.program_id(0)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -81,17 +85,29 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, _, denom = jax.lax.fori_loop(start_block, end_block, body, init)
-    out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
-    plgpu.store(o_ref.at[pl.ds(t0 * padded_group, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    block_rows = pl.ds(t0 * padded_group, rows)
+    if kv_splits == 1:
+        o, _, denom = jax.lax.fori_loop(start_block, end_block, body, init)
+        o_ref = refs[-1]
+        out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
+        plgpu.store(o_ref.at[block_rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+        return
+    per_split = pl.cdiv(end_block - start_block, kv_splits)
+    lo = start_block + pl.program_id(2) * per_split
+    o, m, denom = jax.lax.fori_loop(lo, jnp.minimum(lo + per_split, end_block), body, init)
+    o_ref, m_ref, d_ref = refs[-3:]
+    plgpu.store(o_ref.at[block_rows, :], o, mask=row_ok[:, None])
+    plgpu.store(m_ref.at[block_rows], m, mask=row_ok)
+    plgpu.store(d_ref.at[block_rows], denom, mask=row_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "block_q", "pages_per_block",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "kv_splits", "num_warps", "num_stages", "interpret"))
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
-                           block_q: int | None = None, pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                           block_q: int | None = None, pages_per_block: int | None = None,
+                           kv_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                           interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -102,6 +118,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         block_q = max(1, 16 // padded_group) if num_tokens <= num_seqs else max(16, 64 // padded_group)
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
+    if kv_splits is None:  # decode: about 512 context tokens per program, at most 16 ways
+        longest = meta.page_table.shape[1] * page_size
+        kv_splits = min(16, max(1, longest // 512)) if num_tokens <= num_seqs else 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
 
@@ -110,25 +129,39 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
     q_rows = jnp.pad(q_rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim), ((0, 0), (0, rows), (0, 0)))
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
-    out_rows = jnp.zeros_like(q_rows)
-
-    full = lambda *shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
-    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h: (h,) + (0,) * len(shape))  # noqa: E731
+    full = lambda *shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, s: (h,) + (0,) * len(shape))  # noqa: E731
+    per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, h, s: (h, s) + (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
-                               exact=q.dtype == jnp.float32)
-    out = pl.pallas_call(
+                               exact=q.dtype == jnp.float32, kv_splits=kv_splits)
+    # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
+    num_rows = q_rows.shape[1]
+    if kv_splits == 1:
+        outputs = [jnp.zeros_like(q_rows)]
+        out_specs = [per_head(num_rows, head_dim)]
+    else:
+        outputs = [jnp.zeros((num_kv_heads, kv_splits, num_rows, head_dim), jnp.float32),
+                   jnp.full((num_kv_heads, kv_splits, num_rows), MASK_VALUE, jnp.float32),
+                   jnp.zeros((num_kv_heads, kv_splits, num_rows), jnp.float32)]
+        out_specs = [per_split(num_rows, head_dim), per_split(num_rows), per_split(num_rows)]
+    inputs = [seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages]
+    results = pl.pallas_call(
         kernel,
-        grid=(seq.shape[0], num_kv_heads),
-        in_specs=[full(*seq.shape), full(*start.shape), full(*valid.shape), full(*meta.kv_lens.shape),
-                  full(*meta.query_start_loc.shape), full(*page_table.shape),
-                  per_head(*q_rows.shape[1:]), per_head(*k_pages.shape[1:]), per_head(*v_pages.shape[1:]),
-                  per_head(*out_rows.shape[1:])],
-        out_specs=per_head(*out_rows.shape[1:]),
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
-        input_output_aliases={9: 0},  # padding rows stay zero
+        grid=(seq.shape[0], num_kv_heads, kv_splits),
+        in_specs=[full(*x.shape) for x in inputs[:6]] + [per_head(*x.shape[1:]) for x in inputs[6:]] + out_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
+        input_output_aliases={len(inputs) + k: k for k in range(len(outputs))},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages, out_rows)
+    )(*inputs, *outputs)
+    if kv_splits == 1:
+        out = results[0]
+    else:  # combine the splits' partial softmaxes
+        o, m, denom = results
+        weight = jnp.exp(m - m.max(axis=1, keepdims=True))
+        total = (weight * denom).sum(axis=1)
+        out = ((weight[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]).astype(q.dtype)
     out = out[:, : num_tokens * padded_group].reshape(num_kv_heads, num_tokens, padded_group, head_dim)
     return out[:, :, :group].transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
