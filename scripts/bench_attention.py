@@ -60,6 +60,14 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
     return q, k, v, meta
 
 
+def kernel_config(cfg: str, scale: float):
+    """'block_q:pages_per_block:kv_splits:num_warps' (0 = default) -> (label, jitted kernel)."""
+    bq, ppb, splits, warps = (int(x) for x in cfg.split(":"))
+    kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4)
+    fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
+    return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
+
+
 def rel_error(got, want) -> float:
     got, want = got.astype(jnp.float32), want.astype(jnp.float32)
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
@@ -68,8 +76,10 @@ def rel_error(got, want) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--decode-configs", default="1:4,1:8,2:4", help="block_q:pages_per_block for decode")
-    p.add_argument("--prefill-configs", default="16:4,32:4,32:8,64:4", help="block_q:pages_per_block for prefill")
+    p.add_argument("--decode-configs", default="0:0:0:4,1:4:4:4,1:4:8:4,1:4:16:4,2:4:8:4,1:8:8:4",
+                   help="block_q:pages_per_block:kv_splits:num_warps for decode (0 = the kernel's default)")
+    p.add_argument("--prefill-configs", default="16:4:1:4,32:4:1:4,32:4:1:8,64:4:1:8,32:8:1:8,64:8:1:8",
+                   help="the same for prefill")
     args = p.parse_args()
     ps = args.page_size
     bw, peak = copy_bandwidth(), matmul_rate()
@@ -91,11 +101,9 @@ def main() -> None:
         q, k, v, meta = paged_case(64, 1, context, ps, seed=context)
         kv_bytes = 2 * 64 * context * KVH * D * 2
         for cfg in args.decode_configs.split(","):
-            bq, ppb = (int(x) for x in cfg.split(":"))
-            fn = jax.jit(lambda q, k, v, m, bq=bq, ppb=ppb: ragged_paged_attention(
-                q, k, v, m, scale=scale, block_q=bq, pages_per_block=ppb))
+            name, fn = kernel_config(cfg, scale)
             t = median_time(fn, q, k, v, meta)
-            rows.append((f"decode b64 ctx{context}", f"sgjax bq{bq} ppb{ppb}", t, kv_bytes / t / bw, None))
+            rows.append((f"decode b64 ctx{context}", name, t, kv_bytes / t / bw, None))
         tables = meta.page_table
         lengths = meta.kv_lens
         fn = jax.jit(lambda q, k, v, t, n: jax_paged.paged_attention(q * scale, k, v, t, n, pages_per_compute_block=8))
@@ -111,12 +119,10 @@ def main() -> None:
     q, k, v, meta = paged_case(1, T, T, ps, seed=7)
     flops = 4 * T * T * H * D / 2  # causal: half of QK^T and PV
     for cfg in args.prefill_configs.split(","):
-        bq, ppb = (int(x) for x in cfg.split(":"))
-        fn = jax.jit(lambda q, k, v, m, bq=bq, ppb=ppb: ragged_paged_attention(
-            q, k, v, m, scale=scale, block_q=bq, pages_per_block=ppb))
+        name, fn = kernel_config(cfg, scale)
         try:
             t = median_time(fn, q, k, v, meta, repeat=10)
-            rows.append(("prefill 4096", f"sgjax bq{bq} ppb{ppb}", t, flops / t / peak, None))
+            rows.append(("prefill 4096", name, t, flops / t / peak, None))
         except Exception as e:
             print(f"prefill config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
     dense_k = k[:, 1:].reshape(KVH, -1, D)[:, :T]  # contiguous copy for cuDNN (pages are permuted; timing only)
