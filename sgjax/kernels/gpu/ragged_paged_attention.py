@@ -114,13 +114,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
-    if block_q is None:  # decode batches: few tokens per block; prefill: 64 query rows per block
-        block_q = max(1, 16 // padded_group) if num_tokens <= num_seqs else max(16, 64 // padded_group)
+    # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
+    # block with the context split up to 8 ways; prefill 16 tokens (64 query rows at G=4) per block.
+    decode = num_tokens <= num_seqs
+    if block_q is None:
+        block_q = 1 if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
-    if kv_splits is None:  # decode: about 512 context tokens per program, at most 16 ways
+    if kv_splits is None:
         longest = meta.page_table.shape[1] * page_size
-        kv_splits = min(16, max(1, longest // 512)) if num_tokens <= num_seqs else 1
+        kv_splits = min(8, max(1, longest // 256)) if decode else 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
 
