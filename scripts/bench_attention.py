@@ -61,9 +61,10 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
 
 
 def kernel_config(cfg: str, scale: float):
-    """'block_q:pages_per_block:kv_splits:num_warps' (0 = default) -> (label, jitted kernel)."""
-    bq, ppb, splits, warps = (int(x) for x in cfg.split(":"))
-    kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4)
+    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages]' (0 = default) -> (label, jitted kernel)."""
+    bq, ppb, splits, warps, stages = (int(x) for x in (cfg + ":0").split(":")[:5])
+    kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
+              num_stages=stages or 2)
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
     return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
 
@@ -76,10 +77,11 @@ def rel_error(got, want) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--decode-configs", default="0:0:0:4,1:4:4:4,1:4:8:4,1:4:16:4,2:4:8:4,1:8:8:4",
-                   help="block_q:pages_per_block:kv_splits:num_warps for decode (0 = the kernel's default)")
-    p.add_argument("--prefill-configs", default="16:4:1:4,32:4:1:4,32:4:1:8,64:4:1:8,32:8:1:8,64:8:1:8",
-                   help="the same for prefill")
+    p.add_argument("--decode-configs", default="0:0:0:4,1:4:8:4:3,1:4:8:4:4,1:8:8:4:3,1:8:8:8:3,1:16:4:8:3,"
+                   "1:4:8:2:3", help="block_q:pages_per_block:kv_splits:num_warps[:num_stages] for decode "
+                   "(0 = the kernel's default)")
+    p.add_argument("--prefill-configs", default="0:0:0:4,16:4:1:4:3,32:4:1:8:3,32:8:1:8:3,32:4:1:4:3,64:4:1:8:3,"
+                   "16:8:1:4:3", help="the same for prefill")
     args = p.parse_args()
     ps = args.page_size
     bw, peak = copy_bandwidth(), matmul_rate()
