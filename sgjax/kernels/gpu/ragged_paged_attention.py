@@ -106,7 +106,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
                            block_q: int | None = None, pages_per_block: int | None = None,
-                           kv_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                           kv_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                            interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
