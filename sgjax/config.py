@@ -50,7 +50,7 @@ class ServerArgs:
     chat_template: str | None = None  # a Jinja template file overriding the tokenizer's
     log_level: str = "info"
     log_requests: bool = False
-    enable_metrics: bool = True
+    enable_metrics: bool = False  # Prometheus /metrics, as SGLang's --enable-metrics
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", default=None)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-requests", action="store_true")
-    parser.add_argument("--disable-metrics", action="store_true", help="no /metrics endpoint")
+    parser.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     return parser
 
 
@@ -98,5 +98,5 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
         random_seed=ns.random_seed)
     server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
                         chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
-                        enable_metrics=not ns.disable_metrics)
+                        enable_metrics=ns.enable_metrics)
     return engine, server

@@ -60,8 +60,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
             isinstance(x, list) and all(isinstance(t, int) for t in x) for x in input_ids))
         require(ok, "input_ids must be a list of integers or a list of such lists", "input_ids")
     batched = isinstance(text, list) or (input_ids and isinstance(input_ids[0], list))
+    rid = body.get("rid", request[REQUEST_ID])
+    require(isinstance(rid, str) and rid, "rid must be a non-empty string", "rid")
     try:
-        requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=request[REQUEST_ID])
+        requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=rid)
     except ValueError as e:
         raise ApiError(str(e)) from None
     if body.get("stream"):

@@ -87,7 +87,7 @@ def setup(tiny_models):
     path, hf_model = tiny_models("llama")
     engine = Engine(path, dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64,
                     num_pages=1200, enable_prompt_logprobs=True)
-    server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
+    server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL, enable_metrics=True)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 512, int(rng.integers(2, 40))).tolist() for _ in range(16)]
     expected = [hf_greedy(hf_model, p, 8) for p in prompts]
@@ -172,6 +172,32 @@ def test_native_generate(setup):
     assert [b["output_ids"] for b in body] == [expected[6], expected[7]]
     status, body = post(server.url + "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
     assert status == 200 and body["meta_info"]["completion_tokens"] == 4
+
+
+def test_native_rid_names_the_request_for_abort(setup):
+    engine, server, prompts, _ = setup
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def stream_then_abort():
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async with session.post(server.url + "/generate", json={
+                    "input_ids": prompts[11], "rid": "my-request", "stream": True,
+                    "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}) as r:
+                async for _ in r.content:
+                    async with session.post(server.url + "/abort_request", json={"rid": "my-request"}) as a:
+                        assert a.status == 200
+                    break
+                return [line async for line in r.content if line.strip()]
+
+    lines = asyncio.run(stream_then_abort())
+    engine.finish_hooks.remove(finished.append)
+    assert finished[0].rid == "my-request" and finished[0].finish_reason["type"] == "abort"
+    assert lines[-1].strip() == b"data: [DONE]"
+    last = json.loads(lines[-2].decode().removeprefix("data: "))
+    assert last["meta_info"]["finish_reason"]["type"] == "abort" and last["meta_info"]["completion_tokens"] < 400
 
 
 def test_native_streaming_ends_with_done(setup):
