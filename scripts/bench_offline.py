@@ -1,63 +1,119 @@
-"""Offline throughput of the Engine on random prompts of fixed length (a first version; issue 9 adds
-the ShareGPT-like and shared-prefix workloads and the radix on/off comparison).
+"""Offline throughput of the Engine (all requests submitted at once), on dummy weights of a real shape.
 
-    python scripts/bench_offline.py --model llama-3-8b --num-prompts 256 --input-len 256 --output-len 128
+Workloads (sgjax/testing/workloads.py): `sharegpt` (log-normal lengths with ShareGPT's means),
+`fixed` (--input-len / --output-len), `shared-prefix` (SGLang's generated-shared-prefix). With
+--compare-radix the same workload runs again with the radix cache disabled.
+
+    python scripts/bench_offline.py --model llama-3-8b --dataset sharegpt --num-prompts 1000
+    python scripts/bench_offline.py --dataset shared-prefix --compare-radix
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
 import jax
-import numpy as np
 
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
+from sgjax.testing import workloads
+
+
+def make_workload(args, vocab: int) -> workloads.Workload:
+    if args.dataset == "sharegpt":
+        return workloads.sharegpt_like(args.num_prompts, vocab, max_len=args.max_len)
+    if args.dataset == "fixed":
+        return workloads.fixed(args.num_prompts, vocab, input_len=args.input_len, output_len=args.output_len)
+    return workloads.shared_prefix(vocab, num_groups=args.num_groups, prompts_per_group=args.prompts_per_group,
+                                   system_len=args.system_len, question_len=args.question_len,
+                                   output_len=args.output_len)
+
+
+def run(args, folder: str, disable_radix_cache: bool) -> dict:
+    t0 = time.perf_counter()
+    engine = Engine(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
+                    chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+                    mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
+                    disable_overlap_schedule=args.disable_overlap_schedule, attention_backend=args.attention_backend,
+                    disable_radix_cache=disable_radix_cache)
+    startup = time.perf_counter() - t0
+    work = make_workload(args, engine.loaded.config.vocab_size)
+    engine.generate(input_ids=work.prompts[:2], sampling_params={"max_new_tokens": 4, "temperature": 0})  # warm-up
+    if engine.radix is not None:
+        engine.flush_cache()
+        engine.radix.reset_stats()
+    steps, preemptions = engine.num_steps, engine.scheduler.num_preemptions
+    t0 = time.perf_counter()
+    done = []
+    for prompt, out_len in zip(work.prompts, work.output_lens):  # per-request lengths: one call each, async
+        done.append(engine.make_requests(input_ids=prompt, sampling_params={
+            "max_new_tokens": out_len, "temperature": 0, "ignore_eos": True}))
+    results = _wait_all(engine, [r for reqs in done for r in reqs])
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(r.output_ids) for r in results)
+    in_tokens = sum(len(p) for p in work.prompts)
+    stats = dict(description=work.description, startup=startup, elapsed=elapsed, out_tps=out_tokens / elapsed,
+                 total_tps=(out_tokens + in_tokens) / elapsed, steps=engine.num_steps - steps,
+                 preemptions=engine.scheduler.num_preemptions - preemptions,
+                 hit_rate=engine.radix.hit_rate if engine.radix else 0.0, backend=engine.attention_backend,
+                 pages=engine.allocator.num_usable)
+    engine.shutdown()
+    del engine
+    gc.collect()
+    return stats
+
+
+def _wait_all(engine: Engine, requests) -> list:
+    import asyncio
+
+    async def go():
+        async for _ in engine.run_requests(requests):
+            pass
+
+    asyncio.run(go())
+    return requests
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--chunked-prefill-size", type=int, default=256)
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--mem-fraction-static", type=float, default=0.6)
+    p.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "fixed", "shared-prefix"])
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--max-len", type=int, default=1024, help="sharegpt: longest prompt / output")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--num-groups", type=int, default=16)
+    p.add_argument("--prompts-per-group", type=int, default=32)
+    p.add_argument("--system-len", type=int, default=2048)
+    p.add_argument("--question-len", type=int, default=128)
+    p.add_argument("--compare-radix", action="store_true", help="run again with the radix cache disabled")
+    p.add_argument("--max-running-requests", type=int, default=128)
+    p.add_argument("--chunked-prefill-size", type=int, default=1024)
+    p.add_argument("--context-length", type=int, default=4096)
+    p.add_argument("--mem-fraction-static", type=float, default=0.8)
     p.add_argument("--min-token-bucket", type=int, default=64)
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     args = p.parse_args()
 
-    t0 = time.perf_counter()
-    engine = Engine(write_preset(args.model, tempfile.mkdtemp()), load_format="dummy", mesh=args.mesh,
-                    max_running_requests=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
-                    context_length=args.context_length, mem_fraction_static=args.mem_fraction_static,
-                    min_token_bucket=args.min_token_bucket, disable_overlap_schedule=args.disable_overlap_schedule,
-                    attention_backend=args.attention_backend)
-    startup = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, engine.loaded.config.vocab_size, args.input_len).tolist()
-               for _ in range(args.num_prompts)]
-    params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True}
-    engine.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 4})  # warm-up
-    steps = engine.num_steps
-    t0 = time.perf_counter()
-    results = engine.generate(input_ids=prompts, sampling_params=params)
-    elapsed = time.perf_counter() - t0
-    out_tokens = sum(r["meta_info"]["completion_tokens"] for r in results)
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy), "
-          f"attention {engine.attention_backend}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
-    print(f"start-up {startup:.1f} s ({len(engine.runner.buckets)} buckets), KV pool "
-          f"{engine.allocator.num_usable} pages of {engine.args.page_size}")
-    print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out: {elapsed:.2f} s, "
-          f"{out_tokens / elapsed:,.0f} output tok/s, {(out_tokens + args.num_prompts * args.input_len) / elapsed:,.0f}"
-          f" total tok/s, {engine.num_steps - steps} steps, {engine.scheduler.num_preemptions} preemptions")
-    engine.shutdown()
+    folder = write_preset(args.model, tempfile.mkdtemp())
+    runs = [("radix cache on", run(args, folder, False))]
+    if args.compare_radix:
+        runs.append(("radix cache off", run(args, folder, True)))
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
+          f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
+    print(runs[0][1]["description"])
+    print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'preempt':>8} {'hit rate':>9}")
+    for name, s in runs:
+        print(f"{name:<16} {s['elapsed']:>7.2f} {s['out_tps']:>10,.0f} {s['total_tps']:>12,.0f} {s['steps']:>6} "
+              f"{s['preemptions']:>8} {s['hit_rate']:>9.1%}")
+    if len(runs) == 2:
+        print(f"radix cache speed-up: {runs[0][1]['out_tps'] / runs[1][1]['out_tps']:.2f}x")
+    print(f"start-up {runs[0][1]['startup']:.1f} s, KV pool {runs[0][1]['pages']} pages")
 
 
 if __name__ == "__main__":
