@@ -73,8 +73,7 @@ class ModelRunner:
         sampling = SamplingBatch(temperature=f32(b), top_k=i32(b), top_p=f32(b), min_p=f32(b),
                                  frequency_penalty=f32(b), presence_penalty=f32(b), repetition_penalty=f32(b),
                                  seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b), slot=i32(b),
-                                 prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_),
-                                 wants_top=jax.ShapeDtypeStruct((b,), np.bool_))
+                                 prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_))
         return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens), i32(b)
 
     def bucket_for(self, num_tokens: int) -> int:

@@ -36,7 +36,6 @@ class SamplingBatch:
     slot: jax.Array  # [B] int32: the request's row in PenaltyState (padding rows: the spare last slot)
     prompt_len: jax.Array  # [B] int32: inputs at positions >= this are output tokens
     reset: jax.Array  # [B] bool: the request starts over in its slot (first step after admission)
-    wants_top: jax.Array  # [B] bool: the request asked for top logprobs
 
     @classmethod
     def build(cls, params: list, seeds: list[int], positions: list[int], slots: list[int],
@@ -60,7 +59,6 @@ class SamplingBatch:
             slot=col(slots, np.int32, spare_slot),
             prompt_len=col(prompt_lens, np.int32, 0),
             reset=col(resets, np.bool_, False),
-            wants_top=col([p.top_logprobs_num > 0 for p in params], np.bool_, False),
         )
 
 
@@ -101,29 +99,14 @@ def apply_penalties(logits: jax.Array, state: PenaltyState, s: SamplingBatch) ->
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
-    Logprobs are of the model's distribution (before penalties, temperature and filters). The costly
-    parts (top-k of the vocabulary, penalties, the sort for sampling) run only when some row needs them:
-    `lax.cond` on device values, so the host never waits.
+    Logprobs are of the model's distribution (before penalties, temperature and filters).
     """
-    batch, vocab = logits.shape
-    k = min(TOP_LOGPROBS, vocab)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.cond(
-        s.wants_top.any(), lambda: tuple(jax.lax.top_k(logprobs, k)),
-        lambda: (jnp.zeros((batch, k), logprobs.dtype), jnp.zeros((batch, k), jnp.int32)))
-    penalised = (s.frequency_penalty != 0) | (s.presence_penalty != 0) | (s.repetition_penalty != 1)
-    logits = jax.lax.cond(penalised.any(), lambda: apply_penalties(logits, penalties, s), lambda: logits)
-    greedy = jnp.argmax(logits, axis=-1)
-    is_greedy = (s.temperature == 0) | (s.top_k == 1)
-    sampled = jax.lax.cond(is_greedy.all(), lambda: greedy, lambda: _sample_filtered(logits, s))
-    tokens = jnp.where(is_greedy, greedy, sampled).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
-
-
-def _sample_filtered(logits: jax.Array, s: SamplingBatch) -> jax.Array:
-    """Temperature, then top-k / top-p / min-p filtering over the sorted vocabulary, then a seeded draw."""
     vocab = logits.shape[-1]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, vocab))
+    logits = apply_penalties(logits, penalties, s)
+    greedy = jnp.argmax(logits, axis=-1)
+
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
@@ -136,4 +119,7 @@ def _sample_filtered(logits: jax.Array, s: SamplingBatch) -> jax.Array:
 
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
     choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), greedy, sampled).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
