@@ -30,7 +30,9 @@ def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array
     qsl = meta.query_start_loc
     num_seqs = meta.kv_lens.shape[0]
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(qsl[1:], tok, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+    # compare_all: no while loop, whose predicate XLA's GPU backend would read on the host every iteration
+    seq = jnp.searchsorted(qsl[1:], tok, side="right", method="compare_all")
+    seq = jnp.clip(seq, 0, num_seqs - 1).astype(jnp.int32)
     q_lens = qsl[1:] - qsl[:-1]
     pos = meta.kv_lens[seq] - q_lens[seq] + (tok - qsl[seq])
     return seq, pos

@@ -36,7 +36,7 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int)
     ends = jnp.cumsum(blocks_per_seq)
     num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
     i = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), num_seqs - 1).astype(jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
     start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
     return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
 
