@@ -1,8 +1,8 @@
 """On-device sampling for a batch of rows, each with its own parameters and seed.
 
 Runs inside the compiled step, so what crosses to the host per row is one token id, its logprob and
-the top TOP_LOGPROBS alternatives. A row's noise is a function of (seed, output position) alone: the
-same seed gives the same tokens whatever else shares the batch.
+the top TOP_LOGPROBS alternatives. A row's random key is fold_in(seed, output position): the same
+seed gives the same tokens whatever else shares the batch.
 
 Penalties read PenaltyState: per request slot, how often each token occurred in the output (frequency
 and presence penalties, OpenAI's definition) and whether it occurred anywhere in prompt or output
@@ -96,25 +96,6 @@ def apply_penalties(logits: jax.Array, state: PenaltyState, s: SamplingBatch) ->
     return logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijection that scrambles every input bit into every output bit."""
-    x = x ^ (x >> 16)
-    x = x * np.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * np.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array:
-    """[B, vocab] Gumbel noise, a pure function of (seed, position, index): counter-based hashing in
-    plain integer ops. jax.random's threefry compiles to XLA while loops, and XLA's GPU backend reads a
-    while loop's predicate on the host, a device-to-host wait inside every step."""
-    row = _mix32(seed.astype(jnp.uint32) ^ _mix32(position.astype(jnp.uint32) + np.uint32(0x9E3779B9)))
-    bits = _mix32(row[:, None] ^ (jnp.arange(vocab, dtype=jnp.uint32)[None, :] * np.uint32(0x27D4EB2F)))
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
-    return -jnp.log(-jnp.log(uniform))
-
-
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
@@ -136,7 +117,8 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState):
     drop |= probs < s.min_p[:, None] * probs[:, :1]
     sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
 
-    choice = jnp.argmax(sorted_logits + gumbel_noise(s.seed, s.position, vocab), axis=-1)
+    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), greedy, sampled).astype(jnp.int32)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
