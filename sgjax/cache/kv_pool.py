@@ -61,7 +61,3 @@ class KVPool:
             out_shardings=self.sharding,
         )
         self.caches: list[tuple[jax.Array, jax.Array]] = [tuple(kv) for kv in zeros()]
-
-    @property
-    def num_usable_pages(self) -> int:
-        return self.config.num_pages - 1
