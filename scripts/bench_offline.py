@@ -11,6 +11,7 @@ Workloads (sgjax/testing/workloads.py): `sharegpt` (log-normal lengths with Shar
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import tempfile
 import time
@@ -51,7 +52,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     for prompt, out_len in zip(work.prompts, work.output_lens):  # per-request lengths: one call each, async
         done.append(engine.make_requests(input_ids=prompt, sampling_params={
             "max_new_tokens": out_len, "temperature": 0, "ignore_eos": True}))
-    results = _wait_all(engine, [r for reqs in done for r in reqs])
+    results = asyncio.run(engine.run_to_end([r for reqs in done for r in reqs]))
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(r.output_ids) for r in results)
     in_tokens = sum(len(p) for p in work.prompts)
@@ -64,17 +65,6 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     del engine
     gc.collect()
     return stats
-
-
-def _wait_all(engine: Engine, requests) -> list:
-    import asyncio
-
-    async def go():
-        async for _ in engine.run_requests(requests):
-            pass
-
-    asyncio.run(go())
-    return requests
 
 
 def main() -> None:

@@ -218,6 +218,12 @@ class Engine:
                 if not req.finished:
                     self.abort(req.rid)  # the caller stopped listening
 
+    async def run_to_end(self, requests: list[Request]) -> list[Request]:
+        """Submit requests and wait until all have finished."""
+        async for _ in self.run_requests(requests):
+            pass
+        return requests
+
     async def stream_events(self, prompt: Prompt | None = None,
                             sampling_params: SamplingParams | dict | None = None,
                             input_ids: list[int] | None = None,

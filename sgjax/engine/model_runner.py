@@ -66,14 +66,11 @@ class ModelRunner:
 
     def _abstract_inputs(self, num_tokens: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
-        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)  # noqa: E731
         b = self.max_seqs
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
-        sampling = SamplingBatch(temperature=f32(b), top_k=i32(b), top_p=f32(b), min_p=f32(b),
-                                 frequency_penalty=f32(b), presence_penalty=f32(b), repetition_penalty=f32(b),
-                                 seed=jax.ShapeDtypeStruct((b,), np.uint32), position=i32(b), slot=i32(b),
-                                 prompt_len=i32(b), reset=jax.ShapeDtypeStruct((b,), np.bool_))
+        padding = SamplingBatch.build([], [], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
+        sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
         return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens), i32(b)
 
     def bucket_for(self, num_tokens: int) -> int:

@@ -68,8 +68,7 @@ async def health(request: web.Request) -> web.Response:
 async def health_generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     requests = engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
-    async for _ in engine.run_requests(requests):
-        pass
+    await engine.run_to_end(requests)
     return web.Response(text="")
 
 

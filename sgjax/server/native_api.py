@@ -8,7 +8,7 @@ from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, REQUEST_ID
-from sgjax.server.streaming import open_event_stream, run, send_event
+from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 
 
 def sampling_dict(body: dict) -> dict:
@@ -75,9 +75,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             chunk["text"] = text_so_far[i]  # SGLang streams the text so far
             chunk["index"] = i
             await send_event(response, chunk)
-        await send_event(response, "[DONE]")
+        await end_event_stream(response)
         return response
-    async for _ in run(request, requests):
-        pass
+    await run_to_end(request, requests)
     results = [native_result(engine, r, body) for r in requests]
     return web.json_response(results if batched or len(results) > 1 else results[0], dumps=json.dumps)

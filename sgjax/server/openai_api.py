@@ -9,7 +9,7 @@ from aiohttp import web
 from sgjax.engine.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
-from sgjax.server.streaming import open_event_stream, run, send_event
+from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -154,13 +154,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     choice["logprobs"] = completion_logprobs(engine, req, echo)
             if delta or req.finished:
                 await send_event(response, {**head, "choices": [choice]})
-        if include_usage:
-            await send_event(response, {**head, "choices": [], "usage": usage(requests, n)})
-        await send_event(response, "[DONE]")
+        final = {**head, "choices": [], "usage": usage(requests, n)}
+        await end_event_stream(response, final if include_usage else None)
         return response
 
-    async for _ in run(request, requests):
-        pass
+    await run_to_end(request, requests)
     choices = []
     for i, req in enumerate(requests):
         choices.append({"index": i, "text": (prompt_texts[i // n] if echo else "") + req.text,
@@ -268,13 +266,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await send_event(response, {**chunk, "choices": [
                     {"index": i, "delta": last, "finish_reason": reason,
                      "logprobs": chat_logprobs(engine, req) if want_logprobs else None}]})
-        if include_usage:
-            await send_event(response, {**chunk, "choices": [], "usage": usage(requests, n)})
-        await send_event(response, "[DONE]")
+        final = {**chunk, "choices": [], "usage": usage(requests, n)}
+        await end_event_stream(response, final if include_usage else None)
         return response
 
-    async for _ in run(request, requests):
-        pass
+    await run_to_end(request, requests)
     choices = []
     for i, req in enumerate(requests):
         message, reason = chat_message(req, tool_format)

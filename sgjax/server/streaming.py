@@ -17,6 +17,19 @@ def run(request: web.Request, requests: list) -> AsyncIterator:
     return request.app[ENGINE].run_requests(requests)
 
 
+async def run_to_end(request: web.Request, requests: list) -> list:
+    """Like `run`, for handlers that answer only once every request has finished."""
+    request[ENGINE_REQUESTS] = requests
+    return await request.app[ENGINE].run_to_end(requests)
+
+
+async def end_event_stream(response: web.StreamResponse, usage_event: dict | None = None) -> None:
+    """The optional usage event, then `data: [DONE]`."""
+    if usage_event is not None:
+        await send_event(response, usage_event)
+    await send_event(response, "[DONE]")
+
+
 async def open_event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
