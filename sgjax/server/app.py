@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -91,8 +92,6 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    import asyncio
-
     if not await asyncio.get_running_loop().run_in_executor(None, request.app[ENGINE].flush_cache):
         raise ApiError("cannot flush the cache while requests are running")
     return web.Response(text="cache flushed")
