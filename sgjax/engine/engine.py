@@ -1,14 +1,21 @@
 """Engine: the offline API (generate, async_generate, async_stream) over a background engine thread.
 
 A request's path: tokenize (chat template for message lists) -> Request -> the engine thread's inbox
--> Scheduler.schedule -> ModelRunner.launch (forward + on-device sampling; the next step is scheduled
-while it runs) -> ModelRunner.collect -> append the token, detokenize incrementally, check stop
-conditions -> the caller's callback (an Event for sync calls, an asyncio queue for async ones).
+-> Scheduler.schedule -> ModelRunner.launch (forward) and .sample (on-device sampling; the next step
+is scheduled while it runs) -> ModelRunner.collect -> append the token, advance its grammar,
+detokenize incrementally, check stop conditions -> the caller's callback (an Event for sync calls, an
+asyncio queue for async ones).
+
+Constrained requests (a regex, JSON schema, grammar or choices) carry an llguidance matcher. A step
+that samples for one launches its forward pass, then processes the previous step (whose tokens the
+masks depend on), fills the grammar bitmask while the forward pass runs, and only then launches its
+sampling. Text the grammar forces is appended at once (jump-forward) and runs as one chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,8 +31,10 @@ from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import EngineArgs
+from sgjax.constrained import GrammarCompiler
+from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
-from sgjax.engine.model_runner import ModelRunner
+from sgjax.engine.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
 from sgjax.engine.sampler import SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
@@ -55,6 +64,9 @@ class Engine:
             if args.load_format != "dummy":
                 raise
             self.tokenizer = None  # dummy weights for benchmarks: token ids in, token ids out
+        self.eos_token_ids = self._eos_token_ids()
+        self.grammar = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids) if self.tokenizer \
+            else None
         self.context_length = args.context_length or cfg.max_position_embeddings
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
@@ -72,12 +84,12 @@ class Engine:
                                   max_tokens=prefill_budget + args.max_running_requests,
                                   min_bucket=args.min_token_bucket,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs)
-        self.eos_token_ids = self._eos_token_ids()
         self._seeds = np.random.default_rng(args.random_seed)
         self._callbacks: dict[int, Callback] = {}
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the engine thread (metrics)
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = False
+        self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
@@ -158,6 +170,9 @@ class Engine:
     def _make_requests(self, prompts: list[list[int]], params: SamplingParams,
                        rid: str | None = None) -> list[Request]:
         requests = []
+        constraint = params.constraint
+        if constraint is not None and self.grammar is None:
+            raise ValueError("constrained decoding needs the model's tokenizer (this engine has dummy weights)")
         for ids in prompts:
             self._validate_prompt(ids, params)
             base_seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
@@ -168,7 +183,8 @@ class Engine:
                 requests.append(Request(
                     rid=name, prompt_ids=list(map(int, ids)), params=params, seed=base_seed + i,
                     detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer
-                    else None, group=group))
+                    else None, group=group,
+                    matcher=self.grammar.matcher(constraint) if constraint is not None else None))
         return requests
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -269,16 +285,18 @@ class Engine:
                 self._drain_inbox(block=in_flight is None and not self.scheduler.has_work())
                 if self._stopped:
                     break
-                launched = self._launch() if self.scheduler.has_work() else None
+                self._next_step = self._launch() if self.scheduler.has_work() else None
                 if in_flight is not None:
-                    self._process(*in_flight)
-                in_flight = launched
+                    self._process(in_flight)
+                in_flight, self._next_step = self._next_step, None
+                if in_flight is not None and in_flight.constrained:
+                    self._sample_constrained(in_flight)  # its masks needed step N's tokens
                 if self.args.disable_overlap_schedule and in_flight is not None:
-                    self._process(*in_flight)
+                    self._process(in_flight)
                     in_flight = None
             except Exception as e:  # keep serving: fail what was in flight, name the error
                 logger.exception("engine step failed")
-                in_flight = None
+                in_flight = self._next_step = None
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self.scheduler.abort(req.rid)
                     req.num_unknown = 0
@@ -296,7 +314,10 @@ class Engine:
                 if req.params.max_new_tokens == 0:
                     self._finish(req, {"type": "length", "length": 0})
                 else:
-                    self.scheduler.add(req)
+                    if req.matcher is not None and not self.args.disable_jump_forward:
+                        self._jump_forward(req)  # text the grammar forces from the start
+                    if not req.finished:
+                        self.scheduler.add(req)
             elif item[0] == "flush":
                 done, result = item[1]
                 idle = not self.scheduler.has_work()
@@ -313,8 +334,8 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _launch(self):
-        """Schedule and enqueue one step; returns what _process needs, or None if nothing could run."""
+    def _launch(self) -> "_Step | None":
+        """Schedule and enqueue one step (its sampling too unless it waits for grammar masks)."""
         batch = self.scheduler.schedule()
         if not batch:
             return None
@@ -340,14 +361,35 @@ class Engine:
                 req.num_unknown += 1
                 req.unknown_row = i
                 sampling_rows.append(i)
-        return batch, starts, targets, sampling_rows, handle
+        step = _Step(batch, starts, targets, sampling_rows, handle,
+                     constrained=any(batch[i][0].matcher is not None for i in sampling_rows))
+        if not step.constrained:
+            self.runner.sample(handle)
+        return step
 
-    def _process(self, batch, starts, targets, sampling_rows, handle) -> None:
+    def _sample_constrained(self, step: "_Step") -> None:
+        """Launch a step's sampling with each constrained row limited to what its grammar allows next."""
+        bitmask = allow_all(self.args.max_running_requests, self.loaded.config.vocab_size)
+        rows = []
+        for i in step.sampling_rows:
+            req = step.batch[i][0]
+            if req.matcher is None or req.finished:
+                continue
+            forced = self.args.disable_jump_forward and req.matcher.compute_ff_tokens()
+            if forced:
+                force_token(bitmask, i, forced[0])  # the same tokens as jump-forward, one per step
+            else:
+                rows.append((req.matcher, i))
+        fill_rows(self.grammar.executor, rows, bitmask)
+        self.runner.sample(step.handle, bitmask)
+
+    def _process(self, step: "_Step") -> None:
         """Bring a step's samples to the host: append tokens, detokenize, check stops, notify callers."""
-        out = self.runner.collect(handle)
+        batch, targets = step.batch, step.targets
+        out = self.runner.collect(step.handle)
         if targets is not None:
-            self._record_prompt_logprobs(batch, starts, targets, out)
-        for i in sampling_rows:
+            self._record_prompt_logprobs(batch, step.starts, targets, out)
+        for i in step.sampling_rows:
             req = batch[i][0]
             req.num_unknown -= 1
             if req.finished:
@@ -355,6 +397,28 @@ class Engine:
             k = req.params.top_logprobs_num
             top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
             self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
+            if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
+                self._jump_forward(req)
+
+    def _jump_forward(self, req: Request) -> None:
+        """Append the tokens the grammar forces next, so they run as one chunk instead of a step each.
+
+        If the request is also in the step launched after this one, that step's sample for it would be
+        the first forced token: the row is dropped from the step and the forced tokens run next.
+        """
+        forced = req.matcher.compute_ff_tokens()
+        if not forced:
+            return
+        if req.num_unknown:
+            nxt = self._next_step
+            assert nxt is not None and any(nxt.batch[i][0] is req for i in nxt.sampling_rows)
+            nxt.sampling_rows = [i for i in nxt.sampling_rows if nxt.batch[i][0] is not req]
+            req.num_unknown -= 1
+        for token in forced:
+            # Certain under the constraint: logprob 0 (the step never computed the model's own)
+            self._append_token(req, token, 0.0, [])
+            if req.finished:
+                break
 
     @staticmethod
     def _wants_prompt_logprobs(req: Request, n: int) -> bool:
@@ -387,13 +451,15 @@ class Engine:
             req.first_token_time = time.monotonic()
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
-        if top:
+        if p.top_logprobs_num:
             req.output_top_logprobs.append(top)
         finish = None
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output
         elif req.detokenizer is not None:
             req.detokenizer.add(token)
+        if req.matcher is not None and finish is None:
+            finish = self._advance_grammar(req, token)
         if finish is None and (len(req.output_ids) >= p.max_new_tokens or len(req.fill_ids) >= self.context_length):
             finish = {"type": "length", "length": len(req.output_ids)}
         if finish is not None and req.detokenizer is not None:
@@ -415,6 +481,15 @@ class Engine:
             self._finish(req, finish, delta)
         else:
             self._notify(req, delta)
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int) -> dict | None:
+        """Feed the token to the request's matcher; the finish reason if the grammar is complete."""
+        if not req.matcher.consume_token(token):
+            return {"type": "abort", "message": f"token {token} broke the constraint: {req.matcher.get_error()}"}
+        if req.matcher.is_stopped():  # nothing may follow but EOS: the output is complete
+            return {"type": "stop", "matched": None}
+        return None
 
     def _finish(self, req: Request, reason: dict, delta: str = "") -> None:
         req.status, req.finish_reason = Status.FINISHED, reason
@@ -460,3 +535,14 @@ class Engine:
             raise ValueError(f"no device memory left for the KV pool ({free / 2**30:.1f} GiB free after weights); "
                              "raise mem_fraction_static or use a larger mesh")
         return pages
+
+
+@dataclasses.dataclass
+class _Step:
+    """A launched step, as _process needs it."""
+    batch: list[tuple[Request, int]]
+    starts: list[int]  # each request's num_computed before the step
+    targets: list[list[int]] | None  # prompt-logprob targets per chunk
+    sampling_rows: list[int]  # rows whose sample is the request's next token
+    handle: StepHandle
+    constrained: bool  # sampling waits for grammar masks (launched by _sample_constrained)

@@ -1,14 +1,18 @@
-"""The model runner: one compiled program per token-count bucket, built at start-up.
+"""The model runner: compiled programs for every shape a step can take, built at start-up.
 
-Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
-parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
-next power-of-two bucket. All buckets are compiled ahead of time (`jit(...).lower(...).compile()`),
-so serving calls only compiled executables and can never trigger a compilation. The KV pool and
-the penalty counts are donated to each step, so XLA updates them in place.
+A step is two programs: the forward pass (one per token-count bucket) and sampling (one, plus one
+that also takes grammar bitmasks). Every step has the same batch dimension (`max_running_requests`
+rows of metadata and sampling parameters) and page-table width (`context_length / page_size`), and a
+token count padded up to the next power-of-two bucket. All programs are compiled ahead of time
+(`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
+compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
+in place.
 
-`launch` only enqueues a step; `collect` waits for its results. A token sampled by the step still
-running can be the next step's input: the host writes -(row + 1) and the step reads that row of the
-previous step's output on the device, so the host schedules step N+1 while the device runs step N.
+`launch` only enqueues a forward pass, `sample` its sampling, `collect` waits for the results. A
+token sampled by the step still running can be the next step's input: the host writes -(row + 1) and
+the step reads that row of the previous step's output on the device, so the host schedules step N+1
+while the device runs step N. Sampling is separate so that a step with constrained requests can run
+its forward pass while the host learns step N's tokens and computes the masks that depend on them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
+from sgjax.constrained.bitmask import num_words
 from sgjax.engine.sampler import (
     TOP_LOGPROBS,
     PenaltyState,
@@ -58,11 +63,20 @@ class ModelRunner:
         variants = (False, True) if enable_prompt_logprobs else (False,)
         self.compiled = {}
         for with_prompt in variants:
-            step = jax.jit(functools.partial(_step, self.graphdef, with_prompt), donate_argnums=(1, 2))
+            forward = jax.jit(functools.partial(_forward, self.graphdef, with_prompt), donate_argnums=(1, 2))
             for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
                           unit="bucket"):
-                self.compiled[t, with_prompt] = step.lower(self.state, pool.caches, self.penalties,
-                                                           *self._abstract_inputs(t)).compile()
+                self.compiled[t, with_prompt] = forward.lower(self.state, pool.caches, self.penalties,
+                                                              *self._abstract_inputs(t)).compile()
+        self.vocab_size = loaded.config.vocab_size
+        out_info = self.compiled[self.buckets[0], False].out_info[0][0]  # the forward's hidden rows
+        hidden = jax.ShapeDtypeStruct(out_info.shape, out_info.dtype, sharding=out_info.sharding)
+        sampling = self._abstract_inputs(1)[4]
+        mask = jax.ShapeDtypeStruct((max_seqs, num_words(self.vocab_size)), np.int32)
+        self.sampler = {
+            masked: jax.jit(functools.partial(_sample, self.graphdef)).lower(
+                self.state, hidden, sampling, self.penalties, mask if masked else None).compile()
+            for masked in (False, True)}
 
     def _abstract_inputs(self, num_tokens: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
@@ -86,7 +100,8 @@ class ModelRunner:
 
     def launch(self, chunks: list[SeqChunk], sampling: SamplingBatch,
                prompt_targets: list[list[int]] | None = None) -> "StepHandle":
-        """Enqueue one step; `collect` gives, for each chunk's last token, the sampled next token.
+        """Enqueue one forward pass; after `sample`, `collect` gives for each chunk's last token the
+        sampled next token.
 
         A chunk token -(r + 1) stands for the token sampled in row r of the previously launched step.
         With `prompt_targets` (per chunk, the token that follows each of its tokens, -1 where none is
@@ -102,11 +117,18 @@ class ModelRunner:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
-        out, self.pool.caches, self.penalties = self.compiled[num_tokens, prompt_targets is not None](
+        (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[
+            num_tokens, prompt_targets is not None](
             self.state, self.pool.caches, self.penalties, batch.input_ids, batch.positions, batch.meta,
             batch.last_token_index, sampling, targets, self.prev_tokens)
+        return StepHandle(hidden, sampling, tuple(prompt_out), len(chunks), total)
+
+    def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
+        """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
+        out = self.sampler[bitmask is not None](self.state, handle.hidden, handle.sampling, self.penalties,
+                                                bitmask)
         self.prev_tokens = out[0]
-        return StepHandle(out, len(chunks), total)
+        handle.device_outputs = out + handle.prompt_outputs
 
     @staticmethod
     def collect(handle: "StepHandle") -> "StepOutput":
@@ -121,9 +143,12 @@ class ModelRunner:
 
 @dataclasses.dataclass
 class StepHandle:
-    device_outputs: tuple  # still computing until collected
+    hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state
+    sampling: SamplingBatch
+    prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
     num_chunks: int
     num_tokens: int
+    device_outputs: tuple = ()  # once sampled; still computing until collected
 
 
 @dataclasses.dataclass
@@ -138,8 +163,8 @@ class StepOutput:
     prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
 
 
-def _step(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
-          targets, prev_tokens):
+def _forward(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
+             targets, prev_tokens):
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = nnx.merge(graphdef, state)
@@ -147,10 +172,15 @@ def _step(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positio
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])
     valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
     penalties = update_penalty_state(penalties, sampling, input_ids, token_rows, token_pos, valid)
-    out = sample(model.compute_logits(hidden[rows]), sampling, penalties)
+    out = (hidden[rows],)
     if with_prompt:
         logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
         out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
     return out, kv_caches, penalties
+
+
+def _sample(graphdef, state, hidden, sampling, penalties, bitmask):
+    model = nnx.merge(graphdef, state)
+    return sample(model.compute_logits(hidden), sampling, penalties, bitmask)

@@ -28,6 +28,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     extra_key: Any = None  # requests with different extra keys never share cached prefixes
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
+    matcher: Any = None  # llguidance.LLMatcher of the request's constraint, advanced token by token
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)

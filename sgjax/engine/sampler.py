@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgjax.constrained.bitmask import apply_bitmask
+
 TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
 
 
@@ -96,14 +98,18 @@ def apply_penalties(logits: jax.Array, state: PenaltyState, s: SamplingBatch) ->
     return logits - s.frequency_penalty[:, None] * counts - s.presence_penalty[:, None] * (counts > 0)
 
 
-def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState):
+def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
-    Logprobs are of the model's distribution (before penalties, temperature and filters).
+    Logprobs are of the model's distribution (before grammar masks, penalties, temperature and
+    filters). `bitmask` ([B, V/32] int32 packed bits, see constrained/bitmask.py) limits each row to
+    the tokens its grammar allows.
     """
     vocab = logits.shape[-1]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, vocab))
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     logits = apply_penalties(logits, penalties, s)
     greedy = jnp.argmax(logits, axis=-1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sgjax.constrained.grammar import Constraint
 from sgjax.engine.sampler import TOP_LOGPROBS
 
 
@@ -26,6 +27,11 @@ class SamplingParams:
     logprobs: bool = False  # return the chosen tokens' logprobs
     top_logprobs_num: int = 0  # and this many most likely alternatives per token
     logprob_start_len: int = -1  # >= 0: also the prompt tokens' logprobs from this position on
+    # Constraints on the output, at most one (see sgjax/constrained):
+    regex: str | None = None
+    json_schema: str | dict | None = None  # a JSON schema, or its JSON text
+    ebnf: str | None = None  # a Lark or GBNF grammar
+    choices: list[str] | None = None  # the output is exactly one of these strings
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -42,6 +48,10 @@ class SamplingParams:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return Constraint.from_params(self.regex, self.json_schema, self.ebnf, self.choices)
 
     @property
     def uses_penalties(self) -> bool:
@@ -80,3 +90,4 @@ class SamplingParams:
             isinstance(t, int) for t in self.stop_token_ids)), "stop_token_ids must be a list of integers")
         for name in ("ignore_eos", "skip_special_tokens", "logprobs"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+        self.constraint  # raises ValueError for several constraints or a malformed one
