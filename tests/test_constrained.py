@@ -160,7 +160,7 @@ def test_concurrent_constrained_and_free_requests(path, tiny_models, engine):
 
 
 def test_constrained_without_overlap_schedule(path):
-    engine = make_engine(path, disable_overlap_schedule=True)
+    engine = make_engine(path, disable_overlap_schedule=True, mesh="1x2")  # also sharded over two devices
     try:
         outs = [engine.generate("q", {"json_schema": PRODUCT, "temperature": 1.0, "seed": s, "max_new_tokens": 250})
                 for s in range(4)]

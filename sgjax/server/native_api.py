@@ -15,11 +15,7 @@ def sampling_dict(body: dict) -> dict:
     """sampling_params plus the top-level logprob options, in SamplingParams' terms."""
     params = body.get("sampling_params") or {}
     require(isinstance(params, dict), "sampling_params must be an object", "sampling_params")
-    params = dict(params)
-    for unsupported in ("regex", "json_schema", "ebnf"):
-        if params.pop(unsupported, None) is not None:
-            raise ApiError(f"sampling_params.{unsupported}: constrained decoding is not supported yet",
-                           param=unsupported)
+    params = dict(params)  # regex / json_schema / ebnf / choices pass through to SamplingParams
     if body.get("return_logprob"):
         params["logprobs"] = True
         params["top_logprobs_num"] = body.get("top_logprobs_num", 0)

@@ -10,7 +10,7 @@ from sgjax.engine.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
-from sgjax.server.tool_parser import format_for, parse_tool_calls
+from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -33,9 +33,8 @@ def check_model(request: web.Request, body: dict) -> None:
 
 def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
     """The OpenAI fields every endpoint shares, in SamplingParams' terms (validated there)."""
-    for unsupported in ("logit_bias", "suffix", "functions", "response_format"):
-        value = body.get(unsupported)
-        if value and not (unsupported == "response_format" and value == {"type": "text"}):
+    for unsupported in ("logit_bias", "suffix", "functions"):
+        if body.get(unsupported):
             raise ApiError(f"{unsupported} is not supported yet", param=unsupported)
     best_of = body.get("best_of")
     require(best_of is None or best_of == body.get("n", 1), "best_of other than n is not supported", "best_of")
@@ -51,12 +50,31 @@ def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
         "presence_penalty": body.get("presence_penalty", 0.0),
     }
     # SGLang's extensions to the OpenAI body
-    for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids"):
+    for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids",
+                 "regex", "ebnf"):
         if name in body:
             params[name] = body[name]
+    params.update(response_format_constraint(body.get("response_format")))
     if params["max_new_tokens"] is None:
         del params["max_new_tokens"]
     return {k: v for k, v in params.items() if v is not None or k == "stop"}
+
+
+def response_format_constraint(fmt) -> dict:
+    """OpenAI's response_format as a SamplingParams constraint."""
+    if fmt is None or fmt == {"type": "text"}:
+        return {}
+    require(isinstance(fmt, dict), "response_format must be an object", "response_format")
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        require(isinstance(spec, dict) and isinstance(spec.get("schema", {}), (dict, bool)),
+                "response_format.json_schema must be an object with a schema", "response_format")
+        return {"json_schema": spec.get("schema", {"type": "object"})}
+    raise ApiError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+                   param="response_format")
 
 
 def usage(requests, n: int) -> dict:
@@ -189,20 +207,29 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def chat_tools(body: dict) -> list[dict] | None:
+def chat_tools(body: dict, fmt: str) -> tuple[list[dict] | None, str | None]:
+    """The tools to show the model, and for tool_choice "required" or a named function the grammar
+    its reply must follow."""
     tools = body.get("tools")
     if not tools:
-        return None
+        return None, None
     require(isinstance(tools, list) and all(
         isinstance(t, dict) and t.get("type") == "function" and isinstance((t.get("function") or {}).get("name"), str)
         for t in tools), "tools must be a list of {type: function, function: {name, ...}}", "tools")
     choice = body.get("tool_choice", "auto")
     if choice == "none":
-        return None
-    if choice != "auto":
-        raise ApiError("tool_choice other than 'auto' or 'none' needs constrained decoding, not supported yet",
-                       param="tool_choice")
-    return tools
+        return None, None
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        return tools, tool_call_grammar(tools, fmt)
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    require(isinstance(name, str), 'tool_choice must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}', "tool_choice")
+    try:
+        return tools, tool_call_grammar(tools, fmt, name)
+    except ValueError as e:
+        raise ApiError(str(e), param="tool_choice") from None
 
 
 def chat_message(req, tool_format: str | None) -> tuple[dict, str]:
@@ -237,8 +264,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params.update(logprobs=True, top_logprobs_num=top or 0)
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer, so it cannot apply a chat template")
-    tools = chat_tools(body)
-    tool_format = format_for(engine.loaded.config.architecture) if tools else None
+    tool_format = format_for(engine.loaded.config.architecture)
+    tools, call_grammar = chat_tools(body, tool_format)
+    if call_grammar is not None:
+        require(not any(k in params for k in ("json_schema", "regex", "ebnf")),
+                "tool_choice required or named cannot be combined with response_format, regex or ebnf",
+                "tool_choice")
+        params["ebnf"] = call_grammar
+    tool_format = tool_format if tools else None
     try:
         prompt_ids = engine.apply_chat_template(messages, tools)
     except Exception as e:  # the template rejected the conversation (roles out of order, ...)

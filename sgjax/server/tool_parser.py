@@ -5,6 +5,9 @@
   `<|python_tag|>`), or several separated by `;`.
 - mistral: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
 Text that does not parse as the format's JSON stays plain content.
+
+`tool_call_grammar` is the other direction: a grammar (Lark with llguidance's %json) that only lets the
+model write a call in its format, for tool_choice "required" or a named function.
 """
 
 from __future__ import annotations
@@ -56,4 +59,26 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict]]:
         items = _json(tail.strip()) if sep else None
         calls = [_call(item) for item in items] if isinstance(items, list) and items else []
         return (head.strip() or None, calls) if calls and None not in calls else (text, [])
+    raise ValueError(f"unknown tool-call format {fmt!r}")
+
+
+def tool_call_grammar(tools: list[dict], fmt: str, name: str | None = None) -> str:
+    """A grammar for exactly one call of `name` (or of any of the tools) in the format's syntax."""
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        raise ValueError(f"tool_choice names function {name!r}, which is not among the tools")
+    args_key = "parameters" if fmt == "llama3_json" else "arguments"
+    calls = [{"type": "object", "properties": {
+        "name": {"const": f["name"]},
+        args_key: f.get("parameters") or {"type": "object"}}, "required": ["name", args_key],
+        "additionalProperties": False} for f in chosen]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    # Compact JSON, as for json_schema constraints: free whitespace lets a weak model ramble.
+    schema = json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+    if fmt == "hermes":
+        return f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {schema}\n'
+    if fmt == "llama3_json":
+        return f"start: call\ncall: %json {schema}\n"
+    if fmt == "mistral":
+        return f'start: "[TOOL_CALLS] [" call "]"\ncall: %json {schema}\n'
     raise ValueError(f"unknown tool-call format {fmt!r}")

@@ -3,12 +3,14 @@ native API, concurrency, disconnects and errors. Token-level oracle: transformer
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -358,9 +360,89 @@ def test_tool_errors(setup):
     messages = [{"role": "user", "content": "x"}]
     status, err = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [{}]})
     assert status == 400 and "tools must be" in err["error"]["message"]
-    status, err = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": TOOLS,
-                                                              "tool_choice": "required"})
-    assert status == 400 and "tool_choice" in err["error"]["message"]
+    for choice, needle in (({"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+                           ("sometimes", "tool_choice must be")):
+        status, err = post(server.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": TOOLS,
+                                                                  "tool_choice": choice})
+        assert status == 400 and needle in err["error"]["message"] and err["error"]["param"] == "tool_choice"
+
+
+PRODUCT = {"type": "object", "properties": {"brand": {"type": "string", "maxLength": 10},
+                                            "price": {"type": "integer", "minimum": 0, "maximum": 9999}},
+           "required": ["brand", "price"], "additionalProperties": False}
+SHORT_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+    "additionalProperties": False}}} for name in ("get_weather", "get_time")]
+
+
+def test_openai_response_format_json_schema_and_json_object(setup):
+    _, server, _, _ = setup
+    c = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "product", "schema": PRODUCT}}
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a product"}], n=4,
+                                  temperature=1.0, seed=3, max_tokens=120, response_format=fmt)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PRODUCT)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "any json"}], temperature=0,
+                                  max_tokens=200, response_format={"type": "json_object"},
+                                  extra_body={"regex": None})
+    if r.choices[0].finish_reason == "stop":  # free-form JSON may not close within max_tokens
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.startswith("{")
+    r = c.completions.create(model=MODEL, prompt="phone:", max_tokens=20, temperature=1.0,
+                             extra_body={"regex": r"[0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", r.choices[0].text)
+
+
+def test_native_generate_with_constraints(setup):
+    _, server, _, _ = setup
+    for params, check in (
+            ({"regex": r"(yes|no), because [a-z]{1,6}"}, lambda t: re.fullmatch(r"(yes|no), because [a-z]{1,6}", t)),
+            ({"json_schema": json.dumps(PRODUCT)}, lambda t: jsonschema.validate(json.loads(t), PRODUCT) is None),
+            ({"ebnf": 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'},
+             lambda t: re.fullmatch(r"\([0-9]+(,[0-9]+)*\)", t)),
+    ):
+        status, out = post(server.url + "/generate", {"text": ["q1", "q2"], "sampling_params": {
+            "temperature": 1.0, "max_new_tokens": 120, **params}})
+        assert status == 200
+        for o in out:
+            assert check(o["text"]), (params, o["text"])
+
+
+def test_tool_choice_required_and_named_force_a_call(setup):
+    _, server, _, _ = setup
+    c = client(server)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, names in (("required", {"get_weather", "get_time"}), (named, {"get_time"})):
+        r = c.chat.completions.create(model=MODEL, messages=messages, tools=SHORT_TOOLS, tool_choice=choice,
+                                      temperature=1.0, seed=1, max_tokens=80, n=3)
+        for ch in r.choices:
+            assert ch.finish_reason == "tool_calls"
+            call, = ch.message.tool_calls
+            assert call.function.name in names
+            jsonschema.validate(json.loads(call.function.arguments), SHORT_TOOLS[0]["function"]["parameters"])
+
+
+@pytest.mark.parametrize("path,body,needle", [
+    ("/generate", {"text": "hi", "sampling_params": {"regex": "[abc"}}, "invalid regex"),
+    ("/generate", {"text": "hi", "sampling_params": {"json_schema": "{oops"}}, "json_schema is not valid JSON"),
+    ("/generate", {"text": "hi", "sampling_params": {"ebnf": "start: undefined_rule"}}, "invalid ebnf"),
+    ("/generate", {"text": "hi", "sampling_params": {"regex": "a", "ebnf": "start: \"a\""}}, "at most one"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "xml"}}, "response_format type"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": {"type": "object", "properties": {"a": {"type": 7}}}}}},
+     "invalid json_schema"),
+])
+def test_bad_constraints_get_400(setup, path, body, needle):
+    engine, server, _, _ = setup
+    status, err = post(server.url + path, body)
+    assert status == 400 and needle in err["error"]["message"], err
+    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_request_ids_appear_in_the_logs(setup, caplog):
