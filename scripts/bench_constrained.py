@@ -1,0 +1,107 @@
+"""Constrained (JSON schema) decoding on a GPU: jump-forward speed-up and the cost of grammar masks.
+
+One engine (dummy weights of a real shape, a trained tokenizer of the real vocabulary size, see
+sgjax/testing/bench_tokenizer.py) runs the same batch three ways:
+  jump-forward   JSON schema with long fixed keys, forced text appended in one step;
+  step-by-step   the same schema, forced tokens one decode step each (--disable-jump-forward):
+                 the same tokens as jump-forward, so the ratio is jump-forward's speed-up;
+  free           no constraint, each request generating as many tokens as it did constrained: the
+                 ratio step-by-step / free is the overhead of computing and applying masks.
+
+    python scripts/bench_constrained.py --model llama-3-8b --num-requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from sgjax.engine import Engine
+from sgjax.models.presets import PRESETS, write_preset
+from sgjax.testing.bench_tokenizer import train_bench_tokenizer
+
+
+def long_key_schema(num_fields: int) -> dict:
+    """Long fixed keys with short values: most of each output is text the schema forces."""
+    keys = [f"customer_account_record_field_number_{i}_with_a_long_descriptive_name" for i in range(num_fields)]
+    values = [{"type": "integer", "minimum": 0, "maximum": 999}, {"type": "boolean"},
+              {"enum": ["active", "suspended", "closed"]}]
+    return {"type": "object", "properties": {k: values[i % 3] for i, k in enumerate(keys)},
+            "required": keys, "additionalProperties": False}
+
+
+def run(engine: Engine, prompts: list[list[int]], params: list[dict]) -> dict:
+    requests = [r for p, sp in zip(prompts, params) for r in engine.make_requests(input_ids=p, sampling_params=sp)]
+    steps = engine.num_steps
+    t0 = time.perf_counter()
+    asyncio.run(engine.run_to_end(requests))
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(r.output_ids) for r in requests)
+    return dict(elapsed=elapsed, tokens=tokens, tps=tokens / elapsed, steps=engine.num_steps - steps,
+                lengths=[len(r.output_ids) for r in requests], texts=[r.text for r in requests],
+                ids=[list(r.output_ids) for r in requests])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
+    p.add_argument("--tokenizer", default=None, help="folder with a tokenizer; default: train one (minutes)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-fields", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--mesh", default="1x1")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--context-length", type=int, default=2048)
+    p.add_argument("--attention-backend", default="pallas")
+    args = p.parse_args()
+
+    folder = tempfile.mkdtemp()
+    write_preset(args.model, folder)
+    vocab = PRESETS[args.model][1]["vocab_size"]
+    if args.tokenizer:
+        for name in os.listdir(args.tokenizer):
+            if name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(os.path.join(args.tokenizer, name), folder)
+    else:
+        train_bench_tokenizer(folder, vocab)
+    engine = Engine(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
+                    context_length=args.context_length, attention_backend=args.attention_backend)
+    schema = json.dumps(long_key_schema(args.num_fields))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, 20000, args.prompt_len).tolist() for _ in range(args.num_requests)]
+    constrained = [{"json_schema": schema, "temperature": 0, "max_new_tokens": 1500}] * args.num_requests
+
+    run(engine, prompts[:2], constrained[:2])  # warm-up: compile the schema, touch every program
+    engine.flush_cache()
+    results = {"jump-forward": run(engine, prompts, constrained)}
+    engine.flush_cache()
+    engine.args.disable_jump_forward = True  # read by the engine thread each step; the engine is idle here
+    results["step-by-step"] = run(engine, prompts, constrained)
+    engine.args.disable_jump_forward = False
+    engine.flush_cache()
+    free = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": n} for n in results["jump-forward"]["lengths"]]
+    results["free"] = run(engine, prompts, free)
+    engine.shutdown()
+
+    valid = sum(json.loads(t) is not None for t in results["jump-forward"]["texts"])
+    same = results["jump-forward"]["ids"] == results["step-by-step"]["ids"]
+    print(f"model {args.model}, {args.num_requests} requests, prompt {args.prompt_len} tokens, "
+          f"{args.num_fields} long-key fields, vocabulary {vocab}")
+    print(f"valid JSON: {valid}/{args.num_requests}; jump-forward == step-by-step tokens: {same}")
+    print(f"{'mode':14s} {'tokens':>8s} {'steps':>6s} {'seconds':>8s} {'tok/s':>9s}")
+    for name, r in results.items():
+        print(f"{name:14s} {r['tokens']:8d} {r['steps']:6d} {r['elapsed']:8.2f} {r['tps']:9.0f}")
+    jf, sbs, fr = (results[k]["tps"] for k in ("jump-forward", "step-by-step", "free"))
+    print(f"jump-forward speed-up: {jf / sbs:.2f}x; constraint overhead (step-by-step vs free): "
+          f"{(fr / sbs - 1) * 100:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
