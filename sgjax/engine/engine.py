@@ -285,13 +285,15 @@ class Engine:
                 self._drain_inbox(block=in_flight is None and not self.scheduler.has_work())
                 if self._stopped:
                     break
-                self._next_step = self._launch() if self.scheduler.has_work() else None
+                self._next_step = self._launch(in_flight) if self.scheduler.has_work() else None
                 if in_flight is not None:
+                    self._sample(in_flight)  # if _launch did not
                     self._process(in_flight)
                 in_flight, self._next_step = self._next_step, None
                 if in_flight is not None and in_flight.constrained:
-                    self._sample_constrained(in_flight)  # its masks needed step N's tokens
+                    in_flight.bitmask = self._grammar_masks(in_flight)  # they needed step N's tokens
                 if self.args.disable_overlap_schedule and in_flight is not None:
+                    self._sample(in_flight)
                     self._process(in_flight)
                     in_flight = None
             except Exception as e:  # keep serving: fail what was in flight, name the error
@@ -334,8 +336,12 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _launch(self) -> "_Step | None":
-        """Schedule and enqueue one step (its sampling too unless it waits for grammar masks)."""
+    def _launch(self, previous: "_Step | None") -> "_Step | None":
+        """Schedule and enqueue one step, and its sampling unless it waits for grammar masks.
+
+        The previous step's sampling, if it waited for masks, is enqueued just before this step's
+        forward pass, after the host work of scheduling, so the device goes from one to the other.
+        """
         batch = self.scheduler.schedule()
         if not batch:
             return None
@@ -349,7 +355,10 @@ class Engine:
         if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
             targets = [self._prompt_targets(r, n) for r, n in batch]
         starts = [r.num_computed for r in reqs]
-        handle = self.runner.launch(chunks, sampling, targets)
+        prepared = self.runner.prepare(chunks, sampling, targets)
+        if previous is not None:
+            self._sample(previous)
+        handle = self.runner.launch(prepared)
         self.num_steps += 1
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
@@ -364,11 +373,17 @@ class Engine:
         step = _Step(batch, starts, targets, sampling_rows, handle,
                      constrained=any(batch[i][0].matcher is not None for i in sampling_rows))
         if not step.constrained:
-            self.runner.sample(handle)
+            self._sample(step)
         return step
 
-    def _sample_constrained(self, step: "_Step") -> None:
-        """Launch a step's sampling with each constrained row limited to what its grammar allows next."""
+    def _sample(self, step: "_Step") -> None:
+        """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""
+        if not step.sampled and (not step.constrained or step.bitmask is not None):
+            self.runner.sample(step.handle, step.bitmask)
+            step.sampled = True
+
+    def _grammar_masks(self, step: "_Step") -> np.ndarray:
+        """Each constrained row of the step limited to what its grammar allows next."""
         bitmask = allow_all(self.args.max_running_requests, self.loaded.config.vocab_size)
         rows = []
         for i in step.sampling_rows:
@@ -381,7 +396,7 @@ class Engine:
             else:
                 rows.append((req.matcher, i))
         fill_rows(self.grammar.executor, rows, bitmask)
-        self.runner.sample(step.handle, bitmask)
+        return bitmask
 
     def _process(self, step: "_Step") -> None:
         """Bring a step's samples to the host: append tokens, detokenize, check stops, notify callers."""
@@ -545,4 +560,6 @@ class _Step:
     targets: list[list[int]] | None  # prompt-logprob targets per chunk
     sampling_rows: list[int]  # rows whose sample is the request's next token
     handle: StepHandle
-    constrained: bool  # sampling waits for grammar masks (launched by _sample_constrained)
+    constrained: bool  # sampling waits for grammar masks
+    bitmask: np.ndarray | None = None
+    sampled: bool = False

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.batch import FlatBatch, SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import num_words
 from sgjax.engine.sampler import (
@@ -98,10 +98,9 @@ class ModelRunner:
         """The PenaltyState row that padding rows write to."""
         return self.max_seqs
 
-    def launch(self, chunks: list[SeqChunk], sampling: SamplingBatch,
-               prompt_targets: list[list[int]] | None = None) -> "StepHandle":
-        """Enqueue one forward pass; after `sample`, `collect` gives for each chunk's last token the
-        sampled next token.
+    def prepare(self, chunks: list[SeqChunk], sampling: SamplingBatch,
+                prompt_targets: list[list[int]] | None = None) -> "PreparedStep":
+        """Host-side inputs of one step (no device work, so it can overlap the device's).
 
         A chunk token -(r + 1) stands for the token sampled in row r of the previously launched step.
         With `prompt_targets` (per chunk, the token that follows each of its tokens, -1 where none is
@@ -117,11 +116,17 @@ class ModelRunner:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
+        return PreparedStep(batch, sampling, targets, prompt_targets is not None, len(chunks), total)
+
+    def launch(self, step: "PreparedStep") -> "StepHandle":
+        """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
+        token the sampled next token."""
+        b = step.batch
         (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[
-            num_tokens, prompt_targets is not None](
-            self.state, self.pool.caches, self.penalties, batch.input_ids, batch.positions, batch.meta,
-            batch.last_token_index, sampling, targets, self.prev_tokens)
-        return StepHandle(hidden, sampling, tuple(prompt_out), len(chunks), total)
+            b.input_ids.shape[0], step.with_prompt](
+            self.state, self.pool.caches, self.penalties, b.input_ids, b.positions, b.meta, b.last_token_index,
+            step.sampling, step.targets, self.prev_tokens)
+        return StepHandle(hidden, step.sampling, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
@@ -139,6 +144,16 @@ class ModelRunner:
             result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
                 np.asarray(x)[: handle.num_tokens] for x in out[4:])
         return result
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    batch: FlatBatch
+    sampling: SamplingBatch
+    targets: np.ndarray  # [T] int32 prompt-logprob targets, -1 where none
+    with_prompt: bool
+    num_chunks: int
+    num_tokens: int
 
 
 @dataclasses.dataclass
