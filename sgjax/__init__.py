@@ -1,3 +1,6 @@
-"""sgjax: an LLM serving engine on JAX/XLA."""
+"""sgjax: an LLM serving engine on JAX/XLA, and its frontend language (`import sgjax as sgl`)."""
 
 __version__ = "0.1.0"
+
+from sgjax.lang import *  # noqa: E402,F401,F403
+from sgjax.lang import __all__  # noqa: E402,F401

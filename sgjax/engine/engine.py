@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import jax
 import numpy as np
@@ -133,6 +133,24 @@ class Engine:
             if delta:
                 yield delta
 
+    def stream(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
+               input_ids: list[int] | None = None) -> Iterator[tuple[str, Request]]:
+        """Blocking streaming of one request: (text delta, request) pairs, the last one finished."""
+        requests = self.make_requests(prompt, sampling_params, input_ids)
+        if len(requests) != 1:
+            raise ValueError("stream takes one prompt with n=1")
+        updates: queue.Queue = queue.Queue()
+        self._submit(requests[0], lambda r, delta: updates.put((delta, r.finished)))
+        try:
+            while True:
+                delta, finished = updates.get()
+                yield delta, requests[0]
+                if finished:
+                    return
+        finally:
+            if not requests[0].finished:
+                self.abort(requests[0].rid)
+
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
@@ -158,11 +176,19 @@ class Engine:
         items = [prompt] if single else list(prompt)
         return [self._tokenize(p) for p in items], single
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt, with the BOS token unless the text already starts with it
+        (text rendered by a chat template)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenize(prompt)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return self.apply_chat_template(prompt)
         raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
@@ -313,7 +339,7 @@ class Engine:
             if item[0] == "add":
                 _, req, callback = item
                 self._callbacks[id(req)] = callback
-                if req.params.max_new_tokens == 0:
+                if req.params.max_new_tokens == 0 and req.params.logprob_start_len < 0:
                     self._finish(req, {"type": "length", "length": 0})
                 else:
                     if req.matcher is not None and not self.args.disable_jump_forward:
@@ -462,6 +488,9 @@ class Engine:
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:
         p = req.params
+        if p.max_new_tokens == 0:  # it ran only for its prompt logprobs
+            self.scheduler.finish(req)
+            return self._finish(req, {"type": "length", "length": 0})
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.output_ids.append(token)

@@ -12,6 +12,7 @@ import uuid
 from aiohttp import web
 
 from sgjax.config import ServerArgs
+from sgjax.lang.chat_template import role_markers
 from sgjax.server import native_api, openai_api
 from sgjax.server.errors import ApiError, read_json
 from sgjax.server.keys import (
@@ -78,7 +79,9 @@ async def model_info(request: web.Request) -> web.Response:
     return web.json_response({"model_path": engine.args.model_path, "tokenizer_path": engine.args.model_path,
                               "is_generation": True, "served_model_name": args.served_model_name,
                               "architecture": engine.loaded.config.architecture,
-                              "context_length": engine.context_length})
+                              "context_length": engine.context_length,
+                              # for sgjax.lang.RuntimeEndpoint: the text around each role's messages
+                              "role_markers": role_markers(engine.tokenizer)})
 
 
 async def server_info(request: web.Request) -> web.Response:

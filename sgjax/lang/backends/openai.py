@@ -1,0 +1,115 @@
+"""Backend over any OpenAI-compatible endpoint, with the official openai client.
+
+Programs with roles use /chat/completions (the server applies its own chat template); programs of
+plain text use /completions. What the API cannot express falls back:
+- select: with /completions, each choice's logprob from `echo` + `logprobs` (one batched call); with
+  chat only, the model answers under the instruction-free prompt and the choice its reply matches
+  best is taken (no logprobs of the prompt exist there).
+- regex / choices constraints are sent as `extra_body` (sgjax and SGLang servers take them; other
+  servers reject them); json_schema becomes `response_format`.
+- images go as image_url parts (data URLs) of chat messages.
+API speculative execution is on for /completions programs with @function(num_api_spec_tokens=N).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from sgjax.lang.backends.base import Backend, pick
+from sgjax.lang.chat_template import DEFAULT
+from sgjax.lang.primitives import Gen
+
+
+class OpenAI(Backend):
+    supports_speculation = True
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, **client_kwargs):
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, **client_kwargs)
+        self.model = model
+        self.role_markers = dict(DEFAULT)  # only for state.text(); the server renders chats itself
+        self.num_api_calls = 0
+
+    @staticmethod
+    def _chat_messages(prompt) -> list[dict]:
+        out = []
+        for m in prompt.messages:
+            if m["role"] == prompt.role:
+                if m["content"]:
+                    raise ValueError("with a chat API a gen must start the assistant message (the API cannot "
+                                     "continue a partial one)")
+                continue
+            content = m["content"]
+            if m.get("images"):
+                content = [{"type": "text", "text": content}] + [
+                    {"type": "image_url", "image_url": {
+                        "url": f"data:{im.mime};base64,{base64.b64encode(im.data).decode()}"}}
+                    for im in m["images"]]
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    def _constraint_args(self, gen: Gen) -> dict:
+        args, extra = {}, {}
+        if gen.json_schema is not None:
+            schema = json.loads(gen.json_schema) if isinstance(gen.json_schema, str) else gen.json_schema
+            args["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        if gen.regex is not None:
+            extra["regex"] = gen.regex
+        if gen.choices is not None:
+            extra["ebnf"] = "start: " + " | ".join(json.dumps(c) for c in gen.choices)
+        if gen.top_k != -1:
+            extra["top_k"] = gen.top_k
+        if extra:
+            args["extra_body"] = extra
+        return args
+
+    def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
+        self.num_api_calls += 1
+        common = dict(model=self.model, max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                      stop=gen.stop, seed=gen.seed, frequency_penalty=gen.frequency_penalty,
+                      presence_penalty=gen.presence_penalty, **self._constraint_args(gen))
+        if prompt.messages:
+            if prompt.role != "assistant":
+                raise ValueError("with a chat API a gen must be inside an assistant message")
+            r = self.client.chat.completions.create(messages=self._chat_messages(prompt), **common)
+            text = r.choices[0].message.content or ""
+        else:
+            r = self.client.completions.create(prompt=prompt.text, **common)
+            text = r.choices[0].text
+        usage = r.usage
+        meta = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "finish_reason": r.choices[0].finish_reason} if usage else {}
+        return text, meta
+
+    def select(self, prompt, choices: list[str]) -> tuple[int, dict]:
+        if prompt.messages:
+            return self._select_by_reply(prompt, choices)
+        self.num_api_calls += 1
+        r = self.client.completions.create(model=self.model, prompt=[prompt.text + c for c in choices],
+                                           max_tokens=0, echo=True, logprobs=0, temperature=0)
+        scores = []
+        for choice in sorted(r.choices, key=lambda c: c.index):
+            lp = choice.logprobs
+            # the choice's tokens: those ending after the prompt text (the first may straddle it)
+            picked = [v for v, off, tok in zip(lp.token_logprobs, lp.text_offset, lp.tokens)
+                      if off + len(tok) > len(prompt.text) and v is not None]
+            scores.append(sum(picked) / max(1, len(picked)))
+        return pick(scores), {"normalized_prompt_logprobs": scores}
+
+    def _select_by_reply(self, prompt, choices: list[str]) -> tuple[int, dict]:
+        gen = Gen(None, max_tokens=max(8, max(len(c) for c in choices)), temperature=0.0)
+        reply, meta = self.generate(prompt, gen)
+
+        answer = reply.strip()
+
+        def agreement(choice: str) -> int:
+            n = 0
+            while n < min(len(choice), len(answer)) and choice[n] == answer[n]:
+                n += 1
+            return n
+
+        scores = [float(agreement(c)) for c in choices]
+        return pick(scores), {**meta, "reply": reply, "matched_characters": scores}
+

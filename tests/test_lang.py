@@ -1,0 +1,331 @@
+"""The frontend language on the in-process Engine and over HTTP (RuntimeEndpoint, and the OpenAI
+backend through the official client), with a tiny model. Oracles: transformers (greedy tokens,
+select's logprobs), the tokenizer's own chat template, and a scripted backend for the interpreter."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import sgjax as sgl
+from sgjax.engine import Engine
+from sgjax.lang.backends.base import Backend
+from sgjax.lang.primitives import Gen
+from tests.e2e.test_server import LiveServer
+from tests.hf_oracle import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    path, hf_model = tiny_models("llama")
+    engine = Engine(path, dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64,
+                    num_pages=2000, enable_prompt_logprobs=True, attention_backend="reference")
+    server = LiveServer(engine, served_model_name="tiny")
+    backends = {"engine": sgl.EngineBackend(engine), "http": sgl.RuntimeEndpoint(server.url)}
+    yield engine, server, hf_model, backends
+    server.stop()
+    engine.shutdown()
+
+
+@pytest.fixture(params=["engine", "http"])
+def backend(request, setup):
+    return setup[3][request.param]
+
+
+def hf_continuation(engine, hf_model, text: str, n: int) -> str:
+    ids = engine.tokenize(text)
+    return engine.tokenizer.decode(hf_greedy(hf_model, ids, n), skip_special_tokens=True)
+
+
+@sgl.function
+def qa(s, question, n=6):
+    s += "Q: " + question + "\nA:"
+    s += sgl.gen("answer", max_tokens=n, ignore_eos=True)
+
+
+def test_gen_matches_transformers(setup, backend):
+    engine, _, hf_model, _ = setup
+    state = qa.run(question="What is JAX?", backend=backend)
+    assert state["answer"] == hf_continuation(engine, hf_model, "Q: What is JAX?\nA:", 6)
+    assert state.text() == "Q: What is JAX?\nA:" + state["answer"]
+    assert state.get_meta_info("answer")["completion_tokens"] == 6
+
+
+def test_roles_render_the_models_chat_template(setup, backend):
+    engine, _, hf_model, _ = setup
+
+    @sgl.function
+    def chat(s):
+        s += sgl.system("You are terse.")
+        s += sgl.user("Hello there")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=5, ignore_eos=True))
+
+    state = chat.run(backend=backend)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": state["reply"]}]
+    assert state.messages() == messages
+    assert state.text() == engine.tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = engine.tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert state["reply"] == hf_continuation(engine, hf_model, prompt, 5)
+
+
+def hf_choice_scores(engine, hf_model, prefix: str, choices: list[str]) -> list[float]:
+    """Mean logprob of each choice's tokens (after the tokens it shares with the prefix alone)."""
+    prefix_ids = engine.tokenize(prefix)
+    scores = []
+    for c in choices:
+        ids = engine.tokenize(prefix + c)
+        start = next((i for i, (a, b) in enumerate(zip(prefix_ids, ids)) if a != b), min(len(prefix_ids), len(ids)))
+        start = max(1, min(start, len(ids) - 1))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+        scores.append(float(np.mean([logprobs[q - 1, ids[q]] for q in range(start, len(ids))])))
+    return scores
+
+
+def test_select_picks_transformers_most_likely_choice(setup, backend):
+    engine, _, hf_model, _ = setup
+    choices = ["red", "green apple", "blue", "an orange cat", "7"]
+
+    @sgl.function
+    def pick(s):
+        s += "My favourite thing is"
+        s += " " + sgl.select("thing", choices)
+
+    state = pick.run(backend=backend)
+    expected = hf_choice_scores(engine, hf_model, "My favourite thing is ", choices)
+    assert state["thing"] == choices[int(np.argmax(expected))]
+    np.testing.assert_allclose(state.get_meta_info("thing")["normalized_prompt_logprobs"], expected, atol=1e-4)
+    assert state.text() == "My favourite thing is " + state["thing"]
+
+
+def test_fork_branches_share_the_prefix(setup, backend):
+    engine, _, hf_model, _ = setup
+    system = "You are a helpful assistant who answers in detail. " * 6
+
+    @sgl.function
+    def branches(s):
+        s += system + "Topic:" + sgl.gen("topic", max_tokens=4, ignore_eos=True)
+        forks = s.fork(3)
+        for i, f in enumerate(forks):
+            f += f"\nIdea {i}:"
+        forks += sgl.gen("idea", max_tokens=4, ignore_eos=True)
+        return forks
+
+    state = branches.run(backend=backend)
+    forks = state.ret_value
+    prefix_tokens = len(engine.tokenize(system + "Topic:"))
+    for i, f in enumerate(forks):
+        assert f.text().startswith(state.text())
+        text = state.text() + f"\nIdea {i}:"
+        assert f["idea"] == hf_continuation(engine, hf_model, text, 4)
+        assert f.get_meta_info("idea")["cached_tokens"] >= prefix_tokens - engine.args.page_size
+    assert "idea" not in state  # the parent is untouched
+
+
+def test_run_batch_of_64_programs(setup, backend):
+    engine, _, _, _ = setup
+    questions = [f"question number {i}?" for i in range(64)]
+    states = qa.run_batch([{"question": q, "n": 4} for q in questions], backend=backend, num_threads=16)
+    expected = engine.generate([f"Q: {q}\nA:" for q in questions],
+                               {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert [s["answer"] for s in states] == [e["text"] for e in expected]
+
+
+def test_streaming_text_iter(setup, backend):
+    state = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    pieces = list(state.text_iter())
+    assert "".join(pieces) == state.sync().text() and len(pieces) > 2
+    again = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    assert "".join(again.text_iter("answer")) == state["answer"]
+
+
+def test_regex_and_json_extraction(setup, backend):
+    @sgl.function
+    def extract(s, doc):
+        s += sgl.user("Extract the record from: " + doc)
+        s += sgl.assistant_begin()
+        s += "Phone: " + sgl.gen("phone", max_tokens=16, regex=r"[0-9]{3}-[0-9]{4}", temperature=1.0, seed=1)
+        s += "\nJSON: " + sgl.gen("record", max_tokens=80, temperature=1.0, seed=2, json_schema={
+            "type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                             "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+            "required": ["name", "age"], "additionalProperties": False})
+        s += sgl.assistant_end()
+
+    state = extract.run(doc="Ann, 31, phone 555-1234", backend=backend)
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", state["phone"])
+    record = json.loads(state["record"])
+    assert set(record) == {"name", "age"}
+    assert state.messages()[-1]["content"] == f"Phone: {state['phone']}\nJSON: {state['record']}"
+
+
+def test_multi_turn_follow_ups(setup, backend):
+    engine, _, hf_model, _ = setup
+
+    @sgl.function
+    def conversation(s, questions):
+        s += sgl.system("Answer briefly.")
+        answers = []
+        for q in questions:
+            s += sgl.user(q)
+            s += sgl.assistant(sgl.gen("answer", max_tokens=4, ignore_eos=True))
+            answers.append(s["answer"])  # plain Python reads each answer before the next turn
+        return answers
+
+    state = conversation.run(questions=["Hi?", "And then?", "Why?"], backend=backend)
+    assert [m["role"] for m in state.messages()] == ["system"] + ["user", "assistant"] * 3
+    history = [{"role": "system", "content": "Answer briefly."}]
+    for q, a in zip(["Hi?", "And then?", "Why?"], state.ret_value):
+        history.append({"role": "user", "content": q})
+        prompt = engine.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        assert a == hf_continuation(engine, hf_model, prompt, 4)  # each turn sees the earlier ones
+        history.append({"role": "assistant", "content": a})
+
+
+def test_plan_calls_python_functions_then_generates(setup, backend):
+    engine, _, hf_model, _ = setup
+    calls = []
+
+    def lookup_population(city: str) -> int:
+        calls.append(("population", city))
+        return {"Paris": 2_100_000, "Lyon": 520_000}[city]
+
+    def ratio(a: int, b: int) -> float:
+        calls.append(("ratio", a, b))
+        return round(a / b, 2)
+
+    @sgl.function
+    def plan(s, first, second):
+        s += f"Plan: compare {first} and {second}.\n"
+        a, b = lookup_population(first), lookup_population(second)
+        s += f"Tool lookup: {first}={a}, {second}={b}\n"
+        s += f"Tool ratio: {ratio(a, b)}\nSummary:" + sgl.gen("summary", max_tokens=5, ignore_eos=True)
+
+    state = plan.run(first="Paris", second="Lyon", backend=backend)
+    assert calls == [("population", "Paris"), ("population", "Lyon"), ("ratio", 2_100_000, 520_000)]
+    prompt = "Plan: compare Paris and Lyon.\nTool lookup: Paris=2100000, Lyon=520000\nTool ratio: 4.04\nSummary:"
+    assert state.text().startswith(prompt)
+    assert state["summary"] == hf_continuation(engine, hf_model, prompt, 5)
+
+
+def test_errors_are_named(setup, tmp_path):
+    engine, _, _, backends = setup
+    with pytest.raises(ValueError, match="no backend"):
+        sgl.set_default_backend(None)
+        qa.run(question="x")
+
+    @sgl.function
+    def unbalanced(s):
+        s += sgl.user_begin() + "hi" + sgl.assistant_end()
+
+    with pytest.raises(ValueError, match="assistant_end without a matching"):
+        unbalanced.run(backend=backends["engine"])
+
+    from PIL import Image as PILImage
+
+    PILImage.new("RGB", (4, 4), "red").save(tmp_path / "red.png")
+
+    @sgl.function
+    def look(s):
+        s += sgl.user(sgl.image(str(tmp_path / "red.png")) + "What colour?")
+        s += sgl.assistant(sgl.gen("answer", max_tokens=3))
+
+    for name in ("engine", "http"):
+        with pytest.raises(ValueError, match="text-only model"):
+            look.run(backend=backends[name])
+    with pytest.raises(ValueError, match="not a readable image"):
+        sgl.image(b"not an image")
+
+
+def test_default_backend_and_set_default(setup):
+    backend = setup[3]["engine"]
+    sgl.set_default_backend(backend)
+    try:
+        assert qa.run(question="default?")["answer"] == qa.run(question="default?", backend=backend)["answer"]
+    finally:
+        sgl.set_default_backend(None)
+
+
+# ---- the OpenAI-compatible backend, against this server through the official client ---------
+
+@pytest.fixture(scope="module")
+def openai_backend(setup):
+    return sgl.OpenAI("tiny", base_url=setup[1].url + "/v1", api_key="unused")
+
+
+def test_openai_backend_chat_and_completion_match_native(setup, openai_backend):
+    native = setup[3]["http"]
+
+    @sgl.function
+    def chat(s):
+        s += sgl.user("Tell me something")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=5, ignore_eos=True))
+
+    assert chat.run(backend=openai_backend)["reply"] == chat.run(backend=native)["reply"]
+    assert qa.run(question="plain?", backend=openai_backend)["answer"] == \
+        qa.run(question="plain?", backend=native)["answer"]
+
+
+def test_openai_backend_select_and_regex(setup, openai_backend):
+    choices = ["red", "green apple", "blue"]
+
+    @sgl.function
+    def pick(s):
+        s += "My favourite thing is " + sgl.select("thing", choices)
+        s += "\nCode: " + sgl.gen("code", max_tokens=10, regex=r"[A-Z]{2}[0-9]{2}", temperature=1.0)
+
+    via_openai = pick.run(backend=openai_backend)
+    via_native = pick.run(backend=setup[3]["http"])
+    assert via_openai["thing"] == via_native["thing"]
+    np.testing.assert_allclose(via_openai.get_meta_info("thing")["normalized_prompt_logprobs"],
+                               via_native.get_meta_info("thing")["normalized_prompt_logprobs"], atol=1e-4)
+    assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", via_openai["code"])
+
+
+def test_openai_backend_sends_images_as_data_urls(tmp_path):
+    from PIL import Image as PILImage
+
+    from sgjax.lang.state import Prompt
+
+    PILImage.new("RGB", (2, 2), "blue").save(tmp_path / "b.png")
+    im = sgl.image(str(tmp_path / "b.png"))
+    prompt = Prompt("", [{"role": "user", "content": "What?", "images": [im]},
+                         {"role": "assistant", "content": "", "images": []}], "assistant")
+    (message,) = sgl.OpenAI._chat_messages(prompt)
+    assert message["content"][0] == {"type": "text", "text": "What?"}
+    assert message["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+class ScriptedBackend(Backend):
+    """Answers each generate call with the next scripted text; records the calls."""
+    supports_speculation = True
+
+    def __init__(self, replies):
+        self.replies, self.calls = list(replies), []
+        self.role_markers = {"system": ("", ""), "user": ("", ""), "assistant": ("", "")}
+
+    def generate(self, prompt, gen: Gen):
+        self.calls.append((prompt.text, gen.max_tokens, gen.stop))
+        return self.replies.pop(0), {}
+
+
+def test_api_speculative_execution_reuses_one_call():
+    @sgl.function(num_api_spec_tokens=64)
+    def profile(s):
+        s += "Name:" + sgl.gen("name", stop="\n")
+        s += "\nAge:" + sgl.gen("age", stop="\n")
+        s += "\nJob:" + sgl.gen("job", stop="\n")
+
+    backend = ScriptedBackend([" Ann\nAge: 31\nJob: pilot\nHobby: chess"])
+    state = profile.run(backend=backend)
+    assert (state["name"], state["age"], state["job"]) == (" Ann", " 31", " pilot")
+    assert len(backend.calls) == 1 and backend.calls[0] == ("Name:", 128, None)
+    assert state.text() == "Name: Ann\nAge: 31\nJob: pilot"
+
+    # The model wandered off the program's text: the next gen calls the API again.
+    backend = ScriptedBackend([" Bob\nWeight: 80\n", " 40\nJob: cook\n"])
+    state = profile.run(backend=backend)
+    assert (state["name"], state["age"], state["job"]) == (" Bob", " 40", " cook")
+    assert [c[0] for c in backend.calls] == ["Name:", "Name: Bob\nAge:"]
