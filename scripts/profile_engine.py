@@ -7,6 +7,10 @@ coarse category (matmul, attention, sampling sort, ...).
 
     python scripts/profile_engine.py --model llama-3-8b --num-prompts 512 --output-len 256
     python scripts/profile_engine.py --constrained   # 64 requests under a JSON schema
+
+Known problem (2026-11-22, H100, JAX 0.11.2): with the trace running, the engine's steps failed with
+CUDA_ERROR_LAUNCH_FAILED in two of three runs, while the same workloads without the profiler ran
+clean; the figures of a run with such errors (printed before the summary) are not to be trusted.
 """
 
 from __future__ import annotations
