@@ -43,6 +43,7 @@ class ProgramState:
         self._images: list[Image] = []
         self._spec_tokens = num_api_spec_tokens
         self._spec = ""  # generated text not yet matched by the program
+        self._spec_meta: dict = {}  # the meta information of the call that produced it
         self._stream: queue.Queue | None = queue.Queue() if stream else None
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -107,7 +108,7 @@ class ProgramState:
 
     def _copy(self) -> "ProgramState":
         twin = ProgramState(self.backend, num_api_spec_tokens=self._spec_tokens)
-        for attr in ("_text", "_role", "_role_start", "_spec"):
+        for attr in ("_text", "_role", "_role_start", "_spec", "_spec_meta"):
             setattr(twin, attr, getattr(self, attr))
         twin._vars, twin._meta = dict(self._vars), dict(self._meta)
         twin._messages, twin._images = copy.deepcopy(self._messages), list(self._images)

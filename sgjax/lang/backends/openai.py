@@ -70,6 +70,7 @@ class OpenAI(Backend):
         common = dict(model=self.model, max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                       stop=gen.stop, seed=gen.seed, frequency_penalty=gen.frequency_penalty,
                       presence_penalty=gen.presence_penalty, **self._constraint_args(gen))
+        common = {k: v for k, v in common.items() if v is not None}  # unset fields stay out of the body
         if prompt.messages:
             if prompt.role != "assistant":
                 raise ValueError("with a chat API a gen must be inside an assistant message")
