@@ -404,9 +404,8 @@ class Engine:
 
     def _sample(self, step: "_Step") -> None:
         """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""
-        if not step.sampled and (not step.constrained or step.bitmask is not None):
+        if not step.handle.device_outputs and (not step.constrained or step.bitmask is not None):
             self.runner.sample(step.handle, step.bitmask)
-            step.sampled = True
 
     def _grammar_masks(self, step: "_Step") -> np.ndarray:
         """Each constrained row of the step limited to what its grammar allows next."""
@@ -591,4 +590,3 @@ class _Step:
     handle: StepHandle
     constrained: bool  # sampling waits for grammar masks
     bitmask: np.ndarray | None = None
-    sampled: bool = False

@@ -68,11 +68,10 @@ class ModelRunner:
                           unit="bucket"):
                 self.compiled[t, with_prompt] = forward.lower(self.state, pool.caches, self.penalties,
                                                               *self._abstract_inputs(t)).compile()
-        self.vocab_size = loaded.config.vocab_size
         # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings).
         (hidden, *_), _, penalties = self.compiled[self.buckets[0], False].out_info
         sampling = self._abstract_inputs(1)[4]
-        mask = jax.ShapeDtypeStruct((max_seqs, num_words(self.vocab_size)), np.int32)
+        mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         self.sampler = {
             masked: jax.jit(functools.partial(_sample, self.graphdef)).lower(
                 self.state, hidden, sampling, penalties, mask if masked else None).compile()
