@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -35,28 +36,36 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     if total > num_tokens or len(chunks) > num_seqs:
         raise ValueError(f"batch of {total} tokens / {len(chunks)} sequences exceeds bucket "
                          f"{num_tokens} / {num_seqs}")
-    ids = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slots = np.arange(num_tokens, dtype=np.int32) % page_size + NULL_PAGE * page_size
+    n = len(chunks)
+    lens = np.fromiter((len(c.tokens) for c in chunks), np.int32, n)
+    num_cached = np.fromiter((c.num_cached for c in chunks), np.int32, n)
+    num_pages = np.fromiter((len(c.pages) for c in chunks), np.int32, n)
+    end_lens = num_cached + lens
+    short = np.flatnonzero((num_pages * page_size < end_lens) | (num_pages > max_pages))
+    if len(short):
+        b = int(short[0])
+        raise ValueError(f"sequence {b} needs {end_lens[b]} tokens of pages; has {num_pages[b]} pages "
+                         f"of {page_size} (max {max_pages})")
+    # Whole-batch numpy: a step has up to hundreds of sequences, so no per-sequence array work.
     page_table = np.full((num_seqs, max_pages), NULL_PAGE, np.int32)
+    flat_pages = np.fromiter(itertools.chain.from_iterable(c.pages for c in chunks), np.int32, int(num_pages.sum()))
+    page_rows = np.repeat(np.arange(n), num_pages)
+    page_table[page_rows, np.arange(len(flat_pages)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)] = \
+        flat_pages
+    qsl = np.full(num_seqs + 1, total, np.int32)
+    qsl[0] = 0
+    qsl[1:n + 1] = np.cumsum(lens)
+    token_seq = np.repeat(np.arange(n), lens)
+    pos = np.arange(total, dtype=np.int32) - qsl[token_seq] + num_cached[token_seq]
+    ids = np.zeros(num_tokens, np.int32)
+    ids[:total] = np.fromiter(itertools.chain.from_iterable(c.tokens for c in chunks), np.int32, total)
+    positions = np.zeros(num_tokens, np.int32)
+    positions[:total] = pos
+    slots = np.arange(num_tokens, dtype=np.int32) % page_size + NULL_PAGE * page_size
+    slots[:total] = page_table[token_seq, pos // page_size] * page_size + pos % page_size
     kv_lens = np.zeros(num_seqs, np.int32)
-    qsl = np.zeros(num_seqs + 1, np.int32)
+    kv_lens[:n] = end_lens
     last = np.zeros(num_seqs, np.int32)
-    start = 0
-    for b, c in enumerate(chunks):
-        n, end_len = len(c.tokens), c.num_cached + len(c.tokens)
-        if len(c.pages) * page_size < end_len or len(c.pages) > max_pages:
-            raise ValueError(f"sequence {b} needs {end_len} tokens of pages; has {len(c.pages)} pages "
-                             f"of {page_size} (max {max_pages})")
-        pos = np.arange(c.num_cached, end_len, dtype=np.int32)
-        ids[start:start + n] = c.tokens
-        positions[start:start + n] = pos
-        slots[start:start + n] = np.asarray(c.pages, np.int32)[pos // page_size] * page_size + pos % page_size
-        page_table[b, :len(c.pages)] = c.pages
-        kv_lens[b] = end_len
-        start += n
-        qsl[b + 1] = start
-        last[b] = start - 1
-    qsl[len(chunks) + 1:] = start
+    last[:n] = qsl[1:n + 1] - 1
     meta = AttentionMetadata(slot_mapping=slots, page_table=page_table, kv_lens=kv_lens, query_start_loc=qsl)
     return FlatBatch(ids, positions, meta, last)

@@ -36,7 +36,7 @@ from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
-from sgjax.engine.sampler import SamplingBatch
+from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
 from sgjax.kernels import resolve_backend
@@ -45,7 +45,7 @@ from sgjax.models.loader import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 Prompt = str | list[dict]  # text, or chat messages
-Callback = Callable[[Request, str], None]  # (request, new text); request.finished tells the end
+Callback = Callable[[Request, str, bool], None]  # (request, new text, finished)
 
 
 class Engine:
@@ -85,7 +85,9 @@ class Engine:
                                   min_bucket=args.min_token_bucket,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs)
         self._seeds = np.random.default_rng(args.random_seed)
-        self._callbacks: dict[int, Callback] = {}
+        self._callbacks: dict[int, tuple[Callback, asyncio.AbstractEventLoop | None]] = {}
+        # Updates for callers on event loops, sent once per step and loop (one wake-up, not one per token)
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the engine thread (metrics)
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = False
@@ -105,8 +107,8 @@ class Engine:
         remaining = [len(pending)]
         lock = threading.Lock()
 
-        def on_output(req: Request, _delta: str, slot: int):
-            if req.finished:
+        def on_output(req: Request, _delta: str, finished: bool, slot: int):
+            if finished:
                 pending[slot] = self.result(req)
                 with lock:
                     remaining[0] -= 1
@@ -115,7 +117,7 @@ class Engine:
 
         requests = self._make_requests(prompts, params)
         for slot, req in enumerate(requests):
-            self._submit(req, lambda r, d, slot=slot: on_output(r, d, slot))
+            self._submit(req, lambda r, d, f, slot=slot: on_output(r, d, f, slot))
         done.wait()
         return pending[0] if single and params.n == 1 else pending
 
@@ -140,7 +142,7 @@ class Engine:
         if len(requests) != 1:
             raise ValueError("stream takes one prompt with n=1")
         updates: queue.Queue = queue.Queue()
-        self._submit(requests[0], lambda r, delta: updates.put((delta, r.finished)))
+        self._submit(requests[0], lambda r, delta, finished: updates.put((delta, finished)))
         try:
             while True:
                 delta, finished = updates.get()
@@ -229,8 +231,9 @@ class Engine:
             raise ValueError(f"a request of {longest} tokens needs {self.allocator.pages_for(longest)} KV pages; "
                              f"the pool has {self.allocator.num_usable}")
 
-    def _submit(self, req: Request, callback: Callback) -> None:
-        self._inbox.put(("add", req, callback))
+    def _submit(self, req: Request, callback: Callback, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue a request for the engine thread; `callback` runs there, or on `loop` if given."""
+        self._inbox.put(("add", req, (callback, loop)))
 
     def make_requests(self, prompt: Prompt | list[Prompt] | None = None,
                       sampling_params: SamplingParams | dict | None = None,
@@ -247,8 +250,7 @@ class Engine:
         update with request.finished set. Leaving the loop early aborts the unfinished ones."""
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         for i, req in enumerate(requests):
-            self._submit(req, lambda r, delta, i=i: loop.call_soon_threadsafe(
-                updates.put_nowait, (i, delta, r.finished)))
+            self._submit(req, lambda r, delta, finished, i=i: updates.put_nowait((i, delta, finished)), loop)
         remaining = len(requests)
         try:
             while remaining:
@@ -315,6 +317,7 @@ class Engine:
                 if in_flight is not None:
                     self._sample(in_flight)  # if _launch did not
                     self._process(in_flight)
+                    self._flush_outbox()
                 in_flight, self._next_step = self._next_step, None
                 if in_flight is not None and in_flight.constrained:
                     in_flight.bitmask = self._grammar_masks(in_flight)  # they needed step N's tokens
@@ -329,6 +332,7 @@ class Engine:
                     self.scheduler.abort(req.rid)
                     req.num_unknown = 0
                     self._finish(req, {"type": "abort", "message": f"engine error: {e}"})
+            self._flush_outbox()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -338,7 +342,7 @@ class Engine:
         while True:
             if item[0] == "add":
                 _, req, callback = item
-                self._callbacks[id(req)] = callback
+                self._callbacks[id(req)] = callback  # (function, event loop or None)
                 if req.params.max_new_tokens == 0 and req.params.logprob_start_len < 0:
                     self._finish(req, {"type": "length", "length": 0})
                 else:
@@ -381,7 +385,7 @@ class Engine:
         if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
             targets = [self._prompt_targets(r, n) for r, n in batch]
         starts = [r.num_computed for r in reqs]
-        prepared = self.runner.prepare(chunks, sampling, targets)
+        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of([r.params for r in reqs]), targets)
         if previous is not None:
             self._sample(previous)
         handle = self.runner.launch(prepared)
@@ -429,14 +433,15 @@ class Engine:
         out = self.runner.collect(step.handle)
         if targets is not None:
             self._record_prompt_logprobs(batch, step.starts, targets, out)
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         for i in step.sampling_rows:
             req = batch[i][0]
             req.num_unknown -= 1
             if req.finished:
                 continue  # it finished (or was aborted) while this step ran: the token is surplus
             k = req.params.top_logprobs_num
-            top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist()))
-            self._append_token(req, int(out.tokens[i]), float(out.logprobs[i]), top)
+            top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())) if k else []
+            self._append_token(req, tokens[i], logprobs[i], top)
             if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
                 self._jump_forward(req)
 
@@ -503,7 +508,8 @@ class Engine:
             req.detokenizer.add(token)
         if req.matcher is not None and finish is None:
             finish = self._advance_grammar(req, token)
-        if finish is None and (len(req.output_ids) >= p.max_new_tokens or len(req.fill_ids) >= self.context_length):
+        num_out = len(req.output_ids)
+        if finish is None and (num_out >= p.max_new_tokens or len(req.prompt_ids) + num_out >= self.context_length):
             finish = {"type": "length", "length": len(req.output_ids)}
         if finish is not None and req.detokenizer is not None:
             req.detokenizer.flush()
@@ -542,14 +548,32 @@ class Engine:
         self._callbacks.pop(id(req), None)
 
     def _notify(self, req: Request, delta: str) -> None:
-        """Tell the caller; a caller that is gone (closed event loop) gets its request aborted."""
+        """Tell the caller (at once, or with the step's other updates for its event loop)."""
+        callback, loop = self._callbacks[id(req)]
+        if loop is not None:
+            self._outbox.setdefault(loop, []).append((callback, req, delta, req.finished))
+            return
         try:
-            self._callbacks[id(req)](req, delta)
+            callback(req, delta, req.finished)
         except Exception:
-            logger.warning("request %s: its caller is gone; aborting it", req.rid, exc_info=True)
-            self._callbacks.pop(id(req), None)
-            if not req.finished:
-                self._inbox.put(("abort", req.rid))
+            self._caller_gone(req)
+
+    def _flush_outbox(self) -> None:
+        """Send each event loop its updates of this step in one call."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, updates in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, updates)
+            except Exception:  # the loop is closed
+                for _, req, _, _ in updates:
+                    self._caller_gone(req)
+
+    def _caller_gone(self, req: Request) -> None:
+        """A caller that is gone (closed event loop) gets its request aborted."""
+        logger.warning("request %s: its caller is gone; aborting it", req.rid, exc_info=True)
+        self._callbacks.pop(id(req), None)
+        if not req.finished:
+            self._inbox.put(("abort", req.rid))
 
     # ---- set-up helpers ------------------------------------------------------------------------
     def _eos_token_ids(self) -> set[int]:
@@ -578,6 +602,11 @@ class Engine:
             raise ValueError(f"no device memory left for the KV pool ({free / 2**30:.1f} GiB free after weights); "
                              "raise mem_fraction_static or use a larger mesh")
         return pages
+
+
+def _deliver(updates: list) -> None:
+    for callback, req, delta, finished in updates:
+        callback(req, delta, finished)
 
 
 @dataclasses.dataclass

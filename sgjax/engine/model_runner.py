@@ -1,9 +1,10 @@
 """The model runner: compiled programs for every shape a step can take, built at start-up.
 
-A step is two programs: the forward pass (one per token-count bucket) and sampling (one, plus one
-that also takes grammar bitmasks). Every step has the same batch dimension (`max_running_requests`
-rows of metadata and sampling parameters) and page-table width (`context_length / page_size`), and a
-token count padded up to the next power-of-two bucket. All programs are compiled ahead of time
+A step is two programs: the forward pass (one per token-count bucket) and sampling (one per
+SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, each only where needed).
+Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
+parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
+next power-of-two bucket. All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
 compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
 in place.
@@ -32,6 +33,7 @@ from sgjax.constrained.bitmask import num_words
 from sgjax.engine.sampler import (
     TOP_LOGPROBS,
     PenaltyState,
+    SamplerFeatures,
     SamplingBatch,
     sample,
     update_penalty_state,
@@ -55,7 +57,10 @@ class ModelRunner:
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens)
-        self.graphdef, self.state = nnx.split(loaded.model)
+        graphdef, state = nnx.split(loaded.model)
+        # The programs take the weights as a flat list: flattening an nnx.State costs ~0.3 ms a call.
+        self.weights, self.state_def = jax.tree.flatten(state)
+        model_def = (graphdef, self.state_def)
         self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
         self.prev_tokens = jax.numpy.zeros((max_seqs,), np.int32)  # the last launched step's samples
         # Steps that return prompt logprobs compute logits for every token, so they are separate
@@ -63,19 +68,19 @@ class ModelRunner:
         variants = (False, True) if enable_prompt_logprobs else (False,)
         self.compiled = {}
         for with_prompt in variants:
-            forward = jax.jit(functools.partial(_forward, self.graphdef, with_prompt), donate_argnums=(1, 2))
+            forward = jax.jit(functools.partial(_forward, model_def, with_prompt), donate_argnums=(1, 2))
             for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
                           unit="bucket"):
-                self.compiled[t, with_prompt] = forward.lower(self.state, pool.caches, self.penalties,
+                self.compiled[t, with_prompt] = forward.lower(self.weights, pool.caches, self.penalties,
                                                               *self._abstract_inputs(t)).compile()
         # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings).
         (hidden, *_), _, penalties = self.compiled[self.buckets[0], False].out_info
         sampling = self._abstract_inputs(1)[4]
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         self.sampler = {
-            masked: jax.jit(functools.partial(_sample, self.graphdef)).lower(
-                self.state, hidden, sampling, penalties, mask if masked else None).compile()
-            for masked in (False, True)}
+            features: jax.jit(functools.partial(_sample, model_def, features)).lower(
+                self.weights, hidden, sampling, penalties, mask if features.masked else None).compile()
+            for features in tqdm(SamplerFeatures.all(), desc="compiling sampling", unit="variant")}
 
     def _abstract_inputs(self, num_tokens: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
@@ -97,7 +102,7 @@ class ModelRunner:
         """The PenaltyState row that padding rows write to."""
         return self.max_seqs
 
-    def prepare(self, chunks: list[SeqChunk], sampling: SamplingBatch,
+    def prepare(self, chunks: list[SeqChunk], sampling: SamplingBatch, features: SamplerFeatures,
                 prompt_targets: list[list[int]] | None = None) -> "PreparedStep":
         """Host-side inputs of one step (no device work, so it can overlap the device's).
 
@@ -115,7 +120,7 @@ class ModelRunner:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
-        return PreparedStep(batch, sampling, targets, prompt_targets is not None, len(chunks), total)
+        return PreparedStep(batch, sampling, features, targets, prompt_targets is not None, len(chunks), total)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
@@ -123,14 +128,14 @@ class ModelRunner:
         b = step.batch
         (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[
             b.input_ids.shape[0], step.with_prompt](
-            self.state, self.pool.caches, self.penalties, b.input_ids, b.positions, b.meta, b.last_token_index,
+            self.weights, self.pool.caches, self.penalties, b.input_ids, b.positions, b.meta, b.last_token_index,
             step.sampling, step.targets, self.prev_tokens)
-        return StepHandle(hidden, step.sampling, tuple(prompt_out), step.num_chunks, step.num_tokens)
+        return StepHandle(hidden, step.sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
-        out = self.sampler[bitmask is not None](self.state, handle.hidden, handle.sampling, self.penalties,
-                                                bitmask)
+        features = dataclasses.replace(handle.features, masked=bitmask is not None)
+        out = self.sampler[features](self.weights, handle.hidden, handle.sampling, self.penalties, bitmask)
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
 
@@ -149,6 +154,7 @@ class ModelRunner:
 class PreparedStep:
     batch: FlatBatch
     sampling: SamplingBatch
+    features: SamplerFeatures
     targets: np.ndarray  # [T] int32 prompt-logprob targets, -1 where none
     with_prompt: bool
     num_chunks: int
@@ -159,6 +165,7 @@ class PreparedStep:
 class StepHandle:
     hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state
     sampling: SamplingBatch
+    features: SamplerFeatures
     prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
     num_chunks: int
     num_tokens: int
@@ -177,11 +184,16 @@ class StepOutput:
     prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
 
 
-def _forward(graphdef, with_prompt, state, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
+def _merge(model_def, weights):
+    graphdef, state_def = model_def
+    return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
+
+
+def _forward(model_def, with_prompt, weights, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
              targets, prev_tokens):
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
-    model = nnx.merge(graphdef, state)
+    model = _merge(model_def, weights)
     hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])
     valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
@@ -195,6 +207,6 @@ def _forward(graphdef, with_prompt, state, kv_caches, penalties, input_ids, posi
     return out, kv_caches, penalties
 
 
-def _sample(graphdef, state, hidden, sampling, penalties, bitmask):
-    model = nnx.merge(graphdef, state)
-    return sample(model.compute_logits(hidden), sampling, penalties, bitmask)
+def _sample(model_def, features, weights, hidden, sampling, penalties, bitmask):
+    model = _merge(model_def, weights)
+    return sample(model.compute_logits(hidden), sampling, penalties, bitmask, features)

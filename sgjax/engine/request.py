@@ -71,7 +71,11 @@ class Request:
 
     def chunk_tokens(self, n: int) -> list[int]:
         """The next n tokens to run; the unknown token is written -(row + 1) (see ModelRunner.launch)."""
-        tokens = self.fill_ids[self.num_computed:self.num_computed + n]
+        start, end, p = self.num_computed, self.num_computed + n, len(self.prompt_ids)
+        if start >= p:  # a decode: no copy of the whole sequence
+            tokens = self.output_ids[start - p:end - p]
+        else:
+            tokens = self.prompt_ids[start:end] + self.output_ids[:max(end - p, 0)]
         if len(tokens) < n:
             tokens.append(-(self.unknown_row + 1))
         return tokens

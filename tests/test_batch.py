@@ -1,0 +1,51 @@
+"""make_batch (whole-batch numpy) against a per-sequence construction of the same arrays."""
+
+import numpy as np
+import pytest
+
+from sgjax.batch import SeqChunk, make_batch
+from sgjax.cache.kv_pool import NULL_PAGE
+
+
+def naive_batch(chunks, page_size, num_tokens, num_seqs, max_pages):
+    ids, positions, slots = [], [], []
+    page_table = np.full((num_seqs, max_pages), NULL_PAGE, np.int32)
+    kv_lens, qsl, last = np.zeros(num_seqs, np.int32), [0], np.zeros(num_seqs, np.int32)
+    for b, c in enumerate(chunks):
+        for j, token in enumerate(c.tokens):
+            pos = c.num_cached + j
+            ids.append(token)
+            positions.append(pos)
+            slots.append(c.pages[pos // page_size] * page_size + pos % page_size)
+        page_table[b, :len(c.pages)] = c.pages
+        kv_lens[b] = c.num_cached + len(c.tokens)
+        qsl.append(qsl[-1] + len(c.tokens))
+        last[b] = qsl[-1] - 1
+    pad = num_tokens - len(ids)
+    slots += [NULL_PAGE * page_size + (len(slots) + i) % page_size for i in range(pad)]
+    qsl += [qsl[-1]] * (num_seqs + 1 - len(qsl))
+    return ids + [0] * pad, positions + [0] * pad, slots, page_table, kv_lens, qsl, last
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_make_batch_matches_a_per_sequence_construction(seed):
+    rng = np.random.default_rng(seed)
+    page_size, max_pages, chunks = 4, 12, []
+    free = list(rng.permutation(np.arange(1, 400)))
+    for _ in range(int(rng.integers(1, 9))):
+        cached = int(rng.integers(0, 30))
+        n = 1 if rng.random() < 0.5 else int(rng.integers(1, 15))
+        pages = [int(free.pop()) for _ in range(-(-(cached + n) // page_size) + int(rng.integers(0, 2)))]
+        chunks.append(SeqChunk(rng.integers(-3, 500, n).tolist(), cached, pages))
+    total = sum(len(c.tokens) for c in chunks)
+    batch = make_batch(chunks, page_size, num_tokens=total + 7, num_seqs=len(chunks) + 3, max_pages=max_pages)
+    want = naive_batch(chunks, page_size, total + 7, len(chunks) + 3, max_pages)
+    got = (batch.input_ids, batch.positions, batch.meta.slot_mapping, batch.meta.page_table, batch.meta.kv_lens,
+           batch.meta.query_start_loc, batch.last_token_index)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, np.asarray(w, np.int32))
+
+
+def test_make_batch_names_a_sequence_without_enough_pages():
+    with pytest.raises(ValueError, match="sequence 1 needs 9 tokens of pages; has 2 pages"):
+        make_batch([SeqChunk([1], 0, [3]), SeqChunk([1, 2], 7, [4, 5])], 4, num_tokens=8, num_seqs=4, max_pages=4)

@@ -1,0 +1,89 @@
+"""The sampler's program variants against numpy: filters, top logprobs, and batch invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgjax.engine.sampler import PenaltyState, SamplerFeatures, SamplingBatch, sample
+from sgjax.engine.sampling_params import SamplingParams
+
+VOCAB, ROWS = 300, 4
+FULL = SamplerFeatures(filtered=True, top_logprobs=True)
+
+
+def batch_of(params: list[SamplingParams], seeds: list[int], positions: list[int]) -> SamplingBatch:
+    n = len(params)
+    host = SamplingBatch.build(params, seeds, positions, list(range(n)), [0] * n, [False] * n, ROWS, ROWS)
+    return jax.tree.map(jnp.asarray, host)
+
+
+def run(logits, params, seeds, positions, features, penalties=None):
+    penalties = penalties or PenaltyState.zeros(ROWS, VOCAB)
+    return [np.asarray(x) for x in sample(jnp.asarray(logits), batch_of(params, seeds, positions), penalties,
+                                          None, features)]
+
+
+@pytest.fixture(scope="module")
+def logits():
+    return np.random.default_rng(0).normal(0, 3, (ROWS, VOCAB)).astype(np.float32)
+
+
+def test_features_follow_the_parameters():
+    plain = SamplingParams(temperature=0.8)
+    assert SamplerFeatures.of([plain, SamplingParams(temperature=0)]) == SamplerFeatures()
+    assert SamplerFeatures.of([plain, SamplingParams(top_p=0.9)]).filtered
+    assert SamplerFeatures.of([SamplingParams(temperature=0, repetition_penalty=1.2)]).filtered
+    assert not SamplerFeatures.of([SamplingParams(temperature=0, top_p=0.5)]).filtered  # greedy: no filter
+    assert not SamplerFeatures.of([SamplingParams(top_k=1)]).filtered  # top_k 1 is greedy
+    assert SamplerFeatures.of([plain, SamplingParams(top_logprobs_num=3)]).top_logprobs
+    assert SamplerFeatures.of([plain], masked=True).masked
+    assert len(set(SamplerFeatures.all())) == 8
+
+
+def test_a_rows_token_does_not_depend_on_the_variant_its_batch_needs(logits):
+    """A plain temperature row draws the same token whether its neighbours need filtering or not."""
+    plain = SamplingParams(temperature=1.0)
+    needy = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.3, top_logprobs_num=5)
+    for seed in range(40):
+        alone, _, _, _ = run(logits, [plain], [seed], [seed % 7], SamplerFeatures())
+        mixed, _, _, _ = run(logits, [plain, needy], [seed, 99], [seed % 7, 0], FULL)
+        assert alone[0] == mixed[0]
+
+
+def test_filters_keep_exactly_numpy_sets(logits):
+    """Sampled tokens always lie in the top-k / nucleus / min-p set computed with numpy, and the
+    draws cover more than one token of it."""
+    cases = [SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.9, top_p=0.6),
+             SamplingParams(temperature=1.2, min_p=0.2)]
+    for params in cases:
+        row = logits[0] / params.temperature
+        order = np.argsort(-row)
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        if params.top_k > 0:
+            allowed = set(order[: params.top_k].tolist())
+        elif params.top_p < 1:
+            allowed = set(order[: int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1].tolist())
+        else:
+            allowed = set(order[probs >= params.min_p * probs[0]].tolist())
+        drawn = set()
+        for seed in range(60):
+            tokens, _, _, _ = run(logits, [params], [seed], [0], FULL)
+            drawn.add(int(tokens[0]))
+        assert drawn <= allowed, (params, drawn - allowed)
+        assert len(drawn) > 1
+
+
+def test_greedy_and_logprobs_match_numpy(logits):
+    tokens, chosen, top, top_ids = run(logits, [SamplingParams(temperature=0, top_logprobs_num=3)] * ROWS,
+                                       [0] * ROWS, [0] * ROWS, FULL)
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    np.testing.assert_allclose(chosen, logprobs.max(-1), rtol=1e-5)
+    np.testing.assert_array_equal(top_ids[:, :5], np.argsort(-logprobs, -1)[:, :5])
+    np.testing.assert_allclose(top[:, :5], -np.sort(-logprobs, -1)[:, :5], rtol=1e-5)
+    # without the top-logprobs feature the tokens are the same and the alternatives are not computed
+    plain, _, top0, _ = run(logits, [SamplingParams(temperature=0)] * ROWS, [0] * ROWS, [0] * ROWS, SamplerFeatures())
+    np.testing.assert_array_equal(plain, tokens)
+    assert not top0.any()
