@@ -49,14 +49,16 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / median_time(jax.jit(lambda x, y: x @ y), a, b, repeat=10)
 
 
-def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0):
+def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0, table_width: int = 0):
+    """Random K/V pages for `batch` sequences of `context` tokens, `q_len` of them new; the page table is
+    `table_width` pages wide if given (the engine pads it to its context length)."""
     rng = np.random.default_rng(seed)
     pages_each = -(-context // page_size)
     num_pages = 1 + batch * pages_each
     order = rng.permutation(np.arange(1, num_pages))
     chunks = [SeqChunk([0] * q_len, context - q_len, order[b * pages_each:(b + 1) * pages_each].tolist())
               for b in range(batch)]
-    meta = jax.tree.map(jnp.asarray, make_batch(chunks, page_size).meta)
+    meta = jax.tree.map(jnp.asarray, make_batch(chunks, page_size, max_pages=table_width or None).meta)
     kshape = (KVH, num_pages, page_size, D)
     k = jax.random.normal(jax.random.key(seed + 1), kshape, jnp.bfloat16)
     v = jax.random.normal(jax.random.key(seed + 2), kshape, jnp.bfloat16)
@@ -65,10 +67,11 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
 
 
 def kernel_config(cfg: str, scale: float):
-    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages]' (0 = default) -> (label, jitted kernel)."""
-    bq, ppb, splits, warps, stages = (int(x) for x in (cfg + ":0").split(":")[:5])
+    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]]' (0 = default)
+    -> (label, jitted kernel)."""
+    bq, ppb, splits, warps, stages, min_blocks = (int(x) for x in (cfg + ":0:0").split(":")[:6])
     kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
-              num_stages=stages or 2)
+              num_stages=stages or 3, min_blocks_per_split=min_blocks or 2)
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
     return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
 
@@ -81,9 +84,9 @@ def rel_error(got, want) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--decode-configs", default="0:0:0:4,1:4:8:4:3,1:4:4:4:3,1:4:16:4:3,1:8:8:4:2,2:4:8:4:3",
-                   help="block_q:pages_per_block:kv_splits:num_warps[:num_stages] for decode "
-                   "(0 = the kernel's default)")
+    p.add_argument("--decode-configs", default="0:0:0:4,1:4:8:4:3:1,1:4:8:4:3:4,1:4:16:4:3,1:8:8:4:3,1:4:1:4:3",
+                   help="block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]] for "
+                   "decode (0 = the kernel's default)")
     p.add_argument("--prefill-configs", default="0:0:0:4,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
                    help="the same for prefill")
     args = p.parse_args()
@@ -103,13 +106,16 @@ def main() -> None:
 
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
-    for context in (2048, 8192):
-        q, k, v, meta = paged_case(64, 1, context, ps, seed=context)
-        kv_bytes = 2 * 64 * context * KVH * D * 2
+    for batch, context, width in ((64, 2048, 0), (64, 8192, 0), (256, 512, 2048), (1, 1024, 2048)):
+        q, k, v, meta = paged_case(batch, 1, context, ps, seed=context, table_width=width // ps)
+        kv_bytes = 2 * batch * context * KVH * D * 2
+        case = f"decode b{batch} ctx{context}" + (f" (table {width})" if width else "")
         for cfg in args.decode_configs.split(","):
             name, fn = kernel_config(cfg, scale)
             t = median_time(fn, q, k, v, meta)
-            rows.append((f"decode b64 ctx{context}", name, t, kv_bytes / t / bw, None))
+            rows.append((case, name, t, kv_bytes / t / bw, None))
+        if width:
+            continue  # JAX's kernel is timed on the plain cases
         tables = meta.page_table
         lengths = meta.kv_lens
         fn = jax.jit(lambda q, k, v, t, n: jax_paged.paged_attention(q * scale, k, v, t, n, pages_per_compute_block=8))
@@ -117,7 +123,7 @@ def main() -> None:
             t = median_time(fn, q, k, v, tables, lengths)
             want = fn(q, k, v, tables, lengths)
             err = rel_error(ragged_paged_attention(q, k, v, meta, scale=scale), want)
-            rows.append((f"decode b64 ctx{context}", "jax pallas paged_attention", t, kv_bytes / t / bw, err))
+            rows.append((case, "jax pallas paged_attention", t, kv_bytes / t / bw, err))
         except Exception as e:  # report, keep going
             print(f"jax paged_attention failed: {type(e).__name__}: {str(e)[:200]}")
 
@@ -142,9 +148,9 @@ def main() -> None:
     except Exception as e:
         print(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
 
-    print(f"\n{'case':<20} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
+    print(f"\n{'case':<32} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
     for case, name, t, frac, err in rows:
-        print(f"{case:<20} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
+        print(f"{case:<32} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
     print("limit: decode = KV bytes / copy bandwidth; prefill = causal FLOPs / bf16 matmul rate")
 
 

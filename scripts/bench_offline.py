@@ -46,7 +46,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     if engine.radix is not None:
         engine.flush_cache()
         engine.radix.reset_stats()
-    steps, preemptions = engine.num_steps, engine.scheduler.num_preemptions
+    steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
     t0 = time.perf_counter()
     done = []
     for prompt, out_len in zip(work.prompts, work.output_lens):  # per-request lengths: one call each, async
@@ -59,7 +59,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     stats = dict(description=work.description, startup=startup, elapsed=elapsed, out_tps=out_tokens / elapsed,
                  total_tps=(out_tokens + in_tokens) / elapsed, steps=engine.num_steps - steps,
                  preemptions=engine.scheduler.num_preemptions - preemptions,
-                 hit_rate=engine.radix.hit_rate if engine.radix else 0.0, backend=engine.attention_backend,
+                 hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
+                 device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable)
     engine.shutdown()
     del engine
@@ -97,10 +98,14 @@ def main() -> None:
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
           f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
     print(runs[0][1]["description"])
-    print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'preempt':>8} {'hit rate':>9}")
+    print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'ms/step':>8} {'preempt':>8} "
+          f"{'hit rate':>9} {'dev wait':>9}")
     for name, s in runs:
         print(f"{name:<16} {s['elapsed']:>7.2f} {s['out_tps']:>10,.0f} {s['total_tps']:>12,.0f} {s['steps']:>6} "
-              f"{s['preemptions']:>8} {s['hit_rate']:>9.1%}")
+              f"{s['elapsed'] / max(s['steps'], 1) * 1e3:>8.2f} {s['preemptions']:>8} {s['hit_rate']:>9.1%} "
+              f"{s['device_wait']:>9.1%}")
+    print("dev wait: share of the run the engine thread waited for step results (near 0: the host is the "
+          "bottleneck)")
     if len(runs) == 2:
         print(f"radix cache speed-up: {runs[0][1]['out_tps'] / runs[1][1]['out_tps']:.2f}x")
     print(f"start-up {runs[0][1]['startup']:.1f} s, KV pool {runs[0][1]['pages']} pages")

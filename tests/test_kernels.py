@@ -50,14 +50,15 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
                                                    cached=cached, dtype=dtype)
     kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
-    for splits in (None, 3):  # the default, and the context split three ways (flash decoding)
+    # the default; the context split three ways (flash decoding), into blocks of any length or >= 2
+    for splits, min_blocks in ((None, 2), (3, 1), (3, 2)):
         got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=splits,
-                                                **kwargs)
+                                                min_blocks_per_split=min_blocks, **kwargs)
         assert got.shape == q.shape
         got = got[:total].astype(jnp.float32)
         assert np.isfinite(np.asarray(got)).all()
         rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        assert rel < tolerance, f"kv_splits={splits}: relative error {rel:.2e}"
+        assert rel < tolerance, f"kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
 
 
 def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):

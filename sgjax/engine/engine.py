@@ -93,6 +93,7 @@ class Engine:
         self._stopped = False
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
+        self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
 
@@ -430,7 +431,9 @@ class Engine:
     def _process(self, step: "_Step") -> None:
         """Bring a step's samples to the host: append tokens, detokenize, check stops, notify callers."""
         batch, targets = step.batch, step.targets
+        waited = time.perf_counter()
         out = self.runner.collect(step.handle)
+        self.device_wait_s += time.perf_counter() - waited
         if targets is not None:
             self._record_prompt_logprobs(batch, step.starts, targets, out)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()

@@ -9,9 +9,9 @@ that sequence's pages through the page table, `pages_per_block` pages at a time,
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
 
-Decode batches have few query blocks, so each block's pages are also split `kv_splits` ways across
-programs (flash decoding): each writes an unnormalised partial output with its running max and sum,
-and a small jnp step combines them.
+Decode batches have few query blocks, so each block's pages are also split up to `kv_splits` ways
+across programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
+unnormalised partial output with its running max and sum, and a small jnp step combines them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int)
 
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
-            window: int | None, softcap: float | None, exact: bool, kv_splits: int):
+            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int):
     i = pl.program_id(0)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -92,7 +92,9 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
         plgpu.store(o_ref.at[block_rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
         return
-    per_split = pl.cdiv(end_block - start_block, kv_splits)
+    # Short contexts use fewer splits: each program walks at least min_blocks_per_split blocks, so its
+    # loads pipeline; the splits left without blocks only write an empty partial result.
+    per_split = jnp.maximum(pl.cdiv(end_block - start_block, kv_splits), min_blocks_per_split)
     lo = start_block + pl.program_id(2) * per_split
     o, m, denom = jax.lax.fori_loop(lo, jnp.minimum(lo + per_split, end_block), body, init)
     o_ref, m_ref, d_ref = refs[-3:]
@@ -102,11 +104,13 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "block_q", "pages_per_block",
-                                             "kv_splits", "num_warps", "num_stages", "interpret"))
+                                             "kv_splits", "min_blocks_per_split", "num_warps", "num_stages",
+                                             "interpret"))
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
                            block_q: int | None = None, pages_per_block: int | None = None,
-                           kv_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                           kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int = 4,
+                           num_stages: int = 3,
                            interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
@@ -137,7 +141,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, h, s: (h, s) + (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
-                               exact=q.dtype == jnp.float32, kv_splits=kv_splits)
+                               exact=q.dtype == jnp.float32, kv_splits=kv_splits,
+                               min_blocks_per_split=min_blocks_per_split)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
     if kv_splits == 1:

@@ -1,0 +1,106 @@
+"""Where an engine step's time goes, without a profiler: each of the engine's compiled programs timed alone.
+
+Builds the Engine on dummy weights of a real shape, then drives its ModelRunner directly: decode
+batches of B sequences at context L through the forward pass and through every sampling variant,
+the device synchronised after each call (median of --repeat), and the host-side `prepare` of the
+same batch. Printed against the decode floor (weight bytes + KV bytes read / copy bandwidth measured
+in the same run). bench_offline.py's ms/step and "dev wait" then split a real run into device and
+host time. (A jax.profiler trace of the running engine failed with CUDA launch errors: see
+profile_engine.py.)
+
+    python scripts/profile_step.py --model llama-3-8b --batch-sizes 1,64,128,256 --context 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import numpy as np
+from bench_one_batch import copy_bandwidth
+
+from sgjax.batch import SeqChunk
+from sgjax.constrained.bitmask import allow_all
+from sgjax.engine import Engine
+from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
+from sgjax.engine.sampling_params import SamplingParams
+from sgjax.models.presets import PRESETS, write_preset
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
+    p.add_argument("--batch-sizes", default="1,64,128,256")
+    p.add_argument("--context", type=int, default=512, help="cached tokens of each decoding sequence")
+    p.add_argument("--prefill", type=int, default=1024, help="also time one prefill chunk of this many tokens")
+    p.add_argument("--context-length", type=int, default=2048)
+    p.add_argument("--mem-fraction-static", type=float, default=0.8)
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args()
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    folder = write_preset(args.model, tempfile.mkdtemp())
+    engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), min_token_bucket=16,
+                    context_length=args.context_length, chunked_prefill_size=args.prefill,
+                    mem_fraction_static=args.mem_fraction_static)
+    runner, ps = engine.runner, engine.args.page_size
+    weight_bytes = sum(x.nbytes for x in runner.weights)
+    bandwidth = copy_bandwidth()
+    vocab = engine.loaded.config.vocab_size
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model}: weights {weight_bytes / 1e9:.2f} GB, "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, max_running_requests {max(sizes)}")
+    variants = {"greedy": (SamplingParams(temperature=0), None),
+                "temperature": (SamplingParams(temperature=0.8), None),
+                "top_p + penalty": (SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1), None),
+                "top logprobs": (SamplingParams(temperature=0, top_logprobs_num=5), None),
+                "grammar mask": (SamplingParams(temperature=0), allow_all(max(sizes), vocab))}
+    pages_each = -(-(args.context + 1) // ps)
+    header = f"{'batch':>5} {'prepare ms':>10} {'forward ms':>10} {'floor ms':>9} {'floor/fwd':>9} " + \
+        " ".join(f"{name + ' ms':>20}" for name in variants)
+    print(header)
+    for b in sizes:
+        chunks = [SeqChunk([1], args.context, list(range(1 + i * pages_each, 1 + (i + 1) * pages_each)))
+                  for i in range(b)]
+        kv_bytes = b * (args.context + 1) * engine.runner.pool.config.bytes_per_page // ps
+        floor = (weight_bytes + kv_bytes) / bandwidth * 1e3
+        row = [b]
+        for name, (params, mask) in variants.items():
+            sampling = SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b, [False] * b,
+                                           max(sizes), runner.spare_slot)
+            features = SamplerFeatures.of([params], masked=mask is not None)
+            if len(row) == 1:
+                prepare_ms = median_ms(lambda: runner.prepare(chunks, sampling, features), args.repeat)
+                prepared = runner.prepare(chunks, sampling, features)
+                handle = runner.launch(prepared)
+                forward_ms = median_ms(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat)
+                row += [prepare_ms, forward_ms, floor, floor / forward_ms]
+            sampler = runner.sampler[features]
+            row.append(median_ms(lambda: jax.block_until_ready(sampler(
+                runner.weights, handle.hidden, sampling, runner.penalties, mask)), args.repeat))
+        print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
+              " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
+    if args.prefill:
+        pages = list(range(1, 2 + args.prefill // ps))
+        sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],
+                                       max(sizes), runner.spare_slot)
+        prepared = runner.prepare([SeqChunk(list(range(args.prefill)), 0, pages)], sampling, SamplerFeatures())
+        ms = median_ms(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat)
+        flops = 2 * weight_bytes / 2 * args.prefill
+        print(f"prefill {args.prefill} tokens: forward {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s (matmuls)")
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
