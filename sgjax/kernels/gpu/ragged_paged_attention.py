@@ -119,15 +119,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
-    # block with the context split up to 8 ways; prefill 16 tokens (64 query rows at G=4) per block.
+    # block, the context split up to 8 ways below 64 sequences (at 64 x 8 KV heads and more, splitting
+    # was slower at every context measured); prefill 16 tokens (64 query rows at G=4) per block.
     decode = num_tokens <= num_seqs
     if block_q is None:
         block_q = 1 if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
-    if kv_splits is None:
+    if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         longest = meta.page_table.shape[1] * page_size
-        kv_splits = min(8, max(1, longest // 256)) if decode else 1
+        kv_splits = min(8, max(1, longest // 256)) if decode and num_tokens * num_kv_heads < 512 else 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
 
