@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
+import pstats
 import tempfile
 import time
 
@@ -33,13 +35,27 @@ def make_workload(args, vocab: int) -> workloads.Workload:
                                    output_len=args.output_len)
 
 
+class ProfiledEngine(Engine):
+    """The Engine with cProfile on its engine thread (--profile-host): where the host's time per step goes."""
+
+    profile = cProfile.Profile()
+
+    def _loop(self) -> None:
+        self.profile.enable()
+        try:
+            super()._loop()
+        finally:
+            self.profile.disable()
+
+
 def run(args, folder: str, disable_radix_cache: bool) -> dict:
     t0 = time.perf_counter()
-    engine = Engine(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
-                    chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
-                    mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
-                    disable_overlap_schedule=args.disable_overlap_schedule, attention_backend=args.attention_backend,
-                    disable_radix_cache=disable_radix_cache)
+    engine_class = ProfiledEngine if args.profile_host else Engine
+    engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
+                          chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+                          mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
+                          disable_overlap_schedule=args.disable_overlap_schedule,
+                          attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
     startup = time.perf_counter() - t0
     work = make_workload(args, engine.loaded.config.vocab_size)
     engine.generate(input_ids=work.prompts[:2], sampling_params={"max_new_tokens": 4, "temperature": 0})  # warm-up
@@ -63,6 +79,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable)
     engine.shutdown()
+    if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
+        pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
     del engine
     gc.collect()
     return stats
@@ -88,6 +106,7 @@ def main() -> None:
     p.add_argument("--min-token-bucket", type=int, default=64)
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     args = p.parse_args()
 
