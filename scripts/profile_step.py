@@ -2,11 +2,11 @@
 
 Builds the Engine on dummy weights of a real shape, then drives its ModelRunner directly: decode
 batches of B sequences at context L through the forward pass and through every sampling variant,
-the device synchronised after each call (median of --repeat), and the host-side `prepare` of the
-same batch. Printed against the decode floor (weight bytes + KV bytes read / copy bandwidth measured
-in the same run). bench_offline.py's ms/step and "dev wait" then split a real run into device and
-host time. (A jax.profiler trace of the running engine failed with CUDA launch errors: see
-profile_engine.py.)
+the device synchronised after each call (median of --repeat, bench_one_batch.timed), and the
+host-side `prepare` of the same batch. Printed against the decode floor (weight bytes + KV bytes
+read / copy bandwidth measured in the same run). bench_offline.py's ms/step and "dev wait" then
+split a real run into device and host time. (A jax.profiler trace of the running engine failed
+with CUDA launch errors: see profile_engine.py.)
 
     python scripts/profile_step.py --model llama-3-8b --batch-sizes 1,64,128,256 --context 512
 """
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
-import numpy as np
-from bench_one_batch import copy_bandwidth
+from bench_one_batch import copy_bandwidth, timed
 
 from sgjax.batch import SeqChunk
 from sgjax.constrained.bitmask import allow_all
@@ -27,16 +25,6 @@ from sgjax.engine import Engine
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
 
 
 def main() -> None:
@@ -75,20 +63,22 @@ def main() -> None:
                   for i in range(b)]
         kv_bytes = b * (args.context + 1) * engine.runner.pool.config.bytes_per_page // ps
         floor = (weight_bytes + kv_bytes) / bandwidth * 1e3
-        row = [b]
-        for name, (params, mask) in variants.items():
-            sampling = SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b, [False] * b,
-                                           max(sizes), runner.spare_slot)
-            features = SamplerFeatures.of([params], masked=mask is not None)
-            if len(row) == 1:
-                prepare_ms = median_ms(lambda: runner.prepare(chunks, sampling, features), args.repeat)
-                prepared = runner.prepare(chunks, sampling, features)
-                handle = runner.launch(prepared)
-                forward_ms = median_ms(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat)
-                row += [prepare_ms, forward_ms, floor, floor / forward_ms]
-            sampler = runner.sampler[features]
-            row.append(median_ms(lambda: jax.block_until_ready(sampler(
-                runner.weights, handle.hidden, sampling, runner.penalties, mask)), args.repeat))
+
+        def sampling_for(params: SamplingParams) -> SamplingBatch:
+            return SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b, [False] * b,
+                                       max(sizes), runner.spare_slot)
+
+        greedy = sampling_for(SamplingParams(temperature=0))
+        prepare_ms = timed(lambda: runner.prepare(chunks, greedy, SamplerFeatures()), args.repeat) * 1e3
+        prepared = runner.prepare(chunks, greedy, SamplerFeatures())
+        handle = runner.launch(prepared)
+        forward_ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
+        row = [b, prepare_ms, forward_ms, floor, floor / forward_ms]
+        for params, mask in variants.values():
+            sampling = sampling_for(params)
+            sampler = runner.sampler[SamplerFeatures.of([params], masked=mask is not None)]
+            row.append(timed(lambda: jax.block_until_ready(sampler(
+                runner.weights, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
     if args.prefill:
@@ -96,7 +86,7 @@ def main() -> None:
         sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],
                                        max(sizes), runner.spare_slot)
         prepared = runner.prepare([SeqChunk(list(range(args.prefill)), 0, pages)], sampling, SamplerFeatures())
-        ms = median_ms(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat)
+        ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
         flops = 2 * weight_bytes / 2 * args.prefill
         print(f"prefill {args.prefill} tokens: forward {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s (matmuls)")
     engine.shutdown()

@@ -377,16 +377,17 @@ class Engine:
         if not batch:
             return None
         reqs = [r for r, _ in batch]
+        params = [r.params for r in reqs]
         chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.pages) for req, n in batch]
         sampling = SamplingBatch.build(
-            [r.params for r in reqs], [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
+            params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
             [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],
             self.args.max_running_requests, self.runner.spare_slot)
         targets = None
         if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
             targets = [self._prompt_targets(r, n) for r, n in batch]
         starts = [r.num_computed for r in reqs]
-        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of([r.params for r in reqs]), targets)
+        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets)
         if previous is not None:
             self._sample(previous)
         handle = self.runner.launch(prepared)
