@@ -248,6 +248,20 @@ def test_abort_frees_pages(engine):
     assert engine.generate("hi", GREEDY)["meta_info"]["completion_tokens"] == 12
 
 
+def test_a_caller_whose_event_loop_closed_gets_its_request_aborted(engine):
+    """Updates go to event loops once per step; a closed loop aborts its request, others keep going."""
+    req = engine.make_requests(input_ids=[7] * 30, sampling_params={**GREEDY, "max_new_tokens": 400})[0]
+    loop = asyncio.new_event_loop()
+    updates = engine.run_requests([req])
+    loop.run_until_complete(updates.__anext__())  # the first update arrived
+    loop.close()  # the caller vanishes without closing its generator
+    wait_until(lambda: req.finished)
+    assert req.finish_reason["type"] == "abort" and len(req.output_ids) < 400
+    wait_until(lambda: not engine.scheduler.running and not engine.scheduler.waiting)
+    check_pages_accounted(engine)
+    assert engine.generate("hi", GREEDY)["meta_info"]["completion_tokens"] == 12
+
+
 def naive_penalised_greedy(hf_model, prompt, n, frequency=0.0, presence=0.0):
     """Greedy decoding with OpenAI-style frequency/presence penalties applied to transformers' logits."""
     out = []
