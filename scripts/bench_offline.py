@@ -63,6 +63,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
         engine.flush_cache()
         engine.radix.reset_stats()
     steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
+    engine.step_log = []
     t0 = time.perf_counter()
     done = []
     for prompt, out_len in zip(work.prompts, work.output_lens):  # per-request lengths: one call each, async
@@ -77,13 +78,41 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  preemptions=engine.scheduler.num_preemptions - preemptions,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
-                 pages=engine.allocator.num_usable)
+                 pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed))
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
         pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
     del engine
     gc.collect()
     return stats
+
+
+DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
+
+
+def timeline(log: list[tuple[float, int, int]], end: float) -> list[tuple[str, int, float, int]]:
+    """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows).
+
+    Steps are pipelined, so the time between two launches is the step's share of the run."""
+    groups: dict[str, list] = {}
+    for (t, decodes, prefill), nxt in zip(log, [x[0] for x in log[1:]] + [end]):
+        if prefill:
+            kind = "with prefill"
+        else:
+            lo = max(b for b in DECODE_BANDS if b <= decodes)
+            kind = f"decode {lo}-{DECODE_BANDS[DECODE_BANDS.index(lo) + 1] - 1}"
+        g = groups.setdefault(kind, [kind, 0, 0.0, 0])
+        g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - t, g[3] + decodes
+    band = lambda kind: int(kind.split()[1].split("-")[0]) if kind.startswith("decode") else 0  # noqa: E731
+    return sorted((tuple(g) for g in groups.values()), key=lambda g: band(g[0]))
+
+
+def print_timeline(rows: list[tuple[str, int, float, int]]) -> None:
+    total = sum(r[2] for r in rows)
+    print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12}")
+    for kind, steps, seconds, decodes in rows:
+        print(f"  {kind:<18} {steps:>6} {seconds:>7.2f} {seconds / total:>6.1%} {seconds / steps * 1e3:>8.2f} "
+              f"{decodes:>12,}")
 
 
 def main() -> None:
@@ -125,6 +154,9 @@ def main() -> None:
               f"{s['device_wait']:>9.1%}")
     print("dev wait: share of the run the engine thread waited for step results (near 0: the host is the "
           "bottleneck)")
+    for name, s in runs:
+        print(f"timeline, {name}:")
+        print_timeline(s["timeline"])
     if len(runs) == 2:
         print(f"radix cache speed-up: {runs[0][1]['out_tps'] / runs[1][1]['out_tps']:.2f}x")
     print(f"start-up {runs[0][1]['startup']:.1f} s, KV pool {runs[0][1]['pages']} pages")

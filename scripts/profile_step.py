@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import jax
 from bench_one_batch import copy_bandwidth, timed
+from profile_engine import load_trace, summarise
 
 from sgjax.batch import SeqChunk
 from sgjax.constrained.bitmask import allow_all
@@ -25,6 +27,19 @@ from sgjax.engine import Engine
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
+
+
+def trace_forward(runner, prepared, calls: int = 5) -> tuple[str, float]:
+    """A jax.profiler trace of `calls` forward passes queued back to back: (trace folder, window in us)."""
+    folder = tempfile.mkdtemp()
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        hidden = runner.launch(prepared).hidden
+    jax.block_until_ready(hidden)
+    window = (time.perf_counter() - t0) * 1e6
+    jax.profiler.stop_trace()
+    return folder, window
 
 
 def main() -> None:
@@ -36,6 +51,8 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--mem-fraction-static", type=float, default=0.8)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
+                   "jax.profiler and print the GPU time by kernel")
     args = p.parse_args()
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -58,6 +75,7 @@ def main() -> None:
     header = f"{'batch':>5} {'prepare ms':>10} {'forward ms':>10} {'floor ms':>9} {'floor/fwd':>9} " + \
         " ".join(f"{name + ' ms':>20}" for name in variants)
     print(header)
+    traces = []
     for b in sizes:
         chunks = [SeqChunk([1], args.context, list(range(1 + i * pages_each, 1 + (i + 1) * pages_each)))
                   for i in range(b)]
@@ -81,6 +99,11 @@ def main() -> None:
                 runner.weights, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
+        if args.trace:
+            traces.append((b, trace_forward(runner, prepared)))
+    for b, (folder, window) in traces:
+        print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
+        summarise(load_trace(folder), window)
     if args.prefill:
         pages = list(range(1, 2 + args.prefill // ps))
         sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],

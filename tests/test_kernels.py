@@ -10,8 +10,10 @@ from sgjax.kernels import reference
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
 
 
-def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, cached, dtype):
-    """A mixed batch: each sequence has `cached` tokens in the pool and `q_len` new ones."""
+def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, cached, dtype, extra_tokens=5,
+                extra_seqs=2):
+    """A mixed batch: each sequence has `cached` tokens in the pool and `q_len` new ones; padded with
+    `extra_tokens` tokens and `extra_seqs` empty sequences."""
     rng = np.random.default_rng(seed)
     pages_each = [-(-(c + n) // page_size) for c, n in zip(cached, q_lens)]
     num_pages = 1 + sum(pages_each) + 3
@@ -21,12 +23,12 @@ def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, c
         chunks.append(SeqChunk(rng.integers(0, 100, n).tolist(), c, order[at:at + p].tolist()))
         at += p
     total = sum(q_lens)
-    batch = make_batch(chunks, page_size, num_tokens=total + 5, num_seqs=len(chunks) + 2)
+    batch = make_batch(chunks, page_size, num_tokens=total + extra_tokens, num_seqs=len(chunks) + extra_seqs)
     meta = jax.tree.map(jnp.asarray, batch.meta)
     shape = (num_kv_heads, num_pages, page_size, head_dim)
     k_pages = jnp.asarray(rng.standard_normal(shape), dtype)
     v_pages = jnp.asarray(rng.standard_normal(shape), dtype)
-    q = jnp.asarray(rng.standard_normal((total + 5, num_heads, head_dim)), dtype)
+    q = jnp.asarray(rng.standard_normal((total + extra_tokens, num_heads, head_dim)), dtype)
     return q, k_pages, v_pages, meta, total
 
 
@@ -50,15 +52,28 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
                                                    cached=cached, dtype=dtype)
     kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
-    # the default; the context split three ways (flash decoding), into blocks of any length or >= 2
-    for splits, min_blocks in ((None, 2), (3, 1), (3, 2)):
-        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=splits,
-                                                min_blocks_per_split=min_blocks, **kwargs)
+    # the default; the context split three ways (flash decoding), into blocks of any length or >= 2;
+    # one token per query block (what batches with no more tokens than sequences use), whole or split
+    for block_q, splits, min_blocks in ((None, None, 2), (None, 3, 1), (None, 3, 2), (1, None, 2), (1, 3, 2)):
+        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
+                                                kv_splits=splits, min_blocks_per_split=min_blocks, **kwargs)
         assert got.shape == q.shape
         got = got[:total].astype(jnp.float32)
         assert np.isfinite(np.asarray(got)).all()
         rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        assert rel < tolerance, f"kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
+        assert rel < tolerance, f"block_q={block_q}, kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
+
+
+def test_gpu_kernel_on_an_engine_like_decode_batch():
+    """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
+    max_running_requests): the default takes the one-token-per-block decode path."""
+    q, k_pages, v_pages, meta, total = random_case(3, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
+                                                   q_lens=[1, 1, 1], cached=[90, 3, 300], dtype=jnp.float32,
+                                                   extra_tokens=13, extra_seqs=29)
+    kwargs = dict(scale=0.125)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
+    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)[:total]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):

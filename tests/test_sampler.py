@@ -9,7 +9,7 @@ from sgjax.engine.sampler import PenaltyState, SamplerFeatures, SamplingBatch, s
 from sgjax.engine.sampling_params import SamplingParams
 
 VOCAB, ROWS = 300, 4
-FULL = SamplerFeatures(filtered=True, top_logprobs=True)
+FULL = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True)
 
 
 def batch_of(params: list[SamplingParams], seeds: list[int], positions: list[int]) -> SamplingBatch:
@@ -31,14 +31,15 @@ def logits():
 
 def test_features_follow_the_parameters():
     plain = SamplingParams(temperature=0.8)
-    assert SamplerFeatures.of([plain, SamplingParams(temperature=0)]) == SamplerFeatures()
+    assert SamplerFeatures.of([plain, SamplingParams(temperature=0)]) == SamplerFeatures(sampled=True)
+    assert SamplerFeatures.of([SamplingParams(temperature=0), SamplingParams(top_k=1)]) == SamplerFeatures()
     assert SamplerFeatures.of([plain, SamplingParams(top_p=0.9)]).filtered
     assert SamplerFeatures.of([SamplingParams(temperature=0, repetition_penalty=1.2)]).filtered
     assert not SamplerFeatures.of([SamplingParams(temperature=0, top_p=0.5)]).filtered  # greedy: no filter
     assert not SamplerFeatures.of([SamplingParams(top_k=1)]).filtered  # top_k 1 is greedy
     assert SamplerFeatures.of([plain, SamplingParams(top_logprobs_num=3)]).top_logprobs
     assert SamplerFeatures.of([plain], masked=True).masked
-    assert len(set(SamplerFeatures.all())) == 8
+    assert len(set(SamplerFeatures.all())) == 16
 
 
 def test_a_rows_token_does_not_depend_on_the_variant_its_batch_needs(logits):
@@ -46,7 +47,7 @@ def test_a_rows_token_does_not_depend_on_the_variant_its_batch_needs(logits):
     plain = SamplingParams(temperature=1.0)
     needy = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.3, top_logprobs_num=5)
     for seed in range(40):
-        alone, _, _, _ = run(logits, [plain], [seed], [seed % 7], SamplerFeatures())
+        alone, _, _, _ = run(logits, [plain], [seed], [seed % 7], SamplerFeatures.of([plain]))
         mixed, _, _, _ = run(logits, [plain, needy], [seed, 99], [seed % 7, 0], FULL)
         assert alone[0] == mixed[0]
 

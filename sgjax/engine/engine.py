@@ -94,6 +94,8 @@ class Engine:
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
+        # Set to a list to record (launch time, decode rows, prefill tokens) per step (benchmarks' timelines)
+        self.step_log: list[tuple[float, int, int]] | None = None
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
 
@@ -392,6 +394,9 @@ class Engine:
             self._sample(previous)
         handle = self.runner.launch(prepared)
         self.num_steps += 1
+        if self.step_log is not None:
+            decodes = sum(n == 1 for _, n in batch)
+            self.step_log.append((time.perf_counter(), decodes, sum(n for _, n in batch) - decodes))
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1

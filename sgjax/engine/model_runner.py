@@ -41,12 +41,21 @@ from sgjax.engine.sampler import (
 from sgjax.kernels.metadata import AttentionMetadata, token_positions
 from sgjax.models.loader import LoadedModel
 
+LINEAR_BUCKET_STEP = 256
 
-def token_buckets(smallest: int, largest: int) -> list[int]:
-    """Powers of two from `smallest` up to the first one >= `largest`."""
+
+def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -> list[int]:
+    """Token counts to compile for: powers of two from `smallest` up to `step`, then multiples of
+    `step`, up to the first one >= `largest`.
+
+    Above a few hundred tokens a step's matmuls are compute-bound, so its time grows with the padded
+    token count: with doubling buckets, a step of 250 decodes plus a 450-token prompt chunk ran as
+    1024 tokens (such mixed steps took half of a ShareGPT-like run, BENCHMARKS.md).
+    """
     buckets = [smallest]
     while buckets[-1] < largest:
-        buckets.append(buckets[-1] * 2)
+        b = buckets[-1]
+        buckets.append(b * 2 if b < step else (b // step + 1) * step)
     return buckets
 
 

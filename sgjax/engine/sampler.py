@@ -13,6 +13,7 @@ that runs all its tokens through the model (penalised requests skip the prefix c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -104,31 +105,36 @@ class SamplerFeatures:
 
     Each combination is its own compiled program, so a step pays only for what its rows ask for: the
     full-vocabulary sort of top-k/top-p/min-p filtering, the penalty gathers, the top-20 logprobs (a
-    top-k of 20 is another sort on the GPU) and the grammar masks. XLA's conditionals would decide on
-    the device but read their predicate on the host, a wait per step (measured: 1.5x slower steps).
+    top-k of 20 is another sort on the GPU), the grammar masks, and the random noise of sampled rows
+    (a full-vocabulary Gumbel draw per row, which an all-greedy batch skips). XLA's conditionals
+    would decide on the device but read their predicate on the host, a wait per step (measured: 1.5x
+    slower steps).
     """
     filtered: bool = False  # some row uses top_k > 1, top_p < 1 or min_p > 0, or a penalty
     top_logprobs: bool = False  # some row wants its top alternatives
     masked: bool = False  # some row is limited by a grammar bitmask
+    sampled: bool = False  # some row samples (temperature > 0, top_k != 1); else every row is greedy
 
     @classmethod
     def of(cls, params: list, masked: bool = False) -> "SamplerFeatures":
         return cls(filtered=any(p.temperature > 0 and (p.top_k > 1 or p.top_p < 1 or p.min_p > 0) or p.uses_penalties
                                 for p in params),
-                   top_logprobs=any(p.top_logprobs_num > 0 for p in params), masked=masked)
+                   top_logprobs=any(p.top_logprobs_num > 0 for p in params), masked=masked,
+                   sampled=any(p.temperature > 0 and p.top_k != 1 for p in params))
 
     @classmethod
     def all(cls) -> list["SamplerFeatures"]:
-        return [cls(f, t, m) for f in (False, True) for t in (False, True) for m in (False, True)]
+        return [cls(*flags) for flags in itertools.product((False, True), repeat=4)]
 
 
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None,
-           features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True)):
+           features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True)):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
     Logprobs are of the model's distribution (before grammar masks, penalties, temperature and
     filters). `bitmask` ([B, V/32] int32 packed bits, see constrained/bitmask.py) limits each row to
-    the tokens its grammar allows. Without `features.top_logprobs` the top alternatives are zeros.
+    the tokens its grammar allows. Without `features.top_logprobs` the top alternatives are zeros;
+    without `features.sampled` every row takes its best token (the caller decides, SamplerFeatures.of).
 
     A sampled row takes argmax(logits / T + Gumbel noise) over the tokens its filters keep, the noise
     drawn in vocabulary order from (seed, position): so a row's token does not depend on which
@@ -136,20 +142,31 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
     sorted top-k / top-p / min-p cut keeps (ties at the cut are all kept).
     """
     batch, vocab = logits.shape
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    # Logprobs as logit - logsumexp, gathered where needed: the [B, V] log-softmax is never written out.
+    log_total = jax.nn.logsumexp(logits, axis=-1)
     if features.top_logprobs:
-        top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, vocab))
+        top_logits, top_ids = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
+        top_logprobs = top_logits - log_total[:, None]
     else:
         top_logprobs = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.float32)
         top_ids = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.int32)
+    model_logits = logits
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     if features.filtered:
         logits = apply_penalties(logits, penalties, s)
-    greedy = jnp.argmax(logits, axis=-1)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if features.sampled:
+        tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), tokens, _draw(logits, s, features.filtered))
+    chosen = jnp.take_along_axis(model_logits, tokens[:, None], axis=-1)[:, 0] - log_total
+    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
 
+
+def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool) -> jax.Array:
+    """Each row's draw from softmax(logits / T), restricted by its filters when `filtered`."""
+    vocab = logits.shape[-1]
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    if features.filtered:
+    if filtered:
         sorted_logits = -jnp.sort(-scaled, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         rank = jnp.arange(vocab)[None, :]
@@ -158,10 +175,6 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
         drop |= probs < s.min_p[:, None] * probs[:, :1]
         threshold = jnp.min(jnp.where(drop, jnp.inf, sorted_logits), axis=-1)  # the best token is never dropped
         scaled = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
-
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
-    sampled = jnp.argmax(scaled + noise, axis=-1)
-    tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), greedy, sampled).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)

@@ -9,9 +9,10 @@ that sequence's pages through the page table, `pages_per_block` pages at a time,
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
 
-Decode batches have few query blocks, so each block's pages are also split up to `kv_splits` ways
-across programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
-unnormalised partial output with its running max and sum, and a small jnp step combines them.
+Decode batches with few query blocks and long contexts can also split each block's pages up to
+`kv_splits` ways across programs (flash decoding), each taking at least `min_blocks_per_split`
+blocks: each writes an unnormalised partial output with its running max and sum, and a small jnp
+step combines them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     blocks_per_seq = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(blocks_per_seq)
-    num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
+    # One token per block: as many blocks as tokens. Larger blocks: each sequence may leave one partial.
+    num_blocks = num_tokens if block_q == 1 else pl.cdiv(num_tokens, block_q) + num_seqs
     i = jnp.arange(num_blocks, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
     start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
@@ -119,8 +121,11 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
-    # block, the context split up to 8 ways below 64 sequences (at 64 x 8 KV heads and more, splitting
-    # was slower at every context measured); prefill 16 tokens (64 query rows at G=4) per block.
+    # block; prefill 16 tokens (64 query rows at G=4) per block. The context is split (up to 8 ways)
+    # only for decode batches below 64 sequences whose page table allows 16k+ tokens: splitting was
+    # slower at every case measured (batch 64 at 2k and 8k, batch 256 at 512, batch 1 at 1k: the
+    # combine's extra ops cost more than the shorter walk saves), but one program per KV head walking
+    # a very long context serially is slower still.
     decode = num_tokens <= num_seqs
     if block_q is None:
         block_q = 1 if decode else max(16, 64 // padded_group)
@@ -128,7 +133,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         longest = meta.page_table.shape[1] * page_size
-        kv_splits = min(8, max(1, longest // 256)) if decode and num_tokens * num_kv_heads < 512 else 1
+        kv_splits = 8 if decode and num_tokens * num_kv_heads < 512 and longest >= 16384 else 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
 
