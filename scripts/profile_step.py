@@ -14,6 +14,7 @@ with CUDA launch errors: see profile_engine.py.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -27,6 +28,30 @@ from sgjax.engine import Engine
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
+
+
+def queued(runner, prepared, calls: int = 10) -> tuple[float, float]:
+    """`calls` steps (forward + greedy sampling) enqueued without waiting, as the engine does:
+    (host ms per step spent enqueueing, wall ms per step until all are done). If enqueueing takes as
+    long as the device, the calls block on something and host work cannot overlap the device."""
+    jax.block_until_ready(runner.launch(prepared).hidden)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        handle = runner.launch(prepared)
+        runner.sample(handle)
+    t1 = time.perf_counter()
+    jax.block_until_ready(handle.device_outputs)
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e3, (t2 - t0) / calls * 1e3
+
+
+def on_device(prepared):
+    """The same step with its host arrays already on the device (no transfers in the call)."""
+    b = prepared.batch
+    batch = dataclasses.replace(b, input_ids=jax.device_put(b.input_ids), positions=jax.device_put(b.positions),
+                                meta=jax.device_put(b.meta), last_token_index=jax.device_put(b.last_token_index))
+    return dataclasses.replace(prepared, batch=batch, sampling=jax.device_put(prepared.sampling),
+                               targets=jax.device_put(prepared.targets))
 
 
 def trace_forward(runner, prepared, calls: int = 5) -> tuple[str, float]:
@@ -96,9 +121,13 @@ def main() -> None:
             sampling = sampling_for(params)
             sampler = runner.sampler[SamplerFeatures.of([params], masked=mask is not None)]
             row.append(timed(lambda: jax.block_until_ready(sampler(
-                runner.weights, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
+                runner.head, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
+        host, wall = queued(runner, prepared)
+        host_dev, wall_dev = queued(runner, on_device(prepared))
+        print(f"      queued steps: enqueue {host:.2f} ms / step {wall:.2f} ms; with inputs already on the device "
+              f"{host_dev:.2f} / {wall_dev:.2f} ms", flush=True)
         if args.trace:
             traces.append((b, trace_forward(runner, prepared)))
     for b, (folder, window) in traces:

@@ -366,3 +366,22 @@ def test_overlap_feeds_sampled_tokens_on_device(engine, monkeypatch):
     decode_inputs = [t for chunk in seen for t in chunk if len(chunk) == 1]
     assert len(decode_inputs) == 18 and all(t < 0 for t in decode_inputs)
     assert engine.num_steps - steps == 10  # no step is wasted on requests that are sure to finish
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+def test_tied_head_and_final_softcap_through_the_engine(family, tiny_models):
+    """Sampling reads only the head matrix: the tied embedding (qwen2, gemma2) with gemma2's final
+    logit soft-cap gives HF's greedy tokens and log-softmax logprobs through the engine."""
+    path, hf_model = tiny_models(family)
+    prompts = mixed_prompts(3, seed=7)
+    e = make_engine(path)
+    try:
+        outs = e.generate(input_ids=prompts, sampling_params={**GREEDY, "logprobs": True})
+    finally:
+        e.shutdown()
+    for prompt, out in zip(prompts, outs):
+        assert out["output_ids"] == hf_greedy(hf_model, prompt, GREEDY["max_new_tokens"])
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt + out["output_ids"]])).logits[0].double(), -1)
+        for k, (logprob, token) in enumerate(out["meta_info"]["output_token_logprobs"]):
+            assert logprob == pytest.approx(float(ref[len(prompt) - 1 + k, token]), abs=1e-4)

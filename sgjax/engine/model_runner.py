@@ -39,6 +39,7 @@ from sgjax.engine.sampler import (
     update_penalty_state,
 )
 from sgjax.kernels.metadata import AttentionMetadata, token_positions
+from sgjax.models.llama import logits_from_head
 from sgjax.models.loader import LoadedModel
 
 LINEAR_BUCKET_STEP = 256
@@ -70,6 +71,10 @@ class ModelRunner:
         # The programs take the weights as a flat list: flattening an nnx.State costs ~0.3 ms a call.
         self.weights, self.state_def = jax.tree.flatten(state)
         model_def = (graphdef, self.state_def)
+        # Sampling takes only the LM head's matrix: every argument costs host time at each call.
+        names = [".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+                 for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+        self.head = self.weights[names.index(loaded.model.head_weight_name)]
         self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
         self.prev_tokens = jax.numpy.zeros((max_seqs,), np.int32)  # the last launched step's samples
         # Steps that return prompt logprobs compute logits for every token, so they are separate
@@ -87,8 +92,8 @@ class ModelRunner:
         sampling = self._abstract_inputs(1)[4]
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         self.sampler = {
-            features: jax.jit(functools.partial(_sample, model_def, features)).lower(
-                self.weights, hidden, sampling, penalties, mask if features.masked else None).compile()
+            features: jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features)).lower(
+                self.head, hidden, sampling, penalties, mask if features.masked else None).compile()
             for features in tqdm(SamplerFeatures.all(), desc="compiling sampling", unit="variant")}
 
     def _abstract_inputs(self, num_tokens: int):
@@ -144,7 +149,7 @@ class ModelRunner:
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
         features = dataclasses.replace(handle.features, masked=bitmask is not None)
-        out = self.sampler[features](self.weights, handle.hidden, handle.sampling, self.penalties, bitmask)
+        out = self.sampler[features](self.head, handle.hidden, handle.sampling, self.penalties, bitmask)
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
 
@@ -216,6 +221,5 @@ def _forward(model_def, with_prompt, weights, kv_caches, penalties, input_ids, p
     return out, kv_caches, penalties
 
 
-def _sample(model_def, features, weights, hidden, sampling, penalties, bitmask):
-    model = _merge(model_def, weights)
-    return sample(model.compute_logits(hidden), sampling, penalties, bitmask, features)
+def _sample(softcap, features, head, hidden, sampling, penalties, bitmask):
+    return sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features)

@@ -141,7 +141,7 @@ class GatedMLP(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding, split over the vocabulary; doubles as the tied LM head."""
+    """Token embedding, split over the vocabulary; its matrix doubles as the tied LM head."""
 
     def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab_size, dim), dtype), axes=COLUMN)
@@ -149,5 +149,3 @@ class Embedding(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...h,vh->...v", x, self.weight[...], preferred_element_type=jnp.float32)

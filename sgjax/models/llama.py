@@ -78,12 +78,19 @@ class LlamaForCausalLM(nnx.Module):
         """Returns (hidden [T, hidden_size], updated kv_caches)."""
         return self.model(input_ids, positions, kv_caches, meta)
 
+    @property
+    def head_weight_name(self) -> str:
+        """Checkpoint name of the [vocab, hidden] matrix `compute_logits` multiplies by."""
+        return "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits [..., vocab] of the given hidden states."""
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = jnp.einsum("...h,vh->...v", hidden, self.lm_head.weight[...],
-                                preferred_element_type=jnp.float32)
-        cap = self.config.final_logit_softcap
-        return cap * jnp.tanh(logits / cap) if cap else logits
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return logits_from_head(hidden, head[...], self.config.final_logit_softcap)
+
+
+def logits_from_head(hidden: jax.Array, head: jax.Array, softcap: float | None) -> jax.Array:
+    """Float32 logits of hidden states [..., H] against the head matrix [vocab, H], soft-capped if asked.
+    A function of the one matrix, so that sampling programs take only it, not the whole model."""
+    logits = jnp.einsum("...h,vh->...v", hidden, head, preferred_element_type=jnp.float32)
+    return softcap * jnp.tanh(logits / softcap) if softcap else logits
