@@ -49,20 +49,23 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / median_time(jax.jit(lambda x, y: x @ y), a, b, repeat=10)
 
 
-def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0, table_width: int = 0):
+def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0, table_width: int = 0,
+               num_tokens: int = 0, num_seqs: int = 0):
     """Random K/V pages for `batch` sequences of `context` tokens, `q_len` of them new; the page table is
-    `table_width` pages wide if given (the engine pads it to its context length)."""
+    `table_width` pages wide if given (the engine pads it to its context length), the batch padded to
+    `num_tokens` tokens and `num_seqs` sequences if given (the engine's bucket and running limit)."""
     rng = np.random.default_rng(seed)
     pages_each = -(-context // page_size)
     num_pages = 1 + batch * pages_each
     order = rng.permutation(np.arange(1, num_pages))
     chunks = [SeqChunk([0] * q_len, context - q_len, order[b * pages_each:(b + 1) * pages_each].tolist())
               for b in range(batch)]
-    meta = jax.tree.map(jnp.asarray, make_batch(chunks, page_size, max_pages=table_width or None).meta)
+    meta = jax.tree.map(jnp.asarray, make_batch(chunks, page_size, max_pages=table_width or None,
+                                                num_tokens=num_tokens or None, num_seqs=num_seqs or None).meta)
     kshape = (KVH, num_pages, page_size, D)
     k = jax.random.normal(jax.random.key(seed + 1), kshape, jnp.bfloat16)
     v = jax.random.normal(jax.random.key(seed + 2), kshape, jnp.bfloat16)
-    q = jax.random.normal(jax.random.key(seed + 3), (batch * q_len, H, D), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(seed + 3), (num_tokens or batch * q_len, H, D), jnp.bfloat16)
     return q, k, v, meta
 
 
@@ -76,6 +79,18 @@ def kernel_config(cfg: str, scale: float):
     return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
 
 
+def as_layers(fn, layers: int):
+    """`layers` calls in one program, as a model's layers make them: small calls are timed on the device,
+    not by the host's dispatch of one call. Returns a function of the same arguments (time / layers)."""
+    def many(q, k, v, m):
+        out = q
+        for _ in range(layers):
+            out = fn(out, k, v, m)
+        return out
+
+    return jax.jit(many)
+
+
 def rel_error(got, want) -> float:
     got, want = got.astype(jnp.float32), want.astype(jnp.float32)
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
@@ -87,6 +102,8 @@ def main() -> None:
     p.add_argument("--decode-configs", default="0:0:0:4,1:4:8:4:3:1,1:4:8:4:3:4,1:4:16:4:3,1:8:8:4:3,1:4:1:4:3",
                    help="block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]] for "
                    "decode (0 = the kernel's default)")
+    p.add_argument("--small-decode-configs", default="0:0:0:4,1:4:1:4:3,1:4:4:4:3:2,1:4:8:4:3:2,1:4:4:4:3:8",
+                   help="the same for engine-shaped small decode batches")
     p.add_argument("--prefill-configs", default="0:0:0:4,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
                    help="the same for prefill")
     args = p.parse_args()
@@ -126,6 +143,19 @@ def main() -> None:
             rows.append((case, "jax pallas paged_attention", t, kv_bytes / t / bw, err))
         except Exception as e:  # report, keep going
             print(f"jax paged_attention failed: {type(e).__name__}: {str(e)[:200]}")
+
+    # Engine-shaped small decode batches (bucket 64 tokens, 256 sequence rows, a 4096-token page table),
+    # 32 calls per program as in a 32-layer forward pass: whether splitting the context pays
+    layers = 32
+    for batch, context in ((1, 512), (16, 2048), (16, 4000)):
+        q, k, v, meta = paged_case(batch, 1, context, ps, seed=batch, table_width=4096 // ps, num_tokens=64,
+                                   num_seqs=256)
+        kv_bytes = 2 * batch * context * KVH * D * 2
+        case = f"engine b{batch} ctx{context} (x{layers})"
+        for cfg in args.small_decode_configs.split(","):
+            name, fn = kernel_config(cfg, scale)
+            t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
+            rows.append((case, name, t, kv_bytes / t / bw, None))
 
     T = 4096
     q, k, v, meta = paged_case(1, T, T, ps, seed=7)

@@ -9,10 +9,9 @@ that sequence's pages through the page table, `pages_per_block` pages at a time,
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
 
-Decode batches with few query blocks and long contexts can also split each block's pages up to
-`kv_splits` ways across programs (flash decoding), each taking at least `min_blocks_per_split`
-blocks: each writes an unnormalised partial output with its running max and sum, and a small jnp
-step combines them.
+Decode batches with few query blocks also split each block's pages up to `kv_splits` ways across
+programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
+unnormalised partial output with its running max and sum, and a small jnp step combines them.
 """
 
 from __future__ import annotations
@@ -121,19 +120,18 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
-    # block; prefill 16 tokens (64 query rows at G=4) per block. The context is split (up to 8 ways)
-    # only for decode batches below 64 sequences whose page table allows 16k+ tokens: splitting was
-    # slower at every case measured (batch 64 at 2k and 8k, batch 256 at 512, batch 1 at 1k: the
-    # combine's extra ops cost more than the shorter walk saves), but one program per KV head walking
-    # a very long context serially is slower still.
+    # block; prefill 16 tokens (64 query rows at G=4) per block. Decode batches of up to 512 query
+    # blocks (64 tokens at 8 KV heads) split the context 4 ways: with few programs, each walking its
+    # context alone is latency-bound (engine-shaped batch 16 at context 2k: 0.20 ms a layer unsplit,
+    # 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs enough and splitting
+    # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms).
     decode = num_tokens <= num_seqs
     if block_q is None:
         block_q = 1 if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
-        longest = meta.page_table.shape[1] * page_size
-        kv_splits = 8 if decode and num_tokens * num_kv_heads < 512 and longest >= 16384 else 1
+        kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
 
