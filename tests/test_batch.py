@@ -63,3 +63,25 @@ def test_token_buckets_pad_large_steps_by_less_than_one_step(smallest, largest):
         padded = min(b for b in buckets if b >= n)
         # small steps at most double (and never below `smallest`); large ones waste less than a step
         assert padded <= max(2 * n - 1, smallest) if n <= step else padded - n < step
+
+
+def test_packed_host_inputs_round_trip():
+    """pack -> unpack gives back every array bit for bit (uint32 above 2^31, bools, floats, shapes)."""
+    import jax
+
+    from sgjax.engine.host_inputs import PackedLayout, pack, unpack
+
+    rng = np.random.default_rng(0)
+    tree = (rng.integers(-5, 100, 7).astype(np.int32), {"seed": np.array([0, 2**31 + 5, 2**32 - 1], np.uint32),
+                                                        "reset": np.array([True, False, True]),
+                                                        "t": rng.random((2, 3)).astype(np.float32)},
+            rng.integers(0, 9, (4, 5)).astype(np.int32))
+    layout = PackedLayout.of(tree)
+    ints, floats = pack(tree, layout)
+    assert (ints.dtype, floats.dtype, ints.size, floats.size) == (np.int32, np.float32, 7 + 3 + 3 + 20, 6)
+    back = jax.jit(unpack, static_argnums=2)(ints, floats, layout)
+    for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="compiled for"):
+        pack((tree[0][:3], tree[1], tree[2]), layout)

@@ -4,7 +4,9 @@ A step is two programs: the forward pass (one per token-count bucket) and sampli
 SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, each only where needed).
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
 parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
-next power-of-two bucket. All programs are compiled ahead of time
+next bucket (token_buckets). A step's host arrays go to the device packed in two buffers
+(host_inputs.py); the forward pass unpacks them and hands the sampling parameters on to sampling.
+All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
 compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
 in place.
@@ -27,9 +29,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sgjax.batch import FlatBatch, SeqChunk, make_batch
+from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import num_words
+from sgjax.engine.host_inputs import PackedLayout, pack, unpack
 from sgjax.engine.sampler import (
     TOP_LOGPROBS,
     PenaltyState,
@@ -80,30 +83,34 @@ class ModelRunner:
         # Steps that return prompt logprobs compute logits for every token, so they are separate
         # programs, compiled only when enabled.
         variants = (False, True) if enable_prompt_logprobs else (False,)
+        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per bucket.
+        self.layouts = {t: PackedLayout.of(self._abstract_inputs(t)) for t in self.buckets}
         self.compiled = {}
         for with_prompt in variants:
-            forward = jax.jit(functools.partial(_forward, model_def, with_prompt), donate_argnums=(1, 2))
             for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
                           unit="bucket"):
+                forward = jax.jit(functools.partial(_forward, model_def, with_prompt, self.layouts[t]),
+                                  donate_argnums=(1, 2))
                 self.compiled[t, with_prompt] = forward.lower(self.weights, pool.caches, self.penalties,
-                                                              *self._abstract_inputs(t)).compile()
-        # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings).
-        (hidden, *_), _, penalties = self.compiled[self.buckets[0], False].out_info
-        sampling = self._abstract_inputs(1)[4]
+                                                              *self.layouts[t].abstract(), self.prev_tokens).compile()
+        # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings),
+        # the sampling parameters included: the forward pass unpacked them.
+        (hidden, *_), _, penalties, sampling = self.compiled[self.buckets[0], False].out_info
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         self.sampler = {
             features: jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features)).lower(
                 self.head, hidden, sampling, penalties, mask if features.masked else None).compile()
             for features in tqdm(SamplerFeatures.all(), desc="compiling sampling", unit="variant")}
 
-    def _abstract_inputs(self, num_tokens: int):
+    def _abstract_inputs(self, num_tokens: int) -> tuple:
+        """Shapes of a step's host arrays: (input_ids, positions, meta, last_token_index, sampling, targets)."""
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
         b = self.max_seqs
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
         padding = SamplingBatch.build([], [], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
-        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens), i32(b)
+        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -134,17 +141,17 @@ class ModelRunner:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
-        return PreparedStep(batch, sampling, features, targets, prompt_targets is not None, len(chunks), total)
+        ints, floats = pack((batch.input_ids, batch.positions, batch.meta, batch.last_token_index, sampling, targets),
+                            self.layouts[num_tokens])
+        return PreparedStep(ints, floats, num_tokens, features, prompt_targets is not None, len(chunks), total)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
-        b = step.batch
-        (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[
-            b.input_ids.shape[0], step.with_prompt](
-            self.weights, self.pool.caches, self.penalties, b.input_ids, b.positions, b.meta, b.last_token_index,
-            step.sampling, step.targets, self.prev_tokens)
-        return StepHandle(hidden, step.sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
+        (hidden, *prompt_out), self.pool.caches, self.penalties, sampling = self.compiled[
+            step.bucket, step.with_prompt](self.weights, self.pool.caches, self.penalties, step.ints, step.floats,
+                                           self.prev_tokens)
+        return StepHandle(hidden, sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
@@ -166,10 +173,10 @@ class ModelRunner:
 
 @dataclasses.dataclass
 class PreparedStep:
-    batch: FlatBatch
-    sampling: SamplingBatch
+    ints: np.ndarray  # the step's int32 host arrays, packed (host_inputs.py): token ids, metadata, ...
+    floats: np.ndarray  # its float32 ones: sampling parameters
+    bucket: int  # token count it is padded to
     features: SamplerFeatures
-    targets: np.ndarray  # [T] int32 prompt-logprob targets, -1 where none
     with_prompt: bool
     num_chunks: int
     num_tokens: int
@@ -178,7 +185,7 @@ class PreparedStep:
 @dataclasses.dataclass
 class StepHandle:
     hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state
-    sampling: SamplingBatch
+    sampling: SamplingBatch  # on the device, as the forward pass unpacked it
     features: SamplerFeatures
     prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
     num_chunks: int
@@ -203,8 +210,8 @@ def _merge(model_def, weights):
     return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
 
 
-def _forward(model_def, with_prompt, weights, kv_caches, penalties, input_ids, positions, meta, rows, sampling,
-             targets, prev_tokens):
+def _forward(model_def, with_prompt, layout, weights, kv_caches, penalties, ints, floats, prev_tokens):
+    input_ids, positions, meta, rows, sampling, targets = unpack(ints, floats, layout)
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = _merge(model_def, weights)
@@ -218,7 +225,7 @@ def _forward(model_def, with_prompt, weights, kv_caches, penalties, input_ids, p
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
         out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
-    return out, kv_caches, penalties
+    return out, kv_caches, penalties, sampling
 
 
 def _sample(softcap, features, head, hidden, sampling, penalties, bitmask):
