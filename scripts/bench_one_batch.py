@@ -6,6 +6,11 @@ the engine will use). Decode floor = (weight bytes + KV bytes read per step) / H
 bandwidth measured by a device-to-device copy in the same run.
 
     python scripts/bench_one_batch.py --model llama-3-8b --batch-sizes 1,16,64 --input-len 1024
+
+With --engine, decode is instead measured in the Engine as it serves: B requests of --input-len
+prompt tokens decode --output-len tokens each, and a decode step's time is the median gap between
+consecutive step launches while all B decode (the engine's own step log; forward pass and sampling
+overlapped with the host's work, as in serving). This is the per-token latency a user sees.
 """
 
 from __future__ import annotations
@@ -51,6 +56,37 @@ def timed(fn, repeat: int) -> float:
     return float(np.median(times))
 
 
+def engine_decode(args, folder: str, sizes: list[int]) -> None:
+    """Decode ms per step in the running Engine at each batch size, against the HBM floor."""
+    from sgjax.engine import Engine
+
+    n_in, n_out = args.input_len, args.output_len
+    engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
+                    context_length=n_in + n_out + args.page_size, chunked_prefill_size=max(8192, n_in),
+                    mesh=args.mesh, attention_backend=args.attention_backend)
+    weight_bytes = sum(x.nbytes for x in engine.runner.weights)
+    bytes_per_token = engine.runner.pool.config.bytes_per_page // args.page_size
+    bandwidth = copy_bandwidth()
+    print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
+          f"{weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"\nengine decode steps, {n_in}-token prompts, {n_out} greedy tokens each (context {n_in}-{n_in + n_out})")
+    print(f"{'batch':>5} {'step ms':>8} {'HBM floor ms':>12} {'floor/actual':>12} {'tokens/s':>9} {'steps':>6}")
+    rng = np.random.default_rng(0)
+    for bs in sizes:
+        prompts = [rng.integers(0, engine.loaded.config.vocab_size, n_in).tolist() for _ in range(bs)]
+        engine.step_log = []
+        engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "temperature": 0,
+                                                            "ignore_eos": True})
+        log = engine.step_log
+        gaps = [b[0] - a[0] for a, b in zip(log, log[1:]) if a[2] == 0 and a[1] == bs and b[1] == bs]
+        step_s = float(np.median(gaps))
+        kv_bytes = bs * (n_in + n_out // 2) * bytes_per_token  # mean context over the decode
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        print(f"{bs:>5} {step_s * 1e3:>8.2f} {floor * 1e3:>12.2f} {floor / step_s:>12.1%} {bs / step_s:>9.0f} "
+              f"{len(gaps):>6}")
+    engine.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
@@ -60,9 +96,14 @@ def main() -> None:
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--engine", action="store_true", help="measure decode in the serving Engine instead")
+    p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())
+    if args.engine:
+        engine_decode(args, folder, [int(b) for b in args.batch_sizes.split(",")])
+        return
     t0 = time.perf_counter()
     loaded = load_model(folder, make_mesh(args.mesh), load_format="dummy",
                         attention_backend=resolve_backend(args.attention_backend, args.page_size))
