@@ -62,7 +62,7 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
 
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
-                    context_length=n_in + n_out + args.page_size, chunked_prefill_size=max(8192, n_in),
+                    context_length=n_in + n_out + args.page_size, chunked_prefill_size=n_in,
                     mesh=args.mesh, attention_backend=args.attention_backend)
     weight_bytes = sum(x.nbytes for x in engine.runner.weights)
     bytes_per_token = engine.runner.pool.config.bytes_per_page // args.page_size

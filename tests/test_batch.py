@@ -51,18 +51,19 @@ def test_make_batch_names_a_sequence_without_enough_pages():
         make_batch([SeqChunk([1], 0, [3]), SeqChunk([1, 2], 7, [4, 5])], 4, num_tokens=8, num_seqs=4, max_pages=4)
 
 
-@pytest.mark.parametrize("smallest,largest", [(16, 2304), (64, 4096), (512, 1500), (16, 8)])
-def test_token_buckets_pad_large_steps_by_less_than_one_step(smallest, largest):
+@pytest.mark.parametrize("smallest,largest", [(16, 2304), (64, 4096), (512, 1500), (16, 8), (16, 8448)])
+def test_token_buckets_bound_the_padding(smallest, largest):
+    from sgjax.engine.model_runner import BUCKET_GROWTH, token_buckets
     from sgjax.engine.model_runner import LINEAR_BUCKET_STEP as step
-    from sgjax.engine.model_runner import token_buckets
 
     buckets = token_buckets(smallest, largest)
     assert buckets[0] == smallest and buckets[-1] >= largest and buckets == sorted(set(buckets))
     assert len(buckets) == 1 or buckets[-2] < largest  # no bucket beyond the first that fits
     for n in range(1, largest + 1):
         padded = min(b for b in buckets if b >= n)
-        # small steps at most double (and never below `smallest`); large ones waste less than a step
-        assert padded <= max(2 * n - 1, smallest) if n <= step else padded - n < step
+        # small steps at most double (and never below `smallest`); large ones grow by less than
+        # BUCKET_GROWTH and one step
+        assert padded <= max(2 * n - 1, smallest) if n <= step else padded < BUCKET_GROWTH * n + step
 
 
 def test_packed_host_inputs_round_trip():

@@ -46,20 +46,22 @@ from sgjax.models.llama import logits_from_head
 from sgjax.models.loader import LoadedModel
 
 LINEAR_BUCKET_STEP = 256
+BUCKET_GROWTH = 1.25
 
 
 def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -> list[int]:
     """Token counts to compile for: powers of two from `smallest` up to `step`, then multiples of
-    `step`, up to the first one >= `largest`.
+    `step` growing by at least one step and at most ~BUCKET_GROWTH, up to the first one >= `largest`.
 
     Above a few hundred tokens a step's matmuls are compute-bound, so its time grows with the padded
     token count: with doubling buckets, a step of 250 decodes plus a 450-token prompt chunk ran as
-    1024 tokens (such mixed steps took half of a ShareGPT-like run, BENCHMARKS.md).
+    1024 tokens (such mixed steps took half of a ShareGPT-like run, BENCHMARKS.md). Growing by 25% at
+    most bounds that waste while large prefill budgets still compile few buckets (18 up to 8448).
     """
     buckets = [smallest]
     while buckets[-1] < largest:
         b = buckets[-1]
-        buckets.append(b * 2 if b < step else (b // step + 1) * step)
+        buckets.append(b * 2 if b < step else max(b + step, -(-int(b * BUCKET_GROWTH) // step) * step))
     return buckets
 
 
