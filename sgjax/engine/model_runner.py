@@ -1,7 +1,8 @@
 """The model runner: compiled programs for every shape a step can take, built at start-up.
 
 A step is two programs: the forward pass (one per token-count bucket) and sampling (one per
-SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, each only where needed).
+SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, random draws, each only
+where needed).
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
 parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
 next bucket (token_buckets). A step's host arrays go to the device packed in two buffers
@@ -56,7 +57,7 @@ def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -
     Above a few hundred tokens a step's matmuls are compute-bound, so its time grows with the padded
     token count: with doubling buckets, a step of 250 decodes plus a 450-token prompt chunk ran as
     1024 tokens (such mixed steps took half of a ShareGPT-like run, BENCHMARKS.md). Growing by 25% at
-    most bounds that waste while large prefill budgets still compile few buckets (18 up to 8448).
+    most bounds that waste while large prefill budgets still compile few buckets (17 up to 8448).
     """
     buckets = [smallest]
     while buckets[-1] < largest:
