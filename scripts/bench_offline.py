@@ -94,17 +94,15 @@ def timeline(log: list[tuple[float, int, int]], end: float) -> list[tuple[str, i
     """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows).
 
     Steps are pipelined, so the time between two launches is the step's share of the run."""
-    groups: dict[str, list] = {}
+    groups: dict[int, list] = {}  # keyed by the decode band's lower bound; 0: steps with prefill
     for (t, decodes, prefill), nxt in zip(log, [x[0] for x in log[1:]] + [end]):
-        if prefill:
-            kind = "with prefill"
-        else:
-            lo = max(b for b in DECODE_BANDS if b <= decodes)
-            kind = f"decode {lo}-{DECODE_BANDS[DECODE_BANDS.index(lo) + 1] - 1}"
-        g = groups.setdefault(kind, [kind, 0, 0.0, 0])
+        band = 0 if prefill else max(b for b in DECODE_BANDS if b <= decodes)
+        if band not in groups:
+            upper = DECODE_BANDS[DECODE_BANDS.index(band) + 1] - 1 if band else 0
+            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0]
+        g = groups[band]
         g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - t, g[3] + decodes
-    band = lambda kind: int(kind.split()[1].split("-")[0]) if kind.startswith("decode") else 0  # noqa: E731
-    return sorted((tuple(g) for g in groups.values()), key=lambda g: band(g[0]))
+    return [tuple(groups[band]) for band in sorted(groups)]
 
 
 def print_timeline(rows: list[tuple[str, int, float, int]]) -> None:

@@ -11,6 +11,8 @@ coarse category (matmul, attention, sampling sort, ...).
 Known problem (2026-11-22, H100, JAX 0.11.2): with the trace running, the engine's steps failed with
 CUDA_ERROR_LAUNCH_FAILED in two of three runs, while the same workloads without the profiler ran
 clean; the figures of a run with such errors (printed before the summary) are not to be trusted.
+Session 4 saw the error text: "Failed to check stream capturing status", i.e. the trace collides with
+XLA's CUDA-graph command buffers; profile_step.py --trace (the forward pass alone) traces cleanly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""make_batch (whole-batch numpy) against a per-sequence construction of the same arrays."""
+"""A step's host inputs: make_batch (whole-batch numpy) against a per-sequence construction of the same
+arrays, the token buckets' padding bound, and the packed transfer buffers' round trip."""
 
 import numpy as np
 import pytest
