@@ -51,6 +51,15 @@ def test_shape_mismatch_is_named(llama_copy):
         load_model(str(llama_copy), make_mesh("1x1"))
 
 
+def test_fused_projection_part_mismatch_is_named(llama_copy):
+    # q/k/v load as one fused parameter: a part whose shape disagrees with config.json is named.
+    config = json.loads((llama_copy / "config.json").read_text())
+    config["num_key_value_heads"] = 2  # checkpoint has 4
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj\.bias' has shape \(32,\).*implies \(16,\)"):
+        load_model(str(llama_copy), make_mesh("1x1"))
+
+
 def test_unknown_architecture_is_named(llama_copy):
     config = json.loads((llama_copy / "config.json").read_text())
     config["architectures"] = ["FancyNetForCausalLM"]
@@ -87,7 +96,7 @@ def test_dummy_weights_have_checkpoint_shapes_and_shardings(tiny_models):
         assert (r.shape, r.dtype, r.sharding) == (d.shape, d.dtype, d.sharding)
         assert np.isfinite(np.asarray(d, dtype=np.float32)).all()
     # random, not constant
-    w = np.asarray(dummy.model.model.layers[0].self_attn.q_proj.weight[...], np.float32)
+    w = np.asarray(dummy.model.model.layers[0].self_attn.qkv_proj.weight[...], np.float32)
     assert w.std() > 0
 
 

@@ -44,10 +44,15 @@ def test_greedy_tokens_match_transformers(family, tiny_models):
 def test_sharded_greedy_matches_transformers(family, mesh, tiny_models):
     path, hf_model = tiny_models(family)
     loaded = load_model(path, make_mesh(mesh), dtype="float32")
-    # Parameters really are split over "tensor" (KV heads: 4 over tensor=8 stay replicated).
-    q_proj = loaded.model.model.layers[0].self_attn.q_proj.weight[...]
-    assert len(q_proj.sharding.device_set) == 8
-    assert q_proj.addressable_shards[0].data.shape[0] == q_proj.shape[0] // make_mesh(mesh).shape["tensor"]
+    # Parameters really are split over "tensor": q/k/v fused and split by KV head where "tensor" divides
+    # the 4 KV heads (2x4); on 1x8, q split by column and k/v replicated.
+    attn, tensor = loaded.model.model.layers[0].self_attn, make_mesh(mesh).shape["tensor"]
+    assert (attn.qkv_proj is not None) == (mesh == "2x4")
+    split = attn.qkv_proj.weight[...] if attn.qkv_proj is not None else attn.q_proj.weight[...]
+    assert len(split.sharding.device_set) == 8
+    assert split.addressable_shards[0].data.shape[0] == split.shape[0] // tensor
+    gate_up = loaded.model.model.layers[0].mlp.gate_up_proj.weight[...]
+    assert gate_up.addressable_shards[0].data.shape[1] == gate_up.shape[1] // tensor
     prompts = random_prompts(3)
     ours = greedy_generate(loaded, prompts, max_new_tokens=32, page_size=8)
     for prompt, out in zip(prompts, ours):
@@ -57,7 +62,7 @@ def test_sharded_greedy_matches_transformers(family, mesh, tiny_models):
 def test_bf16_logits_close_to_transformers(tiny_models):
     path, hf_model = tiny_models("llama")
     loaded = load_model(path, make_mesh("1x1"), dtype="bfloat16")
-    assert loaded.model.model.layers[0].mlp.up_proj.weight[...].dtype == np.dtype("bfloat16")
+    assert loaded.model.model.layers[0].mlp.gate_up_proj.weight[...].dtype == np.dtype("bfloat16")
     prompt = random_prompts(4)[2]
     ours = forward_logits(loaded, [prompt])[0]
     ref = hf_logits(hf_model, prompt)

@@ -43,6 +43,8 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     dtype: str = "bfloat16"
+    # q/k/v as one matmul; the loader turns it off when the mesh's "tensor" axis does not divide the KV heads
+    fuse_qkv: bool = True
 
     @property
     def attention_scale(self) -> float:

@@ -2,7 +2,8 @@
 
 Each parameter is built with `jax.make_array_from_callback`: every device receives only its own slice,
 read lazily from a memory map of the safetensors shard, so the whole model is never materialised on
-one device (nor, beyond the page cache, on the host). `load_format="dummy"` instead makes random
+one device (nor, beyond the page cache, on the host). A fused projection (q/k/v, gate/up) is stacked
+on the host from the HF tensors it names, one layer at a time. `load_format="dummy"` instead makes random
 weights of the configured shapes on their devices, for benchmarks of real sizes with no files.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import struct
 
@@ -22,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sgjax.mesh import named_sharding
+from sgjax.mesh import TENSOR, named_sharding
 from sgjax.models.config import ModelConfig
 from sgjax.models.registry import get_model_class
 
@@ -103,6 +105,7 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = ModelConfig.from_pretrained(model_path, dtype)
+    cfg = dataclasses.replace(cfg, fuse_qkv=cfg.num_kv_heads % mesh.shape[TENSOR] == 0)
     model_class = get_model_class(cfg.architecture)
     graphdef, abstract_state = nnx.split(
         nnx.eval_shape(lambda: model_class(cfg, attention_backend=attention_backend, rngs=nnx.Rngs(0))))
@@ -148,18 +151,40 @@ def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.
     values = []
     for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
         name = checkpoint_name(path)
-        if name not in tensors:
-            raise KeyError(f"checkpoint in {model_path!r} has no tensor {name!r} (needed by {cfg.architecture})")
-        if tensors.shape(name) != tuple(var.shape):
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tensors.shape(name)}; "
-                f"config.json implies {tuple(var.shape)}"
-            )
-        source = tensors.get(name)
+        meta = var.get_metadata()
+        if meta.get("checkpoint_parts"):
+            source = _stacked(tensors, name, tuple(var.shape), meta["checkpoint_parts"], meta["checkpoint_axis"],
+                              target, model_path, cfg)
+        else:
+            source = _tensor(tensors, name, tuple(var.shape), model_path, cfg)
         values.append(jax.make_array_from_callback(
             tuple(var.shape), sharding, lambda index, src=source: np.asarray(src[index]).astype(target)
         ))
     return values
+
+
+def _tensor(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], model_path: str, cfg: ModelConfig):
+    """A checkpoint tensor (lazily read), checked to exist with the shape config.json implies."""
+    if name not in tensors:
+        raise KeyError(f"checkpoint in {model_path!r} has no tensor {name!r} (needed by {cfg.architecture})")
+    if tensors.shape(name) != shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tensors.shape(name)}; config.json implies {shape}")
+    return tensors.get(name)
+
+
+def _stacked(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], parts, axis: int, dtype,
+             model_path: str, cfg: ModelConfig) -> np.ndarray:
+    """A fused parameter (e.g. `...self_attn.qkv_proj.weight`) from the HF tensors of its parts
+    (`...self_attn.q_proj.weight`, ...): each reshaped to its slots of `axis`, concatenated along it."""
+    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+    pieces = []
+    for part, slots in parts:
+        part_shape = shape[:axis] + (slots,) + shape[axis + 1:]
+        # HF keeps a weight as [out, in] and a bias as [out]: everything but `in` flattened.
+        hf_shape = (math.prod(part_shape[:-1]), part_shape[-1]) if leaf == "weight" else (math.prod(part_shape),)
+        pieces.append(np.asarray(_tensor(tensors, f"{module}.{part}.{leaf}", hf_shape, model_path, cfg))
+                      .astype(dtype).reshape(part_shape))
+    return np.concatenate(pieces, axis=axis)
 
 
 def load_tokenizer(model_path: str):
