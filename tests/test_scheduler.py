@@ -76,3 +76,22 @@ def test_long_queues_fall_back_to_fcfs():
     for i in range(200):
         sched.add(request(f"q{i}", 8, 3 + i))
     assert sched._waiting_in_policy_order()[0].rid == "new"
+
+
+def test_prefill_budget_fills_the_padded_bucket():
+    # Steps are padded to multiples of 32 here: a budget of 64 with 3 decodes would pad 67 -> 96,
+    # so the waiting prompt gets 93 tokens instead of 64 (and no more than the bucket holds).
+    alloc, radix, sched = make(num_pages=200, round_up=lambda n: -(-n // 32) * 32)
+    decoding = [request(f"d{i}", 5, i) for i in range(3)]
+    for r in decoding:
+        sched.add(r)
+    for r, n in sched.schedule():
+        r.num_computed += n
+        r.num_unknown = 1  # each has a token in flight: a decode next
+    sched.add(request("long", 200, 9))
+    batch = sched.schedule()
+    assert [(r.rid, n) for r, n in batch] == [("d0", 1), ("d1", 1), ("d2", 1), ("long", 93)]
+    # Without the rounding the same queue gets the plain budget
+    alloc, radix, plain = make(num_pages=200)
+    plain.add(request("long", 200, 9))
+    assert [n for _, n in plain.schedule()] == [64]

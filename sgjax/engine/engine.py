@@ -76,14 +76,14 @@ class Engine:
         self.allocator = PageAllocator(num_pages, ps)
         self.radix = None if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length
-        self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
-                                   chunked_prefill_size=prefill_budget, context_length=self.context_length,
-                                   policy=args.schedule_policy)
         self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
                                   min_bucket=args.min_token_bucket,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs)
+        self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
+                                   chunked_prefill_size=prefill_budget, context_length=self.context_length,
+                                   policy=args.schedule_policy, round_up=self.runner.bucket_for)
         self._seeds = np.random.default_rng(args.random_seed)
         self._callbacks: dict[int, tuple[Callback, asyncio.AbstractEventLoop | None]] = {}
         # Updates for callers on event loops, sent once per step and loop (one wake-up, not one per token)

@@ -6,6 +6,8 @@ Policy, in order, each step:
    unlocked radix-cache leaves are evicted; then the youngest running request is preempted: its
    computed tokens go into the radix cache (so its re-admission finds them) and it returns to the
    front of the queue.
+   With `round_up` (the runner's token buckets) the budget grows so the step fills the bucket it is
+   padded to anyway: prompt tokens instead of padding, at no extra cost when prompts are waiting.
 2. Waiting requests, longest cached prefix first (`lpm`) or in arrival order (`fcfs`), while there is
    budget, a free slot (`max_running_requests`) and pages. New requests never preempt running ones.
    Of the n samples of one prompt, one is admitted first; the others wait until its prompt is in
@@ -18,6 +20,7 @@ running request's own pages (`Request.pages[num_tree_pages:]`).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
@@ -28,11 +31,13 @@ LPM_MAX_QUEUE = 128
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
-                 chunked_prefill_size: int, context_length: int, policy: str = "lpm"):
+                 chunked_prefill_size: int, context_length: int, policy: str = "lpm",
+                 round_up: Callable[[int], int] | None = None):
         self.allocator, self.radix = allocator, radix
         self.page_size = allocator.page_size
         self.max_running = max_running_requests
         self.prefill_budget = chunked_prefill_size
+        self.round_up = round_up  # tokens -> the token count a step of that many is padded to
         self.policy = policy
         self.context_length = context_length
         self.waiting: collections.deque[Request] = collections.deque()
@@ -50,6 +55,9 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step's (request, number of tokens to run) pairs."""
         budget = self.prefill_budget
+        if self.round_up is not None:
+            decodes = sum(r.num_pending == 1 for r in self.running)
+            budget = self.round_up(decodes + budget) - decodes
         batch: list[tuple[Request, int]] = []
         for req in list(self.running):
             if req.status is not Status.RUNNING or req.surely_finishes(self.context_length):
