@@ -115,7 +115,7 @@ def main() -> None:
         row = [b, prepare_ms, forward_ms, floor, floor / forward_ms]
         for params, mask in variants.values():
             sampling = sampling_for(params)
-            sampler = runner.sampler[SamplerFeatures.of([params], masked=mask is not None)]
+            sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
             row.append(timed(lambda: jax.block_until_ready(sampler(
                 runner.head, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +

@@ -105,6 +105,24 @@ def test_outputs_identical_across_configurations(llama, overrides):
         engine.shutdown()
 
 
+def test_sampling_row_buckets_give_the_same_tokens(llama):
+    """With 72 slots, sampling is compiled for 64 and for 72 rows: steps of a few sequences and of 70
+    give HF's greedy tokens, and a seeded sample is the same alone as in a batch of 70."""
+    path, hf_model, _, _ = llama
+    engine = make_engine(path, max_running_requests=72, num_pages=2000)
+    try:
+        assert engine.runner.row_buckets == [64, 72]
+        prompts = mixed_prompts(70, seed=5)
+        results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 6})
+        assert [r["output_ids"] for r in results] == [hf_greedy(hf_model, p, 6) for p in prompts]
+        sample = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True, "seed": 21}
+        alone = engine.generate(input_ids=prompts[0], sampling_params=sample)
+        batched = engine.generate(input_ids=prompts, sampling_params=sample)
+        assert batched[0]["output_ids"] == alone["output_ids"]
+    finally:
+        engine.shutdown()
+
+
 def test_shared_prefix_is_reported_cached(engine):
     rng = np.random.default_rng(7)
     system = rng.integers(0, 512, 64).tolist()

@@ -2,7 +2,7 @@
 
 A step is two programs: the forward pass (one per token-count bucket) and sampling (one per
 SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, random draws, each only
-where needed).
+where needed; and per row bucket: the step's sequences rounded up, see row_buckets).
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
 parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
 next bucket (token_buckets). A step's host arrays go to the device packed in two buffers
@@ -48,6 +48,7 @@ from sgjax.models.loader import LoadedModel
 
 LINEAR_BUCKET_STEP = 256
 BUCKET_GROWTH = 1.25
+SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 4
 
 
 def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -> list[int]:
@@ -64,6 +65,19 @@ def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -
         b = buckets[-1]
         buckets.append(b * 2 if b < step else max(b + step, -(-int(b * BUCKET_GROWTH) // step) * step))
     return buckets
+
+
+def row_buckets(max_seqs: int) -> list[int]:
+    """Row counts to compile sampling for: 64, 256, 1024, ... below max_seqs, then max_seqs.
+
+    Sampling computes logits over the whole vocabulary per row: at 1024 running requests that is
+    ~2.5 ms a step on an H100 (BENCHMARKS.md) even when only a few requests are left, while up to
+    64 rows cost about what one does (reading the LM head dominates)."""
+    buckets, rows = [], SMALLEST_ROW_BUCKET
+    while rows < max_seqs:
+        buckets.append(rows)
+        rows *= ROW_BUCKET_GROWTH
+    return buckets + [max_seqs]
 
 
 class ModelRunner:
@@ -100,10 +114,13 @@ class ModelRunner:
         # the sampling parameters included: the forward pass unpacked them.
         (hidden, *_), _, penalties, sampling = self.compiled[self.buckets[0], False].out_info
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
+        self.row_buckets = row_buckets(max_seqs)
+        variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
-            features: jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features)).lower(
+            (features, rows): jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features,
+                                                        rows)).lower(
                 self.head, hidden, sampling, penalties, mask if features.masked else None).compile()
-            for features in tqdm(SamplerFeatures.all(), desc="compiling sampling", unit="variant")}
+            for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
 
     def _abstract_inputs(self, num_tokens: int) -> tuple:
         """Shapes of a step's host arrays: (input_ids, positions, meta, last_token_index, sampling, targets)."""
@@ -159,9 +176,14 @@ class ModelRunner:
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
         features = dataclasses.replace(handle.features, masked=bitmask is not None)
-        out = self.sampler[features](self.head, handle.hidden, handle.sampling, self.penalties, bitmask)
+        out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.sampling,
+                                                            self.penalties, bitmask)
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
+
+    def sampler_for(self, features: SamplerFeatures, num_rows: int):
+        """The compiled sampling program for a step of `num_rows` sequences."""
+        return self.sampler[features, next(r for r in self.row_buckets if r >= num_rows)]
 
     @staticmethod
     def collect(handle: "StepHandle") -> "StepOutput":
@@ -231,5 +253,12 @@ def _forward(model_def, with_prompt, layout, weights, kv_caches, penalties, ints
     return out, kv_caches, penalties, sampling
 
 
-def _sample(softcap, features, head, hidden, sampling, penalties, bitmask):
-    return sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features)
+def _sample(softcap, features, rows, head, hidden, sampling, penalties, bitmask):
+    """Sampling of the first `rows` rows (the step's sequences, rounded up); the other rows' outputs are
+    zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens."""
+    full = hidden.shape[0]
+    if rows < full:
+        hidden, sampling = hidden[:rows], jax.tree.map(lambda x: x[:rows], sampling)
+        bitmask = None if bitmask is None else bitmask[:rows]
+    out = sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features)
+    return tuple(jnp.pad(x, [(0, full - rows)] + [(0, 0)] * (x.ndim - 1)) for x in out)
