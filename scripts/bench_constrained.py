@@ -39,12 +39,15 @@ def long_key_schema(num_fields: int) -> dict:
 
 def run(engine: Engine, prompts: list[list[int]], params: list[dict]) -> dict:
     requests = [r for p, sp in zip(prompts, params) for r in engine.make_requests(input_ids=p, sampling_params=sp)]
-    steps = engine.num_steps
+    steps, host, waited = engine.num_steps, engine.host_s.copy(), engine.device_wait_s
     t0 = time.perf_counter()
     asyncio.run(engine.run_to_end(requests))
     elapsed = time.perf_counter() - t0
     tokens = sum(len(r.output_ids) for r in requests)
-    return dict(elapsed=elapsed, tokens=tokens, tps=tokens / elapsed, steps=engine.num_steps - steps,
+    num_steps = engine.num_steps - steps
+    host = {k: (engine.host_s[k] - host[k]) / num_steps * 1e3 for k in ("schedule", "enqueue", "process", "masks")}
+    host["wait"] = (engine.device_wait_s - waited) / num_steps * 1e3
+    return dict(elapsed=elapsed, tokens=tokens, tps=tokens / elapsed, steps=num_steps, host=host,
                 lengths=[len(r.output_ids) for r in requests], texts=[r.text for r in requests],
                 ids=[list(r.output_ids) for r in requests])
 
@@ -96,9 +99,12 @@ def main() -> None:
           f"{args.num_fields} long-key fields, vocabulary {vocab}")
     print(f"valid JSON: {valid}/{args.num_requests}; requests with identical tokens jump-forward / step-by-step: "
           f"{same}/{args.num_requests} (bf16: a chunk and single decode steps may round differently)")
-    print(f"{'mode':14s} {'tokens':>8s} {'steps':>6s} {'seconds':>8s} {'tok/s':>9s}")
+    phases = ("schedule", "enqueue", "process", "masks", "wait")
+    print(f"{'mode':14s} {'tokens':>8s} {'steps':>6s} {'seconds':>8s} {'tok/s':>9s} {'ms/step':>8s}  "
+          "engine thread ms/step: " + " ".join(f"{p:>8s}" for p in phases))
     for name, r in results.items():
-        print(f"{name:14s} {r['tokens']:8d} {r['steps']:6d} {r['elapsed']:8.2f} {r['tps']:9.0f}")
+        print(f"{name:14s} {r['tokens']:8d} {r['steps']:6d} {r['elapsed']:8.2f} {r['tps']:9.0f} "
+              f"{r['elapsed'] / r['steps'] * 1e3:8.2f}  {'':22s}" + " ".join(f"{r['host'][p]:8.2f}" for p in phases))
     jf, sbs, fr = (results[k]["tps"] for k in ("jump-forward", "step-by-step", "free"))
     print(f"jump-forward speed-up: {jf / sbs:.2f}x; constraint overhead (step-by-step vs free): "
           f"{(fr / sbs - 1) * 100:.1f}%")

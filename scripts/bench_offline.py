@@ -63,6 +63,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
         engine.flush_cache()
         engine.radix.reset_stats()
     steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
+    host = engine.host_s.copy()
     engine.step_log = []
     t0 = time.perf_counter()
     done = []
@@ -78,7 +79,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  preemptions=engine.scheduler.num_preemptions - preemptions,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
-                 pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed))
+                 pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed),
+                 host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")})
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
         pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
@@ -126,11 +128,11 @@ def main() -> None:
     p.add_argument("--system-len", type=int, default=2048)
     p.add_argument("--question-len", type=int, default=128)
     p.add_argument("--compare-radix", action="store_true", help="run again with the radix cache disabled")
-    p.add_argument("--max-running-requests", type=int, default=256)
-    p.add_argument("--chunked-prefill-size", type=int, default=2048)
+    p.add_argument("--max-running-requests", type=int, default=1024)
+    p.add_argument("--chunked-prefill-size", type=int, default=8192)
     p.add_argument("--context-length", type=int, default=4096)
-    p.add_argument("--mem-fraction-static", type=float, default=0.8)
-    p.add_argument("--min-token-bucket", type=int, default=64)
+    p.add_argument("--mem-fraction-static", type=float, default=0.9)
+    p.add_argument("--min-token-bucket", type=int, default=16)
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
@@ -152,6 +154,9 @@ def main() -> None:
               f"{s['device_wait']:>9.1%}")
     print("dev wait: share of the run the engine thread waited for step results (near 0: the host is the "
           "bottleneck)")
+    for name, s in runs:
+        print(f"engine thread, {name}, ms/step: " + ", ".join(
+            f"{k} {v / max(s['steps'], 1) * 1e3:.2f}" for k, v in s["host"].items()))
     for name, s in runs:
         print(f"timeline, {name}:")
         print_timeline(s["timeline"])

@@ -15,6 +15,7 @@ sampling. Text the grammar forces is appended at once (jump-forward) and runs as
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import queue
@@ -94,6 +95,8 @@ class Engine:
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
+        # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
+        self.host_s: collections.Counter[str] = collections.Counter()
         # Set to a list to record (launch time, decode rows, prefill tokens) per step (benchmarks' timelines)
         self.step_log: list[tuple[float, int, int]] | None = None
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
@@ -323,7 +326,9 @@ class Engine:
                     self._flush_outbox()
                 in_flight, self._next_step = self._next_step, None
                 if in_flight is not None and in_flight.constrained:
+                    started = time.perf_counter()
                     in_flight.bitmask = self._grammar_masks(in_flight)  # they needed step N's tokens
+                    self.host_s["masks"] += time.perf_counter() - started
                 if self.args.disable_overlap_schedule and in_flight is not None:
                     self._sample(in_flight)
                     self._process(in_flight)
@@ -375,6 +380,7 @@ class Engine:
         The previous step's sampling, if it waited for masks, is enqueued just before this step's
         forward pass, after the host work of scheduling, so the device goes from one to the other.
         """
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return None
@@ -390,9 +396,12 @@ class Engine:
             targets = [self._prompt_targets(r, n) for r, n in batch]
         starts = [r.num_computed for r in reqs]
         prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets)
+        enqueued = time.perf_counter()
         if previous is not None:
             self._sample(previous)
         handle = self.runner.launch(prepared)
+        launched = time.perf_counter()
+        self.host_s["enqueue"] += launched - enqueued
         self.num_steps += 1
         if self.step_log is not None:
             decodes = sum(n == 1 for _, n in batch)
@@ -409,8 +418,11 @@ class Engine:
                 sampling_rows.append(i)
         step = _Step(batch, starts, targets, sampling_rows, handle,
                      constrained=any(batch[i][0].matcher is not None for i in sampling_rows))
+        now = time.perf_counter()
+        self.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
             self._sample(step)
+            self.host_s["enqueue"] += time.perf_counter() - now
         return step
 
     def _sample(self, step: "_Step") -> None:
@@ -439,7 +451,8 @@ class Engine:
         batch, targets = step.batch, step.targets
         waited = time.perf_counter()
         out = self.runner.collect(step.handle)
-        self.device_wait_s += time.perf_counter() - waited
+        started = time.perf_counter()
+        self.device_wait_s += started - waited
         if targets is not None:
             self._record_prompt_logprobs(batch, step.starts, targets, out)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
@@ -453,6 +466,7 @@ class Engine:
             self._append_token(req, tokens[i], logprobs[i], top)
             if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
                 self._jump_forward(req)
+        self.host_s["process"] += time.perf_counter() - started
 
     def _jump_forward(self, req: Request) -> None:
         """Append the tokens the grammar forces next, so they run as one chunk instead of a step each.
