@@ -9,7 +9,7 @@ that sequence's pages through the page table, `pages_per_block` pages at a time,
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
 
-Decode batches with few query blocks (under 512) also split each block's pages up to `kv_splits` ways across
+Decode batches with few query blocks (up to 512) also split each block's pages up to `kv_splits` ways across
 programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
 unnormalised partial output with its running max and sum, and a small jnp step combines them.
 """
@@ -124,8 +124,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     # blocks (64 tokens at 8 KV heads) split the context 4 ways: with few programs, each walking its
     # context alone is latency-bound (engine-shaped batch 16 at context 2k: 0.20 ms a layer unsplit,
     # 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs enough and splitting
-    # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms; batch 64 at 2k:
-    # 0.267 ms split 4 ways against 0.246 unsplit with 4 pipeline stages, so 64 tokens no longer split).
+    # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms). A full batch of 64
+    # at 2k ran faster unsplit (0.246 against 0.267 ms), but the engine's 64-token bucket mostly holds
+    # fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6% slower.
     # Unsplit decode pipelines 4 page loads (batch 64 at 8k: 85% of copy bandwidth against 76% with 3).
     decode = num_tokens <= num_seqs
     if block_q is None:
@@ -133,7 +134,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
-        kv_splits = 4 if decode and num_tokens * num_kv_heads < 512 else 1
+        kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
     if num_stages is None:
         num_stages = 4 if decode and kv_splits == 1 else 3
     rows = block_q * padded_group
