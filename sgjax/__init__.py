@@ -2,5 +2,9 @@
 
 __version__ = "0.1.0"
 
+from sgjax.xla_flags import configure as _configure_xla  # noqa: E402
+
+_configure_xla()  # before JAX starts a GPU backend
+
 from sgjax.lang import *  # noqa: E402,F401,F403
 from sgjax.lang import __all__  # noqa: E402,F401
