@@ -54,6 +54,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
+                          num_pages=args.num_pages,
                           disable_overlap_schedule=args.disable_overlap_schedule,
                           attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
     startup = time.perf_counter() - t0
@@ -133,6 +134,7 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--mem-fraction-static", type=float, default=0.9)
     p.add_argument("--min-token-bucket", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size (default: from free memory)")
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")

@@ -614,9 +614,13 @@ class Engine:
 
     def _pages_from_memory(self, pool_cfg: KVPoolConfig, max_pages_per_seq: int) -> int:
         """Pages that fit in mem_fraction_static of device memory after the weights."""
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" not in stats:  # CPU: enough for every running request at full context
-            return 1 + self.args.max_running_requests * max_pages_per_seq
+        device = jax.devices()[0]
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            if device.platform != "cpu":
+                raise ValueError(f"{device.device_kind} reports no memory limit (XLA's VMM allocator, used with "
+                                 "xla_gpu_command_buffer_update_mode): give num_pages (--num-pages)")
+            return 1 + self.args.max_running_requests * max_pages_per_seq  # every request at full context
         tensor = self.loaded.mesh.shape["tensor"]
         per_device = pool_cfg.bytes_per_page // (tensor if pool_cfg.num_kv_heads % tensor == 0 else 1)
         free = stats["bytes_limit"] * self.args.mem_fraction_static - stats["bytes_in_use"]
