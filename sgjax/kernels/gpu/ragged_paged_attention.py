@@ -127,7 +127,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms). A full batch of 64
     # at 2k ran faster unsplit (0.246 against 0.267 ms), but the engine's 64-token bucket mostly holds
     # fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6% slower.
-    # Unsplit decode pipelines 4 page loads (batch 64 at 8k: 85% of copy bandwidth against 76% with 3).
+    # Unsplit decode pipelines 4 page loads (batch 64: the same as 3 within noise, 0.243 / 0.242 ms at 2k).
     decode = num_tokens <= num_seqs
     if block_q is None:
         block_q = 1 if decode else max(16, 64 // padded_group)
