@@ -154,7 +154,7 @@ def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.
         meta = var.get_metadata()
         if meta.get("checkpoint_parts"):
             source = _stacked(tensors, name, tuple(var.shape), meta["checkpoint_parts"], meta["checkpoint_axis"],
-                              target, model_path, cfg)
+                              model_path, cfg)
         else:
             source = _tensor(tensors, name, tuple(var.shape), model_path, cfg)
         values.append(jax.make_array_from_callback(
@@ -172,18 +172,19 @@ def _tensor(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], model
     return tensors.get(name)
 
 
-def _stacked(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], parts, axis: int, dtype,
+def _stacked(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], parts, axis: int,
              model_path: str, cfg: ModelConfig) -> np.ndarray:
     """A fused parameter (e.g. `...self_attn.qkv_proj.weight`) from the HF tensors of its parts
-    (`...self_attn.q_proj.weight`, ...): each reshaped to its slots of `axis`, concatenated along it."""
-    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+    (`...self_attn.q_proj.weight`, ...): each reshaped to its slots of `axis`, concatenated along it,
+    in the checkpoint's dtype (the caller casts each device's slice, as for any tensor)."""
+    module, _, leaf = name.rsplit(".", 2)
     pieces = []
     for part, slots in parts:
         part_shape = shape[:axis] + (slots,) + shape[axis + 1:]
         # HF keeps a weight as [out, in] and a bias as [out]: everything but `in` flattened.
         hf_shape = (math.prod(part_shape[:-1]), part_shape[-1]) if leaf == "weight" else (math.prod(part_shape),)
         pieces.append(np.asarray(_tensor(tensors, f"{module}.{part}.{leaf}", hf_shape, model_path, cfg))
-                      .astype(dtype).reshape(part_shape))
+                      .reshape(part_shape))
     return np.concatenate(pieces, axis=axis)
 
 
