@@ -43,27 +43,28 @@ def test_missing_tensor_is_named(llama_copy):
         load_model(str(llama_copy), make_mesh("1x1"))
 
 
+def edit_config(folder, **changes) -> None:
+    """Change fields of the checkpoint's config.json (not its tensors)."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def test_shape_mismatch_is_named(llama_copy):
-    config = json.loads((llama_copy / "config.json").read_text())
-    config["intermediate_size"] = 96  # checkpoint has 128
-    (llama_copy / "config.json").write_text(json.dumps(config))
+    edit_config(llama_copy, intermediate_size=96)  # checkpoint has 128
     with pytest.raises(ValueError, match=r"down_proj\.weight.*\(64, 128\).*\(64, 96\)"):
         load_model(str(llama_copy), make_mesh("1x1"))
 
 
 def test_fused_projection_part_mismatch_is_named(llama_copy):
     # q/k/v load as one fused parameter: a part whose shape disagrees with config.json is named.
-    config = json.loads((llama_copy / "config.json").read_text())
-    config["num_key_value_heads"] = 2  # checkpoint has 4
-    (llama_copy / "config.json").write_text(json.dumps(config))
+    edit_config(llama_copy, num_key_value_heads=2)  # checkpoint has 4
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.k_proj\.bias' has shape \(32,\).*implies \(16,\)"):
         load_model(str(llama_copy), make_mesh("1x1"))
 
 
 def test_unknown_architecture_is_named(llama_copy):
-    config = json.loads((llama_copy / "config.json").read_text())
-    config["architectures"] = ["FancyNetForCausalLM"]
-    (llama_copy / "config.json").write_text(json.dumps(config))
+    edit_config(llama_copy, architectures=["FancyNetForCausalLM"])
     with pytest.raises(ValueError, match="FancyNetForCausalLM"):
         load_model(str(llama_copy), make_mesh("1x1"))
 
