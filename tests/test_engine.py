@@ -90,8 +90,9 @@ def test_staggered_requests_match_transformers(engine, llama):
     dict(disable_overlap_schedule=True),
     dict(num_pages=41, disable_overlap_schedule=True),
     dict(attention_backend="pallas_interpret"),
+    dict(attention_backend="pallas_tpu_interpret"),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
-        "preemption-no-overlap", "pallas-kernel"])
+        "preemption-no-overlap", "pallas-kernel", "tpu-kernel"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     engine = make_engine(path, **overrides)

@@ -8,6 +8,7 @@ import pytest
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
+from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
 
 
 def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, cached, dtype, extra_tokens=5,
@@ -62,6 +63,28 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
         assert np.isfinite(np.asarray(got)).all()
         rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         assert rel < tolerance, f"block_q={block_q}, kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
+def test_tpu_kernel_matches_reference(case, dtype, tolerance):
+    """The TPU kernel in the TPU interpreter (its DMAs, semaphores and SMEM scalars simulated)."""
+    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
+    q, k_pages, v_pages, meta, total = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads,
+                                                   head_dim=head_dim, page_size=page_size, q_lens=q_lens,
+                                                   cached=cached, dtype=dtype)
+    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    # the default; one token per query block (decode batches); small query blocks walking one page at
+    # a time (many double-buffered K/V blocks per program)
+    for block_q, pages_per_block in ((None, None), (1, None), (4, 1)):
+        got = tpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
+                                                pages_per_block=pages_per_block, **kwargs)
+        assert got.shape == q.shape
+        assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
+        got = got[:total].astype(jnp.float32)
+        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        assert rel < tolerance, f"block_q={block_q}, pages_per_block={pages_per_block}: relative error {rel:.2e}"
 
 
 def test_gpu_kernel_on_an_engine_like_decode_batch():

@@ -103,16 +103,23 @@ class ModelRunner:
         # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per bucket.
         self.layouts = {t: PackedLayout.of(self._abstract_inputs(t)) for t in self.buckets}
         self.compiled = {}
+        lowered = {}
         for with_prompt in variants:
             for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
                           unit="bucket"):
                 forward = jax.jit(functools.partial(_forward, model_def, with_prompt, self.layouts[t]),
                                   donate_argnums=(1, 2))
-                self.compiled[t, with_prompt] = forward.lower(self.weights, pool.caches, self.penalties,
-                                                              *self.layouts[t].abstract(), self.prev_tokens).compile()
+                lowered[t, with_prompt] = forward.lower(self.weights, pool.caches, self.penalties,
+                                                        *self.layouts[t].abstract(), self.prev_tokens)
+                self.compiled[t, with_prompt] = lowered[t, with_prompt].compile()
         # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings),
-        # the sampling parameters included: the forward pass unpacked them.
-        (hidden, *_), _, penalties, sampling = self.compiled[self.buckets[0], False].out_info
+        # the sampling parameters included: the forward pass unpacked them. (From the lowered shapes and
+        # compiled shardings: the compiled out_info fails on programs with host callbacks, as the TPU
+        # interpreter's.)
+        first = self.buckets[0], False
+        (hidden, *_), _, penalties, sampling = jax.tree.map(
+            lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+            lowered[first].out_info, self.compiled[first].output_shardings)
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         self.row_buckets = row_buckets(max_seqs)
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]

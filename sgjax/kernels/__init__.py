@@ -1,10 +1,11 @@
 """Attention backends. Each exposes `attention(q, k, v, k_pages, v_pages, meta, *, scale,
 sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V and attends.
 
-- "pallas": the Pallas kernel for the platform (GPU: kernels/gpu); where there is none yet (CPU, TPU)
-  `resolve_backend` falls back to "reference" with a warning.
+- "pallas": the Pallas kernel for the platform (GPU: kernels/gpu, TPU: kernels/tpu); where there is
+  none (CPU) `resolve_backend` falls back to "reference" with a warning.
 - "reference": kernels/reference.py, pure jnp; the definition the kernels are tested against.
-- "pallas_interpret": the GPU kernel in Pallas' interpreter, so CPU tests can run it inside the engine.
+- "pallas_interpret" / "pallas_tpu_interpret": the GPU / TPU kernel in Pallas' interpreters, so CPU
+  tests can run them inside the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax
 
 from sgjax.kernels.metadata import AttentionMetadata
 
-BACKENDS = ("pallas", "reference", "pallas_interpret")
+BACKENDS = ("pallas", "reference", "pallas_interpret", "pallas_tpu_interpret")
+KERNEL_PLATFORMS = ("gpu", "tpu")
 logger = logging.getLogger(__name__)
 
 
@@ -27,11 +29,15 @@ def resolve_backend(name: str, page_size: int | None = None) -> str:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
     if name == "pallas":
         platform = jax.default_backend()
-        if platform != "gpu":
+        if platform not in KERNEL_PLATFORMS:
             logger.warning("no Pallas attention kernel for platform %r yet; using the reference attention", platform)
             return "reference"
         if page_size is not None and page_size & (page_size - 1):
             logger.warning("the Pallas attention kernel needs a power-of-two page size (got %d); using the "
+                           "reference attention", page_size)
+            return "reference"
+        if platform == "tpu" and page_size is not None and page_size % 8:
+            logger.warning("the TPU attention kernel needs a page size that is a multiple of 8 (got %d); using the "
                            "reference attention", page_size)
             return "reference"
     return name
@@ -43,14 +49,23 @@ def get_attention_backend(name: str) -> Callable:
 
     if name == "reference":
         return reference.attention
-    if name in ("pallas", "pallas_interpret"):
-        return functools.partial(_paged_kernel_attention, interpret=name == "pallas_interpret")
+    if name == "pallas":
+        return functools.partial(_paged_kernel_attention, platform=jax.default_backend(), interpret=False)
+    if name == "pallas_interpret":
+        return functools.partial(_paged_kernel_attention, platform="gpu", interpret=True)
+    if name == "pallas_tpu_interpret":
+        return functools.partial(_paged_kernel_attention, platform="tpu", interpret=True)
     raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
 
 
-def _paged_kernel_attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, interpret: bool, **kwargs):
-    from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
+def _paged_kernel_attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, *, platform: str, interpret: bool,
+                            **kwargs):
     from sgjax.kernels.reference import write_kv
+
+    if platform == "tpu":
+        from sgjax.kernels.tpu.ragged_paged_attention import ragged_paged_attention
+    else:
+        from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
 
     # The write is a scatter into the donated pool beside the kernel: XLA does it in place.
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)

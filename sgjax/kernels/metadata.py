@@ -36,3 +36,30 @@ def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array
     q_lens = qsl[1:] - qsl[:-1]
     pos = meta.kv_lens[seq] - q_lens[seq] + (tok - qsl[seq])
     return seq, pos
+
+
+def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int):
+    """Query blocks of `block_q` tokens that never straddle sequences, for the attention kernels.
+
+    Returns (sequence, first token, valid) of each block, over a static upper bound on their number.
+    """
+    num_seqs = query_start_loc.shape[0] - 1
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    blocks_per_seq = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks_per_seq)
+    # One token per block: as many blocks as tokens. Larger blocks: each sequence may leave one partial.
+    num_blocks = num_tokens if block_q == 1 else -(-num_tokens // block_q) + num_seqs
+    i = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
+    start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
+    return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
+
+
+def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
+    """(query block, place in the block) of each token under `plan_query_blocks`: the inverse map."""
+    qsl = meta.query_start_loc
+    q_lens = qsl[1:] - qsl[:-1]
+    first_block = jnp.cumsum((q_lens + block_q - 1) // block_q) - (q_lens + block_q - 1) // block_q
+    seq, _ = token_positions(meta, num_tokens)
+    j = jnp.maximum(jnp.arange(num_tokens, dtype=jnp.int32) - qsl[seq], 0)
+    return (first_block[seq] + j // block_q).astype(jnp.int32), (j % block_q).astype(jnp.int32)

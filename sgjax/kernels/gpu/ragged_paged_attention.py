@@ -23,23 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sgjax.kernels.metadata import AttentionMetadata
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks
 
 MASK_VALUE = -1e30
-
-
-def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int):
-    """(sequence, first token, valid) of each query block; a static upper bound on their number."""
-    num_seqs = query_start_loc.shape[0] - 1
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    blocks_per_seq = (q_lens + block_q - 1) // block_q
-    ends = jnp.cumsum(blocks_per_seq)
-    # One token per block: as many blocks as tokens. Larger blocks: each sequence may leave one partial.
-    num_blocks = num_tokens if block_q == 1 else pl.cdiv(num_tokens, block_q) + num_seqs
-    i = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
-    start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
-    return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
 
 
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
@@ -64,7 +50,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     end_block = jnp.where(valid > 0, pl.cdiv(last + 1, block_k), 0)
     start_block = 0 if window is None else jnp.maximum(offset + t0 - q_start - window + 1, 0) // block_k
 
-    def body(kb, carry):
+    def body(kb, carry, masked: bool):
         o, m, denom = carry
         pages = page_table_ref[seq, pl.ds(kb * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, head_dim)
@@ -72,11 +58,12 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         s = dot(q, k, trans_b=True) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
-        j = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        visible = row_ok[:, None] & (j[None, :] <= pos[:, None]) & (j[None, :] < kv_len)
-        if window is not None:
-            visible &= pos[:, None] - j[None, :] < window
-        s = jnp.where(visible, s, MASK_VALUE)
+        if masked:
+            j = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            visible = row_ok[:, None] & (j[None, :] <= pos[:, None]) & (j[None, :] < kv_len)
+            if window is not None:
+                visible &= pos[:, None] - j[None, :] < window
+            s = jnp.where(visible, s, MASK_VALUE)
         m_next = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_next)
         p = jnp.exp(s - m_next[:, None])
@@ -84,11 +71,20 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         o_next = correction[:, None] * o + dot(p.astype(v.dtype), v)
         return o_next, m_next, denom_next
 
+    # Blocks wholly before the block's first position need no mask (every row sees all their keys):
+    # they run without it, and only the blocks on the diagonal (or in a window's reach) build one.
+    # Rows that are padding see real keys there too: finite values, never stored.
+    full_end = start_block if window is not None else (offset + t0 - q_start + 1) // block_k
+
+    def walk(lo, hi, carry):
+        carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_end), functools.partial(body, masked=False), carry)
+        return jax.lax.fori_loop(jnp.maximum(lo, full_end), hi, functools.partial(body, masked=True), carry)
+
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     block_rows = pl.ds(t0 * padded_group, rows)
     if kv_splits == 1:
-        o, _, denom = jax.lax.fori_loop(start_block, end_block, body, init)
+        o, _, denom = walk(start_block, end_block, init)
         o_ref = refs[-1]
         out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
         plgpu.store(o_ref.at[block_rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
@@ -97,7 +93,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     # loads pipeline; the splits left without blocks only write an empty partial result.
     per_split = jnp.maximum(pl.cdiv(end_block - start_block, kv_splits), min_blocks_per_split)
     lo = start_block + pl.program_id(2) * per_split
-    o, m, denom = jax.lax.fori_loop(lo, jnp.minimum(lo + per_split, end_block), body, init)
+    o, m, denom = walk(lo, jnp.minimum(lo + per_split, end_block), init)
     o_ref, m_ref, d_ref = refs[-3:]
     plgpu.store(o_ref.at[block_rows, :], o, mask=row_ok[:, None])
     plgpu.store(m_ref.at[block_rows], m, mask=row_ok)
