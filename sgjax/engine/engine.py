@@ -34,6 +34,7 @@ from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import EngineArgs
 from sgjax.constrained import GrammarCompiler
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
+from sgjax.device_memory import cuda_memory_info, xla_memory_limit
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
@@ -438,11 +439,16 @@ class Engine:
             req = step.batch[i][0]
             if req.matcher is None or req.finished:
                 continue
-            forced = self.args.disable_jump_forward and req.matcher.compute_ff_tokens()
-            if forced:
-                force_token(bitmask, i, forced[0])  # the same tokens as jump-forward, one per step
-            else:
-                rows.append((req.matcher, i))
+            if self.args.disable_jump_forward:
+                # The tokens jump-forward would append after the last sampled one, one per step: the
+                # grammar is asked once per run of forced text, as jump-forward asks it.
+                if req.forced_queue is None:
+                    req.forced_queue = collections.deque(req.matcher.compute_ff_tokens())
+                if req.forced_queue:
+                    force_token(bitmask, i, req.forced_queue.popleft())
+                    continue
+                req.forced_queue = None  # this step samples freely; the next asks the grammar again
+            rows.append((req.matcher, i))
         fill_rows(self.grammar.executor, rows, bitmask)
         return bitmask
 
@@ -616,10 +622,15 @@ class Engine:
         """Pages that fit in mem_fraction_static of device memory after the weights."""
         device = jax.devices()[0]
         stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats and device.platform == "gpu":
+            # XLA's VMM allocator (SKIP_TEMP command buffers) reports no limit: ask the driver
+            info = cuda_memory_info(device.local_hardware_id)
+            if info is not None:
+                free, total = info
+                stats = {"bytes_limit": xla_memory_limit(total), "bytes_in_use": total - free}
         if "bytes_limit" not in stats:
             if device.platform != "cpu":
-                raise ValueError(f"{device.device_kind} reports no memory limit (XLA's VMM allocator, used with "
-                                 "xla_gpu_command_buffer_update_mode): give num_pages (--num-pages)")
+                raise ValueError(f"{device.device_kind} reports no memory limit: give num_pages (--num-pages)")
             return 1 + self.args.max_running_requests * max_pages_per_seq  # every request at full context
         tensor = self.loaded.mesh.shape["tensor"]
         per_device = pool_cfg.bytes_per_page // (tensor if pool_cfg.num_kv_heads % tensor == 0 else 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import time
@@ -29,6 +30,9 @@ class Request:
     extra_key: Any = None  # requests with different extra keys never share cached prefixes
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
     matcher: Any = None  # llguidance.LLMatcher of the request's constraint, advanced token by token
+    # Without jump-forward: the forced tokens still to emit one step each, as computed after the last
+    # freely sampled token (None: not computed since then).
+    forced_queue: collections.deque | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
