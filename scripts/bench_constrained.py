@@ -7,6 +7,11 @@ sgjax/testing/bench_tokenizer.py) runs the same batch three ways:
                  the same tokens as jump-forward, so the ratio is jump-forward's speed-up;
   free           no constraint, each request generating as many tokens as it did constrained: the
                  ratio step-by-step / free is the overhead of computing and applying masks.
+Most of that schema's text is forced, so most of its steps force one token and fill no mask. Two more
+modes time the case where every row fills a full mask every step:
+  free-text      a schema whose only field is a free string ({"notes": "..."}), --free-text-tokens
+                 tokens per request, nearly all inside the string;
+  free-text-free no constraint, the same lengths: the ratio is the overhead of a full mask per row.
 
     python scripts/bench_constrained.py --model llama-3-8b --num-requests 64
 """
@@ -63,6 +68,8 @@ def main() -> None:
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--attention-backend", default="pallas")
+    p.add_argument("--free-text-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5, help="runs of each mode; the median run is reported")
     args = p.parse_args()
 
     folder = tempfile.mkdtemp()
@@ -81,22 +88,36 @@ def main() -> None:
     prompts = [rng.integers(100, 20000, args.prompt_len).tolist() for _ in range(args.num_requests)]
     constrained = [{"json_schema": schema, "temperature": 0, "max_new_tokens": 1500}] * args.num_requests
 
-    run(engine, prompts[:2], constrained[:2])  # warm-up: compile the schema, touch every program
-    engine.flush_cache()
-    results = {"jump-forward": run(engine, prompts, constrained)}
-    engine.flush_cache()
-    engine.args.disable_jump_forward = True  # read by the engine thread each step; the engine is idle here
-    results["step-by-step"] = run(engine, prompts, constrained)
-    engine.args.disable_jump_forward = False
-    engine.flush_cache()
-    free = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": n} for n in results["jump-forward"]["lengths"]]
-    results["free"] = run(engine, prompts, free)
+    notes = json.dumps({"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"],
+                        "additionalProperties": False})
+    # sampled, so a dummy model's string does not close at once; its free twin samples too
+    # (seeded: the same lengths every run, which the twin copies)
+    free_text = [{"json_schema": notes, "temperature": 1.0, "max_new_tokens": args.free_text_tokens, "seed": i}
+                 for i in range(args.num_requests)]
+    run(engine, prompts[:2], constrained[:2])  # warm-up: compile the schemas, touch every program
+    run(engine, prompts[:2], free_text[:2])
+    params = {"jump-forward": constrained, "step-by-step": constrained, "free": None,
+              "free-text": free_text, "free-text-free": None}
+    runs = {mode: [] for mode in params}
+    for _ in range(args.repeats):  # the modes interleaved, so drift in the device's speed hits each alike
+        for mode in runs:
+            engine.flush_cache()
+            # read by the engine thread each step; the engine is idle here
+            engine.args.disable_jump_forward = mode == "step-by-step"
+            runs[mode].append(run(engine, prompts, params[mode]))
+            if mode in ("jump-forward", "free-text") and len(runs[mode]) == 1:  # the free twin's lengths
+                params["free" if mode == "jump-forward" else "free-text-free"] = [
+                    {"temperature": params[mode][0]["temperature"], "ignore_eos": True, "max_new_tokens": n,
+                     "seed": i} for i, n in enumerate(runs[mode][0]["lengths"])]
     engine.shutdown()
+    results = {mode: sorted(rs, key=lambda r: r["tps"])[len(rs) // 2] for mode, rs in runs.items()}  # medians
 
     valid = sum(json.loads(t) is not None for t in results["jump-forward"]["texts"])
     same = sum(a == b for a, b in zip(results["jump-forward"]["ids"], results["step-by-step"]["ids"]))
     print(f"model {args.model}, {args.num_requests} requests, prompt {args.prompt_len} tokens, "
-          f"{args.num_fields} long-key fields, vocabulary {vocab}")
+          f"{args.num_fields} long-key fields, vocabulary {vocab}; median of {args.repeats} runs per mode")
+    for mode, rs in runs.items():
+        print(f"  {mode} tok/s over the runs: " + " ".join(f"{r['tps']:.0f}" for r in rs))
     print(f"valid JSON: {valid}/{args.num_requests}; requests with identical tokens jump-forward / step-by-step: "
           f"{same}/{args.num_requests} (bf16: a chunk and single decode steps may round differently)")
     phases = ("schedule", "enqueue", "process", "masks", "wait")
@@ -106,8 +127,10 @@ def main() -> None:
         print(f"{name:14s} {r['tokens']:8d} {r['steps']:6d} {r['elapsed']:8.2f} {r['tps']:9.0f} "
               f"{r['elapsed'] / r['steps'] * 1e3:8.2f}  {'':22s}" + " ".join(f"{r['host'][p]:8.2f}" for p in phases))
     jf, sbs, fr = (results[k]["tps"] for k in ("jump-forward", "step-by-step", "free"))
-    print(f"jump-forward speed-up: {jf / sbs:.2f}x; constraint overhead (step-by-step vs free): "
-          f"{(fr / sbs - 1) * 100:.1f}%")
+    ft, ftf = (results[k]["tps"] for k in ("free-text", "free-text-free"))
+    print(f"jump-forward speed-up (medians): {jf / sbs:.2f}x; constraint overhead (step-by-step vs free): "
+          f"{(fr / sbs - 1) * 100:.1f}%; with a full mask per row every step (free-text vs its free twin): "
+          f"{(ftf / ft - 1) * 100:.1f}%")
 
 
 if __name__ == "__main__":

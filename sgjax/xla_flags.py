@@ -1,15 +1,14 @@
-"""Opt-in XLA flags, set before JAX starts its GPU backend (each only if the user's XLA_FLAGS lack it).
+"""sgjax's XLA flags, set before JAX starts its GPU backend (each only if the user's XLA_FLAGS lack it).
 
 `--xla_gpu_command_buffer_update_mode=SKIP_TEMP`: XLA runs each compiled step as CUDA graphs
 ("command buffers") and, by default, rewrites every graph node whose buffer addresses moved since the
-last run; a step's temporaries move every run, so the host spent ~5 ms enqueueing each step. With
+last run; a step's temporaries move every run, so the host spent ~5-6 ms enqueueing each step. With
 SKIP_TEMP the temporaries keep fixed virtual addresses (XLA switches to its VMM allocator): enqueueing
-took ~2.3 ms and constrained decoding, whose masks wait on the host, ran 1.5x faster (BENCHMARKS.md,
-session 5). Only for CUDA builds of jaxlib: a CPU build does not know the option.
+takes ~2-4 ms (BENCHMARKS.md, sessions 5 and 6). Only for CUDA builds of jaxlib: a CPU build does not
+know the option.
 
-Opt-in (SGJAX_XLA_SKIP_TEMP=1) because the VMM allocator reports no memory limit, so the KV pool
-cannot be sized from free memory: give the engine `num_pages` (the engine says so otherwise), and
-leave room for sampling's temporaries (8.6 GB at 1024 running requests).
+On by default; SGJAX_XLA_SKIP_TEMP=0 turns it off. The VMM allocator reports no memory limit, so the
+engine sizes its KV pool from the CUDA driver's figures instead (sgjax/device_memory.py).
 """
 
 from __future__ import annotations
@@ -34,10 +33,10 @@ def has_cuda_jaxlib() -> bool:
                for dist in importlib.metadata.distributions())
 
 
-def configure() -> None:
+def configure(environ=os.environ, cuda: bool | None = None) -> None:
     """Apply the defaults to this process's XLA_FLAGS (before JAX's first use of the GPU)."""
-    if os.environ.get("SGJAX_XLA_SKIP_TEMP") != "1":
+    if environ.get("SGJAX_XLA_SKIP_TEMP", "1") == "0":
         return
-    flags = with_defaults(os.environ.get("XLA_FLAGS", ""), has_cuda_jaxlib())
+    flags = with_defaults(environ.get("XLA_FLAGS", ""), has_cuda_jaxlib() if cuda is None else cuda)
     if flags:
-        os.environ["XLA_FLAGS"] = flags
+        environ["XLA_FLAGS"] = flags
