@@ -73,7 +73,7 @@ def kernel_config(cfg: str, scale: float):
     """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]]' (0 = default)
     -> (label, jitted kernel)."""
     bq, ppb, splits, warps, stages, min_blocks = (int(x) for x in (cfg + ":0:0").split(":")[:6])
-    kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
+    kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or None,
               num_stages=stages or None, min_blocks_per_split=min_blocks or 2)
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
     return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
@@ -99,12 +99,12 @@ def rel_error(got, want) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--decode-configs", default="0:0:0:4,1:4:4:4:3,1:4:1:4:3,1:4:1:4:4,1:4:1:2:3,1:8:1:8:3",
+    p.add_argument("--decode-configs", default="0:0:0:0,1:4:4:4:3,1:4:1:4:3,1:4:1:4:4,1:4:1:2:3,1:8:1:8:3",
                    help="block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]] for "
                    "decode (0 = the kernel's default)")
-    p.add_argument("--small-decode-configs", default="0:0:0:4,1:4:1:4:3,1:4:4:4:3:2,1:4:8:4:3:2,1:4:4:4:3:8",
+    p.add_argument("--small-decode-configs", default="0:0:0:0,1:4:1:4:3,1:4:4:4:3:2,1:4:8:4:3:2,1:4:4:4:3:8",
                    help="the same for engine-shaped small decode batches")
-    p.add_argument("--prefill-configs", default="0:0:0:4,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
+    p.add_argument("--prefill-configs", default="0:0:0:0,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
                    help="the same for prefill")
     args = p.parse_args()
     ps = args.page_size
