@@ -9,11 +9,9 @@ that sequence's pages through the page table, `pages_per_block` pages at a time,
 softmax (flash attention), applying the causal mask over the cached prefix, the sliding window and
 logit soft-capping. Pages past the block's last position, or before the window, are never read.
 
-Decode buckets with few query blocks (up to 512) may also split each block's pages up to `kv_splits` ways
-across programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
-unnormalised partial output with its running max and sum, and a small jnp step combines them. How
-many of the splits get work is decided on the device from the real number of tokens, so a bucket
-holding few sequences splits and a full one does not.
+Decode batches with few query blocks (up to 512) also split each block's pages up to `kv_splits` ways across
+programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
+unnormalised partial output with its running max and sum, and a small jnp step combines them.
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ MASK_VALUE = -1e30
 
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
-            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
-            split_target: int):
+            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int):
     i = pl.program_id(0)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -94,14 +91,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         return
     # Short contexts use fewer splits: each program walks at least min_blocks_per_split blocks, so its
     # loads pipeline; the splits left without blocks only write an empty partial result.
-    # And batches with query blocks enough use fewer splits, decided here from the real number of blocks
-    # (the bucket's size is static, its fill is not): splits only while blocks x KV heads x splits stay
-    # within `split_target` programs; the other splits' programs exit at once.
-    splits = kv_splits
-    if block_q == 1:  # decode: one query block per real token
-        num_real = qsl_ref[qsl_ref.shape[0] - 1]
-        splits = jnp.clip(split_target // jnp.maximum(num_real * pl.num_programs(1), 1), 1, kv_splits)
-    per_split = jnp.maximum(pl.cdiv(end_block - start_block, splits), min_blocks_per_split)
+    per_split = jnp.maximum(pl.cdiv(end_block - start_block, kv_splits), min_blocks_per_split)
     lo = start_block + pl.program_id(2) * per_split
     o, m, denom = walk(lo, jnp.minimum(lo + per_split, end_block), init)
     o_ref, m_ref, d_ref = refs[-3:]
@@ -111,14 +101,12 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "block_q", "pages_per_block",
-                                             "kv_splits", "min_blocks_per_split", "split_target", "num_warps",
-                                             "num_stages",
+                                             "kv_splits", "min_blocks_per_split", "num_warps", "num_stages",
                                              "interpret"))
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
                            block_q: int | None = None, pages_per_block: int | None = None,
-                           kv_splits: int | None = None, min_blocks_per_split: int = 2, split_target: int = 512,
-                           num_warps: int | None = None,
+                           kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int | None = None,
                            num_stages: int | None = None,
                            interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
@@ -129,14 +117,13 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
     # block, 64 keys a step, 4 warps; prefill 128 query rows (32 tokens at G=4) by 128 keys, 8 warps
-    # (4k causal: 0.597 ms against 0.652 for 64 rows by 64 keys with 4 warps; 29.8% of bf16).
-    # Decode buckets of up to 512 query blocks (64 tokens at 8 KV heads) split the context 4 ways: with
-    # few programs, each walking its context alone is latency-bound (engine-shaped batch 16 at context
-    # 2k: 0.20 ms a layer unsplit, 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs
-    # enough and splitting slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms;
-    # a full batch of 64 at 2k: 0.267 split 4 ways against 0.243 ms). The 64-token bucket mostly holds
-    # fewer sequences, so it is compiled split, and the kernel uses only as many splits as keep real
-    # tokens x KV heads x splits within `split_target` programs (a full batch of 64 at 8 KV heads: none).
+    # (4k causal: 0.597 ms against 0.652 for 64 rows by 64 keys with 4 warps; 29.8% of bf16). Decode batches of up to 512 query
+    # blocks (64 tokens at 8 KV heads) split the context 4 ways: with few programs, each walking its
+    # context alone is latency-bound (engine-shaped batch 16 at context 2k: 0.20 ms a layer unsplit,
+    # 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs enough and splitting
+    # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms). A full batch of 64
+    # at 2k ran faster unsplit (0.246 against 0.267 ms), but the engine's 64-token bucket mostly holds
+    # fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6% slower.
     # Unsplit decode pipelines 4 page loads (batch 64: the same as 3 within noise, 0.243 / 0.242 ms at 2k).
     decode = num_tokens <= num_seqs
     if block_q is None:
@@ -163,7 +150,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q.dtype == jnp.float32, kv_splits=kv_splits,
-                               min_blocks_per_split=min_blocks_per_split, split_target=split_target)
+                               min_blocks_per_split=min_blocks_per_split)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
     if kv_splits == 1:
