@@ -117,13 +117,15 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
     # block, 64 keys a step, 4 warps; prefill 128 query rows (32 tokens at G=4) by 128 keys, 8 warps
-    # (4k causal: 0.597 ms against 0.652 for 64 rows by 64 keys with 4 warps; 29.8% of bf16). Decode batches of up to 512 query
-    # blocks (64 tokens at 8 KV heads) split the context 4 ways: with few programs, each walking its
-    # context alone is latency-bound (engine-shaped batch 16 at context 2k: 0.20 ms a layer unsplit,
-    # 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs enough and splitting
-    # slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms). A full batch of 64
-    # at 2k ran faster unsplit (0.246 against 0.267 ms), but the engine's 64-token bucket mostly holds
-    # fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6% slower.
+    # (4k causal: 0.597 ms against 0.652 for 64 rows by 64 keys with 4 warps; 29.8% of bf16).
+    # Decode batches of up to 512 query blocks (64 tokens at 8 KV heads) split the context 4 ways: with
+    # few programs, each walking its context alone is latency-bound (engine-shaped batch 16 at context
+    # 2k: 0.20 ms a layer unsplit, 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs
+    # enough and splitting slowed them (batch 256 at context 512: 0.34 ms split 8 ways against 0.26 ms).
+    # A full batch of 64 at 2k ran faster unsplit (0.246 against 0.267 ms), but the engine's 64-token
+    # bucket mostly holds fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6%
+    # slower, and capping the splits on the device by the real number of tokens made the full batch
+    # slower still (0.285 ms: split programs at 3 pipeline stages walking the whole context).
     # Unsplit decode pipelines 4 page loads (batch 64: the same as 3 within noise, 0.243 / 0.242 ms at 2k).
     decode = num_tokens <= num_seqs
     if block_q is None:
