@@ -147,7 +147,7 @@ def main() -> None:
     # Engine-shaped small decode batches (bucket 64 tokens, 256 sequence rows, a 4096-token page table),
     # 32 calls per program as in a 32-layer forward pass: whether splitting the context pays
     layers = 32
-    for batch, context in ((1, 512), (16, 2048), (16, 4000)):
+    for batch, context in ((1, 512), (16, 2048), (16, 4000), (32, 512), (64, 512)):
         q, k, v, meta = paged_case(batch, 1, context, ps, seed=batch, table_width=4096 // ps, num_tokens=64,
                                    num_seqs=256)
         kv_bytes = 2 * batch * context * KVH * D * 2
