@@ -106,7 +106,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
                            block_q: int | None = None, pages_per_block: int | None = None,
-                           kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int | None = None,
+                           kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int = 4,
                            num_stages: int | None = None,
                            interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
@@ -116,8 +116,10 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
     # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
-    # block, 64 keys a step, 4 warps; prefill 128 query rows (32 tokens at G=4) by 128 keys, 8 warps
-    # (4k causal: 0.597 ms against 0.652 for 64 rows by 64 keys with 4 warps; 29.8% of bf16).
+    # block, 64 keys a step, 4 warps; prefill 64 query rows (16 tokens at G=4) by 64 keys, 4 warps. A
+    # 4k causal prefill alone ran faster with 128 rows by 128 keys and 8 warps (0.597 against 0.652 ms),
+    # but in the engine's mixed steps every decode sequence then fills a 32-token block: their prefill
+    # steps went from ~235 to 253 ms in a ShareGPT-like run, so the smaller tile stays.
     # Decode batches of up to 512 query blocks (64 tokens at 8 KV heads) split the context 4 ways: with
     # few programs, each walking its context alone is latency-bound (engine-shaped batch 16 at context
     # 2k: 0.20 ms a layer unsplit, 0.083 ms split 4 ways, 0.088 ms 8 ways); larger batches have programs
@@ -130,11 +132,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     # split decode 2 (engine-shaped batch 16 at 2k / 4k: 0.078 / 0.127 ms against 0.082 / 0.138 with 3).
     decode = num_tokens <= num_seqs
     if block_q is None:
-        block_q = 1 if decode else max(16, 128 // padded_group)
+        block_q = 1 if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
-        pages_per_block = max(1, (64 if decode else 128) // page_size)
-    if num_warps is None:
-        num_warps = 4 if decode else 8
+        pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
     if num_stages is None:
