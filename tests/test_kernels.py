@@ -44,15 +44,21 @@ GRID = [
 ]
 
 
+def grid_case_and_reference(case, dtype):
+    """A GRID case's inputs, the attention options it names, and the reference's output (float32)."""
+    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
+    inputs = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                         page_size=page_size, q_lens=q_lens, cached=cached, dtype=dtype)
+    q, k_pages, v_pages, meta, total = inputs
+    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    return inputs, kwargs, want
+
+
 @pytest.mark.parametrize("case", GRID)
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
 def test_gpu_kernel_matches_reference(case, dtype, tolerance):
-    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
-    q, k_pages, v_pages, meta, total = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads,
-                                                   head_dim=head_dim, page_size=page_size, q_lens=q_lens,
-                                                   cached=cached, dtype=dtype)
-    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
     # the default; the context split three ways (flash decoding), into blocks of any length or >= 2;
     # one token per query block (what batches with no more tokens than sequences use), whole or split
     for block_q, splits, min_blocks in ((None, None, 2), (None, 3, 1), (None, 3, 2), (1, None, 2), (1, 3, 2)):
@@ -69,12 +75,7 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
 def test_tpu_kernel_matches_reference(case, dtype, tolerance):
     """The TPU kernel in the TPU interpreter (its DMAs, semaphores and SMEM scalars simulated)."""
-    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
-    q, k_pages, v_pages, meta, total = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads,
-                                                   head_dim=head_dim, page_size=page_size, q_lens=q_lens,
-                                                   cached=cached, dtype=dtype)
-    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
     # the default; one token per query block (decode batches); small query blocks walking one page at
     # a time (many double-buffered K/V blocks per program)
     for block_q, pages_per_block in ((None, None), (1, None), (4, 1)):
