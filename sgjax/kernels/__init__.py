@@ -1,11 +1,13 @@
 """Attention backends. Each exposes `attention(q, k, v, k_pages, v_pages, meta, *, scale,
 sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V and attends.
 
-- "pallas": the Pallas kernel for the platform (GPU: kernels/gpu, TPU: kernels/tpu); where there is
-  none (CPU) `resolve_backend` falls back to "reference" with a warning.
+- "pallas": the Pallas kernels for the platform (GPU: kernels/gpu, where Hopper GPUs serve long prefill
+  chunks with a Mosaic GPU kernel and the rest with a Triton one; TPU: kernels/tpu); where there is none
+  (CPU) `resolve_backend` falls back to "reference" with a warning.
 - "reference": kernels/reference.py, pure jnp; the definition the kernels are tested against.
-- "pallas_interpret" / "pallas_tpu_interpret": the GPU / TPU kernel in Pallas' interpreters, so CPU
-  tests can run them inside the engine.
+- "pallas_interpret" / "pallas_tpu_interpret": the GPU (Triton) / TPU kernel in Pallas' interpreters, so
+  CPU tests can run them inside the engine (the Mosaic GPU interpreter is too slow for whole engine runs:
+  that kernel and the split between the two are tested on their own).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _paged_kernel_attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, 
     if platform == "tpu":
         from sgjax.kernels.tpu.ragged_paged_attention import ragged_paged_attention
     else:
-        from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
+        from sgjax.kernels.gpu.attention import paged_attention as ragged_paged_attention
 
     # The write is a scatter into the donated pool beside the kernel: XLA does it in place.
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)

@@ -38,28 +38,71 @@ def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array
     return seq, pos
 
 
-def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int):
-    """Query blocks of `block_q` tokens that never straddle sequences, for the attention kernels.
+def _blocks_per_seq(query_start_loc: jax.Array, block_q: int, include: jax.Array | None) -> jax.Array:
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    blocks = (q_lens + block_q - 1) // block_q
+    return blocks if include is None else jnp.where(include, blocks, 0)
 
-    Returns (sequence, first token, valid) of each block, over a static upper bound on their number.
+
+def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int, include: jax.Array | None = None,
+                      max_blocks: int | None = None):
+    """Query blocks of `block_q` tokens that never straddle sequences, for the attention kernels; only
+    of the sequences `include` marks ([B] bool) when given.
+
+    Returns (sequence, first token, valid) of each block, over a static upper bound on their number
+    (`max_blocks` when the caller knows a tighter one).
     """
     num_seqs = query_start_loc.shape[0] - 1
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    blocks_per_seq = (q_lens + block_q - 1) // block_q
+    blocks_per_seq = _blocks_per_seq(query_start_loc, block_q, include)
     ends = jnp.cumsum(blocks_per_seq)
     # One token per block: as many blocks as tokens. Larger blocks: each sequence may leave one partial.
-    num_blocks = num_tokens if block_q == 1 else -(-num_tokens // block_q) + num_seqs
+    num_blocks = max_blocks or (num_tokens if block_q == 1 else -(-num_tokens // block_q) + num_seqs)
     i = jnp.arange(num_blocks, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
     start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
     return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
 
 
-def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
-    """(query block, place in the block) of each token under `plan_query_blocks`: the inverse map."""
+def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int,
+                       include: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(query block, place in the block) of each token under `plan_query_blocks`: the inverse map
+    (meaningless for tokens of sequences `include` leaves out)."""
     qsl = meta.query_start_loc
-    q_lens = qsl[1:] - qsl[:-1]
-    first_block = jnp.cumsum((q_lens + block_q - 1) // block_q) - (q_lens + block_q - 1) // block_q
+    blocks_per_seq = _blocks_per_seq(qsl, block_q, include)
+    first_block = jnp.cumsum(blocks_per_seq) - blocks_per_seq
     seq, _ = token_positions(meta, num_tokens)
     j = jnp.maximum(jnp.arange(num_tokens, dtype=jnp.int32) - qsl[seq], 0)
     return (first_block[seq] + j // block_q).astype(jnp.int32), (j % block_q).astype(jnp.int32)
+
+
+def queries_by_block(q: jax.Array, start: jax.Array, num_kv_heads: int, rows: int) -> jax.Array:
+    """Queries [T, H, D] gathered into aligned blocks [KVH, blocks, rows, D] for kernels that read a
+    block as one tile: row r of block i is token start[i] + r // G', query head r % G' of the KV
+    head's group (G' the group size rounded up to a power of two; rows past a sequence repeat real
+    tokens, never stored back)."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    padded_group = 1 << (group - 1).bit_length()
+    r = jnp.arange(rows, dtype=jnp.int32)
+    tok = jnp.clip(start[:, None] + r[None, :] // padded_group, 0, num_tokens - 1)
+    member = jnp.minimum(r % padded_group, group - 1)
+    q_grouped = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    return q_grouped[tok, :, jnp.broadcast_to(member, tok.shape)].transpose(2, 0, 1, 3)
+
+
+def tokens_from_blocks(out_blocks: jax.Array, meta: AttentionMetadata, num_tokens: int, block_q: int,
+                       num_heads: int, include: jax.Array | None = None) -> jax.Array:
+    """The inverse of `queries_by_block` for outputs: [KVH, blocks, rows, D] -> [T, H, D]; padding
+    tokens (and those of sequences `include` leaves out) get zeros."""
+    num_kv_heads, num_blocks, _, head_dim = out_blocks.shape
+    group = num_heads // num_kv_heads
+    padded_group = 1 << (group - 1).bit_length()
+    block, place = token_query_blocks(meta, num_tokens, block_q, include)
+    block = jnp.clip(block, 0, num_blocks - 1)
+    heads = place[:, None] * padded_group + jnp.arange(group, dtype=jnp.int32)[None, :]  # [T, G]
+    out = out_blocks[:, block[:, None], heads]  # [KVH, T, G, D]
+    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
+    is_real = jnp.arange(num_tokens) < meta.query_start_loc[-1]
+    if include is not None:
+        is_real &= include[token_positions(meta, num_tokens)[0]]
+    return jnp.where(is_real[:, None, None], out, 0)

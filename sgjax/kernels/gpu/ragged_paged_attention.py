@@ -107,9 +107,10 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None,
                            block_q: int | None = None, pages_per_block: int | None = None,
                            kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int = 4,
-                           num_stages: int | None = None,
+                           num_stages: int | None = None, include: jax.Array | None = None,
                            interpret: bool = False) -> jax.Array:
-    """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D]."""
+    """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D];
+    only for the tokens of the sequences `include` marks ([B] bool) when given (the others get zeros)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -140,7 +141,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if num_stages is None:
         num_stages = (4 if kv_splits == 1 else 2) if decode else 3
     rows = block_q * padded_group
-    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
+    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
     # Query rows by KV head: [KVH, T * G' (+ one block of padding), D]; row = token * G' + group member.
     q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)

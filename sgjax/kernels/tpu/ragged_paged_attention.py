@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, token_query_blocks
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, queries_by_block, tokens_from_blocks
 
 MASK_VALUE = -1e30
 MIN_ROWS = 8  # the TPU's sublane tile: a query block has at least this many rows
@@ -129,12 +129,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q)
     num_blocks = seq.shape[0]
 
-    # Queries by block: [KVH, blocks, rows, D]; row r = token start + r // G', head r % G' of the group.
-    r = jnp.arange(rows, dtype=jnp.int32)
-    tok = jnp.clip(start[:, None] + r[None, :] // padded_group, 0, num_tokens - 1)
-    member = jnp.minimum(r % padded_group, group - 1)
-    q_grouped = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    q_blocks = q_grouped[tok, :, jnp.broadcast_to(member, tok.shape)].transpose(2, 0, 1, 3)
+    q_blocks = queries_by_block(q, start, num_kv_heads, rows)
 
     # The page table flat in SMEM, padded so a block's reads past a sequence's last page hit page 0.
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))
@@ -156,11 +151,4 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         interpret=pltpu.InterpretParams() if interpret else False,
     )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table.reshape(-1), q_blocks, k_pages, v_pages)
 
-    # Back to tokens: token t's heads are rows place * G' + (0..G-1) of its block; padding tokens get 0.
-    block, place = token_query_blocks(meta, num_tokens, block_q)
-    block = jnp.clip(block, 0, num_blocks - 1)
-    heads = place[:, None] * padded_group + jnp.arange(group, dtype=jnp.int32)[None, :]  # [T, G]
-    out = out_blocks[:, block[:, None], heads]  # [KVH, T, G, D]
-    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
-    is_real = jnp.arange(num_tokens) < meta.query_start_loc[-1]
-    return jnp.where(is_real[:, None, None], out, 0).astype(q.dtype)
+    return tokens_from_blocks(out_blocks, meta, num_tokens, block_q, num_heads).astype(q.dtype)
