@@ -7,7 +7,9 @@ import pytest
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
+from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
+from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
 from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
 
 
@@ -86,6 +88,48 @@ def test_tpu_kernel_matches_reference(case, dtype, tolerance):
         got = got[:total].astype(jnp.float32)
         rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         assert rel < tolerance, f"block_q={block_q}, pages_per_block={pages_per_block}: relative error {rel:.2e}"
+
+
+def relative_error(got, want) -> float:
+    got = got.astype(jnp.float32)
+    assert np.isfinite(np.asarray(got)).all()
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+# The Mosaic GPU prefill kernel in its interpreter (~15 s a call): bf16 only (wgmma), no window or
+# soft-cap (those configurations use the Triton kernel), K/V blocks of 64 keys or more.
+MGPU_CASES = [
+    # (heads, kv heads, head_dim, page_size, q_lens, cached), pages_per_block, ping-pong and heavy blocks first
+    ((8, 2, 64, 16, [37, 1], [200, 40]), 4, True),  # 4 K/V blocks, 2 slots: slots reused; warpgroup 1 walks further
+    ((8, 2, 64, 16, [37, 1], [200, 40]), 4, False),
+    ((8, 8, 128, 16, [70, 1, 20], [0, 33, 16]), None, True),  # no GQA: 64 tokens a warpgroup
+    ((14, 2, 64, 64, [1, 12, 1], [30, 4, 0]), None, True),  # 7 heads per KV head, padded to 8
+]
+
+
+@pytest.mark.parametrize("case,pages_per_block,tuned", MGPU_CASES)
+def test_mgpu_prefill_kernel_matches_reference(case, pages_per_block, tuned):
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case + (None, None), jnp.bfloat16)
+    got = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=kwargs["scale"], interpret=True,
+                                                     pages_per_block=pages_per_block, pingpong=tuned,
+                                                     heavy_first=tuned)
+    assert got.shape == q.shape
+    assert relative_error(got[:total], want) < 1e-2
+
+
+def test_gpu_backend_splits_a_step_between_its_two_kernels():
+    """Long chunks to the Mosaic GPU kernel, decodes and short chunks to the Triton kernel (both in their
+    interpreters): together they give the reference's output, and neither writes the other's tokens."""
+    q_lens, cached = [40, 1, 10, 1, 33], [5, 60, 0, 7, 100]  # long chunks: >= 32 tokens at 4 heads a KV head
+    case = (8, 2, 64, 16, q_lens, cached, None, None)
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, jnp.bfloat16)
+    got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
+    assert relative_error(got[:total], want) < 1e-2
+    long = np.repeat(np.asarray(q_lens) >= 32, q_lens)
+    only_long = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=kwargs["scale"],
+                                                           only_long=True, interpret=True)
+    assert not np.asarray(only_long[:total][~long].astype(jnp.float32)).any()
+    assert relative_error(only_long[:total][long], want[long]) < 1e-2
 
 
 def test_gpu_kernel_on_an_engine_like_decode_batch():
