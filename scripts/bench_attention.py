@@ -3,7 +3,8 @@
 Decode: batch 64 at context 2k and 8k with Llama-3-8B heads (32 q / 8 KV, d=128), as a fraction of
 the HBM bandwidth measured by a copy in the same run; JAX's bundled Pallas paged_attention side by
 side. Prefill: one 4096-token causal chunk, as a fraction of the bf16 matmul rate measured in the
-same run; jax.nn.dot_product_attention (cuDNN) side by side.
+same run, by the Triton kernel and by the Mosaic GPU prefill kernel (which the GPU backend uses for
+long chunks on Hopper); jax.nn.dot_product_attention (cuDNN) side by side.
 
     python scripts/bench_attention.py [--page-size 16] [--configs default]
 """
@@ -11,6 +12,7 @@ same run; jax.nn.dot_product_attention (cuDNN) side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -19,6 +21,8 @@ import numpy as np
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
+from sgjax.kernels.gpu.attention import paged_attention
+from sgjax.kernels.gpu.paged_prefill_mgpu import paged_prefill_attention
 from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
 
 H, KVH, D = 32, 8, 128
@@ -106,6 +110,8 @@ def main() -> None:
                    help="the same for engine-shaped small decode batches")
     p.add_argument("--prefill-configs", default="0:0:0:0,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
                    help="the same for prefill")
+    p.add_argument("--mgpu-configs", default="8:2:1:1,8:3:1:1,8:2:0:0,4:2:1:1",
+                   help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
     args = p.parse_args()
     ps = args.page_size
     bw, peak = copy_bandwidth(), matmul_rate()
@@ -120,6 +126,8 @@ def main() -> None:
         want = reference.ragged_paged_attention(q, k, v, meta, scale=scale, **kw)
         got = ragged_paged_attention(q, k, v, meta, scale=scale, **kw)
         print(f"check vs reference {kw or ''}: relative error {rel_error(got, want):.2e}")
+        got = paged_attention(q, k, v, meta, scale=scale, **kw)  # long chunks to the Mosaic GPU kernel
+        print(f"check the GPU backend vs reference {kw or ''}: relative error {rel_error(got, want):.2e}")
 
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
@@ -167,6 +175,18 @@ def main() -> None:
             rows.append(("prefill 4096", name, t, flops / t / peak, None))
         except Exception as e:
             print(f"prefill config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+    for cfg in args.mgpu_configs.split(","):
+        ppb, stages, pingpong, heavy = (int(x) for x in cfg.split(":"))
+        fn = jax.jit(functools.partial(paged_prefill_attention, scale=scale, pages_per_block=ppb, stages=stages,
+                                       pingpong=bool(pingpong), heavy_first=bool(heavy)))
+        try:
+            t = median_time(fn, q, k, v, meta, repeat=10)
+            rows.append(("prefill 4096", f"mosaic gpu {cfg}", t, flops / t / peak, None))
+        except Exception as e:
+            print(f"mosaic gpu config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+    fn = jax.jit(lambda q, k, v, m: paged_attention(q, k, v, m, scale=scale))
+    t = median_time(fn, q, k, v, meta, repeat=10)
+    rows.append(("prefill 4096", "sgjax GPU backend", t, flops / t / peak, None))
     dense_k = k[:, 1:].reshape(KVH, -1, D)[:, :T]  # contiguous copy for cuDNN (pages are permuted; timing only)
     dense_v = v[:, 1:].reshape(KVH, -1, D)[:, :T]
     qb, kb, vb = q[None], dense_k.transpose(1, 0, 2)[None], dense_v.transpose(1, 0, 2)[None]

@@ -63,12 +63,10 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int,
     return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
 
 
-def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int,
-                       include: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(query block, place in the block) of each token under `plan_query_blocks`: the inverse map
-    (meaningless for tokens of sequences `include` leaves out)."""
+def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
+    """(query block, place in the block) of each token under `plan_query_blocks`: the inverse map."""
     qsl = meta.query_start_loc
-    blocks_per_seq = _blocks_per_seq(qsl, block_q, include)
+    blocks_per_seq = _blocks_per_seq(qsl, block_q, None)
     first_block = jnp.cumsum(blocks_per_seq) - blocks_per_seq
     seq, _ = token_positions(meta, num_tokens)
     j = jnp.maximum(jnp.arange(num_tokens, dtype=jnp.int32) - qsl[seq], 0)
@@ -91,18 +89,16 @@ def queries_by_block(q: jax.Array, start: jax.Array, num_kv_heads: int, rows: in
 
 
 def tokens_from_blocks(out_blocks: jax.Array, meta: AttentionMetadata, num_tokens: int, block_q: int,
-                       num_heads: int, include: jax.Array | None = None) -> jax.Array:
+                       num_heads: int) -> jax.Array:
     """The inverse of `queries_by_block` for outputs: [KVH, blocks, rows, D] -> [T, H, D]; padding
-    tokens (and those of sequences `include` leaves out) get zeros."""
+    tokens get zeros."""
     num_kv_heads, num_blocks, _, head_dim = out_blocks.shape
     group = num_heads // num_kv_heads
     padded_group = 1 << (group - 1).bit_length()
-    block, place = token_query_blocks(meta, num_tokens, block_q, include)
+    block, place = token_query_blocks(meta, num_tokens, block_q)
     block = jnp.clip(block, 0, num_blocks - 1)
     heads = place[:, None] * padded_group + jnp.arange(group, dtype=jnp.int32)[None, :]  # [T, G]
     out = out_blocks[:, block[:, None], heads]  # [KVH, T, G, D]
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
     is_real = jnp.arange(num_tokens) < meta.query_start_loc[-1]
-    if include is not None:
-        is_real &= include[token_positions(meta, num_tokens)[0]]
     return jnp.where(is_real[:, None, None], out, 0)

@@ -3,43 +3,64 @@
 Decode steps, and GPUs other than Hopper, use the Triton kernel alone (`ragged_paged_attention.py`).
 On Hopper, a step with prefill chunks gives the sequences with at least a query block of new tokens to
 the Mosaic GPU kernel (`paged_prefill_mgpu.py`, ~2x the Triton kernel's rate on a 4k prefill) and the
-rest (decodes, short chunks) to the Triton kernel; each leaves the other's tokens at zero.
+rest (decodes, short chunks) to the Triton kernel; both read the same query rows, and each token's
+output is taken from the kernel that served it.
+SGJAX_MGPU_PREFILL=0 in the environment keeps the Triton kernel for everything (for comparisons).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from sgjax.kernels.gpu import paged_prefill_mgpu
-from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
-from sgjax.kernels.metadata import AttentionMetadata
+from sgjax.kernels.gpu.ragged_paged_attention import (
+    query_rows,
+    ragged_paged_attention,
+    ragged_paged_attention_rows,
+    token_major,
+)
+from sgjax.kernels.metadata import AttentionMetadata, token_positions
 
 
 @functools.cache
-def is_hopper() -> bool:
+def mgpu_prefill_available() -> bool:
+    """A Hopper GPU (the kernel's wgmma), and not turned off by SGJAX_MGPU_PREFILL=0."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+    hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+    return hopper and os.environ.get("SGJAX_MGPU_PREFILL", "1") != "0"
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *, scale: float,
                     sliding_window: int | None = None, softcap: float | None = None, prefill_kernel: bool | None = None,
                     interpret: bool = False) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V -> [T, H, D]. `prefill_kernel`:
-    whether the Mosaic GPU kernel serves the long chunks (default: on Hopper, when not interpreting)."""
+    whether the Mosaic GPU kernel serves the long chunks (default: `mgpu_prefill_available()`, when not
+    interpreting)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     kwargs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, interpret=interpret)
     if prefill_kernel is None:
-        prefill_kernel = not interpret and is_hopper()
+        prefill_kernel = not interpret and mgpu_prefill_available()
     prefill_step = num_tokens > meta.kv_lens.shape[0]  # decode steps have no more tokens than sequences
     if not (prefill_kernel and prefill_step and paged_prefill_mgpu.supports(q.dtype, head_dim, page_size, group,
                                                                              sliding_window, softcap)):
         return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)
     long = paged_prefill_mgpu.long_sequences(meta, group)
-    short_out = ragged_paged_attention(q, k_pages, v_pages, meta, include=~long, **kwargs)
-    long_out = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=scale, only_long=True,
-                                                          interpret=interpret)
-    return short_out + long_out  # each is zero on the other's tokens
+    # Both kernels read the same query rows; each writes only its own tokens' output rows.
+    padded_group = pl.next_power_of_2(group)
+    q_rows = query_rows(q, num_kv_heads, paged_prefill_mgpu.BLOCK_ROWS)
+    short_rows = ragged_paged_attention_rows(q_rows, k_pages, v_pages, meta, num_tokens=num_tokens,
+                                             num_heads=num_heads, include=~long, **kwargs)
+    long_rows = paged_prefill_mgpu.paged_prefill_rows(q_rows, k_pages, v_pages, meta, num_tokens=num_tokens,
+                                                      num_heads=num_heads, scale=scale, only_long=True,
+                                                      interpret=interpret)
+    is_long = long[token_positions(meta, num_tokens)[0]][:, None, None, None]
+    out = jnp.where(is_long, token_major(long_rows, num_tokens, padded_group),
+                    token_major(short_rows, num_tokens, padded_group))
+    return out[:, :, :group].reshape(num_tokens, num_heads, head_dim)

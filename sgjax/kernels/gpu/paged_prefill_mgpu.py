@@ -5,14 +5,16 @@ and, in the Mosaic GPU interpreter on a CPU, with the matrix products as plain d
 has no register-operand wgmma).
 
 One CTA per (KV head, query block): a block is 128 query rows, i.e. 128 / G' tokens of one sequence
-times the G query heads sharing the KV head (padded to G', a power of two), gathered by the wrapper
-into an aligned [KV heads, blocks, 128, D] array (`metadata.queries_by_block`). Three warpgroups: two
+times the G query heads sharing the KV head (padded to G', a power of two), read from the query rows
+the Triton kernel also uses (`query_rows`: [KV heads, T * G', D]). Its output rows go back to the
+same layout with TMA stores of power-of-two row counts, so a block ending mid-way never writes the
+next sequence's rows. Three warpgroups: two
 compute 64 rows each, one copies K/V a block of `pages_per_block` pages at a time, page by page
 through the page table, into a ring of `stages` SMEM slots (each page one TMA copy; a slot's barrier
 waits for all of them). The compute warpgroups run an online softmax over the slots (flash attention)
 and hand each slot back once read. Causal masking over the cached prefix is applied only on the blocks
-that reach past a warpgroup's first position. No sliding window or soft-capping: those configurations
-use the Triton kernel.
+that reach past a warpgroup's first position. No sliding window or soft-capping, and head_dim 64 or 128
+(SMEM): other configurations use the Triton kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, queries_by_block, tokens_from_blocks
+from sgjax.kernels.gpu.ragged_paged_attention import query_rows, token_major
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, token_positions
 
 ROWS_PER_WG = 64  # rows of one wgmma: a warpgroup's share of a query block
 COMPUTE_WGS = 2
@@ -37,7 +40,7 @@ LOG2E = math.log2(math.e)
 
 def supports(q_dtype, head_dim: int, page_size: int, group: int, sliding_window, softcap) -> bool:
     """Whether this kernel serves the configuration (else the Triton kernel does)."""
-    return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim in (64, 128, 256)
+    return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim in (64, 128)
             and page_size % 8 == 0 and group <= ROWS_PER_WG and sliding_window is None and softcap is None)
 
 
@@ -63,7 +66,7 @@ def _interpret_params():
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, out_ref,
             scoped, *, padded_group: int, pages_per_block: int, stages: int, scale: float, pingpong: bool,
             heavy_first: bool, interpret: bool):
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    (q_smem, k_smem, v_smem, o_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head, block, wg = lax.axis_index("head"), lax.axis_index("block"), lax.axis_index("wg")
     if heavy_first:  # a sequence's later blocks walk more keys: start them first, so the last wave is short
         block = seq_ref.shape[0] - 1 - block
@@ -125,7 +128,8 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[head, block, pl.ds(wg * ROWS_PER_WG, ROWS_PER_WG)], q_tile, q_ready.at[wg])
+        first_row = (t0 + wg * tokens_per_wg) * padded_group
+        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS_PER_WG)], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         first, steps, full_steps = wg_steps(wg)
         # Padding rows (past the sequence's last token) take its last position: finite, never stored.
@@ -174,9 +178,20 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         lax.fori_loop(steps, total_steps, hand_back, None)
         pl.when(wg == 0)(take_turns)
         denom = jnp.where(denom > 0, denom, 1.0)
-        q_tile[...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q_tile.dtype)
+        o_tile = o_smem.at[wg]
+        o_tile[...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(o_tile.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, out_ref.at[head, block, pl.ds(wg * ROWS_PER_WG, ROWS_PER_WG)])
+        # Store the rows of real tokens only, as copies of 64, 32, ... rows (TMA boxes have static shapes).
+        num_rows = jnp.clip(q_end * padded_group - first_row, 0, ROWS_PER_WG)
+        done = jnp.int32(0)
+        size = ROWS_PER_WG
+        while size >= padded_group:  # row counts are multiples of G'
+            @pl.when(num_rows & size != 0)
+            def _():
+                plgpu.copy_smem_to_gmem(o_tile.at[pl.ds(done, size)], out_ref.at[head, pl.ds(first_row + done, size)])
+
+            done += num_rows & size
+            size //= 2
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -210,28 +225,45 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
             plgpu.barrier_wait(v_free.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "only_long", "pages_per_block", "stages", "pingpong",
-                                             "heavy_first", "interpret"))
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
-                            scale: float, only_long: bool = False, pages_per_block: int | None = None,
-                            stages: int = 2, pingpong: bool = True, heavy_first: bool = True,
-                            interpret: bool = False) -> jax.Array:
+                            only_long: bool = False, **kwargs) -> jax.Array:
     """Causal attention of q [T, H, D] (bf16/f16) over each token's paged K/V ([KVH, pages, page_size, D])
     -> [T, H, D]. Every sequence's tokens fill whole 128-row blocks: meant for prefill chunks. With
-    `only_long`, only the tokens of `long_sequences` are served (the others get zeros).
+    `only_long`, only the tokens of `long_sequences` are served (the others get zeros). Options:
+    `paged_prefill_rows`."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    group = num_heads // num_kv_heads
+    rows = paged_prefill_rows(query_rows(q, num_kv_heads, BLOCK_ROWS), k_pages, v_pages, meta, num_tokens=num_tokens,
+                              num_heads=num_heads, only_long=only_long, **kwargs)
+    out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
+    served = jnp.arange(num_tokens) < meta.query_start_loc[-1]
+    if only_long:
+        served &= long_sequences(meta, group)[token_positions(meta, num_tokens)[0]]
+    return jnp.where(served[:, None, None, None], out, 0).reshape(num_tokens, num_heads, head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "only_long", "pages_per_block",
+                                             "stages", "pingpong", "heavy_first", "interpret"))
+def paged_prefill_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                       num_tokens: int, num_heads: int, scale: float, only_long: bool = False,
+                       pages_per_block: int | None = None, stages: int = 2, pingpong: bool = True,
+                       heavy_first: bool = True, interpret: bool = False) -> jax.Array:
+    """The kernel on query rows (`query_rows`, [KVH, >= T * G', D]) -> output rows of the same shape;
+    rows of tokens it does not serve (padding; with `only_long`, short sequences) are left undefined.
 
     Defaults from scripts/bench_attention.py on an H100 (4k causal prefill, Llama-3-8B heads): 128 keys a
     block, 2 slots (0.316 ms; 3 slots 0.312), ping-pong (0.367 -> 0.340 ms alone) and heavy blocks first
     (-> 0.331 alone; both 0.316)."""
-    num_tokens, num_heads, head_dim = q.shape
+    head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
-    if not supports(q.dtype, head_dim, page_size, group, None, None):
-        raise ValueError(f"paged_prefill_attention does not serve dtype {q.dtype}, head_dim {head_dim}, "
+    if not supports(q_rows.dtype, head_dim, page_size, group, None, None):
+        raise ValueError(f"paged_prefill_attention does not serve dtype {q_rows.dtype}, head_dim {head_dim}, "
                          f"page_size {page_size}, group {group}")
-    if pages_per_block is None:  # 128 keys a block (64 at head_dim 256, to fit SMEM)
-        pages_per_block = max(1, (128 if head_dim <= 128 else 64) // page_size)
+    if pages_per_block is None:  # 128 keys a block
+        pages_per_block = max(1, 128 // page_size)
     block_kv = pages_per_block * page_size
     if block_kv % 64:
         raise ValueError(f"a K/V block of {block_kv} keys: wgmma needs a multiple of 64")
@@ -240,16 +272,18 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     # Each included sequence has at least block_q tokens, so at most one partial block each.
     max_blocks = max(1, 2 * (num_tokens // block_q)) if only_long else None
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include, max_blocks)
-    q_blocks = queries_by_block(q, start, num_kv_heads, BLOCK_ROWS)
+    # A block's query loads run up to BLOCK_ROWS rows past a sequence's last token.
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, max(0, num_tokens * padded_group + BLOCK_ROWS - q_rows.shape[1])), (0, 0)))
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
 
     if interpret:
         transforms = ()
     else:  # wgmma operand tiles: 8 rows by 128 bytes, swizzled
-        transforms = (plgpu.TilingTransform((8, 128 // q.dtype.itemsize)), plgpu.SwizzleTransform(128))
-    scratch = [plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q.dtype, transforms=transforms),
+        transforms = (plgpu.TilingTransform((8, 128 // q_rows.dtype.itemsize)), plgpu.SwizzleTransform(128))
+    scratch = [plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q_rows.dtype, transforms=transforms),
                plgpu.SMEM((stages, block_kv, head_dim), k_pages.dtype, transforms=transforms),
-               plgpu.SMEM((stages, block_kv, head_dim), v_pages.dtype, transforms=transforms)]
+               plgpu.SMEM((stages, block_kv, head_dim), v_pages.dtype, transforms=transforms),
+               plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q_rows.dtype)]  # untiled: sliced by any row count
     kernel = functools.partial(_kernel, padded_group=padded_group, pages_per_block=pages_per_block, stages=stages,
                                scale=scale, pingpong=pingpong, heavy_first=heavy_first, interpret=interpret)
 
@@ -265,14 +299,13 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
             collective_axes="wg",
         )
 
-    out_blocks = plgpu.kernel(
+    return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
+        out_type=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
         grid=(num_kv_heads, seq.shape[0]),
         grid_names=("head", "block"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
-    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_blocks, k_pages, v_pages)
-    return tokens_from_blocks(out_blocks, meta, num_tokens, block_q, num_heads, include).astype(q.dtype)
+    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages)

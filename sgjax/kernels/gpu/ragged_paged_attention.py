@@ -100,18 +100,50 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     plgpu.store(d_ref.at[block_rows], denom, mask=row_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "block_q", "pages_per_block",
-                                             "kv_splits", "min_blocks_per_split", "num_warps", "num_stages",
-                                             "interpret"))
-def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
-                           scale: float, sliding_window: int | None = None, softcap: float | None = None,
-                           block_q: int | None = None, pages_per_block: int | None = None,
-                           kv_splits: int | None = None, min_blocks_per_split: int = 2, num_warps: int = 4,
-                           num_stages: int | None = None, include: jax.Array | None = None,
-                           interpret: bool = False) -> jax.Array:
-    """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D];
-    only for the tokens of the sequences `include` marks ([B] bool) when given (the others get zeros)."""
+def query_rows(q: jax.Array, num_kv_heads: int, pad_rows: int) -> jax.Array:
+    """q [T, H, D] -> query rows by KV head [KVH, T * G' + pad_rows, D]: row token * G' + m is query head m
+    of the KV head's group (G' the group size rounded up to a power of two; padding rows are zero)."""
     num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    padded_group = pl.next_power_of_2(group)
+    rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
+    return jnp.pad(rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim), ((0, 0), (0, pad_rows), (0, 0)))
+
+
+def token_major(rows: jax.Array, num_tokens: int, padded_group: int) -> jax.Array:
+    """Output rows [KVH, >= T * G', D] -> [T, KVH, G', D]."""
+    num_kv_heads, _, head_dim = rows.shape
+    rows = rows[:, : num_tokens * padded_group].reshape(num_kv_heads, num_tokens, padded_group, head_dim)
+    return rows.transpose(1, 0, 2, 3)
+
+
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                           include: jax.Array | None = None, **kwargs) -> jax.Array:
+    """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D];
+    only for the tokens of the sequences `include` marks ([B] bool) when given (the others get zeros).
+    Options: `ragged_paged_attention_rows`."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    group = num_heads // num_kv_heads
+    rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads, 0), k_pages, v_pages, meta, num_tokens=num_tokens,
+                                       num_heads=num_heads, include=include, **kwargs)
+    out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
+    return out.reshape(num_tokens, num_heads, head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
+                                             "block_q", "pages_per_block", "kv_splits", "min_blocks_per_split",
+                                             "num_warps", "num_stages", "interpret"))
+def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
+                                *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
+                                softcap: float | None = None, block_q: int | None = None,
+                                pages_per_block: int | None = None, kv_splits: int | None = None,
+                                min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int | None = None,
+                                include: jax.Array | None = None, interpret: bool = False) -> jax.Array:
+    """The kernel on query rows (`query_rows`) -> output rows of the same shape (rows of tokens it does not
+    serve are zero)."""
+    head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
@@ -143,17 +175,15 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
-    # Query rows by KV head: [KVH, T * G' (+ one block of padding), D]; row = token * G' + group member.
-    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
-    q_rows = jnp.pad(q_rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim), ((0, 0), (0, rows), (0, 0)))
+    # A block's reads run up to `rows` past the last token's rows: pad when the caller's rows stop sooner.
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, max(0, num_tokens * padded_group + rows - q_rows.shape[1])), (0, 0)))
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
     full = lambda *shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, s: (h,) + (0,) * len(shape))  # noqa: E731
     per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, h, s: (h, s) + (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
-                               exact=q.dtype == jnp.float32, kv_splits=kv_splits,
+                               exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
                                min_blocks_per_split=min_blocks_per_split)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
@@ -177,11 +207,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         interpret=interpret,
     )(*inputs, *outputs)
     if kv_splits == 1:
-        out = results[0]
-    else:  # combine the splits' partial softmaxes
-        o, m, denom = results
-        weight = jnp.exp(m - m.max(axis=1, keepdims=True))
-        total = (weight * denom).sum(axis=1)
-        out = ((weight[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]).astype(q.dtype)
-    out = out[:, : num_tokens * padded_group].reshape(num_kv_heads, num_tokens, padded_group, head_dim)
-    return out[:, :, :group].transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
+        return results[0]
+    o, m, denom = results  # combine the splits' partial softmaxes
+    weight = jnp.exp(m - m.max(axis=1, keepdims=True))
+    total = (weight * denom).sum(axis=1)
+    return ((weight[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]).astype(q_rows.dtype)
