@@ -124,6 +124,23 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
             return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
         return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_tile))(plgpu.ACC.init(acc))
 
+    def store_rows(out, o_tile, out_rows, first_row, num_rows):
+        """Rows [0, num_rows) of `out` to out_rows[first_row:], so rows past a sequence's end are never
+        written: one branch per possible count (a multiple of G'), each a few copies of 64, 32, ... rows
+        at static SMEM offsets (TMA boxes have static shapes; Mosaic GPU slices SMEM at static offsets)."""
+        o_tile[...] = out
+        plgpu.commit_smem()
+        for count in range(padded_group, ROWS_PER_WG + 1, padded_group):
+            @pl.when(num_rows == count)
+            def _():
+                done, size = 0, ROWS_PER_WG
+                while size:
+                    if count & size:
+                        plgpu.copy_smem_to_gmem(o_tile.at[pl.ds(done, size)],
+                                                out_rows.at[pl.ds(first_row + done, size)])
+                        done += size
+                    size //= 2
+
     @pl.when((wg < COMPUTE_WGS) & (valid > 0))  # blocks past the plan's end do nothing
     def _compute():
         plgpu.set_max_registers(232, action="increase")
@@ -178,20 +195,12 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         lax.fori_loop(steps, total_steps, hand_back, None)
         pl.when(wg == 0)(take_turns)
         denom = jnp.where(denom > 0, denom, 1.0)
-        o_tile = o_smem.at[wg]
-        o_tile[...] = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(o_tile.dtype)
-        plgpu.commit_smem()
-        # Store the rows of real tokens only, as copies of 64, 32, ... rows (TMA boxes have static shapes).
+        out = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(o_smem.dtype)
         num_rows = jnp.clip(q_end * padded_group - first_row, 0, ROWS_PER_WG)
-        done = jnp.int32(0)
-        size = ROWS_PER_WG
-        while size >= padded_group:  # row counts are multiples of G'
-            @pl.when(num_rows & size != 0)
+        for w in range(COMPUTE_WGS):  # a static buffer: Mosaic GPU slices SMEM at one dynamic offset at most
+            @pl.when(wg == w)
             def _():
-                plgpu.copy_smem_to_gmem(o_tile.at[pl.ds(done, size)], out_ref.at[head, pl.ds(first_row + done, size)])
-
-            done += num_rows & size
-            size //= 2
+                store_rows(out, o_smem.at[w], out_ref.at[head], first_row, num_rows)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -272,8 +281,10 @@ def paged_prefill_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     # Each included sequence has at least block_q tokens, so at most one partial block each.
     max_blocks = max(1, 2 * (num_tokens // block_q)) if only_long else None
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include, max_blocks)
-    # A block's query loads run up to BLOCK_ROWS rows past a sequence's last token.
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, max(0, num_tokens * padded_group + BLOCK_ROWS - q_rows.shape[1])), (0, 0)))
+    # A block's query loads run up to BLOCK_ROWS rows past a sequence's last token; TMA into tiled SMEM
+    # needs a whole number of 8-row tiles.
+    num_rows = max(q_rows.shape[1], num_tokens * padded_group + BLOCK_ROWS)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, num_rows + -num_rows % 8 - q_rows.shape[1]), (0, 0)))
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
 
     if interpret:
