@@ -3,8 +3,8 @@
 Decode steps, and GPUs other than Hopper, use the Triton kernel alone (`ragged_paged_attention.py`).
 On Hopper, a step with prefill chunks gives the sequences with at least a query block of new tokens to
 the Mosaic GPU kernel (`paged_prefill_mgpu.py`, ~2x the Triton kernel's rate on a 4k prefill) and the
-rest (decodes, short chunks) to the Triton kernel; both read the same query rows, and each token's
-output is taken from the kernel that served it.
+rest (decodes, short chunks) to the Triton kernel; both write output rows in the same layout, and each
+token's output is taken from the kernel that served it.
 SGJAX_MGPU_PREFILL=0 in the environment keeps the Triton kernel for everything (for comparisons).
 """
 
@@ -52,13 +52,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
                                                                              sliding_window, softcap)):
         return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)
     long = paged_prefill_mgpu.long_sequences(meta, group)
-    # Both kernels read the same query rows; each writes only its own tokens' output rows.
+    # Both kernels write output rows by KV head; each only its own tokens' rows.
     padded_group = pl.next_power_of_2(group)
-    q_rows = query_rows(q, num_kv_heads, paged_prefill_mgpu.BLOCK_ROWS)
-    short_rows = ragged_paged_attention_rows(q_rows, k_pages, v_pages, meta, num_tokens=num_tokens,
-                                             num_heads=num_heads, include=~long, **kwargs)
-    long_rows = paged_prefill_mgpu.paged_prefill_rows(q_rows, k_pages, v_pages, meta, num_tokens=num_tokens,
-                                                      num_heads=num_heads, scale=scale, only_long=True,
+    short_rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads, 0), k_pages, v_pages, meta,
+                                             num_tokens=num_tokens, num_heads=num_heads, include=~long, **kwargs)
+    long_rows = paged_prefill_mgpu.paged_prefill_rows(q, k_pages, v_pages, meta, scale=scale, only_long=True,
                                                       interpret=interpret)
     is_long = long[token_positions(meta, num_tokens)[0]][:, None, None, None]
     out = jnp.where(is_long, token_major(long_rows, num_tokens, padded_group),

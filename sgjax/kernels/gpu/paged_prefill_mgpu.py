@@ -5,10 +5,10 @@ and, in the Mosaic GPU interpreter on a CPU, with the matrix products as plain d
 has no register-operand wgmma).
 
 One CTA per (KV head, query block): a block is 128 query rows, i.e. 128 / G' tokens of one sequence
-times the G query heads sharing the KV head (padded to G', a power of two), read from the query rows
-the Triton kernel also uses (`query_rows`: [KV heads, T * G', D]). Its output rows go back to the
-same layout with TMA stores of power-of-two row counts, so a block ending mid-way never writes the
-next sequence's rows. Three warpgroups: two
+times the G query heads sharing the KV head (padded to G', a power of two), gathered into aligned
+[KV heads, blocks, 128, D] tiles (`metadata.queries_by_block`). Output rows go to the Triton kernel's
+row layout ([KV heads, T * G', D]) with TMA stores of power-of-two row counts from an untiled SMEM
+buffer, so a block ending mid-way never writes the next sequence's rows. Three warpgroups: two
 compute 64 rows each, one copies K/V a block of `pages_per_block` pages at a time, page by page
 through the page table, into a ring of `stages` SMEM slots (each page one TMA copy; a slot's barrier
 waits for all of them). The compute warpgroups run an online softmax over the slots (flash attention)
@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sgjax.kernels.gpu.ragged_paged_attention import query_rows, token_major
-from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, token_positions
+from sgjax.kernels.gpu.ragged_paged_attention import token_major
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, queries_by_block, token_positions
 
 ROWS_PER_WG = 64  # rows of one wgmma: a warpgroup's share of a query block
 COMPUTE_WGS = 2
@@ -66,7 +66,7 @@ def _interpret_params():
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, out_ref,
             scoped, *, padded_group: int, pages_per_block: int, stages: int, scale: float, pingpong: bool,
             heavy_first: bool, interpret: bool):
-    (q_smem, k_smem, v_smem, o_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    (q_smem, k_smem, v_smem, *o_tiles), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head, block, wg = lax.axis_index("head"), lax.axis_index("block"), lax.axis_index("wg")
     if heavy_first:  # a sequence's later blocks walk more keys: start them first, so the last wave is short
         block = seq_ref.shape[0] - 1 - block
@@ -146,7 +146,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         plgpu.set_max_registers(232, action="increase")
         q_tile = q_smem.at[wg]
         first_row = (t0 + wg * tokens_per_wg) * padded_group
-        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS_PER_WG)], q_tile, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[head, block, pl.ds(wg * ROWS_PER_WG, ROWS_PER_WG)], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         first, steps, full_steps = wg_steps(wg)
         # Padding rows (past the sequence's last token) take its last position: finite, never stored.
@@ -195,12 +195,14 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         lax.fori_loop(steps, total_steps, hand_back, None)
         pl.when(wg == 0)(take_turns)
         denom = jnp.where(denom > 0, denom, 1.0)
-        out = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(o_smem.dtype)
+        out = (acc / lax.broadcast_in_dim(denom, acc.shape, [0])).astype(q_tile.dtype)
         num_rows = jnp.clip(q_end * padded_group - first_row, 0, ROWS_PER_WG)
-        for w in range(COMPUTE_WGS):  # a static buffer: Mosaic GPU slices SMEM at one dynamic offset at most
+        # One whole 2-D buffer per warpgroup: JAX 0.11's Mosaic GPU layout inference fails on a store
+        # into a slice of a 3-D one.
+        for w in range(COMPUTE_WGS):
             @pl.when(wg == w)
             def _():
-                store_rows(out, o_smem.at[w], out_ref.at[head], first_row, num_rows)
+                store_rows(out, o_tiles[w], out_ref.at[head], first_row, num_rows)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -243,8 +245,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     group = num_heads // num_kv_heads
-    rows = paged_prefill_rows(query_rows(q, num_kv_heads, BLOCK_ROWS), k_pages, v_pages, meta, num_tokens=num_tokens,
-                              num_heads=num_heads, only_long=only_long, **kwargs)
+    rows = paged_prefill_rows(q, k_pages, v_pages, meta, only_long=only_long, **kwargs)
     out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
     served = jnp.arange(num_tokens) < meta.query_start_loc[-1]
     if only_long:
@@ -252,24 +253,25 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     return jnp.where(served[:, None, None, None], out, 0).reshape(num_tokens, num_heads, head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "only_long", "pages_per_block",
+@functools.partial(jax.jit, static_argnames=("scale", "only_long", "pages_per_block",
                                              "stages", "pingpong", "heavy_first", "interpret"))
-def paged_prefill_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
-                       num_tokens: int, num_heads: int, scale: float, only_long: bool = False,
+def paged_prefill_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                       scale: float, only_long: bool = False,
                        pages_per_block: int | None = None, stages: int = 2, pingpong: bool = True,
                        heavy_first: bool = True, interpret: bool = False) -> jax.Array:
-    """The kernel on query rows (`query_rows`, [KVH, >= T * G', D]) -> output rows of the same shape;
-    rows of tokens it does not serve (padding; with `only_long`, short sequences) are left undefined.
+    """The kernel on q [T, H, D] -> output rows by KV head [KVH, T * G', D], the layout of the Triton
+    kernel's `query_rows`; rows of tokens it does not serve (padding; with `only_long`, short
+    sequences) are left undefined.
 
     Defaults from scripts/bench_attention.py on an H100 (4k causal prefill, Llama-3-8B heads): 128 keys a
     block, 2 slots (0.316 ms; 3 slots 0.312), ping-pong (0.367 -> 0.340 ms alone) and heavy blocks first
     (-> 0.331 alone; both 0.316)."""
-    head_dim = q_rows.shape[-1]
+    num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
-    if not supports(q_rows.dtype, head_dim, page_size, group, None, None):
-        raise ValueError(f"paged_prefill_attention does not serve dtype {q_rows.dtype}, head_dim {head_dim}, "
+    if not supports(q.dtype, head_dim, page_size, group, None, None):
+        raise ValueError(f"paged_prefill_attention does not serve dtype {q.dtype}, head_dim {head_dim}, "
                          f"page_size {page_size}, group {group}")
     if pages_per_block is None:  # 128 keys a block
         pages_per_block = max(1, 128 // page_size)
@@ -281,20 +283,19 @@ def paged_prefill_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     # Each included sequence has at least block_q tokens, so at most one partial block each.
     max_blocks = max(1, 2 * (num_tokens // block_q)) if only_long else None
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include, max_blocks)
-    # A block's query loads run up to BLOCK_ROWS rows past a sequence's last token; TMA into tiled SMEM
-    # needs a whole number of 8-row tiles.
-    num_rows = max(q_rows.shape[1], num_tokens * padded_group + BLOCK_ROWS)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, num_rows + -num_rows % 8 - q_rows.shape[1]), (0, 0)))
+    # Queries gathered into aligned blocks: TMA into tiled SMEM at a row offset that is not a known
+    # multiple of 8 fails in JAX 0.11's Mosaic GPU, and a sequence's rows start anywhere.
+    q_blocks = queries_by_block(q, start, num_kv_heads, BLOCK_ROWS)
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
 
     if interpret:
         transforms = ()
     else:  # wgmma operand tiles: 8 rows by 128 bytes, swizzled
-        transforms = (plgpu.TilingTransform((8, 128 // q_rows.dtype.itemsize)), plgpu.SwizzleTransform(128))
-    scratch = [plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q_rows.dtype, transforms=transforms),
+        transforms = (plgpu.TilingTransform((8, 128 // q.dtype.itemsize)), plgpu.SwizzleTransform(128))
+    scratch = [plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q.dtype, transforms=transforms),
                plgpu.SMEM((stages, block_kv, head_dim), k_pages.dtype, transforms=transforms),
                plgpu.SMEM((stages, block_kv, head_dim), v_pages.dtype, transforms=transforms),
-               plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, head_dim), q_rows.dtype)]  # untiled: sliced by any row count
+               *[plgpu.SMEM((ROWS_PER_WG, head_dim), q.dtype)] * COMPUTE_WGS]  # untiled: sliced by row counts
     kernel = functools.partial(_kernel, padded_group=padded_group, pages_per_block=pages_per_block, stages=stages,
                                scale=scale, pingpong=pingpong, heavy_first=heavy_first, interpret=interpret)
 
@@ -312,11 +313,11 @@ def paged_prefill_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array
 
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+        out_type=jax.ShapeDtypeStruct((num_kv_heads, num_tokens * padded_group, head_dim), q.dtype),
         grid=(num_kv_heads, seq.shape[0]),
         grid_names=("head", "block"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
-    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages)
+    )(seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_blocks, k_pages, v_pages)
