@@ -110,7 +110,7 @@ def main() -> None:
                    help="the same for engine-shaped small decode batches")
     p.add_argument("--prefill-configs", default="0:0:0:0,16:4:1:4:3,32:4:1:4:3,32:8:1:8:3,64:4:1:8:2",
                    help="the same for prefill")
-    p.add_argument("--mgpu-configs", default="8:2:1:1,8:3:1:1,8:2:0:0,4:2:1:1",
+    p.add_argument("--mgpu-configs", default="8:2:1:1,8:2:0:1,8:2:1:0,8:2:0:0,4:2:1:1",
                    help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
     args = p.parse_args()
     ps = args.page_size

@@ -131,6 +131,13 @@ def test_gpu_backend_splits_a_step_between_its_two_kernels():
     assert not np.asarray(only_long[:total][~long].astype(jnp.float32)).any()
     assert relative_error(only_long[:total][long], want[long]) < 1e-2
 
+    # no short sequence with tokens: the backend skips the Triton kernel
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference((8, 2, 64, 16, [33], [40], None, None),
+                                                                               jnp.bfloat16)
+    got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
+    assert relative_error(got[:total], want) < 1e-2
+    assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
+
 
 def test_gpu_kernel_on_an_engine_like_decode_batch():
     """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
