@@ -139,6 +139,16 @@ def test_gpu_backend_splits_a_step_between_its_two_kernels():
     assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
 
 
+def test_gpu_backend_lowers_for_cuda_with_the_mosaic_gpu_kernel():
+    """The real (not interpreted) Mosaic GPU kernel, with wgmma, TMA and its SMEM layouts, lowered for
+    CUDA on the CPU: catches what only the device compile would otherwise find."""
+    case = (32, 8, 128, 16, [300, 129, 1], [0, 500, 40], None, None)
+    (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
+    attend = jax.jit(lambda *args: gpu_attention(*args, prefill_kernel=True, **kwargs))
+    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text.lower()
+
+
 def test_gpu_kernel_on_an_engine_like_decode_batch():
     """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
     max_running_requests): the default takes the one-token-per-block decode path."""
