@@ -62,7 +62,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     is_long = long[token_positions(meta, num_tokens)[0]][:, None, None, None]
 
     def with_short():
-        short_rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads, 0), k_pages, v_pages, meta,
+        short_rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads), k_pages, v_pages, meta,
                                                  num_tokens=num_tokens, num_heads=num_heads, include=~long, **kwargs)
         return jnp.where(is_long, long_out, token_major(short_rows, num_tokens, padded_group))
 

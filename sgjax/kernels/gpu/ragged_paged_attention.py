@@ -100,15 +100,15 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     plgpu.store(d_ref.at[block_rows], denom, mask=row_ok)
 
 
-def query_rows(q: jax.Array, num_kv_heads: int, pad_rows: int) -> jax.Array:
-    """q [T, H, D] -> query rows by KV head [KVH, T * G' + pad_rows, D]: row token * G' + m is query head m
-    of the KV head's group (G' the group size rounded up to a power of two; padding rows are zero)."""
+def query_rows(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """q [T, H, D] -> query rows by KV head [KVH, T * G', D]: row token * G' + m is query head m of the KV
+    head's group (G' the group size rounded up to a power of two; its padding heads are zero)."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
     rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))
-    return jnp.pad(rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim), ((0, 0), (0, pad_rows), (0, 0)))
+    return rows.reshape(num_kv_heads, num_tokens * padded_group, head_dim)
 
 
 def token_major(rows: jax.Array, num_tokens: int, padded_group: int) -> jax.Array:
@@ -126,7 +126,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     group = num_heads // num_kv_heads
-    rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads, 0), k_pages, v_pages, meta, num_tokens=num_tokens,
+    rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads), k_pages, v_pages, meta, num_tokens=num_tokens,
                                        num_heads=num_heads, include=include, **kwargs)
     out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
     return out.reshape(num_tokens, num_heads, head_dim)
@@ -141,8 +141,8 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
                                 min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int | None = None,
                                 include: jax.Array | None = None, interpret: bool = False) -> jax.Array:
-    """The kernel on query rows (`query_rows`) -> output rows of the same shape (rows of tokens it does not
-    serve are zero)."""
+    """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
+    tokens it does not serve are zero)."""
     head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -175,8 +175,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
-    # A block's reads run up to `rows` past the last token's rows: pad when the caller's rows stop sooner.
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, max(0, num_tokens * padded_group + rows - q_rows.shape[1])), (0, 0)))
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))  # a block's reads run up to `rows` past the last token
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
     full = lambda *shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, s: (h,) + (0,) * len(shape))  # noqa: E731
