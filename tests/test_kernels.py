@@ -57,6 +57,12 @@ def grid_case_and_reference(case, dtype):
     return inputs, kwargs, want
 
 
+def relative_error(got, want) -> float:
+    got = got.astype(jnp.float32)
+    assert np.isfinite(np.asarray(got)).all()
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
 @pytest.mark.parametrize("case", GRID)
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
 def test_gpu_kernel_matches_reference(case, dtype, tolerance):
@@ -67,9 +73,7 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
         got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
                                                 kv_splits=splits, min_blocks_per_split=min_blocks, **kwargs)
         assert got.shape == q.shape
-        got = got[:total].astype(jnp.float32)
-        assert np.isfinite(np.asarray(got)).all()
-        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        rel = relative_error(got[:total], want)
         assert rel < tolerance, f"block_q={block_q}, kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
 
 
@@ -85,15 +89,8 @@ def test_tpu_kernel_matches_reference(case, dtype, tolerance):
                                                 pages_per_block=pages_per_block, **kwargs)
         assert got.shape == q.shape
         assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
-        got = got[:total].astype(jnp.float32)
-        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        rel = relative_error(got[:total], want)
         assert rel < tolerance, f"block_q={block_q}, pages_per_block={pages_per_block}: relative error {rel:.2e}"
-
-
-def relative_error(got, want) -> float:
-    got = got.astype(jnp.float32)
-    assert np.isfinite(np.asarray(got)).all()
-    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
 # The Mosaic GPU prefill kernel in its interpreter (~15 s a call): bf16 only (wgmma), no window or
