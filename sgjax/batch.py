@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Sequence
 
 import numpy as np
 
 from sgjax.cache.kv_pool import NULL_PAGE
 from sgjax.kernels import AttentionMetadata
+from sgjax.shared_prefix import shared_prefix_metadata
 
 
 @dataclasses.dataclass
@@ -27,8 +29,12 @@ class FlatBatch:
 
 
 def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None = None,
-               num_seqs: int | None = None, max_pages: int | None = None) -> FlatBatch:
-    """Concatenate the chunks, padded to num_tokens / num_seqs / max_pages (a compiled bucket)."""
+               num_seqs: int | None = None, max_pages: int | None = None, max_prefix_groups: int = 0,
+               prefix_groups: Sequence[int] = ()) -> FlatBatch:
+    """Concatenate the chunks, padded to num_tokens / num_seqs / max_pages (a compiled bucket).
+
+    With `max_prefix_groups` the metadata also describes the shared prefixes of the leading groups of
+    chunks (`prefix_groups`: their sizes, as shared_prefix.order_by_first_page ordered them)."""
     total = sum(len(c.tokens) for c in chunks)
     num_tokens = num_tokens or total
     num_seqs = num_seqs or len(chunks)
@@ -68,4 +74,7 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     last = np.zeros(num_seqs, np.int32)
     last[:n] = qsl[1:n + 1] - 1
     meta = AttentionMetadata(slot_mapping=slots, page_table=page_table, kv_lens=kv_lens, query_start_loc=qsl)
+    if max_prefix_groups:
+        meta.shared = shared_prefix_metadata(page_table, num_cached, prefix_groups[:max_prefix_groups], page_size,
+                                             max_prefix_groups)
     return FlatBatch(ids, positions, meta, last)

@@ -32,6 +32,9 @@ class EngineArgs:
     # Constrained decoding: text a grammar forces is appended in one step (jump-forward) instead of
     # one decode step per token; the tokens are the same either way.
     disable_jump_forward: bool = False
+    # Cascade attention: up to this many groups of a decode step's requests that share a cached prompt
+    # prefix read it once per group instead of once per request (GPU Pallas backend); 0 turns it off.
+    shared_prefix_groups: int = 32
 
     def __post_init__(self):
         if self.schedule_policy not in ("lpm", "fcfs"):
@@ -77,6 +80,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--enable-prompt-logprobs", action="store_true")
     parser.add_argument("--disable-jump-forward", action="store_true",
                         help="constrained decoding: one decode step per forced token")
+    parser.add_argument("--shared-prefix-groups", type=int, default=32,
+                        help="cascade attention: groups of requests sharing a cached prefix read it once (0: off)")
     parser.add_argument("--random-seed", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
@@ -100,7 +105,8 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
         max_running_requests=ns.max_running_requests, chunked_prefill_size=ns.chunked_prefill_size,
         schedule_policy=ns.schedule_policy, disable_radix_cache=ns.disable_radix_cache,
         disable_overlap_schedule=ns.disable_overlap_schedule, enable_prompt_logprobs=ns.enable_prompt_logprobs,
-        disable_jump_forward=ns.disable_jump_forward, random_seed=ns.random_seed)
+        disable_jump_forward=ns.disable_jump_forward, shared_prefix_groups=ns.shared_prefix_groups,
+        random_seed=ns.random_seed)
     server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
                         chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
                         enable_metrics=ns.enable_metrics)

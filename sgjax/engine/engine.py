@@ -41,9 +41,10 @@ from sgjax.engine.request import Request, Status
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
-from sgjax.kernels import resolve_backend
+from sgjax.kernels import reads_shared_prefixes, resolve_backend
 from sgjax.mesh import make_mesh
 from sgjax.models.loader import load_model, load_tokenizer
+from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 
 logger = logging.getLogger(__name__)
 Prompt = str | list[dict]  # text, or chat messages
@@ -82,7 +83,9 @@ class Engine:
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
                                   min_bucket=args.min_token_bucket,
-                                  enable_prompt_logprobs=args.enable_prompt_logprobs)
+                                  enable_prompt_logprobs=args.enable_prompt_logprobs,
+                                  max_prefix_groups=args.shared_prefix_groups
+                                  if reads_shared_prefixes(self.attention_backend) else 0)
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
                                    chunked_prefill_size=prefill_budget, context_length=self.context_length,
                                    policy=args.schedule_policy, round_up=self.runner.bucket_for)
@@ -95,6 +98,7 @@ class Engine:
         self._stopped = False
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
+        self.num_grouped_steps = 0  # steps planned with shared-prefix groups (cascade attention)
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         self.host_s: collections.Counter[str] = collections.Counter()
@@ -385,6 +389,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return None
+        batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
         chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.pages) for req, n in batch]
@@ -396,7 +401,7 @@ class Engine:
         if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
             targets = [self._prompt_targets(r, n) for r, n in batch]
         starts = [r.num_computed for r in reqs]
-        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets)
+        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
         enqueued = time.perf_counter()
         if previous is not None:
             self._sample(previous)
@@ -425,6 +430,20 @@ class Engine:
             self._sample(step)
             self.host_s["enqueue"] += time.perf_counter() - now
         return step
+
+    def _group_shared_prefixes(self, batch: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[int]]:
+        """The batch reordered so requests whose cached pages begin alike are contiguous, and the sizes of
+        those leading groups (sgjax/shared_prefix.py), where the step can carry them."""
+        max_groups = self.runner.prefix_groups_for(sum(n for _, n in batch))
+        if not max_groups or len(batch) < 2:
+            return batch, []
+        keys = [req.pages[0] if req.num_tree_pages and req.num_computed >= MIN_SHARED_TOKENS else None
+                for req, _ in batch]
+        order, sizes = order_by_first_page(keys, max_groups)
+        if sizes:
+            batch = [batch[i] for i in order]
+            self.num_grouped_steps += 1
+        return batch, sizes
 
     def _sample(self, step: "_Step") -> None:
         """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""

@@ -42,7 +42,7 @@ from sgjax.engine.sampler import (
     sample,
     update_penalty_state,
 )
-from sgjax.kernels.metadata import AttentionMetadata, token_positions
+from sgjax.kernels.metadata import AttentionMetadata, SharedPrefixes, token_positions
 from sgjax.models.llama import logits_from_head
 from sgjax.models.loader import LoadedModel
 
@@ -82,11 +82,16 @@ def row_buckets(max_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
-                 max_tokens: int, min_bucket: int = 16, enable_prompt_logprobs: bool = False):
+                 max_tokens: int, min_bucket: int = 16, enable_prompt_logprobs: bool = False,
+                 max_prefix_groups: int = 0):
         self.pool = pool
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens)
+        # Steps of up to one token per sequence row (decode-heavy ones) carry the shared prefixes of up to
+        # max_prefix_groups groups (sgjax/shared_prefix.py) for backends that read them once per group;
+        # larger steps are prefill-heavy, where the GPU backend's prefill kernel serves them better.
+        self.max_prefix_groups = max_prefix_groups
         graphdef, state = nnx.split(loaded.model)
         # The programs take the weights as a flat list: flattening an nnx.State costs ~0.3 ms a call.
         self.weights, self.state_def = jax.tree.flatten(state)
@@ -135,9 +140,15 @@ class ModelRunner:
         b = self.max_seqs
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
+        if self.prefix_groups_for(num_tokens):
+            meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
         padding = SamplingBatch.build([], [], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
         return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
+
+    def prefix_groups_for(self, num_tokens: int) -> int:
+        """How many shared-prefix groups a step of `num_tokens` tokens can describe (0: none)."""
+        return self.max_prefix_groups if self.bucket_for(num_tokens) <= self.max_seqs else 0
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -151,17 +162,19 @@ class ModelRunner:
         return self.max_seqs
 
     def prepare(self, chunks: list[SeqChunk], sampling: SamplingBatch, features: SamplerFeatures,
-                prompt_targets: list[list[int]] | None = None) -> "PreparedStep":
+                prompt_targets: list[list[int]] | None = None, prefix_groups: list[int] = ()) -> "PreparedStep":
         """Host-side inputs of one step (no device work, so it can overlap the device's).
 
         A chunk token -(r + 1) stands for the token sampled in row r of the previously launched step.
         With `prompt_targets` (per chunk, the token that follows each of its tokens, -1 where none is
         wanted) the step also returns each token's logprob of its target and the top alternatives.
+        `prefix_groups`: sizes of the leading groups of chunks that may share prefixes (order_by_first_page).
         """
         total = sum(len(c.tokens) for c in chunks)
         num_tokens = self.bucket_for(total)
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
-                           max_pages=self.max_pages)
+                           max_pages=self.max_pages, max_prefix_groups=self.prefix_groups_for(total),
+                           prefix_groups=prefix_groups)
         targets = np.full(num_tokens, -1, np.int32)
         if prompt_targets is not None:
             if (num_tokens, True) not in self.compiled:

@@ -45,6 +45,12 @@ def resolve_backend(name: str, page_size: int | None = None) -> str:
     return name
 
 
+def reads_shared_prefixes(name: str) -> bool:
+    """Whether backend `name` (as resolved) reads shared prefixes once per group (`meta.shared`): the GPU
+    kernels. The others attend over each sequence's whole page table and ignore the grouping."""
+    return name == "pallas_interpret" or (name == "pallas" and jax.default_backend() == "gpu")
+
+
 def get_attention_backend(name: str) -> Callable:
     """The attention function of backend `name`."""
     from sgjax.kernels import reference
@@ -74,4 +80,4 @@ def _paged_kernel_attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, 
     return ragged_paged_attention(q, k_pages, v_pages, meta, interpret=interpret, **kwargs), k_pages, v_pages
 
 
-__all__ = ["AttentionMetadata", "BACKENDS", "get_attention_backend", "resolve_backend"]
+__all__ = ["AttentionMetadata", "BACKENDS", "get_attention_backend", "reads_shared_prefixes", "resolve_backend"]

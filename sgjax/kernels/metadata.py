@@ -10,6 +10,21 @@ import jax.numpy as jnp
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class SharedPrefixes:
+    """Groups of a step's sequences that begin with the same KV pages (prompts with a common radix-cached
+    prefix), for backends that read such a prefix once per group (cascade attention); the others ignore it.
+
+    Group g is sequences group_starts[g]:group_starts[g+1] (contiguous in the batch; unused groups are
+    empty); each member's first shared_pages[b] pages are the group's common prefix, all before the
+    sequence's first new token. Sequences outside every group, or in a group not worth it, have 0.
+    """
+
+    group_starts: jax.Array  # [G + 1] int32, non-decreasing
+    shared_pages: jax.Array  # [B] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class AttentionMetadata:
     """A flat batch of T new tokens from B sequences (prefill chunks and decodes mixed).
 
@@ -23,6 +38,7 @@ class AttentionMetadata:
     page_table: jax.Array  # [B, max_pages] int32
     kv_lens: jax.Array  # [B] int32: tokens in the cache after this step (cached prefix + new)
     query_start_loc: jax.Array  # [B + 1] int32: prefix sums of new tokens per sequence
+    shared: SharedPrefixes | None = None  # common page prefixes, where the step was planned with them
 
 
 def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.Array]:

@@ -6,6 +6,8 @@ the Mosaic GPU kernel (`paged_prefill_mgpu.py`, ~2x the Triton kernel's rate on 
 rest (decodes, short chunks) to the Triton kernel; both write output rows in the same layout, and each
 token's output is taken from the kernel that served it.
 SGJAX_MGPU_PREFILL=0 in the environment keeps the Triton kernel for everything (for comparisons).
+Steps planned with shared prefixes (`meta.shared`, only on steps of up to one token per sequence row)
+read each group's prefix once (`shared_prefix.py`, cascade attention).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sgjax.kernels.gpu.ragged_paged_attention import (
     ragged_paged_attention_rows,
     token_major,
 )
+from sgjax.kernels.gpu.shared_prefix import shared_prefix_attention
 from sgjax.kernels.metadata import AttentionMetadata, token_positions
 
 
@@ -49,6 +52,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     if prefill_kernel is None:
         prefill_kernel = not interpret and mgpu_prefill_available()
     prefill_step = num_tokens > meta.kv_lens.shape[0]  # decode steps have no more tokens than sequences
+    if meta.shared is not None and sliding_window is None:
+        return shared_prefix_attention(q, k_pages, v_pages, meta, scale=scale, softcap=softcap, interpret=interpret)
     if not (prefill_kernel and prefill_step and paged_prefill_mgpu.supports(q.dtype, head_dim, page_size, group,
                                                                              sliding_window, softcap)):
         return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)

@@ -30,7 +30,8 @@ MASK_VALUE = -1e30
 
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
-            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int):
+            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
+            causal: bool, partials: bool):
     i = pl.program_id(0)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -42,8 +43,10 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     row = jnp.arange(rows, dtype=jnp.int32)
     tok = t0 + row // padded_group
     row_ok = (tok < q_end) & (valid > 0) & (row % padded_group < group)
-    offset = kv_len - (q_end - q_start)  # position of the sequence's first new token
-    pos = offset + tok - q_start
+    # Not causal (a shared prefix read for the queries that follow it): every query sees all kv_len keys,
+    # as one at position kv_len - 1 would.
+    offset = kv_len - (q_end - q_start) if causal else kv_len - 1 - (t0 - q_start)
+    pos = offset + tok - q_start if causal else jnp.full((rows,), kv_len - 1, jnp.int32)
     q = q_ref[pl.ds(t0 * padded_group, rows), :]
 
     last = jnp.minimum(offset + jnp.minimum(t0 + block_q, q_end) - 1 - q_start, kv_len - 1)
@@ -83,7 +86,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     block_rows = pl.ds(t0 * padded_group, rows)
-    if kv_splits == 1:
+    if kv_splits == 1 and not partials:
         o, _, denom = walk(start_block, end_block, init)
         o_ref = refs[-1]
         out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
@@ -134,15 +137,21 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
                                              "block_q", "pages_per_block", "kv_splits", "min_blocks_per_split",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "causal", "partials", "interpret"))
 def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                                 *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
                                 softcap: float | None = None, block_q: int | None = None,
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
                                 min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int | None = None,
-                                include: jax.Array | None = None, interpret: bool = False) -> jax.Array:
+                                include: jax.Array | None = None, causal: bool = True, partials: bool = False,
+                                interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
-    tokens it does not serve are zero)."""
+    tokens it does not serve are zero).
+
+    `causal=False`: each query sees all of its sequence's kv_lens keys (a shared prefix, see
+    shared_prefix.py). `partials=True`: return the unnormalised softmax pieces instead, (out [KVH, S,
+    R, D] float32, running max [KVH, S, R], sum [KVH, S, R]) over the S context splits, for
+    `combine_partials` to merge with others."""
     head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -183,10 +192,10 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
-                               min_blocks_per_split=min_blocks_per_split)
+                               min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
-    if kv_splits == 1:
+    if kv_splits == 1 and not partials:
         outputs = [jnp.zeros_like(q_rows)]
         out_specs = [per_head(num_rows, head_dim)]
     else:
@@ -205,9 +214,14 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(*inputs, *outputs)
-    if kv_splits == 1:
+    if kv_splits == 1 and not partials:
         return results[0]
-    o, m, denom = results  # combine the splits' partial softmaxes
+    return tuple(results) if partials else combine_partials(*results, q_rows.dtype)
+
+
+def combine_partials(o: jax.Array, m: jax.Array, denom: jax.Array, dtype) -> jax.Array:
+    """Unnormalised softmax pieces over parts of the keys (axis 1: out [KVH, S, R, D], running max and sum
+    [KVH, S, R]) -> the attention output rows [KVH, R, D] over all of them."""
     weight = jnp.exp(m - m.max(axis=1, keepdims=True))
     total = (weight * denom).sum(axis=1)
-    return ((weight[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]).astype(q_rows.dtype)
+    return ((weight[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]).astype(dtype)
