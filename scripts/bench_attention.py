@@ -4,14 +4,17 @@ Decode: batch 64 at context 2k and 8k with Llama-3-8B heads (32 q / 8 KV, d=128)
 the HBM bandwidth measured by a copy in the same run; JAX's bundled Pallas paged_attention side by
 side. Prefill: one 4096-token causal chunk, as a fraction of the bf16 matmul rate measured in the
 same run, by the Triton kernel and by the Mosaic GPU prefill kernel (which the GPU backend uses for
-long chunks on Hopper); jax.nn.dot_product_attention (cuDNN) side by side.
+long chunks on Hopper); jax.nn.dot_product_attention (cuDNN) side by side. Shared prefix: a decode
+batch in groups behind long common prompts, with and without cascade attention (reading each group's
+prefix once), against the bandwidth needed to read every distinct K/V page once.
 
-    python scripts/bench_attention.py [--page-size 16] [--configs default]
+    python scripts/bench_attention.py [--page-size 16] [--cases decode,engine,prefill,shared]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -24,6 +27,7 @@ from sgjax.kernels import reference
 from sgjax.kernels.gpu.attention import paged_attention
 from sgjax.kernels.gpu.paged_prefill_mgpu import paged_prefill_attention
 from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
+from sgjax.shared_prefix import order_by_first_page
 
 H, KVH, D = 32, 8, 128
 
@@ -73,6 +77,26 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
     return q, k, v, meta
 
 
+def shared_prefix_case(groups: int, per_group: int, prefix: int, own: int, page_size: int, max_groups: int = 32):
+    """A decode batch of groups x per_group sequences; each group's share a `prefix`-token prompt prefix
+    (the same pages), then `own` tokens of their own. Returns q, k, v and the metadata with the groups."""
+    rng = np.random.default_rng(11)
+    prefix_pages, own_pages = prefix // page_size, -(-own // page_size)
+    num_pages = 1 + groups * prefix_pages + groups * per_group * own_pages
+    free = iter(rng.permutation(np.arange(1, num_pages)).tolist())
+    shared = [[next(free) for _ in range(prefix_pages)] for _ in range(groups)]
+    chunks = [SeqChunk([0], prefix + own - 1, shared[g] + [next(free) for _ in range(own_pages)])
+              for _ in range(per_group) for g in range(groups)]  # members arrive interleaved
+    order, sizes = order_by_first_page([c.pages[0] for c in chunks], max_groups)
+    batch = make_batch([chunks[i] for i in order], page_size, max_prefix_groups=max_groups, prefix_groups=sizes)
+    meta = jax.tree.map(jnp.asarray, batch.meta)
+    kshape = (KVH, num_pages, page_size, D)
+    k = jax.random.normal(jax.random.key(1), kshape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(2), kshape, jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(3), (len(chunks), H, D), jnp.bfloat16)
+    return q, k, v, meta
+
+
 def kernel_config(cfg: str, scale: float):
     """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]]' (0 = default)
     -> (label, jitted kernel)."""
@@ -112,7 +136,9 @@ def main() -> None:
                    help="the same for prefill")
     p.add_argument("--mgpu-configs", default="8:2:1:1,8:2:0:1,8:2:1:0,8:2:0:0,4:2:1:1",
                    help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
+    p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
     args = p.parse_args()
+    cases = set(args.cases.split(","))
     ps = args.page_size
     bw, peak = copy_bandwidth(), matmul_rate()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: copy {bw / 1e12:.2f} TB/s, "
@@ -132,6 +158,8 @@ def main() -> None:
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
     for batch, context, width in ((64, 2048, 0), (64, 8192, 0), (256, 512, 2048), (1, 1024, 2048)):
+        if "decode" not in cases:
+            break
         q, k, v, meta = paged_case(batch, 1, context, ps, seed=context, table_width=width // ps)
         kv_bytes = 2 * batch * context * KVH * D * 2
         case = f"decode b{batch} ctx{context}" + (f" (table {width})" if width else "")
@@ -156,6 +184,8 @@ def main() -> None:
     # 32 calls per program as in a 32-layer forward pass: whether splitting the context pays
     layers = 32
     for batch, context in ((1, 512), (16, 2048), (16, 4000), (32, 512), (64, 512)):
+        if "engine" not in cases:
+            break
         q, k, v, meta = paged_case(batch, 1, context, ps, seed=batch, table_width=4096 // ps, num_tokens=64,
                                    num_seqs=256)
         kv_bytes = 2 * batch * context * KVH * D * 2
@@ -165,6 +195,41 @@ def main() -> None:
             t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
             rows.append((case, name, t, kv_bytes / t / bw, None))
 
+    # Shared prefixes (the generated-shared-prefix workload's decode steps): 16 groups behind 2048-token
+    # prompts, 256 requests; limit = the bytes of every distinct page read once
+    for groups, per_group, prefix, own in ((16, 16, 2048, 384), (16, 64, 2048, 384), (4, 16, 2048, 128)):
+        if "shared" not in cases:
+            break
+        q, k, v, meta = shared_prefix_case(groups, per_group, prefix, own, ps)
+        batch = groups * per_group
+        case = f"shared b{batch} {groups}x{prefix}+{own}"
+        per_token = KVH * D * 2 * 2
+        needed = (groups * prefix + batch * own) * per_token
+        plain_meta = dataclasses.replace(meta, shared=None)
+        plain = paged_attention(q, k, v, plain_meta, scale=scale)
+        # errors: the plain kernel against the reference (which gathers every token's context: batches of up
+        # to 256 only), cascade against the plain kernel
+        errors = {"without cascade": rel_error(plain, reference.ragged_paged_attention(q, k, v, plain_meta,
+                                                                                       scale=scale))
+                  if batch <= 256 else None,
+                  "cascade": rel_error(paged_attention(q, k, v, meta, scale=scale), plain)}
+        for name, m in (("without cascade", plain_meta), ("cascade", meta)):
+            fn = as_layers(jax.jit(lambda q, k, v, m: paged_attention(q, k, v, m, scale=scale)), layers)
+            t = median_time(fn, q, k, v, m, repeat=5) / layers
+            rows.append((case, name, t, needed / t / bw, errors[name]))
+
+    if "prefill" in cases:
+        rows += prefill_rows(args, ps, scale, peak)
+
+    print(f"\n{'case':<32} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
+    for case, name, t, frac, err in rows:
+        print(f"{case:<32} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
+    print("limit: decode = KV bytes / copy bandwidth; prefill = causal FLOPs / bf16 matmul rate")
+
+
+def prefill_rows(args, ps: int, scale: float, peak: float) -> list:
+    """One 4096-token causal prefill: the Triton kernel's tiles, the Mosaic GPU kernel, the backend, cuDNN."""
+    rows = []
     T = 4096
     q, k, v, meta = paged_case(1, T, T, ps, seed=7)
     flops = 4 * T * T * H * D / 2  # causal: half of QK^T and PV
@@ -197,11 +262,7 @@ def main() -> None:
         rows.append(("prefill 4096", "cudnn dot_product_attention", t, flops / t / peak, None))
     except Exception as e:
         print(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
-
-    print(f"\n{'case':<32} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
-    for case, name, t, frac, err in rows:
-        print(f"{case:<32} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
-    print("limit: decode = KV bytes / copy bandwidth; prefill = causal FLOPs / bf16 matmul rate")
+    return rows
 
 
 if __name__ == "__main__":

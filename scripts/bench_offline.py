@@ -64,6 +64,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
         engine.flush_cache()
         engine.radix.reset_stats()
     steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
+    shared_steps = engine.runner.num_shared_prefix_steps
     host = engine.host_s.copy()
     engine.step_log = []
     t0 = time.perf_counter()
@@ -78,6 +79,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     stats = dict(description=work.description, startup=startup, elapsed=elapsed, out_tps=out_tokens / elapsed,
                  total_tps=(out_tokens + in_tokens) / elapsed, steps=engine.num_steps - steps,
                  preemptions=engine.scheduler.num_preemptions - preemptions,
+                 shared_steps=engine.runner.num_shared_prefix_steps - shared_steps,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed),
@@ -158,7 +160,8 @@ def main() -> None:
           "bottleneck)")
     for name, s in runs:
         print(f"engine thread, {name}, ms/step: " + ", ".join(
-            f"{k} {v / max(s['steps'], 1) * 1e3:.2f}" for k, v in s["host"].items()))
+            f"{k} {v / max(s['steps'], 1) * 1e3:.2f}" for k, v in s["host"].items())
+              + f"; steps reading shared prefixes once (cascade): {s['shared_steps']}")
     for name, s in runs:
         print(f"timeline, {name}:")
         print_timeline(s["timeline"])

@@ -106,6 +106,24 @@ def test_outputs_identical_across_configurations(llama, overrides):
         engine.shutdown()
 
 
+def test_requests_behind_a_shared_prefix_read_it_once_and_match_hf(llama):
+    """Requests behind a common 72-token prompt prefix decode in shared-prefix groups (cascade attention,
+    the GPU kernel interpreted): each equals its solo HF greedy run."""
+    path, hf_model, _, _ = llama
+    engine = make_engine(path, attention_backend="pallas_interpret", max_running_requests=16)
+    try:
+        rng = np.random.default_rng(9)
+        system = rng.integers(0, 512, 72).tolist()
+        prompts = [system + rng.integers(0, 512, int(k)).tolist() for k in (3, 6, 1, 9, 4, 2)]
+        engine.generate(input_ids=system, sampling_params={**GREEDY, "max_new_tokens": 1})  # cache the prefix
+        results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8})
+        assert [r["output_ids"] for r in results] == [hf_greedy(hf_model, p, 8) for p in prompts]
+        assert engine.runner.num_shared_prefix_steps >= 5
+        check_pages_accounted(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_sampling_row_buckets_give_the_same_tokens(llama):
     """With 72 slots, sampling is compiled for 64 and for 72 rows: steps of a few sequences and of 70
     give HF's greedy tokens, and a seeded sample is the same alone as in a batch of 70."""

@@ -98,7 +98,6 @@ class Engine:
         self._stopped = False
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
-        self.num_grouped_steps = 0  # steps planned with shared-prefix groups (cascade attention)
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         self.host_s: collections.Counter[str] = collections.Counter()
@@ -440,10 +439,7 @@ class Engine:
         keys = [req.pages[0] if req.num_tree_pages and req.num_computed >= MIN_SHARED_TOKENS else None
                 for req, _ in batch]
         order, sizes = order_by_first_page(keys, max_groups)
-        if sizes:
-            batch = [batch[i] for i in order]
-            self.num_grouped_steps += 1
-        return batch, sizes
+        return [batch[i] for i in order] if sizes else batch, sizes
 
     def _sample(self, step: "_Step") -> None:
         """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""

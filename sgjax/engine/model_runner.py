@@ -92,6 +92,7 @@ class ModelRunner:
         # max_prefix_groups groups (sgjax/shared_prefix.py) for backends that read them once per group;
         # larger steps are prefill-heavy, where the GPU backend's prefill kernel serves them better.
         self.max_prefix_groups = max_prefix_groups
+        self.num_shared_prefix_steps = 0  # steps launched with a shared prefix to read once
         graphdef, state = nnx.split(loaded.model)
         # The programs take the weights as a flat list: flattening an nnx.State costs ~0.3 ms a call.
         self.weights, self.state_def = jax.tree.flatten(state)
@@ -175,6 +176,8 @@ class ModelRunner:
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages, max_prefix_groups=self.prefix_groups_for(total),
                            prefix_groups=prefix_groups)
+        if batch.meta.shared is not None and batch.meta.shared.shared_pages.any():
+            self.num_shared_prefix_steps += 1
         targets = np.full(num_tokens, -1, np.int32)
         if prompt_targets is not None:
             if (num_tokens, True) not in self.compiled:
