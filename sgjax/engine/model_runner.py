@@ -1,6 +1,7 @@
 """The model runner: compiled programs for every shape a step can take, built at start-up.
 
-A step is two programs: the forward pass (one per token-count bucket) and sampling (one per
+A step is two programs: the forward pass (one per token-count bucket; decode-sized buckets also have a
+variant for steps with groups of sequences behind shared prefixes) and sampling (one per
 SamplerFeatures: filtering and penalties, top logprobs, grammar bitmasks, random draws, each only
 where needed; and per row bucket: the step's sequences rounded up, see row_buckets).
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
@@ -88,9 +89,12 @@ class ModelRunner:
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens)
-        # Steps of up to one token per sequence row (decode-heavy ones) carry the shared prefixes of up to
-        # max_prefix_groups groups (sgjax/shared_prefix.py) for backends that read them once per group;
-        # larger steps are prefill-heavy, where the GPU backend's prefill kernel serves them better.
+        # Steps with groups of sequences behind a shared prefix (sgjax/shared_prefix.py) have their own
+        # programs, whose metadata describes up to max_prefix_groups groups, for backends that read each
+        # prefix once: only for buckets of up to one token per sequence row (decode-heavy steps; larger
+        # ones are prefill-heavy, where the GPU backend's prefill kernel serves them better). Separate
+        # programs, because the grouped path costs a step without groups ~11 us a layer (an H100 at
+        # batch 1: ~5% of a decode step), and choosing between the paths on the device cost more.
         self.max_prefix_groups = max_prefix_groups
         self.num_shared_prefix_steps = 0  # steps launched with a shared prefix to read once
         graphdef, state = nnx.split(loaded.model)
@@ -105,24 +109,24 @@ class ModelRunner:
         self.prev_tokens = jax.numpy.zeros((max_seqs,), np.int32)  # the last launched step's samples
         # Steps that return prompt logprobs compute logits for every token, so they are separate
         # programs, compiled only when enabled.
-        variants = (False, True) if enable_prompt_logprobs else (False,)
-        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per bucket.
-        self.layouts = {t: PackedLayout.of(self._abstract_inputs(t)) for t in self.buckets}
+        # Program keys: (bucket, with prompt logprobs, grouped).
+        keys = [(t, False, False) for t in self.buckets]
+        keys += [(t, False, True) for t in self.buckets if self.prefix_groups_for(t)]
+        keys += [(t, True, False) for t in self.buckets if enable_prompt_logprobs]
+        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program.
+        self.layouts = {key: PackedLayout.of(self._abstract_inputs(key[0], key[2])) for key in keys}
         self.compiled = {}
         lowered = {}
-        for with_prompt in variants:
-            for t in tqdm(self.buckets, desc="compiling steps" + (" (prompt logprobs)" if with_prompt else ""),
-                          unit="bucket"):
-                forward = jax.jit(functools.partial(_forward, model_def, with_prompt, self.layouts[t]),
-                                  donate_argnums=(1, 2))
-                lowered[t, with_prompt] = forward.lower(self.weights, pool.caches, self.penalties,
-                                                        *self.layouts[t].abstract(), self.prev_tokens)
-                self.compiled[t, with_prompt] = lowered[t, with_prompt].compile()
+        for key in tqdm(keys, desc="compiling steps", unit="program"):
+            forward = jax.jit(functools.partial(_forward, model_def, key[1], self.layouts[key]), donate_argnums=(1, 2))
+            lowered[key] = forward.lower(self.weights, pool.caches, self.penalties, *self.layouts[key].abstract(),
+                                         self.prev_tokens)
+            self.compiled[key] = lowered[key].compile()
         # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings),
         # the sampling parameters included: the forward pass unpacked them. (From the lowered shapes and
         # compiled shardings: the compiled out_info fails on programs with host callbacks, as the TPU
         # interpreter's.)
-        first = self.buckets[0], False
+        first = keys[0]
         (hidden, *_), _, penalties, sampling = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             lowered[first].out_info, self.compiled[first].output_shardings)
@@ -135,13 +139,13 @@ class ModelRunner:
                 self.head, hidden, sampling, penalties, mask if features.masked else None).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
 
-    def _abstract_inputs(self, num_tokens: int) -> tuple:
+    def _abstract_inputs(self, num_tokens: int, grouped: bool) -> tuple:
         """Shapes of a step's host arrays: (input_ids, positions, meta, last_token_index, sampling, targets)."""
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
         b = self.max_seqs
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
-        if self.prefix_groups_for(num_tokens):
+        if grouped:
             meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
         padding = SamplingBatch.build([], [], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
@@ -149,7 +153,7 @@ class ModelRunner:
 
     def prefix_groups_for(self, num_tokens: int) -> int:
         """How many shared-prefix groups a step of `num_tokens` tokens can describe (0: none)."""
-        return self.max_prefix_groups if self.bucket_for(num_tokens) <= self.max_seqs else 0
+        return self.max_prefix_groups if 0 < num_tokens and self.bucket_for(num_tokens) <= self.max_seqs else 0
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -173,27 +177,30 @@ class ModelRunner:
         """
         total = sum(len(c.tokens) for c in chunks)
         num_tokens = self.bucket_for(total)
+        with_prompt = prompt_targets is not None
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
-                           max_pages=self.max_pages, max_prefix_groups=self.prefix_groups_for(total),
+                           max_pages=self.max_pages,
+                           max_prefix_groups=0 if with_prompt or not prefix_groups else self.prefix_groups_for(total),
                            prefix_groups=prefix_groups)
-        if batch.meta.shared is not None and batch.meta.shared.shared_pages.any():
-            self.num_shared_prefix_steps += 1
+        if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
+            batch.meta.shared = None  # the groups share too little: the plain program
+        key = (num_tokens, with_prompt, batch.meta.shared is not None)
+        self.num_shared_prefix_steps += key[2]
         targets = np.full(num_tokens, -1, np.int32)
-        if prompt_targets is not None:
-            if (num_tokens, True) not in self.compiled:
+        if with_prompt:
+            if key not in self.compiled:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
         ints, floats = pack((batch.input_ids, batch.positions, batch.meta, batch.last_token_index, sampling, targets),
-                            self.layouts[num_tokens])
-        return PreparedStep(ints, floats, num_tokens, features, prompt_targets is not None, len(chunks), total)
+                            self.layouts[key])
+        return PreparedStep(ints, floats, key, features, len(chunks), total)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
-        (hidden, *prompt_out), self.pool.caches, self.penalties, sampling = self.compiled[
-            step.bucket, step.with_prompt](self.weights, self.pool.caches, self.penalties, step.ints, step.floats,
-                                           self.prev_tokens)
+        (hidden, *prompt_out), self.pool.caches, self.penalties, sampling = self.compiled[step.program](
+            self.weights, self.pool.caches, self.penalties, step.ints, step.floats, self.prev_tokens)
         return StepHandle(hidden, sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
@@ -223,9 +230,8 @@ class ModelRunner:
 class PreparedStep:
     ints: np.ndarray  # the step's int32 host arrays, packed (host_inputs.py): token ids, metadata, ...
     floats: np.ndarray  # its float32 ones: sampling parameters
-    bucket: int  # token count it is padded to
+    program: tuple[int, bool, bool]  # (token count it is padded to, with prompt logprobs, grouped)
     features: SamplerFeatures
-    with_prompt: bool
     num_chunks: int
     num_tokens: int
 
