@@ -19,6 +19,8 @@ import tempfile
 import time
 
 import jax
+from bench_attention import matmul_rate
+from bench_one_batch import copy_bandwidth
 
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
@@ -83,7 +85,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed),
-                 host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")})
+                 host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
+                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine))
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
         pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
@@ -95,12 +98,37 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
 DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
 
 
-def timeline(log: list[tuple[float, int, int]], end: float) -> list[tuple[str, int, float, int]]:
+def model_sizes(engine) -> dict:
+    """What a step must move and compute: weight bytes read (all but the input embedding, of which a step
+    reads only its tokens' rows), K/V bytes per token, parameters multiplied per token (all but the
+    embedding and the LM head, which only sampled rows go through)."""
+    runner, cfg = engine.runner, engine.loaded.config
+    head = runner.head
+    untied = not cfg.tie_word_embeddings
+    return dict(weight_bytes=sum(x.nbytes for x in runner.weights) - head.nbytes * untied,
+                kv_bytes_per_token=runner.pool.config.bytes_per_page / runner.page_size,
+                layer_params=sum(x.size for x in runner.weights) - head.size * (1 + untied))
+
+
+def step_floor_s(log: list[tuple[float, int, int, int]], model: dict, bandwidth: float, matmul_rate: float) -> float:
+    """The physical floor of the steps a run made: each step at the slower of reading its bytes (weights,
+    and the K/V its attention needs) at the copy bandwidth and doing its matmuls (2 x layer parameters
+    per token) at the bf16 matmul rate, both measured on this device. Attention FLOPs and the LM head's
+    matmul are left out, so the floor is a little optimistic for long prefills."""
+    total = 0.0
+    for _, decodes, prefill, kv_tokens in log:
+        read = (model["weight_bytes"] + kv_tokens * model["kv_bytes_per_token"]) / bandwidth
+        compute = 2 * model["layer_params"] * (decodes + prefill) / matmul_rate
+        total += max(read, compute)
+    return total
+
+
+def timeline(log: list[tuple[float, int, int, int]], end: float) -> list[tuple[str, int, float, int]]:
     """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows).
 
     Steps are pipelined, so the time between two launches is the step's share of the run."""
     groups: dict[int, list] = {}  # keyed by the decode band's lower bound; 0: steps with prefill
-    for (t, decodes, prefill), nxt in zip(log, [x[0] for x in log[1:]] + [end]):
+    for (t, decodes, prefill, _), nxt in zip(log, [x[0] for x in log[1:]] + [end]):
         band = 0 if prefill else max(b for b in DECODE_BANDS if b <= decodes)
         if band not in groups:
             upper = DECODE_BANDS[DECODE_BANDS.index(band) + 1] - 1 if band else 0
@@ -167,6 +195,14 @@ def main() -> None:
         print_timeline(s["timeline"])
     if len(runs) == 2:
         print(f"radix cache speed-up: {runs[0][1]['out_tps'] / runs[1][1]['out_tps']:.2f}x")
+    if jax.default_backend() == "gpu":  # measured after the runs, on the same device
+        bandwidth, rate = copy_bandwidth(), matmul_rate()
+        print(f"floor of the steps run (each at the slower of its bytes at {bandwidth / 1e12:.2f} TB/s copy "
+              f"bandwidth and its layer matmuls at {rate / 1e12:.0f} TFLOP/s bf16, both measured now):")
+        for name, s in runs:
+            floor = step_floor_s(s["log"], s["model"], bandwidth, rate)
+            print(f"  {name}: {floor:.2f} s for {len(s['log'])} steps ({s['out_tokens'] / floor:,.0f} out tok/s at "
+                  f"the floor); the run took {s['elapsed']:.2f} s = {floor / s['elapsed']:.1%} of the floor's speed")
     print(f"start-up {runs[0][1]['startup']:.1f} s, KV pool {runs[0][1]['pages']} pages")
 
 

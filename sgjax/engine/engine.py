@@ -101,8 +101,9 @@ class Engine:
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         self.host_s: collections.Counter[str] = collections.Counter()
-        # Set to a list to record (launch time, decode rows, prefill tokens) per step (benchmarks' timelines)
-        self.step_log: list[tuple[float, int, int]] | None = None
+        # Set to a list to record (launch time, decode rows, prefill tokens, K/V tokens read) per step
+        # (benchmarks' timelines and floors)
+        self.step_log: list[tuple[float, int, int, int]] | None = None
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
 
@@ -410,7 +411,8 @@ class Engine:
         self.num_steps += 1
         if self.step_log is not None:
             decodes = sum(n == 1 for _, n in batch)
-            self.step_log.append((time.perf_counter(), decodes, sum(n for _, n in batch) - decodes))
+            self.step_log.append((time.perf_counter(), decodes, sum(n for _, n in batch) - decodes,
+                                  prepared.kv_tokens))
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1

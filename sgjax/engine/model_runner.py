@@ -153,7 +153,7 @@ class ModelRunner:
 
     def prefix_groups_for(self, num_tokens: int) -> int:
         """How many shared-prefix groups a step of `num_tokens` tokens can describe (0: none)."""
-        return self.max_prefix_groups if 0 < num_tokens and self.bucket_for(num_tokens) <= self.max_seqs else 0
+        return self.max_prefix_groups if self.bucket_for(num_tokens) <= self.max_seqs else 0
 
     def bucket_for(self, num_tokens: int) -> int:
         for t in self.buckets:
@@ -186,6 +186,11 @@ class ModelRunner:
             batch.meta.shared = None  # the groups share too little: the plain program
         key = (num_tokens, with_prompt, batch.meta.shared is not None)
         self.num_shared_prefix_steps += key[2]
+        kv_tokens = int(batch.meta.kv_lens.sum())
+        if key[2]:  # each group's prefix is read once
+            starts, shared = batch.meta.shared.group_starts, batch.meta.shared.shared_pages
+            firsts = starts[:-1][starts[1:] > starts[:-1]]
+            kv_tokens -= int(shared.sum() - shared[firsts].sum()) * self.page_size
         targets = np.full(num_tokens, -1, np.int32)
         if with_prompt:
             if key not in self.compiled:
@@ -194,7 +199,7 @@ class ModelRunner:
             targets[: len(flat)] = flat
         ints, floats = pack((batch.input_ids, batch.positions, batch.meta, batch.last_token_index, sampling, targets),
                             self.layouts[key])
-        return PreparedStep(ints, floats, key, features, len(chunks), total)
+        return PreparedStep(ints, floats, key, features, len(chunks), total, kv_tokens)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
@@ -234,6 +239,7 @@ class PreparedStep:
     features: SamplerFeatures
     num_chunks: int
     num_tokens: int
+    kv_tokens: int  # tokens of K/V its attention must read at least (contexts; a shared prefix once)
 
 
 @dataclasses.dataclass
