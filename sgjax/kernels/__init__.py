@@ -1,5 +1,7 @@
 """Attention backends. Each exposes `attention(q, k, v, k_pages, v_pages, meta, *, scale,
 sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V and attends.
+Steps whose metadata groups sequences behind shared prefixes (`meta.shared`) are only planned for
+backends that read such a prefix once (`reads_shared_prefixes`: the GPU kernels); the others ignore it.
 
 - "pallas": the Pallas kernels for the platform (GPU: kernels/gpu, where Hopper GPUs serve long prefill
   chunks with a Mosaic GPU kernel and the rest with a Triton one; TPU: kernels/tpu); where there is none

@@ -12,6 +12,10 @@ logit soft-capping. Pages past the block's last position, or before the window, 
 Decode batches with few query blocks (up to 512) also split each block's pages up to `kv_splits` ways across
 programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
 unnormalised partial output with its running max and sum, and a small jnp step combines them.
+
+Two modes serve cascade attention (shared_prefix.py): `causal=False` lets every query see all of its
+sequence's keys (a prefix shared by a group's queries), and `partials=True` returns the unnormalised
+pieces instead of the output, to be merged with another call's.
 """
 
 from __future__ import annotations
