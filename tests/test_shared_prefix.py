@@ -99,3 +99,13 @@ def test_gpu_kernel_reads_shared_prefixes_once(q_lens, num_tokens, num_seqs, dty
         got = gpu_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)
         assert relative_error(got[:total], want) < tolerance
         assert not np.asarray(got[total:]).any()  # padding tokens get zeros
+
+
+def test_cli_sets_the_number_of_shared_prefix_groups():
+    from sgjax.config import EngineArgs, args_from_cli, build_parser
+
+    assert args_from_cli(build_parser().parse_args(["--model-path", "m"]))[0].shared_prefix_groups == 32
+    engine_args, _ = args_from_cli(build_parser().parse_args(["--model-path", "m", "--shared-prefix-groups", "0"]))
+    assert engine_args.shared_prefix_groups == 0
+    with pytest.raises(ValueError, match="shared_prefix_groups"):
+        EngineArgs(model_path="m", shared_prefix_groups=-1)
