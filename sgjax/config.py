@@ -43,6 +43,8 @@ class EngineArgs:
             raise ValueError("max_running_requests must be at least 1")
         if self.chunked_prefill_size < 0:
             raise ValueError("chunked_prefill_size must be >= 0 (0 disables chunking)")
+        if self.shared_prefix_groups < 0:
+            raise ValueError("shared_prefix_groups must be >= 0 (0 disables cascade attention)")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError("mem_fraction_static must be between 0 and 1")
 
