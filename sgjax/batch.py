@@ -17,7 +17,7 @@ from sgjax.shared_prefix import shared_prefix_metadata
 class SeqChunk:
     tokens: list[int]  # tokens to run this step (a prefill chunk, or the one decode token)
     num_cached: int  # tokens of this sequence already in the KV cache
-    pages: list[int]  # pages covering num_cached + len(tokens) tokens, in order
+    pages: list[int] | np.ndarray  # pages covering num_cached + len(tokens) tokens, in order
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
                          f"of {page_size} (max {max_pages})")
     # Whole-batch numpy: a step has up to hundreds of sequences, so no per-sequence array work.
     page_table = np.full((num_seqs, max_pages), NULL_PAGE, np.int32)
-    flat_pages = np.fromiter(itertools.chain.from_iterable(c.pages for c in chunks), np.int32, int(num_pages.sum()))
+    flat_pages = np.concatenate([np.asarray(c.pages, np.int32) for c in chunks]) if n else np.zeros(0, np.int32)
     page_rows = np.repeat(np.arange(n), num_pages)
     page_table[page_rows, np.arange(len(flat_pages)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)] = \
         flat_pages

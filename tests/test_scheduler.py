@@ -95,3 +95,20 @@ def test_prefill_budget_fills_the_padded_bucket():
     alloc, radix, plain = make(num_pages=200)
     plain.add(request("long", 200, 9))
     assert [n for _, n in plain.schedule()] == [64]
+
+
+def test_page_array_follows_appends_and_replacements():
+    """The int32 copy of a request's pages that steps are built from stays equal to the list as the
+    scheduler changes it (appending in place, replacing it)."""
+    req = request("r", 8)
+    assert req.page_array().tolist() == []
+    req.pages = [5, 6]
+    first = req.page_array()
+    assert first.tolist() == [5, 6] and first.dtype == np.int32
+    assert req.page_array() is first  # kept while the list is unchanged
+    req.pages += [7, 8]
+    assert req.page_array().tolist() == [5, 6, 7, 8]
+    req.pages = [9] + req.pages[1:]  # as _insert adopts the tree's pages
+    assert req.page_array().tolist() == [9, 6, 7, 8]
+    req.pages = []
+    assert req.page_array().tolist() == []

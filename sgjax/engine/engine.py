@@ -392,7 +392,7 @@ class Engine:
         batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
-        chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.pages) for req, n in batch]
+        chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
         sampling = SamplingBatch.build(
             params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
             [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],

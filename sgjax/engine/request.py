@@ -40,7 +40,8 @@ class Request:
     input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] = dataclasses.field(default_factory=dict)
     status: Status = Status.WAITING
     # KV state: pages[:num_tree_pages] belong to the radix tree (held by a lock on `tree_node`),
-    # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`.
+    # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`. The list is
+    # only ever appended to in place or replaced by another list (`page_array` relies on it).
     pages: list[int] = dataclasses.field(default_factory=list)
     num_tree_pages: int = 0
     tree_node: Any = None
@@ -58,6 +59,21 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_token_time: float | None = None
     aborted: bool = False
+
+    _page_cache: tuple[list[int], np.ndarray] | None = dataclasses.field(default=None, repr=False)
+
+    def page_array(self) -> np.ndarray:
+        """`pages` as an int32 array, kept between steps: converting every running request's pages from
+        Python ints each step cost ~0.5-5 ms of host time at 256-1024 requests of ~170 pages."""
+        cached = self._page_cache
+        if cached is None or cached[0] is not self.pages:
+            array = np.asarray(self.pages, np.int32)
+        elif len(cached[1]) < len(self.pages):  # pages appended since
+            array = np.concatenate([cached[1], np.asarray(self.pages[len(cached[1]):], np.int32)])
+        else:
+            return cached[1]
+        self._page_cache = (self.pages, array)
+        return array
 
     @property
     def fill_ids(self) -> list[int]:

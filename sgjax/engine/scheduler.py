@@ -193,5 +193,5 @@ class Scheduler:
     def _insert(self, req: Request) -> None:
         """Hand the request's whole computed pages to the tree; adopt the tree's copies."""
         tree_pages = self.radix.insert(req.key[: req.num_computed], req.pages, req.extra_key).tolist()
-        req.pages[: len(tree_pages)] = tree_pages
+        req.pages = tree_pages + req.pages[len(tree_pages):]  # a new list: see Request.pages
         req.num_tree_pages = len(tree_pages)
