@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sgjax.kernels.gpu.ragged_paged_attention import token_major
+from sgjax.kernels.gpu.ragged_paged_attention import tokens_from_rows
 from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, queries_by_block, token_positions
 
 ROWS_PER_WG = 64  # rows of one wgmma: a warpgroup's share of a query block
@@ -242,15 +242,12 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     -> [T, H, D]. Every sequence's tokens fill whole 128-row blocks: meant for prefill chunks. With
     `only_long`, only the tokens of `long_sequences` are served (the others get zeros). Options:
     `paged_prefill_rows`."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[0]
-    group = num_heads // num_kv_heads
+    num_tokens, num_heads, _ = q.shape
     rows = paged_prefill_rows(q, k_pages, v_pages, meta, only_long=only_long, **kwargs)
-    out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
     served = jnp.arange(num_tokens) < meta.query_start_loc[-1]
     if only_long:
-        served &= long_sequences(meta, group)[token_positions(meta, num_tokens)[0]]
-    return jnp.where(served[:, None, None, None], out, 0).reshape(num_tokens, num_heads, head_dim)
+        served &= long_sequences(meta, num_heads // k_pages.shape[0])[token_positions(meta, num_tokens)[0]]
+    return jnp.where(served[:, None, None], tokens_from_rows(rows, num_tokens, num_heads), 0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "only_long", "pages_per_block",

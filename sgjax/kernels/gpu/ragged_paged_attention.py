@@ -125,18 +125,23 @@ def token_major(rows: jax.Array, num_tokens: int, padded_group: int) -> jax.Arra
     return rows.transpose(1, 0, 2, 3)
 
 
+def tokens_from_rows(rows: jax.Array, num_tokens: int, num_heads: int) -> jax.Array:
+    """Output rows [KVH, >= T * G', D] -> [T, H, D], without the padding heads."""
+    num_kv_heads, _, head_dim = rows.shape
+    group = num_heads // num_kv_heads
+    out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
+    return out.reshape(num_tokens, num_heads, head_dim)
+
+
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
                            include: jax.Array | None = None, **kwargs) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D];
     only for the tokens of the sequences `include` marks ([B] bool) when given (the others get zeros).
     Options: `ragged_paged_attention_rows`."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[0]
-    group = num_heads // num_kv_heads
-    rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads), k_pages, v_pages, meta, num_tokens=num_tokens,
+    num_tokens, num_heads, _ = q.shape
+    rows = ragged_paged_attention_rows(query_rows(q, k_pages.shape[0]), k_pages, v_pages, meta, num_tokens=num_tokens,
                                        num_heads=num_heads, include=include, **kwargs)
-    out = token_major(rows, num_tokens, pl.next_power_of_2(group))[:, :, :group]
-    return out.reshape(num_tokens, num_heads, head_dim)
+    return tokens_from_rows(rows, num_tokens, num_heads)
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",

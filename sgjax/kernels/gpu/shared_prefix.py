@@ -25,7 +25,7 @@ from sgjax.kernels.gpu.ragged_paged_attention import (
     combine_partials,
     query_rows,
     ragged_paged_attention_rows,
-    token_major,
+    tokens_from_rows,
 )
 from sgjax.kernels.metadata import AttentionMetadata
 
@@ -59,7 +59,7 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                             **kwargs) -> jax.Array:
     """Causal attention of q [T, H, D] over each token's paged K/V -> [T, H, D], reading the prefixes
     `meta.shared` describes once per group. No sliding window (it could hide part of a prefix)."""
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, num_heads, _ = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     padded_group = pl.next_power_of_2(num_heads // num_kv_heads)
     rows = query_rows(q, num_kv_heads)
@@ -74,5 +74,4 @@ def shared_prefix_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     # Each call pads its output rows past the last token by its own block size: keep the tokens' rows.
     num_rows = num_tokens * padded_group
     o, m, denom = (jnp.concatenate([p[:, :, :num_rows], s[:, :, :num_rows]], axis=1) for p, s in zip(prefix, suffix))
-    out = token_major(combine_partials(o, m, denom, q.dtype), num_tokens, padded_group)
-    return out[:, :, : num_heads // num_kv_heads].reshape(num_tokens, num_heads, head_dim)
+    return tokens_from_rows(combine_partials(o, m, denom, q.dtype), num_tokens, num_heads)
