@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--mgpu-configs", default="8:2:1:1,8:2:0:1,8:2:1:0,8:2:0:0,4:2:1:1",
                    help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
     p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
+    p.add_argument("--engine-cases", default="1:512,16:2048,16:4000,32:512,64:512",
+                   help="batch:context of the engine-shaped small decode cases")
     args = p.parse_args()
     cases = set(args.cases.split(","))
     ps = args.page_size
@@ -183,7 +185,7 @@ def main() -> None:
     # Engine-shaped small decode batches (bucket 64 tokens, 256 sequence rows, a 4096-token page table),
     # 32 calls per program as in a 32-layer forward pass: whether splitting the context pays
     layers = 32
-    for batch, context in ((1, 512), (16, 2048), (16, 4000), (32, 512), (64, 512)):
+    for batch, context in (tuple(int(x) for x in c.split(":")) for c in args.engine_cases.split(",")):
         if "engine" not in cases:
             break
         q, k, v, meta = paged_case(batch, 1, context, ps, seed=batch, table_width=4096 // ps, num_tokens=64,

@@ -70,7 +70,7 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarise(trace: dict, window_us: float) -> None:
+def summarise(trace: dict, window_us: float, top: int = 20) -> None:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "device" in n.lower()}
@@ -79,10 +79,11 @@ def summarise(trace: dict, window_us: float) -> None:
     if not kernels:
         print("no device events found")
         return
-    by_name, by_cat = collections.Counter(), collections.Counter()
+    by_name, by_cat, calls = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
         by_name[e["name"]] += e["dur"]
         by_cat[category(e["name"])] += e["dur"]
+        calls[e["name"]] += 1
     busy = busy_time([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     total = sum(by_name.values())
@@ -91,9 +92,9 @@ def summarise(trace: dict, window_us: float) -> None:
     print(f"\n{'category':28s} {'ms':>9s} {'share':>7s}")
     for cat, us in by_cat.most_common():
         print(f"{cat:28s} {us / 1e3:9.1f} {us / total * 100:6.1f}%")
-    print(f"\n{'kernel (top 20)':70s} {'ms':>9s} {'share':>7s}")
-    for name, us in by_name.most_common(20):
-        print(f"{name[:70]:70s} {us / 1e3:9.1f} {us / total * 100:6.1f}%")
+    print(f"\n{'kernel (top ' + str(top) + ')':70s} {'ms':>9s} {'share':>7s} {'calls':>6s} {'us/call':>8s}")
+    for name, us in by_name.most_common(top):
+        print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total * 100:6.1f}% {calls[name]:6d} {us / calls[name]:8.1f}")
 
 
 def main() -> None:

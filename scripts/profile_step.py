@@ -128,7 +128,7 @@ def main() -> None:
             traces.append((b, trace_forward(runner, prepared)))
     for b, (folder, window) in traces:
         print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
-        summarise(load_trace(folder), window)
+        summarise(load_trace(folder), window, top=30)
     if args.prefill:
         pages = list(range(1, 2 + args.prefill // ps))
         sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],

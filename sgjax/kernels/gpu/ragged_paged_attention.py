@@ -179,8 +179,11 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # bucket mostly holds fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6%
     # slower, and capping the splits on the device by the real number of tokens made the full batch
     # slower still (0.285 ms: split programs at 3 pipeline stages walking the whole context).
-    # Unsplit decode pipelines 4 page loads (batch 64: the same as 3 within noise, 0.243 / 0.242 ms at 2k);
-    # split decode 2 (engine-shaped batch 16 at 2k / 4k: 0.078 / 0.127 ms against 0.082 / 0.138 with 3).
+    # One pipeline stage everywhere (Triton's software pipelining off): session 9 timed num_stages=1
+    # against the earlier 4 (unsplit decode), 2 (split decode) and 3 (prefill) on an H100 and it won in
+    # every case: batch 64 at 2k / 8k 0.257 -> 0.221 / 0.869 -> 0.783 ms, batch 256 at 512 0.253 ->
+    # 0.223, engine-shaped batch 1 at 1k 0.029 -> 0.019 ms a layer, batch 16 at 2k 0.080 -> 0.064,
+    # a 4k causal prefill 0.661 -> 0.617 ms (BENCHMARKS.md, session 9).
     decode = num_tokens <= num_seqs
     if block_q is None:
         block_q = 1 if decode else max(16, 64 // padded_group)
@@ -189,7 +192,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
     if num_stages is None:
-        num_stages = (4 if kv_splits == 1 else 2) if decode else 3
+        num_stages = 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
