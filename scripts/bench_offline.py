@@ -23,6 +23,7 @@ from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth
 
 from sgjax.engine import Engine
+from sgjax.engine.engine import StepRecord
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
 
@@ -96,6 +97,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
 
 
 DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
+HOST_BOUND_WAIT_S = 0.5e-3  # a step whose results came this soon after the engine thread asked
 
 
 def model_sizes(engine) -> dict:
@@ -110,40 +112,46 @@ def model_sizes(engine) -> dict:
                 layer_params=sum(x.size for x in runner.weights) - head.size * (1 + untied))
 
 
-def step_floor_s(log: list[tuple[float, int, int, int]], model: dict, bandwidth: float, matmul_rate: float) -> float:
+def step_floor_s(log: list[StepRecord], model: dict, bandwidth: float, matmul_rate: float) -> float:
     """The physical floor of the steps a run made: each step at the slower of reading its bytes (weights,
     and the K/V its attention needs) at the copy bandwidth and doing its matmuls (2 x layer parameters
     per token) at the bf16 matmul rate, both measured on this device. Attention FLOPs and the LM head's
     matmul are left out, so the floor is a little optimistic for long prefills."""
     total = 0.0
-    for _, decodes, prefill, kv_tokens in log:
-        read = (model["weight_bytes"] + kv_tokens * model["kv_bytes_per_token"]) / bandwidth
-        compute = 2 * model["layer_params"] * (decodes + prefill) / matmul_rate
+    for step in log:
+        read = (model["weight_bytes"] + step.kv_tokens * model["kv_bytes_per_token"]) / bandwidth
+        compute = 2 * model["layer_params"] * (step.decodes + step.prefill_tokens) / matmul_rate
         total += max(read, compute)
     return total
 
 
-def timeline(log: list[tuple[float, int, int, int]], end: float) -> list[tuple[str, int, float, int]]:
-    """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows).
+def timeline(log: list[StepRecord], end: float) -> list[tuple[str, int, float, int, float, int]]:
+    """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows, seconds
+    the engine thread waited for their results, steps it did not wait for at all).
 
-    Steps are pipelined, so the time between two launches is the step's share of the run."""
+    Steps are pipelined, so the time between two launches is the step's share of the run; a step whose
+    results were ready when the engine thread asked (no wait) was bounded by the host, not the device."""
     groups: dict[int, list] = {}  # keyed by the decode band's lower bound; 0: steps with prefill
-    for (t, decodes, prefill, _), nxt in zip(log, [x[0] for x in log[1:]] + [end]):
-        band = 0 if prefill else max(b for b in DECODE_BANDS if b <= decodes)
+    for step, nxt in zip(log, [x.launched for x in log[1:]] + [end]):
+        band = 0 if step.prefill_tokens else max(b for b in DECODE_BANDS if b <= step.decodes)
         if band not in groups:
             upper = DECODE_BANDS[DECODE_BANDS.index(band) + 1] - 1 if band else 0
-            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0]
+            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0, 0.0, 0]
         g = groups[band]
-        g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - t, g[3] + decodes
+        g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - step.launched, g[3] + step.decodes
+        g[4], g[5] = g[4] + step.waited, g[5] + (step.waited < HOST_BOUND_WAIT_S)
     return [tuple(groups[band]) for band in sorted(groups)]
 
 
-def print_timeline(rows: list[tuple[str, int, float, int]]) -> None:
+def print_timeline(rows: list[tuple[str, int, float, int, float, int]]) -> None:
     total = sum(r[2] for r in rows)
-    print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12}")
-    for kind, steps, seconds, decodes in rows:
+    print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12} "
+          f"{'wait ms/step':>12} {'host-bound':>10}")
+    for kind, steps, seconds, decodes, waited, unwaited in rows:
         print(f"  {kind:<18} {steps:>6} {seconds:>7.2f} {seconds / total:>6.1%} {seconds / steps * 1e3:>8.2f} "
-              f"{decodes:>12,}")
+              f"{decodes:>12,} {waited / steps * 1e3:>12.2f} {unwaited / steps:>10.0%}")
+    print(f"  (wait: the engine thread waiting for the step's results; host-bound: steps it waited less than "
+          f"{HOST_BOUND_WAIT_S * 1e3:.1f} ms for)")
 
 
 def main() -> None:

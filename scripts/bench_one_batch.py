@@ -70,7 +70,8 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
           f"{weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"\nengine decode steps, {n_in}-token prompts, {n_out} greedy tokens each (context {n_in}-{n_in + n_out})")
-    print(f"{'batch':>5} {'step ms':>8} {'HBM floor ms':>12} {'floor/actual':>12} {'tokens/s':>9} {'steps':>6}")
+    print(f"{'batch':>5} {'step ms':>8} {'HBM floor ms':>12} {'floor/actual':>12} {'tokens/s':>9} {'steps':>6} "
+          f"{'wait ms':>8}")
     rng = np.random.default_rng(0)
     for bs in sizes:
         prompts = [rng.integers(0, engine.loaded.config.vocab_size, n_in).tolist() for _ in range(bs)]
@@ -78,12 +79,14 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "temperature": 0,
                                                             "ignore_eos": True})
         log = engine.step_log
-        gaps = [b[0] - a[0] for a, b in zip(log, log[1:]) if a[2] == 0 and a[1] == bs and b[1] == bs]
-        step_s = float(np.median(gaps))
+        steady = [(a, b) for a, b in zip(log, log[1:]) if a.prefill_tokens == 0 and a.decodes == bs and b.decodes == bs]
+        step_s = float(np.median([b.launched - a.launched for a, b in steady]))
+        # how long the engine thread waited for a step's results (near 0: the host bounds the step)
+        wait_s = float(np.median([a.waited for a, _ in steady]))
         kv_bytes = bs * (n_in + n_out // 2) * bytes_per_token  # mean context over the decode
         floor = (weight_bytes + kv_bytes) / bandwidth
         print(f"{bs:>5} {step_s * 1e3:>8.2f} {floor * 1e3:>12.2f} {floor / step_s:>12.1%} {bs / step_s:>9.0f} "
-              f"{len(gaps):>6}")
+              f"{len(steady):>6} {wait_s * 1e3:>8.2f}")
     engine.shutdown()
 
 

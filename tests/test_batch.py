@@ -87,3 +87,11 @@ def test_packed_host_inputs_round_trip():
         np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match="compiled for"):
         pack((tree[0][:3], tree[1], tree[2]), layout)
+    # into longer buffers that hold an earlier step's values: views of their fronts, every element rewritten
+    out = np.full(ints.size + 9, -7, np.int32), np.full(floats.size + 2, np.nan, np.float32)
+    in_place = pack(tree, layout, out)
+    assert in_place[0].base is out[0] and in_place[1].base is out[1]
+    np.testing.assert_array_equal(in_place[0], ints)
+    np.testing.assert_array_equal(in_place[1], floats)
+    with pytest.raises(ValueError, match="layout needs"):
+        pack(tree, layout, (out[0][:5], out[1]))

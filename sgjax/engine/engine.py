@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -49,6 +50,16 @@ from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 logger = logging.getLogger(__name__)
 Prompt = str | list[dict]  # text, or chat messages
 Callback = Callable[[Request, str, bool], None]  # (request, new text, finished)
+
+
+class StepRecord(NamedTuple):
+    """One launched step, for benchmarks' timelines and floors (Engine.step_log)."""
+
+    launched: float  # perf_counter at launch
+    decodes: int  # rows decoding one token
+    prefill_tokens: int  # tokens of prompt chunks
+    kv_tokens: int  # tokens of K/V its attention must read (a shared prefix once)
+    waited: float = 0.0  # seconds the engine thread then waited for its results (0: the host was slower)
 
 
 class Engine:
@@ -101,9 +112,8 @@ class Engine:
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         self.host_s: collections.Counter[str] = collections.Counter()
-        # Set to a list to record (launch time, decode rows, prefill tokens, K/V tokens read) per step
-        # (benchmarks' timelines and floors)
-        self.step_log: list[tuple[float, int, int, int]] | None = None
+        # Set to a list to record a StepRecord per step (benchmarks' timelines and floors)
+        self.step_log: list[StepRecord] | None = None
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
 
@@ -409,10 +419,12 @@ class Engine:
         launched = time.perf_counter()
         self.host_s["enqueue"] += launched - enqueued
         self.num_steps += 1
+        log_index = None
         if self.step_log is not None:
             decodes = sum(n == 1 for _, n in batch)
-            self.step_log.append((time.perf_counter(), decodes, sum(n for _, n in batch) - decodes,
-                                  prepared.kv_tokens))
+            log_index = len(self.step_log)
+            self.step_log.append(StepRecord(time.perf_counter(), decodes, sum(n for _, n in batch) - decodes,
+                                            prepared.kv_tokens))
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1
@@ -424,7 +436,7 @@ class Engine:
                 req.unknown_row = i
                 sampling_rows.append(i)
         step = _Step(batch, starts, targets, sampling_rows, handle,
-                     constrained=any(batch[i][0].matcher is not None for i in sampling_rows))
+                     constrained=any(batch[i][0].matcher is not None for i in sampling_rows), log_index=log_index)
         now = time.perf_counter()
         self.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
@@ -476,6 +488,8 @@ class Engine:
         out = self.runner.collect(step.handle)
         started = time.perf_counter()
         self.device_wait_s += started - waited
+        if step.log_index is not None and self.step_log is not None and step.log_index < len(self.step_log):
+            self.step_log[step.log_index] = self.step_log[step.log_index]._replace(waited=started - waited)
         if targets is not None:
             self._record_prompt_logprobs(batch, step.starts, targets, out)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
@@ -674,3 +688,4 @@ class _Step:
     handle: StepHandle
     constrained: bool  # sampling waits for grammar masks
     bitmask: np.ndarray | None = None
+    log_index: int | None = None  # its entry in Engine.step_log

@@ -47,6 +47,7 @@ from sgjax.kernels.metadata import AttentionMetadata, SharedPrefixes, token_posi
 from sgjax.models.llama import logits_from_head
 from sgjax.models.loader import LoadedModel
 
+STAGING_BUFFERS = 4  # host buffers a step's inputs are packed into, used in turn (ModelRunner.prepare)
 LINEAR_BUCKET_STEP = 256
 BUCKET_GROWTH = 1.25
 SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 4
@@ -113,8 +114,16 @@ class ModelRunner:
         keys = [(t, False, False) for t in self.buckets]
         keys += [(t, False, True) for t in self.buckets if self.prefix_groups_for(t)]
         keys += [(t, True, False) for t in self.buckets if enable_prompt_logprobs]
-        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program.
+        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program, written
+        # into one of STAGING_BUFFERS preallocated pairs in turn (not allocated per step: at 1024
+        # sequences the page table alone is megabytes). A pair is rewritten only STAGING_BUFFERS
+        # prepares later, by when the engine (at most one step in flight while it prepares the next) has
+        # collected the step that used it; where the platform lets a transfer alias host memory (CPU),
+        # the step must not still be waiting to run.
         self.layouts = {key: PackedLayout.of(self._abstract_inputs(key[0], key[2])) for key in keys}
+        most = [max(layout.sizes[i] for layout in self.layouts.values()) for i in (0, 1)]
+        self._staging = [(np.zeros(most[0], np.int32), np.zeros(most[1], np.float32)) for _ in range(STAGING_BUFFERS)]
+        self._next_staging = 0
         self.compiled = {}
         lowered = {}
         for key in tqdm(keys, desc="compiling steps", unit="program"):
@@ -197,8 +206,10 @@ class ModelRunner:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
+        staging = self._staging[self._next_staging]
+        self._next_staging = (self._next_staging + 1) % STAGING_BUFFERS
         ints, floats = pack((batch.input_ids, batch.positions, batch.meta, batch.last_token_index, sampling, targets),
-                            self.layouts[key])
+                            self.layouts[key], staging)
         return PreparedStep(ints, floats, key, features, len(chunks), total, kv_tokens)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
