@@ -152,6 +152,27 @@ def test_shared_prefix_is_reported_cached(engine):
     assert second["meta_info"]["prompt_tokens"] == 68
 
 
+def test_step_log_counts_every_token_run(engine):
+    """With a step log, each launched step is recorded: the tokens the records count are the tokens a
+    naive count says must run (uncached prompt tokens, then every output but the last), launches are in
+    order, and every step's wait for its results is filled in."""
+    prompts = [np.random.default_rng(40 + i).integers(0, 512, 20 + 7 * i).tolist() for i in range(3)]
+    steps_before = engine.num_steps
+    engine.step_log = []
+    try:
+        results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        log = engine.step_log
+    finally:
+        engine.step_log = None
+    want = sum(r["meta_info"]["prompt_tokens"] - r["meta_info"]["cached_tokens"] + r["meta_info"]["completion_tokens"]
+               - 1 for r in results)
+    assert sum(s.decodes + s.prefill_tokens for s in log) == want
+    assert len(log) == engine.num_steps - steps_before
+    assert all(a.launched <= b.launched for a, b in zip(log, log[1:]))
+    assert all(s.waited >= 0 for s in log) and any(s.waited > 0 for s in log)
+    assert all(s.kv_tokens > 0 for s in log)
+
+
 def test_n_samples_share_the_prompt_pages(engine):
     prompt = np.random.default_rng(8).integers(0, 512, 64).tolist()
     results = engine.generate(input_ids=prompt, sampling_params={

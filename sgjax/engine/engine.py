@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -52,7 +51,8 @@ Prompt = str | list[dict]  # text, or chat messages
 Callback = Callable[[Request, str, bool], None]  # (request, new text, finished)
 
 
-class StepRecord(NamedTuple):
+@dataclasses.dataclass(slots=True)
+class StepRecord:
     """One launched step, for benchmarks' timelines and floors (Engine.step_log)."""
 
     launched: float  # perf_counter at launch
@@ -419,12 +419,11 @@ class Engine:
         launched = time.perf_counter()
         self.host_s["enqueue"] += launched - enqueued
         self.num_steps += 1
-        log_index = None
+        record = None
         if self.step_log is not None:
             decodes = sum(n == 1 for _, n in batch)
-            log_index = len(self.step_log)
-            self.step_log.append(StepRecord(time.perf_counter(), decodes, sum(n for _, n in batch) - decodes,
-                                            prepared.kv_tokens))
+            record = StepRecord(time.perf_counter(), decodes, sum(n for _, n in batch) - decodes, prepared.kv_tokens)
+            self.step_log.append(record)
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
             was_prefill = req.num_pending > 1
@@ -436,7 +435,7 @@ class Engine:
                 req.unknown_row = i
                 sampling_rows.append(i)
         step = _Step(batch, starts, targets, sampling_rows, handle,
-                     constrained=any(batch[i][0].matcher is not None for i in sampling_rows), log_index=log_index)
+                     constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
         now = time.perf_counter()
         self.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
@@ -488,8 +487,8 @@ class Engine:
         out = self.runner.collect(step.handle)
         started = time.perf_counter()
         self.device_wait_s += started - waited
-        if step.log_index is not None and self.step_log is not None and step.log_index < len(self.step_log):
-            self.step_log[step.log_index] = self.step_log[step.log_index]._replace(waited=started - waited)
+        if step.record is not None:
+            step.record.waited = started - waited
         if targets is not None:
             self._record_prompt_logprobs(batch, step.starts, targets, out)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
@@ -688,4 +687,4 @@ class _Step:
     handle: StepHandle
     constrained: bool  # sampling waits for grammar masks
     bitmask: np.ndarray | None = None
-    log_index: int | None = None  # its entry in Engine.step_log
+    record: StepRecord | None = None  # its entry in Engine.step_log, if one is kept
