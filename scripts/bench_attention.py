@@ -102,7 +102,7 @@ def kernel_config(cfg: str, scale: float):
     -> (label, jitted kernel)."""
     bq, ppb, splits, warps, stages, min_blocks = (int(x) for x in (cfg + ":0:0").split(":")[:6])
     kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
-              num_stages=stages or None, min_blocks_per_split=min_blocks or 2)
+              num_stages=stages or 1, min_blocks_per_split=min_blocks or 2)
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
     return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
 

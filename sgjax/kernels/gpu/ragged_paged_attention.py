@@ -151,7 +151,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                                 *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
                                 softcap: float | None = None, block_q: int | None = None,
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
-                                min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int | None = None,
+                                min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int = 1,
                                 include: jax.Array | None = None, causal: bool = True, partials: bool = False,
                                 interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
@@ -191,8 +191,6 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
-    if num_stages is None:
-        num_stages = 1
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
