@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth
 
@@ -87,7 +88,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed),
                  host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
-                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine))
+                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work)
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
         pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
@@ -112,17 +113,36 @@ def model_sizes(engine) -> dict:
                 layer_params=sum(x.size for x in runner.weights) - head.size * (1 + untied))
 
 
-def step_floor_s(log: list[StepRecord], model: dict, bandwidth: float, matmul_rate: float) -> float:
+def step_floor_s(log: list[StepRecord], model: dict, bandwidth: float, matmul_rate: float,
+                 in_sequence: bool = False) -> float:
     """The physical floor of the steps a run made: each step at the slower of reading its bytes (weights,
     and the K/V its attention needs) at the copy bandwidth and doing its matmuls (2 x layer parameters
     per token) at the bf16 matmul rate, both measured on this device. Attention FLOPs and the LM head's
-    matmul are left out, so the floor is a little optimistic for long prefills."""
+    matmul are left out, so the floor is a little optimistic for long prefills.
+
+    `in_sequence`: the attention's K/V reads follow the matmuls instead of hiding under them, as the
+    kernels of one GPU stream run (each layer's attention needs its q/k/v matmul's output and the o
+    matmul needs the attention's): max(weights, matmuls) + K/V per step."""
     total = 0.0
     for step in log:
-        read = (model["weight_bytes"] + step.kv_tokens * model["kv_bytes_per_token"]) / bandwidth
+        weights = model["weight_bytes"] / bandwidth
+        kv = step.kv_tokens * model["kv_bytes_per_token"] / bandwidth
         compute = 2 * model["layer_params"] * (step.decodes + step.prefill_tokens) / matmul_rate
-        total += max(read, compute)
+        total += max(weights, compute) + kv if in_sequence else max(weights + kv, compute)
     return total
+
+
+def workload_floor_s(work, model: dict, bandwidth: float, matmul_rate: float) -> float:
+    """A floor for any schedule of a workload without shared prefixes, kernels in sequence: every token's
+    matmuls, or the weights read by the steps its longest output needs (one token per request a step),
+    whichever is slower, plus the K/V that decoding reads (output token i attends to prompt + i tokens).
+    Prefill attention is left out."""
+    ins = np.array([len(p) for p in work.prompts], np.float64)
+    outs = np.array(work.output_lens, np.float64)
+    compute = 2 * model["layer_params"] * (ins.sum() + outs.sum()) / matmul_rate
+    weights = outs.max() * model["weight_bytes"] / bandwidth
+    kv_tokens = (outs * ins + outs * (outs - 1) / 2).sum()
+    return max(compute, weights) + kv_tokens * model["kv_bytes_per_token"] / bandwidth
 
 
 def timeline(log: list[StepRecord], end: float) -> list[tuple[str, int, float, int, float, int]]:
@@ -211,6 +231,17 @@ def main() -> None:
             floor = step_floor_s(s["log"], s["model"], bandwidth, rate)
             print(f"  {name}: {floor:.2f} s for {len(s['log'])} steps ({s['out_tokens'] / floor:,.0f} out tok/s at "
                   f"the floor); the run took {s['elapsed']:.2f} s = {floor / s['elapsed']:.1%} of the floor's speed")
+        print("the same with each step's K/V read after its matmuls (kernels in sequence, as one GPU stream runs):")
+        for name, s in runs:
+            floor = step_floor_s(s["log"], s["model"], bandwidth, rate, in_sequence=True)
+            print(f"  {name}: {floor:.2f} s ({s['out_tokens'] / floor:,.0f} out tok/s); the run = "
+                  f"{floor / s['elapsed']:.1%} of this floor's speed")
+        if args.dataset != "shared-prefix":
+            s = runs[0][1]
+            floor = workload_floor_s(s["work"], s["model"], bandwidth, rate)
+            print(f"floor of any schedule of this workload, kernels in sequence (all matmuls or the weights read by "
+                  f"the longest output's steps, + decode K/V): {floor:.2f} s = {s['out_tokens'] / floor:,.0f} "
+                  f"out tok/s")
     print(f"start-up {runs[0][1]['startup']:.1f} s, KV pool {runs[0][1]['pages']} pages")
 
 

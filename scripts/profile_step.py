@@ -79,7 +79,7 @@ def main() -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     folder = write_preset(args.model, tempfile.mkdtemp())
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), min_token_bucket=16,
-                    context_length=args.context_length, chunked_prefill_size=args.prefill,
+                    context_length=max(args.context_length, args.prefill + 16), chunked_prefill_size=args.prefill,
                     mem_fraction_static=args.mem_fraction_static)
     runner, ps = engine.runner, engine.args.page_size
     weight_bytes = sum(x.nbytes for x in runner.weights)
@@ -96,7 +96,10 @@ def main() -> None:
     header = f"{'batch':>5} {'prepare ms':>10} {'forward ms':>10} {'floor ms':>9} {'floor/fwd':>9} " + \
         " ".join(f"{name + ' ms':>20}" for name in variants)
     print(header)
-    traces = []
+    pool_pages = runner.pool.config.num_pages
+    if max(sizes) * pages_each >= pool_pages:
+        raise SystemExit(f"batch {max(sizes)} at context {args.context} needs {max(sizes) * pages_each} KV pages; "
+                         f"the pool has {pool_pages - 1}: lower --context or the batch size")
     for b in sizes:
         chunks = [SeqChunk([1], args.context, list(range(1 + i * pages_each, 1 + (i + 1) * pages_each)))
                   for i in range(b)]
@@ -124,11 +127,11 @@ def main() -> None:
         host_dev, wall_dev = queued(runner, on_device(prepared))
         print(f"      queued steps: enqueue {host:.2f} ms / step {wall:.2f} ms; with inputs already on the device "
               f"{host_dev:.2f} / {wall_dev:.2f} ms", flush=True)
-        if args.trace:
-            traces.append((b, trace_forward(runner, prepared)))
-    for b, (folder, window) in traces:
-        print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
-        summarise(load_trace(folder), window, top=30)
+        if args.trace:  # summarised at once, so that a later batch's failure does not lose it
+            folder, window = trace_forward(runner, prepared)
+            print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
+            summarise(load_trace(folder), window, top=30)
+            print(flush=True)
     if args.prefill:
         pages = list(range(1, 2 + args.prefill // ps))
         sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],

@@ -30,11 +30,13 @@ class FlatBatch:
 
 def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None = None,
                num_seqs: int | None = None, max_pages: int | None = None, max_prefix_groups: int = 0,
-               prefix_groups: Sequence[int] = ()) -> FlatBatch:
+               prefix_groups: Sequence[int] = (), pool_pages: int | None = None) -> FlatBatch:
     """Concatenate the chunks, padded to num_tokens / num_seqs / max_pages (a compiled bucket).
 
     With `max_prefix_groups` the metadata also describes the shared prefixes of the leading groups of
-    chunks (`prefix_groups`: their sizes, as shared_prefix.order_by_first_page ordered them)."""
+    chunks (`prefix_groups`: their sizes, as shared_prefix.order_by_first_page ordered them).
+    With `pool_pages` (the KV pool's size) a page id outside the pool is refused here: on a GPU the
+    kernels would read and write out of bounds (an illegal address that ends the process)."""
     total = sum(len(c.tokens) for c in chunks)
     num_tokens = num_tokens or total
     num_seqs = num_seqs or len(chunks)
@@ -55,6 +57,9 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     # Whole-batch numpy: a step has up to hundreds of sequences, so no per-sequence array work.
     page_table = np.full((num_seqs, max_pages), NULL_PAGE, np.int32)
     flat_pages = np.concatenate([np.asarray(c.pages, np.int32) for c in chunks]) if n else np.zeros(0, np.int32)
+    if pool_pages is not None and len(flat_pages) and not 0 <= flat_pages.min() <= flat_pages.max() < pool_pages:
+        bad = int(flat_pages[(flat_pages < 0) | (flat_pages >= pool_pages)][0])
+        raise ValueError(f"page {bad} is outside the KV pool of {pool_pages} pages")
     page_rows = np.repeat(np.arange(n), num_pages)
     page_table[page_rows, np.arange(len(flat_pages)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)] = \
         flat_pages

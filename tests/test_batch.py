@@ -52,6 +52,15 @@ def test_make_batch_names_a_sequence_without_enough_pages():
         make_batch([SeqChunk([1], 0, [3]), SeqChunk([1, 2], 7, [4, 5])], 4, num_tokens=8, num_seqs=4, max_pages=4)
 
 
+@pytest.mark.parametrize("bad_page", [9, 40, -1])
+def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
+    chunks = [SeqChunk([1, 2], 0, [3]), SeqChunk([1], 4, [5, bad_page])]
+    with pytest.raises(ValueError, match=f"page {bad_page} is outside the KV pool of 9 pages"):
+        make_batch(chunks, 4, pool_pages=9)
+    make_batch(chunks[:1], 4, pool_pages=9)  # the pool's pages are accepted
+    make_batch([SeqChunk([1, 2], 0, [8])], 4, pool_pages=9)
+
+
 @pytest.mark.parametrize("smallest,largest", [(16, 2304), (64, 4096), (512, 1500), (16, 8), (16, 8448)])
 def test_token_buckets_bound_the_padding(smallest, largest):
     from sgjax.engine.model_runner import BUCKET_GROWTH, token_buckets

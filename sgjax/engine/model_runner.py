@@ -188,7 +188,7 @@ class ModelRunner:
         num_tokens = self.bucket_for(total)
         with_prompt = prompt_targets is not None
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
-                           max_pages=self.max_pages,
+                           max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
                            max_prefix_groups=0 if with_prompt or not prefix_groups else self.prefix_groups_for(total),
                            prefix_groups=prefix_groups)
         if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
