@@ -46,6 +46,12 @@ def copy_bandwidth(nbytes: int = 4 << 30) -> float:
     return 2 * x.nbytes / np.median(times)
 
 
+def matmul_params(weights, vocab_size: int) -> int:
+    """Weights every prompt token is multiplied by: all but the input embedding (a row gather) and the LM
+    head (only each sequence's last token goes through it), i.e. the arrays without a vocabulary dim."""
+    return sum(x.size for x in weights if vocab_size not in x.shape)
+
+
 def timed(fn, repeat: int) -> float:
     fn()  # compile + warm up
     times = []
@@ -145,7 +151,7 @@ def main() -> None:
         decode_s = timed(run_decode, args.repeat)
         kv_bytes = bs * (n_in + 1) * pool.config.bytes_per_page // ps
         floor = (weight_bytes + kv_bytes) / bandwidth
-        flops = 2 * weight_bytes / 2 * n_in  # 2 flops per bf16 weight per token (matmuls only)
+        flops = 2 * matmul_params(jax.tree.leaves(state), cfg.vocab_size) * n_in  # layer matmuls only
         rows.append((bs, prefill_s * 1e3, flops / prefill_s / 1e12, decode_s * 1e3, floor * 1e3,
                      floor / decode_s, bs / decode_s))
         pool.caches = None  # free this batch's KV pool before the next is made

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import jax
-from bench_one_batch import copy_bandwidth, timed
+from bench_one_batch import copy_bandwidth, matmul_params, timed
 from profile_engine import load_trace, summarise
 
 from sgjax.batch import SeqChunk
@@ -68,7 +68,9 @@ def main() -> None:
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
     p.add_argument("--batch-sizes", default="1,64,128,256")
     p.add_argument("--context", type=int, default=512, help="cached tokens of each decoding sequence")
-    p.add_argument("--prefill", type=int, default=1024, help="also time one prefill chunk of this many tokens")
+    p.add_argument("--prefill", type=int, default=1024, help="also time one prefill step of this many tokens")
+    p.add_argument("--prefill-prompts", type=int, default=1,
+                   help="split the prefill step's tokens into this many prompts (ShareGPT's steps: ~45 of ~200)")
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--mem-fraction-static", type=float, default=0.8)
     p.add_argument("--repeat", type=int, default=20)
@@ -133,13 +135,24 @@ def main() -> None:
             summarise(load_trace(folder), window, top=30)
             print(flush=True)
     if args.prefill:
-        pages = list(range(1, 2 + args.prefill // ps))
-        sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [0], [args.prefill], [True],
-                                       max(sizes), runner.spare_slot)
-        prepared = runner.prepare([SeqChunk(list(range(args.prefill)), 0, pages)], sampling, SamplerFeatures())
+        n = args.prefill_prompts
+        lens = [args.prefill // n + (i < args.prefill % n) for i in range(n)]
+        chunks, first_page = [], 1
+        for length in lens:
+            pages = -(-length // ps)
+            chunks.append(SeqChunk(list(range(length)), 0, list(range(first_page, first_page + pages))))
+            first_page += pages
+        sampling = SamplingBatch.build([SamplingParams(temperature=0)] * n, [0] * n, [0] * n, list(range(n)), lens,
+                                       [True] * n, max(sizes), runner.spare_slot)
+        prepared = runner.prepare(chunks, sampling, SamplerFeatures())
         ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
-        flops = 2 * weight_bytes / 2 * args.prefill
-        print(f"prefill {args.prefill} tokens: forward {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s (matmuls)")
+        params = matmul_params(runner.weights, vocab)
+        print(f"prefill {args.prefill} tokens in {n} prompts: forward {ms:.2f} ms, "
+              f"{2 * params * args.prefill / ms / 1e9:.0f} TFLOP/s of layer matmuls ({params / 1e9:.2f}B parameters)")
+        if args.trace:
+            folder, window = trace_forward(runner, prepared)
+            print("\n--- prefill forward pass, 5 calls traced ---")
+            summarise(load_trace(folder), window, top=30)
     engine.shutdown()
 
 

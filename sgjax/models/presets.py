@@ -18,6 +18,12 @@ PRESETS = {
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=False, dtype="bfloat16")),
+    # Not a real checkpoint: a shape small enough to run the benchmark scripts on a CPU, to check them
+    # before spending accelerator time.
+    "tiny-llama": ("LlamaConfig", dict(
+        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, dtype="float32")),
 }
 
 
