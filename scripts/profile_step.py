@@ -136,6 +136,8 @@ def main() -> None:
             print(flush=True)
     if args.prefill:
         n = args.prefill_prompts
+        if not 1 <= n <= max(sizes):
+            raise SystemExit(f"--prefill-prompts must be 1..{max(sizes)} (the largest batch size: the step's rows)")
         lens = [args.prefill // n + (i < args.prefill % n) for i in range(n)]
         chunks, first_page = [], 1
         for length in lens:
