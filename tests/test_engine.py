@@ -1,6 +1,7 @@
 """The Engine against transformers (greedy tokens, logprobs) and against itself across configurations."""
 
 import asyncio
+import re
 import threading
 import time
 
@@ -340,6 +341,33 @@ def test_repetition_penalty_matches_transformers(engine, llama):
     ours = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "repetition_penalty": 1.5})
     assert ours["output_ids"] == ref
     assert ref != expected[4], "the penalty should change this output"
+
+
+def test_logit_bias_matches_transformers_sequence_bias(engine, llama):
+    _, hf_model, prompts, expected = llama
+    prompt = prompts[5]
+    bias = {expected[5][0]: -100.0, expected[5][2]: -100.0, 17: 2.5}
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), do_sample=False,
+                                sequence_bias={(t,): b for t, b in bias.items()},
+                                max_new_tokens=12, min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    # As JSON gives it (string keys), next to an unbiased request and a grammar-constrained one in the same steps.
+    params = [{**GREEDY, "logit_bias": {str(t): b for t, b in bias.items()}}, GREEDY,
+              {**GREEDY, "regex": "[ab]+", "max_new_tokens": 4}]
+    reqs = [r for p, sp in zip([prompt, prompts[6], prompts[7]], params)
+            for r in engine.make_requests(input_ids=p, sampling_params=sp)]
+    biased, plain, constrained = asyncio.run(engine.run_to_end(reqs))
+    assert biased.output_ids == ref
+    assert ref != expected[5] and expected[5][0] not in ref
+    assert plain.output_ids == expected[6]
+    assert re.fullmatch("[ab]+", constrained.text)
+    with pytest.raises(ValueError, match="logit_bias values must be numbers in \\[-100, 100\\]"):
+        engine.generate(input_ids=prompt, sampling_params={**GREEDY, "logit_bias": {"3": 101}})
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        engine.generate(input_ids=prompt, sampling_params={**GREEDY, "logit_bias": {"x": 1}})
+    with pytest.raises(ValueError, match="logit_bias token ids must be in \\[0, 512\\)"):
+        engine.generate(input_ids=prompt, sampling_params={**GREEDY, "logit_bias": {"512": 1}})
+    check_pages_accounted(engine)
 
 
 def test_frequency_and_presence_penalties_match_naive_reference(engine, llama):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.engine.sampler import PenaltyState, SamplerFeatures, SamplingBatch, sample
+from sgjax.engine.sampler import PenaltyState, SamplerFeatures, SamplingBatch, logit_bias_arrays, sample
 from sgjax.engine.sampling_params import SamplingParams
 
 VOCAB, ROWS = 300, 4
@@ -88,3 +88,27 @@ def test_greedy_and_logprobs_match_numpy(logits):
     plain, _, top0, _ = run(logits, [SamplingParams(temperature=0)] * ROWS, [0] * ROWS, [0] * ROWS, SamplerFeatures())
     np.testing.assert_array_equal(plain, tokens)
     assert not top0.any()
+
+
+def test_logit_bias_acts_as_if_added_to_the_logits(logits):
+    """A biased batch samples what the unbiased sampler samples from logits + bias (same seeds, so the
+    same noise), and reports the model's own logprobs."""
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9), SamplingParams(temperature=0.7,
+                                                                                             top_p=0.8),
+              SamplingParams(temperature=0)]
+    best = logits.argmax(-1)
+    biases = [{int(best[0]): -100.0, 7: 3.5}, {int(best[1]): -100.0}, None, {299: 100.0, 0: -2.0}]
+    ids, values = logit_bias_arrays(biases, ROWS)
+    biased = logits.copy()
+    for row, bias in enumerate(biases):
+        for token, value in (bias or {}).items():
+            biased[row, token] += value
+    seeds, positions = [1, 2, 3, 4], [0, 5, 9, 2]
+    want = run(biased, params, seeds, positions, FULL)
+    penalties = PenaltyState.zeros(ROWS, VOCAB)
+    got = [np.asarray(x) for x in sample(jnp.asarray(logits), batch_of(params, seeds, positions), penalties, None,
+                                         FULL, (jnp.asarray(ids), jnp.asarray(values)))]
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[0][0] != best[0] and got[0][3] == 299
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(got[1], log_softmax[np.arange(ROWS), got[0]], rtol=1e-5, atol=1e-5)

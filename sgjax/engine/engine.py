@@ -38,7 +38,7 @@ from sgjax.device_memory import cuda_memory_info, xla_memory_limit
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
-from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
+from sgjax.engine.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
 from sgjax.kernels import reads_shared_prefixes, resolve_backend
@@ -242,6 +242,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
         if params.logprob_start_len >= 0 and not self.args.enable_prompt_logprobs:
@@ -436,6 +438,12 @@ class Engine:
                 sampling_rows.append(i)
         step = _Step(batch, starts, targets, sampling_rows, handle,
                      constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
+        if any(batch[i][0].params.logit_bias for i in sampling_rows):
+            rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
+            step.bias = logit_bias_arrays([req.params.logit_bias if i in rows else None
+                                           for i, (req, _) in enumerate(batch)], self.args.max_running_requests)
+            if not step.constrained:  # biases go with a bitmask; without grammars it allows everything
+                step.bitmask = allow_all(self.args.max_running_requests, self.loaded.config.vocab_size)
         now = time.perf_counter()
         self.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
@@ -457,7 +465,7 @@ class Engine:
     def _sample(self, step: "_Step") -> None:
         """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""
         if not step.handle.device_outputs and (not step.constrained or step.bitmask is not None):
-            self.runner.sample(step.handle, step.bitmask)
+            self.runner.sample(step.handle, step.bitmask, step.bias)
 
     def _grammar_masks(self, step: "_Step") -> np.ndarray:
         """Each constrained row of the step limited to what its grammar allows next."""
@@ -687,4 +695,5 @@ class _Step:
     handle: StepHandle
     constrained: bool  # sampling waits for grammar masks
     bitmask: np.ndarray | None = None
+    bias: tuple[np.ndarray, np.ndarray] | None = None  # its rows' logit biases (sampler.logit_bias_arrays)
     record: StepRecord | None = None  # its entry in Engine.step_log, if one is kept

@@ -40,6 +40,7 @@ from sgjax.engine.sampler import (
     PenaltyState,
     SamplerFeatures,
     SamplingBatch,
+    logit_bias_arrays,
     sample,
     update_penalty_state,
 )
@@ -140,12 +141,14 @@ class ModelRunner:
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             lowered[first].out_info, self.compiled[first].output_shardings)
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
+        bias = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in logit_bias_arrays([], max_seqs))
+        self._no_bias = logit_bias_arrays([], max_seqs)  # a masked step without biases
         self.row_buckets = row_buckets(max_seqs)
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
             (features, rows): jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features,
                                                         rows)).lower(
-                self.head, hidden, sampling, penalties, mask if features.masked else None).compile()
+                self.head, hidden, sampling, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
 
     def _abstract_inputs(self, num_tokens: int, grouped: bool) -> tuple:
@@ -219,11 +222,16 @@ class ModelRunner:
             self.weights, self.pool.caches, self.penalties, step.ints, step.floats, self.prev_tokens)
         return StepHandle(hidden, sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
-    def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None) -> None:
-        """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars."""
+    def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None,
+               bias: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars,
+        `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases and needs a bitmask."""
+        if bias is not None and bitmask is None:
+            raise ValueError("logit biases come with a bitmask (allow_all where no row has a grammar)")
         features = dataclasses.replace(handle.features, masked=bitmask is not None)
+        extra = (bitmask, *(bias or self._no_bias)) if bitmask is not None else (None,) * 3
         out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.sampling,
-                                                            self.penalties, bitmask)
+                                                            self.penalties, *extra)
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
 
@@ -299,12 +307,14 @@ def _forward(model_def, with_prompt, layout, weights, kv_caches, penalties, ints
     return out, kv_caches, penalties, sampling
 
 
-def _sample(softcap, features, rows, head, hidden, sampling, penalties, bitmask):
+def _sample(softcap, features, rows, head, hidden, sampling, penalties, bitmask, bias_ids, bias_values):
     """Sampling of the first `rows` rows (the step's sequences, rounded up); the other rows' outputs are
     zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens."""
     full = hidden.shape[0]
+    bias = None if bitmask is None else (bias_ids, bias_values)
     if rows < full:
         hidden, sampling = hidden[:rows], jax.tree.map(lambda x: x[:rows], sampling)
         bitmask = None if bitmask is None else bitmask[:rows]
-    out = sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features)
+        bias = None if bias is None else (bias_ids[:rows], bias_values[:rows])
+    out = sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features, bias)
     return tuple(jnp.pad(x, [(0, full - rows)] + [(0, 0)] * (x.ndim - 1)) for x in out)

@@ -22,6 +22,7 @@ import numpy as np
 from sgjax.constrained.bitmask import apply_bitmask
 
 TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
+MAX_LOGIT_BIAS = 300  # most logit_bias entries a request may give (the step's bias arrays are this wide)
 
 
 @jax.tree_util.register_dataclass
@@ -112,7 +113,7 @@ class SamplerFeatures:
     """
     filtered: bool = False  # some row uses top_k > 1, top_p < 1 or min_p > 0, or a penalty
     top_logprobs: bool = False  # some row wants its top alternatives
-    masked: bool = False  # some row is limited by a grammar bitmask
+    masked: bool = False  # some row is limited by a grammar bitmask or has a logit_bias (both come together)
     sampled: bool = False  # some row samples (temperature > 0, top_k != 1); else every row is greedy
 
     @classmethod
@@ -127,14 +128,29 @@ class SamplerFeatures:
         return [cls(*flags) for flags in itertools.product((False, True), repeat=4)]
 
 
+def logit_bias_arrays(biases: list[dict[int, float] | None], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row logit biases as `sample` takes them: token ids and values [rows, MAX_LOGIT_BIAS], row i
+    from biases[i] (None: no bias); unused entries add 0 to token 0."""
+    ids = np.zeros((rows, MAX_LOGIT_BIAS), np.int32)
+    values = np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+    for row, bias in enumerate(biases):
+        if bias:
+            ids[row, : len(bias)] = list(bias)
+            values[row, : len(bias)] = list(bias.values())
+    return ids, values
+
+
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None,
-           features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True)):
+           features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True),
+           bias: tuple[jax.Array, jax.Array] | None = None):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
-    Logprobs are of the model's distribution (before grammar masks, penalties, temperature and
-    filters). `bitmask` ([B, V/32] int32 packed bits, see constrained/bitmask.py) limits each row to
-    the tokens its grammar allows. Without `features.top_logprobs` the top alternatives are zeros;
-    without `features.sampled` every row takes its best token (the caller decides, SamplerFeatures.of).
+    Logprobs are of the model's distribution (before logit biases, grammar masks, penalties,
+    temperature and filters). `bias` (token ids [B, K] int32, values [B, K] float32; unused entries
+    have value 0) is added to each row's logits first. `bitmask` ([B, V/32] int32 packed bits, see
+    constrained/bitmask.py) limits each row to the tokens its grammar allows. Without
+    `features.top_logprobs` the top alternatives are zeros; without `features.sampled` every row takes
+    its best token (the caller decides, SamplerFeatures.of).
 
     A sampled row takes argmax(logits / T + Gumbel noise) over the tokens its filters keep, the noise
     drawn in vocabulary order from (seed, position): so a row's token does not depend on which
@@ -151,6 +167,9 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
         top_logprobs = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.float32)
         top_ids = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.int32)
     model_logits = logits
+    if bias is not None:
+        bias_ids, bias_values = bias
+        logits = logits.at[jnp.arange(batch)[:, None], bias_ids].add(bias_values)
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
     if features.filtered:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sgjax.constrained.grammar import Constraint
-from sgjax.engine.sampler import TOP_LOGPROBS
+from sgjax.engine.sampler import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 
 @dataclasses.dataclass
@@ -32,6 +32,9 @@ class SamplingParams:
     json_schema: str | dict | None = None  # a JSON schema, or its JSON text
     ebnf: str | None = None  # a Lark or GBNF grammar
     choices: list[str] | None = None  # the output is exactly one of these strings
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias: -100 bans, 100 forces);
+    # keys may arrive as strings (JSON), validation makes them ints. Logprobs stay the model's own.
+    logit_bias: dict[int, float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -91,3 +94,19 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "logprobs"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
         self.constraint  # raises ValueError for several constraints or a malformed one
+        if self.logit_bias is not None:
+            need(isinstance(self.logit_bias, dict), "logit_bias must be an object of token id: bias")
+            need(len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                 f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are supported")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:
+                    token_id = int(token)
+                except (TypeError, ValueError):
+                    token_id = -1
+                need(token_id >= 0 and not isinstance(token, (bool, float)),
+                     f"logit_bias keys must be token ids (non-negative integers); got {token!r}")
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100,
+                     f"logit_bias values must be numbers in [-100, 100]; got {value!r} for token {token_id}")
+                bias[token_id] = float(value)
+            self.logit_bias = bias or None

@@ -33,7 +33,7 @@ def check_model(request: web.Request, body: dict) -> None:
 
 def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
     """The OpenAI fields every endpoint shares, in SamplingParams' terms (validated there)."""
-    for unsupported in ("logit_bias", "suffix", "functions"):
+    for unsupported in ("suffix", "functions"):
         if body.get(unsupported):
             raise ApiError(f"{unsupported} is not supported yet", param=unsupported)
     best_of = body.get("best_of")
@@ -48,6 +48,7 @@ def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
         "seed": body.get("seed"),
         "frequency_penalty": body.get("frequency_penalty", 0.0),
         "presence_penalty": body.get("presence_penalty", 0.0),
+        "logit_bias": body.get("logit_bias"),  # {"token id": bias}; SamplingParams checks and converts it
     }
     # SGLang's extensions to the OpenAI body
     for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids",

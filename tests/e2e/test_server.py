@@ -133,6 +133,21 @@ def test_openai_completions_batch_n_echo_logprobs(setup):
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])  # keyed by text: byte pieces may collide
 
 
+def test_openai_logit_bias_bans_and_favours_tokens(setup):
+    engine, server, prompts, expected = setup
+    c = client(server)
+    banned = expected[5][0]
+    r = c.completions.create(model=MODEL, prompt=prompts[5], max_tokens=8, temperature=0,
+                             logit_bias={str(banned): -100})
+    ours = engine.generate(input_ids=prompts[5], sampling_params={"temperature": 0, "max_new_tokens": 8,
+                                                                  "logit_bias": {banned: -100}})
+    assert r.choices[0].text == ours["text"] != decode(engine, expected[5])
+    assert banned not in ours["output_ids"]
+    forced = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       temperature=0.8, logit_bias={"65": 100})
+    assert forced.choices[0].message.content == decode(engine, [65] * 3)
+
+
 def test_openai_chat_sync_async_and_streaming(setup):
     engine, server, _, _ = setup
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
@@ -276,6 +291,9 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(setup):
     ("/generate", {"text": "hi", "sampling_params": {"bogus": 1}}, "unknown sampling"),
     ("/generate", {"text": "hi", "sampling_params": {"stop": 5}}, "stop must be"),
     ("/generate", {"text": "hi", "sampling_params": "fast"}, "sampling_params must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 300}}, "logit_bias values"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias token ids"),
+    ("/generate", {"text": "hi", "sampling_params": {"logit_bias": [1]}}, "logit_bias must be an object"),
 ])
 def test_bad_input_gets_400_with_openai_error_body(setup, path, body, needle):
     _, server, _, _ = setup
