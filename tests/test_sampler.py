@@ -93,9 +93,8 @@ def test_greedy_and_logprobs_match_numpy(logits):
 def test_logit_bias_acts_as_if_added_to_the_logits(logits):
     """A biased batch samples what the unbiased sampler samples from logits + bias (same seeds, so the
     same noise), and reports the model's own logprobs."""
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9), SamplingParams(temperature=0.7,
-                                                                                             top_p=0.8),
-              SamplingParams(temperature=0)]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9),
+              SamplingParams(temperature=0.7, top_p=0.8), SamplingParams(temperature=0)]
     best = logits.argmax(-1)
     biases = [{int(best[0]): -100.0, 7: 3.5}, {int(best[1]): -100.0}, None, {299: 100.0, 0: -2.0}]
     ids, values = logit_bias_arrays(biases, ROWS)
