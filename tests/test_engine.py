@@ -96,6 +96,10 @@ def test_staggered_requests_match_transformers(engine, llama):
         "preemption-no-overlap", "pallas-kernel", "tpu-kernel"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
+    if overrides.get("attention_backend") == "pallas_tpu_interpret":
+        # The TPU interpreter simulates every DMA (~30 s a request here): 6 requests still mix prompt
+        # chunks (51 and 42 tokens in 32-token chunks) with decodes, in the same steps.
+        prompts, expected = prompts[:6], expected[:6]
     engine = make_engine(path, **overrides)
     try:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
