@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 from bench_attention import matmul_rate
-from bench_one_batch import copy_bandwidth
+from bench_one_batch import copy_bandwidth, matmul_params
 
 from sgjax.engine import Engine
 from sgjax.engine.engine import StepRecord
@@ -110,7 +110,7 @@ def model_sizes(engine) -> dict:
     untied = not cfg.tie_word_embeddings
     return dict(weight_bytes=sum(x.nbytes for x in runner.weights) - head.nbytes * untied,
                 kv_bytes_per_token=runner.pool.config.bytes_per_page / runner.page_size,
-                layer_params=sum(x.size for x in runner.weights) - head.size * (1 + untied))
+                layer_params=matmul_params(runner.weights, cfg.vocab_size))
 
 
 def step_floor_s(log: list[StepRecord], model: dict, bandwidth: float, matmul_rate: float,
@@ -123,9 +123,8 @@ def step_floor_s(log: list[StepRecord], model: dict, bandwidth: float, matmul_ra
     `in_sequence`: the attention's K/V reads follow the matmuls instead of hiding under them, as the
     kernels of one GPU stream run (each layer's attention needs its q/k/v matmul's output and the o
     matmul needs the attention's): max(weights, matmuls) + K/V per step."""
-    total = 0.0
+    total, weights = 0.0, model["weight_bytes"] / bandwidth
     for step in log:
-        weights = model["weight_bytes"] / bandwidth
         kv = step.kv_tokens * model["kv_bytes_per_token"] / bandwidth
         compute = 2 * model["layer_params"] * (step.decodes + step.prefill_tokens) / matmul_rate
         total += max(weights, compute) + kv if in_sequence else max(weights + kv, compute)
