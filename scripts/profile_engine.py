@@ -34,7 +34,7 @@ from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
 
 CATEGORIES = [  # (category, substrings of kernel names), first match wins
-    ("attention (Pallas)", ("ragged_paged", "paged_attention", "attention")),
+    ("attention (Pallas)", ("ragged_paged", "paged_attention", "attention", "mosaic_gpu")),
     ("matmul", ("gemm", "cublas", "cutlass", "matmul", "dot", "sm90_xmma", "nvjet")),
     ("sort / top-k (sampling)", ("sort", "topk", "top_k", "radix")),
     ("KV scatter", ("scatter",)),
@@ -95,6 +95,25 @@ def summarise(trace: dict, window_us: float, top: int = 20) -> None:
     print(f"\n{'kernel (top ' + str(top) + ')':70s} {'ms':>9s} {'share':>7s} {'calls':>6s} {'us/call':>8s}")
     for name, us in by_name.most_common(top):
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total * 100:6.1f}% {calls[name]:6d} {us / calls[name]:8.1f}")
+    gaps, counts = idle_before(kernels)
+    idle = sum(gaps.values())
+    print(f"\n{'GPU idle before kernel (top 10)':70s} {'ms':>9s} {'share':>7s} {'calls':>6s} {'us/call':>8s}")
+    for name, us in gaps.most_common(10):
+        print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / max(idle, 1e-9) * 100:6.1f}% {counts[name]:6d} "
+              f"{us / counts[name]:8.1f}")
+
+
+def idle_before(kernels: list[dict]) -> tuple[collections.Counter, collections.Counter]:
+    """GPU idle time (us) summed by the kernel that ended each idle gap, and how many kernels of each
+    name started after one: where a step waits (for a launch, a graph boundary, the host) between kernels."""
+    gaps, counts = collections.Counter(), collections.Counter()
+    end = None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if end is not None and e["ts"] > end:
+            gaps[e["name"]] += e["ts"] - end
+        counts[e["name"]] += 1
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+    return gaps, counts
 
 
 def main() -> None:

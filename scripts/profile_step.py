@@ -30,7 +30,7 @@ from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
 
 
-def queued(runner, prepared, calls: int = 10) -> tuple[float, float]:
+def queued(runner, prepared, calls: int = 30) -> tuple[float, float]:
     """`calls` steps (forward + greedy sampling) enqueued without waiting, as the engine does:
     (host ms per step spent enqueueing, wall ms per step until all are done). If enqueueing takes as
     long as the device, the calls block on something and host work cannot overlap the device."""
@@ -109,7 +109,7 @@ def main() -> None:
         floor = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
         def sampling_for(params: SamplingParams) -> SamplingBatch:
-            return SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b, [False] * b,
+            return SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b,
                                        max(sizes), runner.spare_slot)
 
         greedy = sampling_for(SamplingParams(temperature=0))
@@ -122,7 +122,8 @@ def main() -> None:
             sampling = sampling_for(params)
             sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
             row.append(timed(lambda: jax.block_until_ready(sampler(
-                runner.head, handle.hidden, sampling, runner.penalties, mask)), args.repeat) * 1e3)
+                runner.head, handle.hidden, sampling, runner.penalties, *runner.mask_args(mask))),
+                args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
         host, wall = queued(runner, prepared)
@@ -145,7 +146,7 @@ def main() -> None:
             chunks.append(SeqChunk(list(range(length)), 0, list(range(first_page, first_page + pages))))
             first_page += pages
         sampling = SamplingBatch.build([SamplingParams(temperature=0)] * n, [0] * n, [0] * n, list(range(n)), lens,
-                                       [True] * n, max(sizes), runner.spare_slot)
+                                       max(sizes), runner.spare_slot)
         prepared = runner.prepare(chunks, sampling, SamplerFeatures())
         ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
         params = matmul_params(runner.weights, vocab)

@@ -384,9 +384,10 @@ def test_frequency_and_presence_penalties_match_naive_reference(engine, llama):
 
 
 def test_penalties_survive_preemption(llama):
-    """A penalised request recomputes its counts when it is re-admitted after preemption."""
+    """A penalised request recomputes its counts when it is re-admitted after preemption (its slot's counts
+    cleared each time it starts over), here on a 2x2 mesh (the penalty state and its clearing sharded)."""
     path, hf_model, prompts, _ = llama
-    engine = make_engine(path, num_pages=41)
+    engine = make_engine(path, num_pages=41, mesh="2x2")
     try:
         params = {**GREEDY, "max_new_tokens": 16, "frequency_penalty": 1.5}
         results = engine.generate(input_ids=prompts, sampling_params=params)

@@ -14,7 +14,7 @@ FULL = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True)
 
 def batch_of(params: list[SamplingParams], seeds: list[int], positions: list[int]) -> SamplingBatch:
     n = len(params)
-    host = SamplingBatch.build(params, seeds, positions, list(range(n)), [0] * n, [False] * n, ROWS, ROWS)
+    host = SamplingBatch.build(params, seeds, positions, list(range(n)), [0] * n, ROWS, ROWS)
     return jax.tree.map(jnp.asarray, host)
 
 

@@ -407,8 +407,8 @@ class Engine:
         chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
         sampling = SamplingBatch.build(
             params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
-            [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], [r.num_computed == 0 for r in reqs],
-            self.args.max_running_requests, self.runner.spare_slot)
+            [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], self.args.max_running_requests,
+            self.runner.spare_slot)
         targets = None
         if any(self._wants_prompt_logprobs(r, n) for r, n in batch):
             targets = [self._prompt_targets(r, n) for r, n in batch]
@@ -417,6 +417,11 @@ class Engine:
         enqueued = time.perf_counter()
         if previous is not None:
             self._sample(previous)
+        # A penalised request starts from zero counts (they are recounted after a preemption: it caches no
+        # prefix, so its first chunk is its prompt's start).
+        fresh = [r.slot for r in reqs if r.num_computed == 0 and r.params.uses_penalties]
+        if fresh:
+            self.runner.clear_penalty_slots(fresh)
         handle = self.runner.launch(prepared)
         launched = time.perf_counter()
         self.host_s["enqueue"] += launched - enqueued

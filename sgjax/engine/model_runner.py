@@ -11,7 +11,7 @@ next bucket (token_buckets). A step's host arrays go to the device packed in two
 All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
 compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
-in place.
+in place; a small program clears the penalty counts of penalised requests as they are admitted.
 
 `launch` only enqueues a forward pass, `sample` its sampling, `collect` waits for the results. A
 token sampled by the step still running can be the next step's input: the host writes -(row + 1) and
@@ -40,6 +40,7 @@ from sgjax.engine.sampler import (
     PenaltyState,
     SamplerFeatures,
     SamplingBatch,
+    clear_penalty_rows,
     logit_bias_arrays,
     sample,
     update_penalty_state,
@@ -49,6 +50,7 @@ from sgjax.models.llama import logits_from_head
 from sgjax.models.loader import LoadedModel
 
 STAGING_BUFFERS = 4  # host buffers a step's inputs are packed into, used in turn (ModelRunner.prepare)
+CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 LINEAR_BUCKET_STEP = 256
 BUCKET_GROWTH = 1.25
 SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 4
@@ -150,6 +152,9 @@ class ModelRunner:
                                                         rows)).lower(
                 self.head, hidden, sampling, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
+        shardings = jax.tree.map(lambda x: x.sharding, penalties)
+        self._clear_penalties = jax.jit(clear_penalty_rows, donate_argnums=0, out_shardings=shardings).lower(
+            penalties, jax.ShapeDtypeStruct((CLEAR_SLOTS,), np.int32)).compile()
 
     def _abstract_inputs(self, num_tokens: int, grouped: bool) -> tuple:
         """Shapes of a step's host arrays: (input_ids, positions, meta, last_token_index, sampling, targets)."""
@@ -159,7 +164,7 @@ class ModelRunner:
                                  kv_lens=i32(b), query_start_loc=i32(b + 1))
         if grouped:
             meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
-        padding = SamplingBatch.build([], [], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
+        padding = SamplingBatch.build([], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
         return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
 
@@ -229,11 +234,24 @@ class ModelRunner:
         if bias is not None and bitmask is None:
             raise ValueError("logit biases come with a bitmask (allow_all where no row has a grammar)")
         features = dataclasses.replace(handle.features, masked=bitmask is not None)
-        extra = (bitmask, *(bias or self._no_bias)) if bitmask is not None else (None,) * 3
         out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.sampling,
-                                                            self.penalties, *extra)
+                                                            self.penalties, *self.mask_args(bitmask, bias))
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
+
+    def clear_penalty_slots(self, slots: list[int]) -> None:
+        """Zero the penalty counts of `slots`, for requests that start over in them; enqueued, so a step
+        launched after this call counts its tokens from zero."""
+        for i in range(0, len(slots), CLEAR_SLOTS):
+            ids = np.full(CLEAR_SLOTS, self.spare_slot, np.int32)
+            part = slots[i:i + CLEAR_SLOTS]
+            ids[:len(part)] = part
+            self.penalties = self._clear_penalties(self.penalties, ids)
+
+    def mask_args(self, bitmask: np.ndarray | None, bias: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
+        """A sampling program's last three arguments: (bitmask, bias ids, bias values) for the masked
+        variant (zero biases where none are given), all None for the others."""
+        return (bitmask, *(bias or self._no_bias)) if bitmask is not None else (None,) * 3
 
     def sampler_for(self, features: SamplerFeatures, num_rows: int):
         """The compiled sampling program for a step of `num_rows` sequences."""

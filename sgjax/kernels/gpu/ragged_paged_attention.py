@@ -223,6 +223,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         input_output_aliases={len(inputs) + k: k for k in range(len(outputs))},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        name="ragged_paged_attention",  # the kernel's name in profiles
     )(*inputs, *outputs)
     if kv_splits == 1 and not partials:
         return results[0]
