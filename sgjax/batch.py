@@ -12,6 +12,10 @@ from sgjax.cache.kv_pool import NULL_PAGE
 from sgjax.kernels import AttentionMetadata
 from sgjax.shared_prefix import shared_prefix_metadata
 
+# Padding tokens' K/V slots: PADDING_SLOT + their index, unique and past any pool (pages x page size),
+# so the K/V write drops them and its slots stay unique (kernels/reference.py: write_kv).
+PADDING_SLOT = 1 << 30
+
 
 @dataclasses.dataclass
 class SeqChunk:
@@ -72,7 +76,7 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     ids[:total] = np.fromiter(itertools.chain.from_iterable(c.tokens for c in chunks), np.int32, total)
     positions = np.zeros(num_tokens, np.int32)
     positions[:total] = pos
-    slots = np.arange(num_tokens, dtype=np.int32) % page_size + NULL_PAGE * page_size
+    slots = PADDING_SLOT + np.arange(num_tokens, dtype=np.int32)  # unique, past the pool: not written
     slots[:total] = page_table[token_seq, pos // page_size] * page_size + pos % page_size
     kv_lens = np.zeros(num_seqs, np.int32)
     kv_lens[:n] = end_lens

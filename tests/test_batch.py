@@ -4,7 +4,7 @@ arrays, the token buckets' padding bound, and the packed transfer buffers' round
 import numpy as np
 import pytest
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.batch import PADDING_SLOT, SeqChunk, make_batch
 from sgjax.cache.kv_pool import NULL_PAGE
 
 
@@ -23,7 +23,7 @@ def naive_batch(chunks, page_size, num_tokens, num_seqs, max_pages):
         qsl.append(qsl[-1] + len(c.tokens))
         last[b] = qsl[-1] - 1
     pad = num_tokens - len(ids)
-    slots += [NULL_PAGE * page_size + (len(slots) + i) % page_size for i in range(pad)]
+    slots += [PADDING_SLOT + len(slots) + i for i in range(pad)]
     qsl += [qsl[-1]] * (num_seqs + 1 - len(qsl))
     return ids + [0] * pad, positions + [0] * pad, slots, page_table, kv_lens, qsl, last
 

@@ -35,6 +35,23 @@ def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, c
     return q, k_pages, v_pages, meta, total
 
 
+def test_write_kv_writes_each_token_in_its_slot_and_drops_padding():
+    """Against a numpy oracle: each real token's K/V lands at its page and offset, padding tokens (slots
+    past the pool) write nothing, every other slot keeps its value."""
+    q, k_pages, v_pages, meta, total = random_case(3, num_heads=4, num_kv_heads=2, head_dim=8, page_size=4,
+                                                   q_lens=[3, 1, 9], cached=[0, 6, 2], dtype=jnp.float32,
+                                                   extra_tokens=7)
+    rng = np.random.default_rng(4)
+    k, v = (jnp.asarray(rng.standard_normal((q.shape[0], 2, 8)), jnp.float32) for _ in range(2))
+    new_k, new_v = jax.jit(reference.write_kv)(k_pages, v_pages, k, v, meta.slot_mapping)
+    slots = np.asarray(meta.slot_mapping)
+    assert (slots[total:] >= k_pages.shape[1] * k_pages.shape[2]).all()  # padding points past the pool
+    for pages, new, x in ((k_pages, new_k, k), (v_pages, new_v, v)):
+        want = np.asarray(pages).reshape(2, -1, 8).copy()
+        want[:, slots[:total]] = np.asarray(x)[:total].swapaxes(0, 1)
+        np.testing.assert_array_equal(np.asarray(new).reshape(2, -1, 8), want)
+
+
 GRID = [
     # (heads, kv heads, head_dim, page_size, q_lens, cached, window, softcap)
     (8, 2, 64, 16, [1, 1, 1, 1], [5, 40, 17, 100], None, None),  # decodes
