@@ -166,6 +166,12 @@ def test_constrained_without_overlap_schedule(path):
                 for s in range(4)]
         for out in outs:
             jsonschema.validate(json.loads(out["text"]), PRODUCT)
+        # Biases without a grammar (the masked sampling variant with its allow-all mask kept on the
+        # devices), then a grammar without biases (its zero biases kept there): +100 forces the token.
+        forced = engine.generate("q", {"logit_bias": {"7": 100}, "temperature": 1.0, "max_new_tokens": 3})
+        assert forced["output_ids"] == [7, 7, 7]
+        jsonschema.validate(json.loads(engine.generate("q", {"json_schema": PRODUCT, "max_new_tokens": 250})["text"]),
+                            PRODUCT)
     finally:
         engine.shutdown()
 

@@ -447,8 +447,6 @@ class Engine:
             rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
             step.bias = logit_bias_arrays([req.params.logit_bias if i in rows else None
                                            for i, (req, _) in enumerate(batch)], self.args.max_running_requests)
-            if not step.constrained:  # biases go with a bitmask; without grammars it allows everything
-                step.bitmask = allow_all(self.args.max_running_requests, self.loaded.config.vocab_size)
         now = time.perf_counter()
         self.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:

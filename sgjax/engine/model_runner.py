@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
-from sgjax.constrained.bitmask import num_words
+from sgjax.constrained.bitmask import allow_all, num_words
 from sgjax.engine.host_inputs import PackedLayout, pack, unpack
 from sgjax.engine.sampler import (
     TOP_LOGPROBS,
@@ -144,7 +144,6 @@ class ModelRunner:
             lowered[first].out_info, self.compiled[first].output_shardings)
         mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
         bias = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in logit_bias_arrays([], max_seqs))
-        self._no_bias = logit_bias_arrays([], max_seqs)  # a masked step without biases
         self.row_buckets = row_buckets(max_seqs)
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
@@ -152,6 +151,13 @@ class ModelRunner:
                                                         rows)).lower(
                 self.head, hidden, sampling, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
+        # The masked variant's defaults, kept on the device (placed as that variant takes them): a step with
+        # a grammar but no biases, or biases but no grammar, sends only what it has (at 1024 rows and a
+        # 128k vocabulary the bias arrays are 2.4 MB, an allow-all mask 16 MB).
+        masked = next(program for (features, _), program in self.sampler.items() if features.masked)
+        mask_sharding, *bias_shardings = masked.input_shardings[0][-3:]
+        self._allow_all = jax.device_put(allow_all(max_seqs, loaded.config.vocab_size), mask_sharding)
+        self._no_bias = tuple(jax.device_put(x, s) for x, s in zip(logit_bias_arrays([], max_seqs), bias_shardings))
         shardings = jax.tree.map(lambda x: x.sharding, penalties)
         self._clear_penalties = jax.jit(clear_penalty_rows, donate_argnums=0, out_shardings=shardings).lower(
             penalties, jax.ShapeDtypeStruct((CLEAR_SLOTS,), np.int32)).compile()
@@ -230,10 +236,8 @@ class ModelRunner:
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None,
                bias: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars,
-        `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases and needs a bitmask."""
-        if bias is not None and bitmask is None:
-            raise ValueError("logit biases come with a bitmask (allow_all where no row has a grammar)")
-        features = dataclasses.replace(handle.features, masked=bitmask is not None)
+        `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases."""
+        features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
         out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.sampling,
                                                             self.penalties, *self.mask_args(bitmask, bias))
         self.prev_tokens = out[0]
@@ -250,8 +254,11 @@ class ModelRunner:
 
     def mask_args(self, bitmask: np.ndarray | None, bias: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
         """A sampling program's last three arguments: (bitmask, bias ids, bias values) for the masked
-        variant (zero biases where none are given), all None for the others."""
-        return (bitmask, *(bias or self._no_bias)) if bitmask is not None else (None,) * 3
+        variant, which runs when either is given (the other: allow everything, add nothing), all None
+        for the others."""
+        if bitmask is None and bias is None:
+            return (None,) * 3
+        return (self._allow_all if bitmask is None else bitmask, *(bias or self._no_bias))
 
     def sampler_for(self, features: SamplerFeatures, num_rows: int):
         """The compiled sampling program for a step of `num_rows` sequences."""
