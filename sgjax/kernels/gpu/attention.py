@@ -51,7 +51,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     kwargs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, interpret=interpret)
     if prefill_kernel is None:
         prefill_kernel = not interpret and mgpu_prefill_available()
-    prefill_step = num_tokens > meta.kv_lens.shape[0]  # decode steps have no more tokens than sequences
+    # Only a sequence with a query block of new tokens goes to the Mosaic kernel: a step can have one if
+    # its bucket holds more tokens than sequences (decode steps do not) and at least a block's worth
+    # (an engine with fewer sequence rows than its smallest bucket would otherwise send its decode
+    # steps through the conditional below, which costs them idle time: BENCHMARKS.md session 11).
+    prefill_step = meta.kv_lens.shape[0] < num_tokens and num_tokens >= paged_prefill_mgpu.tokens_per_block(group)
     if meta.shared is not None and sliding_window is None:
         return shared_prefix_attention(q, k_pages, v_pages, meta, scale=scale, softcap=softcap, interpret=interpret)
     if not (prefill_kernel and prefill_step and paged_prefill_mgpu.supports(q.dtype, head_dim, page_size, group,
