@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
-from sgjax.constrained.bitmask import allow_all, num_words
+from sgjax.constrained.bitmask import allow_all
 from sgjax.engine.host_inputs import PackedLayout, pack, unpack
 from sgjax.engine.sampler import (
     TOP_LOGPROBS,
@@ -142,8 +142,8 @@ class ModelRunner:
         (hidden, *_), _, penalties, sampling = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             lowered[first].out_info, self.compiled[first].output_shardings)
-        mask = jax.ShapeDtypeStruct((max_seqs, num_words(loaded.config.vocab_size)), np.int32)
-        bias = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in logit_bias_arrays([], max_seqs))
+        all_allowed, no_bias = allow_all(max_seqs, loaded.config.vocab_size), logit_bias_arrays([], max_seqs)
+        mask, *bias = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (all_allowed, *no_bias))
         self.row_buckets = row_buckets(max_seqs)
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
@@ -156,8 +156,8 @@ class ModelRunner:
         # 128k vocabulary the bias arrays are 2.4 MB, an allow-all mask 16 MB).
         masked = next(program for (features, _), program in self.sampler.items() if features.masked)
         mask_sharding, *bias_shardings = masked.input_shardings[0][-3:]
-        self._allow_all = jax.device_put(allow_all(max_seqs, loaded.config.vocab_size), mask_sharding)
-        self._no_bias = tuple(jax.device_put(x, s) for x, s in zip(logit_bias_arrays([], max_seqs), bias_shardings))
+        self._allow_all = jax.device_put(all_allowed, mask_sharding)
+        self._no_bias = tuple(jax.device_put(x, s) for x, s in zip(no_bias, bias_shardings))
         shardings = jax.tree.map(lambda x: x.sharding, penalties)
         self._clear_penalties = jax.jit(clear_penalty_rows, donate_argnums=0, out_shardings=shardings).lower(
             penalties, jax.ShapeDtypeStruct((CLEAR_SLOTS,), np.int32)).compile()
