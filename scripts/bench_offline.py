@@ -86,7 +86,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  shared_steps=engine.runner.num_shared_prefix_steps - shared_steps,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
-                 pages=engine.allocator.num_usable, timeline=timeline(engine.step_log, t0 + elapsed),
+                 pages=engine.allocator.num_usable, end=t0 + elapsed,
                  host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
                  log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work)
     engine.shutdown()
@@ -144,9 +144,11 @@ def workload_floor_s(work, model: dict, bandwidth: float, matmul_rate: float) ->
     return max(compute, weights) + kv_tokens * model["kv_bytes_per_token"] / bandwidth
 
 
-def timeline(log: list[StepRecord], end: float) -> list[tuple[str, int, float, int, float, int]]:
+def timeline(log: list[StepRecord], end: float, floor=None) -> list[tuple]:
     """Steps grouped by what they ran: (kind, steps, seconds until the next launch, decode rows, seconds
-    the engine thread waited for their results, steps it did not wait for at all).
+    the engine thread waited for their results, steps it did not wait for at all, seconds of the
+    in-sequence floor of these steps or None). `floor`: a step's floor in seconds (step_floor_s of one
+    step), to show which kind of step is furthest from it.
 
     Steps are pipelined, so the time between two launches is the step's share of the run; a step whose
     results were ready when the engine thread asked (no wait) was bounded by the host, not the device."""
@@ -155,22 +157,28 @@ def timeline(log: list[StepRecord], end: float) -> list[tuple[str, int, float, i
         band = 0 if step.prefill_tokens else max(b for b in DECODE_BANDS if b <= step.decodes)
         if band not in groups:
             upper = DECODE_BANDS[DECODE_BANDS.index(band) + 1] - 1 if band else 0
-            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0, 0.0, 0]
+            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0, 0.0, 0,
+                            0.0 if floor else None]
         g = groups[band]
         g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - step.launched, g[3] + step.decodes
         g[4], g[5] = g[4] + step.waited, g[5] + (step.waited < HOST_BOUND_WAIT_S)
+        if floor:
+            g[6] += floor(step)
     return [tuple(groups[band]) for band in sorted(groups)]
 
 
-def print_timeline(rows: list[tuple[str, int, float, int, float, int]]) -> None:
+def print_timeline(rows: list[tuple]) -> None:
     total = sum(r[2] for r in rows)
+    with_floor = rows and rows[0][6] is not None
     print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12} "
-          f"{'wait ms/step':>12} {'host-bound':>10}")
-    for kind, steps, seconds, decodes, waited, unwaited in rows:
+          f"{'wait ms/step':>12} {'host-bound':>10}" + (f" {'floor ms/step':>13} {'of floor':>8}" if with_floor else ""))
+    for kind, steps, seconds, decodes, waited, unwaited, floor in rows:
         print(f"  {kind:<18} {steps:>6} {seconds:>7.2f} {seconds / total:>6.1%} {seconds / steps * 1e3:>8.2f} "
-              f"{decodes:>12,} {waited / steps * 1e3:>12.2f} {unwaited / steps:>10.0%}")
+              f"{decodes:>12,} {waited / steps * 1e3:>12.2f} {unwaited / steps:>10.0%}"
+              + (f" {floor / steps * 1e3:>13.2f} {floor / seconds:>8.1%}" if with_floor else ""))
     print(f"  (wait: the engine thread waiting for the step's results; host-bound: steps it waited less than "
-          f"{HOST_BOUND_WAIT_S * 1e3:.1f} ms for)")
+          f"{HOST_BOUND_WAIT_S * 1e3:.1f} ms for" + ("; floor: kernels in sequence, as below" if with_floor else "")
+          + ")")
 
 
 def main() -> None:
@@ -217,13 +225,19 @@ def main() -> None:
         print(f"engine thread, {name}, ms/step: " + ", ".join(
             f"{k} {v / max(s['steps'], 1) * 1e3:.2f}" for k, v in s["host"].items())
               + f"; steps reading shared prefixes once (cascade): {s['shared_steps']}")
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu:  # measured after the runs, on the same device
+        bandwidth, rate = copy_bandwidth(), matmul_rate()
     for name, s in runs:
         print(f"timeline, {name}:")
-        print_timeline(s["timeline"])
+        floor = None
+        if on_gpu:
+            def floor(step, model=s["model"]):
+                return step_floor_s([step], model, bandwidth, rate, in_sequence=True)
+        print_timeline(timeline(s["log"], s["end"], floor))
     if len(runs) == 2:
         print(f"radix cache speed-up: {runs[0][1]['out_tps'] / runs[1][1]['out_tps']:.2f}x")
-    if jax.default_backend() == "gpu":  # measured after the runs, on the same device
-        bandwidth, rate = copy_bandwidth(), matmul_rate()
+    if on_gpu:
         print(f"floor of the steps run (each at the slower of its bytes at {bandwidth / 1e12:.2f} TB/s copy "
               f"bandwidth and its layer matmuls at {rate / 1e12:.0f} TFLOP/s bf16, both measured now):")
         for name, s in runs:
