@@ -61,19 +61,25 @@ def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
     make_batch([SeqChunk([1, 2], 0, [8])], 4, pool_pages=9)
 
 
-@pytest.mark.parametrize("smallest,largest", [(16, 2304), (64, 4096), (512, 1500), (16, 8), (16, 8448)])
-def test_token_buckets_bound_the_padding(smallest, largest):
-    from sgjax.engine.model_runner import BUCKET_GROWTH, token_buckets
+@pytest.mark.parametrize("smallest,largest,decode_rows", [(16, 2304, 0), (64, 4096, 32), (512, 1500, 0), (16, 8, 0),
+                                                         (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300)])
+def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
+    from sgjax.engine.model_runner import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
     from sgjax.engine.model_runner import LINEAR_BUCKET_STEP as step
 
-    buckets = token_buckets(smallest, largest)
+    buckets = token_buckets(smallest, largest, decode_rows=decode_rows)
     assert buckets[0] == smallest and buckets[-1] >= largest and buckets == sorted(set(buckets))
     assert len(buckets) == 1 or buckets[-2] < largest  # no bucket beyond the first that fits
     for n in range(1, largest + 1):
         padded = min(b for b in buckets if b >= n)
-        # small steps at most double (and never below `smallest`); large ones grow by less than
-        # BUCKET_GROWTH and one step
-        assert padded <= max(2 * n - 1, smallest) if n <= step else padded < BUCKET_GROWTH * n + step
+        # small steps at most double (and never below `smallest`); decode steps above that pad by less
+        # than DECODE_BUCKET_STEP; large ones grow by less than BUCKET_GROWTH and one step
+        if n <= step:
+            assert padded <= max(2 * n - 1, smallest)
+        elif n <= decode_rows:
+            assert padded < n + DECODE_BUCKET_STEP
+        else:
+            assert padded < BUCKET_GROWTH * n + step
 
 
 def test_packed_host_inputs_round_trip():

@@ -52,28 +52,40 @@ from sgjax.models.loader import LoadedModel
 STAGING_BUFFERS = 4  # host buffers a step's inputs are packed into, used in turn (ModelRunner.prepare)
 CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 LINEAR_BUCKET_STEP = 256
+DECODE_BUCKET_STEP = 128
 BUCKET_GROWTH = 1.25
-SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 4
+SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 2
 
 
-def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP) -> list[int]:
-    """Token counts to compile for: powers of two from `smallest` up to `step`, then multiples of
-    `step` growing by at least one step and at most ~BUCKET_GROWTH, up to the first one >= `largest`.
+def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, decode_rows: int = 0,
+                  decode_step: int = DECODE_BUCKET_STEP) -> list[int]:
+    """Token counts to compile for: powers of two from `smallest` up to `step`, every multiple of
+    `decode_step` up to `decode_rows`, then multiples of `step` growing by at least one step and at
+    most ~BUCKET_GROWTH, up to the first one >= `largest`.
 
     Above a few hundred tokens a step's matmuls are compute-bound, so its time grows with the padded
     token count: with doubling buckets, a step of 250 decodes plus a 450-token prompt chunk ran as
     1024 tokens (such mixed steps took half of a ShareGPT-like run, BENCHMARKS.md). Growing by 25% at
     most bounds that waste while large prefill budgets still compile few buckets (17 up to 8448).
+    Decode steps (one token a row, up to `decode_rows` = max_running_requests) get the finer
+    `decode_step` grid: the scheduler fills a prefill step's bucket with prompt tokens, but a decode
+    step has only its rows (366 rows ran as 512 tokens, 40% more matmul work, BENCHMARKS.md session 12).
     """
     buckets = [smallest]
     while buckets[-1] < largest:
         b = buckets[-1]
-        buckets.append(b * 2 if b < step else max(b + step, -(-int(b * BUCKET_GROWTH) // step) * step))
+        if b < step:
+            b *= 2
+        elif b < decode_rows:
+            b = (b // decode_step + 1) * decode_step
+        else:
+            b = max(b + step, -(-int(b * BUCKET_GROWTH) // step) * step)
+        buckets.append(b)
     return buckets
 
 
 def row_buckets(max_seqs: int) -> list[int]:
-    """Row counts to compile sampling for: 64, 256, 1024, ... below max_seqs, then max_seqs.
+    """Row counts to compile sampling for: 64, 128, 256, ... below max_seqs, then max_seqs.
 
     Sampling computes logits over the whole vocabulary per row: at 1024 running requests that is
     ~2.5 ms a step on an H100 (BENCHMARKS.md) even when only a few requests are left, while up to
@@ -92,7 +104,7 @@ class ModelRunner:
         self.pool = pool
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
-        self.buckets = token_buckets(min_bucket, max_tokens)
+        self.buckets = token_buckets(min_bucket, max_tokens, decode_rows=max_seqs)
         # Steps with groups of sequences behind a shared prefix (sgjax/shared_prefix.py) have their own
         # programs, whose metadata describes up to max_prefix_groups groups, for backends that read each
         # prefix once: only for buckets of up to one token per sequence row (decode-heavy steps; larger
