@@ -62,18 +62,23 @@ def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
 
 
 @pytest.mark.parametrize("smallest,largest,decode_rows", [(16, 2304, 0), (64, 4096, 32), (512, 1500, 0), (16, 8, 0),
-                                                         (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300)])
+                                                         (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300),
+                                                         (16, 513, 1), (16, 584, 72), (16, 9192, 1000)])
 def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
     from sgjax.engine.model_runner import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
     from sgjax.engine.model_runner import LINEAR_BUCKET_STEP as step
 
     buckets = token_buckets(smallest, largest, decode_rows=decode_rows)
-    assert buckets[0] == smallest and buckets[-1] >= largest and buckets == sorted(set(buckets))
+    assert buckets[0] == min(smallest, decode_rows or smallest) and buckets[-1] >= largest
+    assert buckets == sorted(set(buckets))
     assert len(buckets) == 1 or buckets[-2] < largest  # no bucket beyond the first that fits
     for n in range(1, largest + 1):
         padded = min(b for b in buckets if b >= n)
         # small steps at most double (and never below `smallest`); decode steps above that pad by less
         # than DECODE_BUCKET_STEP; large ones grow by less than BUCKET_GROWTH and one step
+        # a decode step of all rows is never padded past the rows (the attention kernels would take it
+        # for a possible prefill)
+        assert n > decode_rows or padded <= decode_rows
         if n <= step:
             assert padded <= max(2 * n - 1, smallest)
         elif n <= decode_rows:

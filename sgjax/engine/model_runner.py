@@ -70,6 +70,9 @@ def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, d
     Decode steps (one token a row, up to `decode_rows` = max_running_requests) get the finer
     `decode_step` grid: the scheduler fills a prefill step's bucket with prompt tokens, but a decode
     step has only its rows (366 rows ran as 512 tokens, 40% more matmul work, BENCHMARKS.md session 12).
+    `decode_rows` itself is a bucket too, so a decode step of all rows never has more tokens than rows:
+    the attention kernels take a step with more tokens than rows for a possible prefill (query blocks of
+    16 tokens, no context splits; one row under a 16-token bucket decoded 10% slower).
     """
     buckets = [smallest]
     while buckets[-1] < largest:
@@ -81,6 +84,8 @@ def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, d
         else:
             b = max(b + step, -(-int(b * BUCKET_GROWTH) // step) * step)
         buckets.append(b)
+    if 0 < decode_rows < largest:
+        buckets = sorted(set(buckets) | {decode_rows})
     return buckets
 
 
