@@ -171,7 +171,8 @@ def print_timeline(rows: list[tuple]) -> None:
     total = sum(r[2] for r in rows)
     with_floor = rows and rows[0][6] is not None
     print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12} "
-          f"{'wait ms/step':>12} {'host-bound':>10}" + (f" {'floor ms/step':>13} {'of floor':>8}" if with_floor else ""))
+          f"{'wait ms/step':>12} {'host-bound':>10}"
+          + (f" {'floor ms/step':>13} {'of floor':>8}" if with_floor else ""))
     for kind, steps, seconds, decodes, waited, unwaited, floor in rows:
         print(f"  {kind:<18} {steps:>6} {seconds:>7.2f} {seconds / total:>6.1%} {seconds / steps * 1e3:>8.2f} "
               f"{decodes:>12,} {waited / steps * 1e3:>12.2f} {unwaited / steps:>10.0%}"
