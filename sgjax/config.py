@@ -26,7 +26,8 @@ class EngineArgs:
     # JAX's persistent compilation cache, so a restart loads the compiled steps; "" disables it.
     compilation_cache_dir: str = dataclasses.field(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "xla"))
-    min_token_bucket: int = 16  # smallest compiled token count; buckets double up to the max
+    # Smallest compiled token count (max_running_requests, if smaller, gets a bucket too); see token_buckets.
+    min_token_bucket: int = 16
     enable_prompt_logprobs: bool = False  # also compile steps that return prompt-token logprobs
     disable_overlap_schedule: bool = False  # wait for each step before scheduling the next
     # Constrained decoding: text a grammar forces is appended in one step (jump-forward) instead of

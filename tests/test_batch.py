@@ -74,11 +74,11 @@ def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
     assert len(buckets) == 1 or buckets[-2] < largest  # no bucket beyond the first that fits
     for n in range(1, largest + 1):
         padded = min(b for b in buckets if b >= n)
-        # small steps at most double (and never below `smallest`); decode steps above that pad by less
-        # than DECODE_BUCKET_STEP; large ones grow by less than BUCKET_GROWTH and one step
         # a decode step of all rows is never padded past the rows (the attention kernels would take it
         # for a possible prefill)
         assert n > decode_rows or padded <= decode_rows
+        # small steps at most double (and never below `smallest`); decode steps above that pad by less
+        # than DECODE_BUCKET_STEP; large ones grow by less than BUCKET_GROWTH and one step
         if n <= step:
             assert padded <= max(2 * n - 1, smallest)
         elif n <= decode_rows:
