@@ -165,8 +165,8 @@ def test_gpu_backend_lowers_for_cuda_with_the_mosaic_gpu_kernel():
 
 def test_gpu_backend_keeps_buckets_below_a_block_on_the_triton_kernel():
     """A step whose token bucket is smaller than a Mosaic query block (here 15 tokens for 3 sequence rows,
-    as a decode step of an engine with few rows) can have no long sequence: it runs the Triton kernel
-    alone, without the conditional that picks kernels (lowered for CUDA on the CPU)."""
+    as a short prompt chunk in an engine with few rows) can have no long sequence: it runs the Triton
+    kernel alone, without the conditional that picks kernels (lowered for CUDA on the CPU)."""
     case = (32, 8, 128, 16, [10], [40], None, None)
     (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
     assert q.shape[0] > meta.kv_lens.shape[0] and q.shape[0] < paged_prefill_mgpu.tokens_per_block(4)

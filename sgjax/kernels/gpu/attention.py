@@ -52,9 +52,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     if prefill_kernel is None:
         prefill_kernel = not interpret and mgpu_prefill_available()
     # Only a sequence with a query block of new tokens goes to the Mosaic kernel: a step can have one if
-    # its bucket holds more tokens than sequences (decode steps do not) and at least a block's worth
-    # (an engine with fewer sequence rows than its smallest bucket would otherwise send its decode
-    # steps through the conditional below, which costs them idle time: BENCHMARKS.md session 11).
+    # its bucket holds more tokens than sequences (decode steps do not: max_running_requests is always
+    # a bucket, model_runner.token_buckets) and at least a block's worth (a short prompt chunk in an
+    # engine with fewer rows than its smallest bucket cannot be long; the conditional below would only
+    # cost it idle time: BENCHMARKS.md session 11).
     prefill_step = meta.kv_lens.shape[0] < num_tokens and num_tokens >= paged_prefill_mgpu.tokens_per_block(group)
     if meta.shared is not None and sliding_window is None:
         return shared_prefix_attention(q, k_pages, v_pages, meta, scale=scale, softcap=softcap, interpret=interpret)
