@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import gc
 import pstats
 import tempfile
@@ -23,8 +24,9 @@ import numpy as np
 from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth, matmul_params
 
-from sgjax.engine import Engine
+from sgjax.engine import Engine, model_runner
 from sgjax.engine.engine import StepRecord
+from sgjax.engine.model_runner import token_buckets
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
 
@@ -54,6 +56,7 @@ class ProfiledEngine(Engine):
 
 def run(args, folder: str, disable_radix_cache: bool) -> dict:
     t0 = time.perf_counter()
+    model_runner.token_buckets = functools.partial(token_buckets, decode_step=args.decode_bucket_step)
     engine_class = ProfiledEngine if args.profile_host else Engine
     engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
@@ -62,6 +65,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                           disable_overlap_schedule=args.disable_overlap_schedule,
                           attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
     startup = time.perf_counter() - t0
+    print(f"token buckets: {engine.runner.buckets}", flush=True)
     work = make_workload(args, engine.loaded.config.vocab_size)
     engine.generate(input_ids=work.prompts[:2], sampling_params={"max_new_tokens": 4, "temperature": 0})  # warm-up
     if engine.radix is not None:
@@ -204,6 +208,8 @@ def main() -> None:
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
+    p.add_argument("--decode-bucket-step", type=int, default=model_runner.DECODE_BUCKET_STEP,
+                   help="token buckets for decode steps every this many rows (256: the coarser grid before session 12)")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     args = p.parse_args()
 

@@ -7,17 +7,24 @@ coarse category (matmul, attention, sampling sort, ...).
 
     python scripts/profile_engine.py --model llama-3-8b --num-prompts 512 --output-len 256
     python scripts/profile_engine.py --constrained   # 64 requests under a JSON schema
+    SGJAX_XLA_SKIP_TEMP=0 XLA_FLAGS=--xla_gpu_enable_command_buffer= python scripts/profile_engine.py \
+        --dataset sharegpt --num-prompts 1000 --max-running-requests 1024 --context-length 4096 --windows 6.5:1.5
 
 Known problem (2026-11-22, H100, JAX 0.11.2): with the trace running, the engine's steps failed with
 CUDA_ERROR_LAUNCH_FAILED in two of three runs, while the same workloads without the profiler ran
 clean; the figures of a run with such errors (printed before the summary) are not to be trusted.
 Session 4 saw the error text: "Failed to check stream capturing status", i.e. the trace collides with
 XLA's CUDA-graph command buffers; profile_step.py --trace (the forward pass alone) traces cleanly.
+Seen again 2026-11-23 (JAX 0.11.2) on the ShareGPT-like workload, in the sampling program. With
+command buffers off (the third command above) the trace ran clean: its kernel times hold, but the
+host then enqueues each kernel itself and the profiler slows it further, so the GPU idle it reports
+is the profiler's, not the engine's (bench_offline.py's timeline measures the engine's).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import glob
 import gzip
@@ -32,6 +39,7 @@ import numpy as np
 
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
+from sgjax.testing import workloads
 
 CATEGORIES = [  # (category, substrings of kernel names), first match wins
     ("attention (Pallas)", ("ragged_paged", "paged_attention", "attention", "mosaic_gpu")),
@@ -70,7 +78,8 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarise(trace: dict, window_us: float, top: int = 20) -> None:
+def summarise(trace: dict, window_us: float, top: int = 20, steps: int = 0) -> None:
+    """Print the trace's GPU time by category and kernel, and its idle gaps; per step if `steps`."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "device" in n.lower()}
@@ -89,9 +98,12 @@ def summarise(trace: dict, window_us: float, top: int = 20) -> None:
     total = sum(by_name.values())
     print(f"traced window {window_us / 1e3:.1f} ms; device events span {span / 1e3:.1f} ms, GPU busy "
           f"{busy / 1e3:.1f} ms = {busy / span * 100:.1f}% of the span (the rest: waiting for the host)")
-    print(f"\n{'category':28s} {'ms':>9s} {'share':>7s}")
+    per = f"{'ms/step':>8s}" if steps else ""
+    print(f"\n{'category':28s} {'ms':>9s} {'share':>7s} {per}")
     for cat, us in by_cat.most_common():
-        print(f"{cat:28s} {us / 1e3:9.1f} {us / total * 100:6.1f}%")
+        print(f"{cat:28s} {us / 1e3:9.1f} {us / total * 100:6.1f}% " + (f"{us / 1e3 / steps:8.2f}" if steps else ""))
+    if steps:
+        print(f"{'GPU busy':28s} {busy / 1e3:9.1f} {'':7s} {busy / 1e3 / steps:8.2f}")
     print(f"\n{'kernel (top ' + str(top) + ')':70s} {'ms':>9s} {'share':>7s} {'calls':>6s} {'us/call':>8s}")
     for name, us in by_name.most_common(top):
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / total * 100:6.1f}% {calls[name]:6d} {us / calls[name]:8.1f}")
@@ -119,13 +131,20 @@ def idle_before(kernels: list[dict]) -> tuple[collections.Counter, collections.C
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
+    p.add_argument("--dataset", default="fixed", choices=["fixed", "sharegpt"],
+                   help="fixed: --input-len / --output-len; sharegpt: bench_offline's ShareGPT-like lengths")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-running-requests", type=int, default=128)
     p.add_argument("--context-length", type=int, default=2048)
+    p.add_argument("--chunked-prefill-size", type=int, default=8192)
+    p.add_argument("--mem-fraction-static", type=float, default=0.9)
     p.add_argument("--warmup-s", type=float, default=8.0, help="seconds of serving before the trace starts")
     p.add_argument("--trace-s", type=float, default=2.0)
+    p.add_argument("--windows", default=None,
+                   help="several traces, 'start:length,...' in seconds after the workload starts (overrides "
+                        "--warmup-s / --trace-s), e.g. 6:1.5,14:1.5 for the large-batch phase and the tail")
     p.add_argument("--constrained", action="store_true", help="64 requests under a long-key JSON schema")
     p.add_argument("--tokenizer", default=None, help="with --constrained: a tokenizer folder (default: train one)")
     args = p.parse_args()
@@ -143,29 +162,47 @@ def main() -> None:
         params = {"json_schema": json.dumps(long_key_schema(8)), "temperature": 0, "max_new_tokens": 1500}
         args.num_prompts = min(args.num_prompts, 64)
     engine = Engine(folder, load_format="dummy", max_running_requests=args.max_running_requests,
-                    context_length=args.context_length)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 20000, args.input_len).tolist() for _ in range(args.num_prompts)]
-    engine.generate(input_ids=prompts[:2], sampling_params={"max_new_tokens": 4})  # warm-up
+                    context_length=args.context_length, chunked_prefill_size=args.chunked_prefill_size,
+                    mem_fraction_static=args.mem_fraction_static)
+    if args.dataset == "sharegpt" and not args.constrained:
+        work = workloads.sharegpt_like(args.num_prompts, vocab)
+        requests = [r for prompt, out_len in zip(work.prompts, work.output_lens) for r in
+                    engine.make_requests(input_ids=prompt, sampling_params=dict(params, max_new_tokens=out_len))]
+        print(work.description)
+    else:
+        rng = np.random.default_rng(0)
+        requests = engine.make_requests(input_ids=[rng.integers(100, 20000, args.input_len).tolist()
+                                                   for _ in range(args.num_prompts)], sampling_params=params)
+    engine.generate(input_ids=[requests[0].prompt_ids], sampling_params={"max_new_tokens": 4})  # warm-up
     done = threading.Event()
-    threading.Thread(target=lambda: (engine.generate(input_ids=prompts, sampling_params=params), done.set()),
-                     daemon=True).start()
-    time.sleep(args.warmup_s)
-    if done.is_set():
-        raise SystemExit("the workload ended before the trace: lower --warmup-s or raise --num-prompts")
-    trace_dir = tempfile.mkdtemp()
-    steps = engine.num_steps
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    t0 = time.perf_counter()
-    time.sleep(args.trace_s)
-    window = (time.perf_counter() - t0) * 1e6
-    jax.profiler.stop_trace()
-    steps = engine.num_steps - steps
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model}, "
-          f"{len(engine.scheduler.running)} running requests, {steps} steps traced "
-          f"({window / 1e3 / max(steps, 1):.2f} ms per step)")
-    summarise(load_trace(trace_dir), window)
+    threading.Thread(target=lambda: (asyncio.run(engine.run_to_end(requests)), done.set()), daemon=True).start()
+    started = time.perf_counter()
+    windows = [tuple(map(float, w.split(":"))) for w in args.windows.split(",")] if args.windows else \
+        [(args.warmup_s, args.trace_s)]
+    traced = []  # summarised after the workload: parsing a trace would hold the GIL against the engine thread
+    for start, length in windows:
+        time.sleep(max(0.0, start - (time.perf_counter() - started)))
+        if done.is_set():  # writing the previous trace can take seconds: later windows start late
+            print(f"the workload ended before the trace at {start} s: start earlier or add prompts")
+            break
+        start = time.perf_counter() - started
+        trace_dir = tempfile.mkdtemp()
+        steps, running = engine.num_steps, len(engine.scheduler.running)
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        time.sleep(length)
+        window = (time.perf_counter() - t0) * 1e6
+        steps = engine.num_steps - steps  # before stop_trace, which takes seconds while the engine runs on
+        jax.profiler.stop_trace()
+        header = (f"\n=== window {start:.1f}-{start + length:.1f} s: {jax.devices()[0].device_kind}, jax "
+                  f"{jax.__version__}, {args.model}, {running}-{len(engine.scheduler.running)} running requests, "
+                  f"{steps} steps traced ({window / 1e3 / max(steps, 1):.2f} ms per step)")
+        traced.append((header, trace_dir, window, steps))
     done.wait()
+    print(f"workload done in {time.perf_counter() - started:.2f} s (traces included)")
+    for header, trace_dir, window, steps in traced:
+        print(header)
+        summarise(load_trace(trace_dir), window, steps=steps)
     engine.shutdown()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 
@@ -63,6 +64,16 @@ def trace_forward(runner, prepared, calls: int = 5) -> tuple[str, float]:
     return folder, window
 
 
+def dump_hlo(text: str, folder: str) -> None:
+    """Save a program's optimised HLO and print how its matmuls are lowered (cuBLAS custom calls or
+    Triton GEMM fusions, which may carry fused producers such as a norm or a convert)."""
+    with open(os.path.join(folder, "prefill.hlo"), "w") as f:
+        f.write(text)
+    kinds = {"cuBLAS": '"__cublas$gemm"', "cuBLASLt": '"__cublas$lt$matmul', "Triton GEMM fusion": '"__triton_gemm"',
+             "cuDNN fusion": '"__cudnn$fusion"'}
+    print("prefill HLO matmul kernels: " + ", ".join(f"{k} {text.count(v)}" for k, v in kinds.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
@@ -76,6 +87,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
                    "jax.profiler and print the GPU time by kernel")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write the prefill step's optimised HLO to DIR/prefill.hlo and count its matmul kernels")
     args = p.parse_args()
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -149,6 +162,8 @@ def main() -> None:
                                        max(sizes), runner.spare_slot)
         prepared = runner.prepare(chunks, sampling, SamplerFeatures())
         ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
+        if args.dump_hlo:
+            dump_hlo(runner.compiled[prepared.program].as_text(), args.dump_hlo)
         params = matmul_params(runner.weights, vocab)
         print(f"prefill {args.prefill} tokens in {n} prompts: forward {ms:.2f} ms, "
               f"{2 * params * args.prefill / ms / 1e9:.0f} TFLOP/s of layer matmuls ({params / 1e9:.2f}B parameters)")
