@@ -57,6 +57,7 @@ class ProfiledEngine(Engine):
 def run(args, folder: str, disable_radix_cache: bool) -> dict:
     t0 = time.perf_counter()
     model_runner.token_buckets = functools.partial(token_buckets, decode_step=args.decode_bucket_step)
+    model_runner.ROW_BUCKET_GROWTH = args.row_bucket_growth
     engine_class = ProfiledEngine if args.profile_host else Engine
     engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
@@ -65,7 +66,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                           disable_overlap_schedule=args.disable_overlap_schedule,
                           attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
     startup = time.perf_counter() - t0
-    print(f"token buckets: {engine.runner.buckets}", flush=True)
+    print(f"token buckets: {engine.runner.buckets}; sampling row buckets: {engine.runner.row_buckets}", flush=True)
     work = make_workload(args, engine.loaded.config.vocab_size)
     engine.generate(input_ids=work.prompts[:2], sampling_params={"max_new_tokens": 4, "temperature": 0})  # warm-up
     if engine.radix is not None:
@@ -210,6 +211,8 @@ def main() -> None:
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
     p.add_argument("--decode-bucket-step", type=int, default=model_runner.DECODE_BUCKET_STEP,
                    help="token buckets for decode steps every this many rows (256: the coarser grid before session 12)")
+    p.add_argument("--row-bucket-growth", type=int, default=model_runner.ROW_BUCKET_GROWTH,
+                   help="sampling row buckets grow by this factor from 64 (4: the coarser grid before session 12)")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     args = p.parse_args()
 
