@@ -6,6 +6,7 @@ Workloads (sgjax/testing/workloads.py): `sharegpt` (log-normal lengths with Shar
 
     python scripts/bench_offline.py --model llama-3-8b --dataset sharegpt --num-prompts 1000
     python scripts/bench_offline.py --dataset shared-prefix --compare-radix
+    python scripts/bench_offline.py --schedule-policy lof --step-token-target 384 --max-running-requests 512
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth, matmul_params
 
+from sgjax.config import SCHEDULE_POLICIES
 from sgjax.engine import Engine, model_runner
 from sgjax.engine.engine import StepRecord
 from sgjax.engine.model_runner import token_buckets
@@ -63,7 +65,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
-                          num_pages=args.num_pages,
+                          num_pages=args.num_pages, schedule_policy=args.schedule_policy,
+                          step_token_target=args.step_token_target,
                           disable_overlap_schedule=args.disable_overlap_schedule,
                           attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
     startup = time.perf_counter() - t0
@@ -163,7 +166,8 @@ def timeline(log: list[StepRecord], end: float, floor=None) -> list[tuple]:
         band = 0 if step.prefill_tokens else max(b for b in DECODE_BANDS if b <= step.decodes)
         if band not in groups:
             upper = DECODE_BANDS[DECODE_BANDS.index(band) + 1] - 1 if band else 0
-            groups[band] = [f"decode {band}-{upper}" if band else "with prefill", 0, 0.0, 0, 0.0, 0,
+            name = f"decode {band}+" if upper >= DECODE_BANDS[-1] - 1 else f"decode {band}-{upper}"
+            groups[band] = [name if band else "with prefill", 0, 0.0, 0, 0.0, 0,
                             0.0 if floor else None]
         g = groups[band]
         g[1], g[2], g[3] = g[1] + 1, g[2] + nxt - step.launched, g[3] + step.decodes
@@ -203,6 +207,9 @@ def main() -> None:
     p.add_argument("--compare-radix", action="store_true", help="run again with the radix cache disabled")
     p.add_argument("--max-running-requests", type=int, default=1024)
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
+    p.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
+    p.add_argument("--step-token-target", type=int, default=0,
+                   help="prompt chunks fill a step up to this many tokens with its decodes (0: off)")
     p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--mem-fraction-static", type=float, default=0.9)
     p.add_argument("--min-token-bucket", type=int, default=16)

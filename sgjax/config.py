@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import os
 
+SCHEDULE_POLICIES = ("lpm", "fcfs", "lof")
+
 
 @dataclasses.dataclass
 class EngineArgs:
@@ -20,7 +22,12 @@ class EngineArgs:
     context_length: int | None = None  # None: the model's max_position_embeddings
     max_running_requests: int = 32  # decode batch size, also the compiled batch dimension
     chunked_prefill_size: int = 512  # prompt tokens per step at most; 0 = whole prompts
-    schedule_policy: str = "lpm"  # lpm (longest prefix match first) | fcfs
+    # lpm (longest prefix match first) | fcfs | lof (longest output first: for offline batches)
+    schedule_policy: str = "lpm"
+    # Prompt chunks fill a step up to this many tokens with its decodes (0: chunked_prefill_size alone
+    # limits them). Near the size where a step's matmuls take as long as reading the weights (~384 on an
+    # H100 for an 8B model), with `lof`, a batch's prefill runs inside its decode steps (scheduler.py).
+    step_token_target: int = 0
     disable_radix_cache: bool = False
     random_seed: int = 0
     # JAX's persistent compilation cache, so a restart loads the compiled steps; "" disables it.
@@ -38,8 +45,11 @@ class EngineArgs:
     shared_prefix_groups: int = 32
 
     def __post_init__(self):
-        if self.schedule_policy not in ("lpm", "fcfs"):
-            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs'; got {self.schedule_policy!r}")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}; "
+                             f"got {self.schedule_policy!r}")
+        if self.step_token_target < 0:
+            raise ValueError("step_token_target must be >= 0 (0 turns it off)")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be at least 1")
         if self.chunked_prefill_size < 0:
@@ -77,7 +87,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=32)
     parser.add_argument("--chunked-prefill-size", type=int, default=512)
-    parser.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
+    parser.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
+    parser.add_argument("--step-token-target", type=int, default=0)
     parser.add_argument("--disable-radix-cache", action="store_true")
     parser.add_argument("--disable-overlap-schedule", action="store_true")
     parser.add_argument("--enable-prompt-logprobs", action="store_true")
@@ -106,7 +117,8 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
         attention_backend=ns.attention_backend, page_size=ns.page_size,
         mem_fraction_static=ns.mem_fraction_static, context_length=ns.context_length,
         max_running_requests=ns.max_running_requests, chunked_prefill_size=ns.chunked_prefill_size,
-        schedule_policy=ns.schedule_policy, disable_radix_cache=ns.disable_radix_cache,
+        schedule_policy=ns.schedule_policy, step_token_target=ns.step_token_target,
+        disable_radix_cache=ns.disable_radix_cache,
         disable_overlap_schedule=ns.disable_overlap_schedule, enable_prompt_logprobs=ns.enable_prompt_logprobs,
         disable_jump_forward=ns.disable_jump_forward, shared_prefix_groups=ns.shared_prefix_groups,
         random_seed=ns.random_seed)

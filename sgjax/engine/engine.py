@@ -99,7 +99,8 @@ class Engine:
                                   if reads_shared_prefixes(self.attention_backend) else 0)
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
                                    chunked_prefill_size=prefill_budget, context_length=self.context_length,
-                                   policy=args.schedule_policy, round_up=self.runner.bucket_for)
+                                   policy=args.schedule_policy, step_token_target=args.step_token_target,
+                                   round_up=self.runner.bucket_for)
         self._seeds = np.random.default_rng(args.random_seed)
         self._callbacks: dict[int, tuple[Callback, asyncio.AbstractEventLoop | None]] = {}
         # Updates for callers on event loops, sent once per step and loop (one wake-up, not one per token)

@@ -8,8 +8,14 @@ Policy, in order, each step:
    front of the queue.
    With `round_up` (the runner's token buckets) the budget grows so the step fills the bucket it is
    padded to anyway: prompt tokens instead of padding, at no extra cost when prompts are waiting.
-2. Waiting requests, longest cached prefix first (`lpm`) or in arrival order (`fcfs`), while there is
-   budget, a free slot (`max_running_requests`) and pages. New requests never preempt running ones.
+   With `step_token_target` the budget is what the step's decodes leave of that many tokens (at
+   least 0): prompts fill decode steps up to about the size where reading the weights and doing the
+   matmuls take as long, instead of running in a few large prefill steps that advance each decode by
+   one token as slowly as they run (BENCHMARKS.md session 14).
+2. Waiting requests, longest cached prefix first (`lpm`), in arrival order (`fcfs`), or longest
+   remaining output (max_new_tokens) first (`lof`: the requests that need the most steps start first,
+   so a batch's last steps are not a few long outputs decoding alone), while there is budget, a free
+   slot (`max_running_requests`) and pages. New requests never preempt running ones.
    Of the n samples of one prompt, one is admitted first; the others wait until its prompt is in
    the radix cache and then share those pages.
 
@@ -32,13 +38,14 @@ LPM_MAX_QUEUE = 128
 class Scheduler:
     def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
                  chunked_prefill_size: int, context_length: int, policy: str = "lpm",
-                 round_up: Callable[[int], int] | None = None):
+                 round_up: Callable[[int], int] | None = None, step_token_target: int = 0):
         self.allocator, self.radix = allocator, radix
         self.page_size = allocator.page_size
         self.max_running = max_running_requests
         self.prefill_budget = chunked_prefill_size
         self.round_up = round_up  # tokens -> the token count a step of that many is padded to
         self.policy = policy
+        self.step_token_target = step_token_target  # 0: chunked_prefill_size alone sets the budget
         self.context_length = context_length
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -55,8 +62,10 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step's (request, number of tokens to run) pairs."""
         budget = self.prefill_budget
+        decodes = sum(r.num_pending == 1 for r in self.running)
+        if self.step_token_target:
+            budget = min(budget, max(self.step_token_target - decodes, 0))
         if self.round_up is not None:
-            decodes = sum(r.num_pending == 1 for r in self.running)
             budget = self.round_up(decodes + budget) - decodes
         batch: list[tuple[Request, int]] = []
         for req in list(self.running):
@@ -82,6 +91,8 @@ class Scheduler:
 
     def _waiting_in_policy_order(self) -> list[Request]:
         # Matching every waiting prompt each step costs too much for long queues: FCFS there, as SGLang does.
+        if self.policy == "lof":  # stable: FCFS among equals
+            return sorted(self.waiting, key=lambda r: len(r.output_ids) - r.params.max_new_tokens)
         if self.policy == "fcfs" or self.radix is None or len(self.waiting) > LPM_MAX_QUEUE:
             return list(self.waiting)
         match_len = {id(r): self.radix.match_prefix(r.key, r.extra_key, record=False).num_tokens

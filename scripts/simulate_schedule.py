@@ -1,0 +1,111 @@
+"""The engine's scheduler alone on a benchmark workload, with no model: which steps it makes, and the
+physical floor of those steps on a device of given bandwidth and matmul rate.
+
+A run of bench_offline costs ~6 minutes of GPU time (mostly compiling), a simulation a few seconds
+of CPU: this is where scheduling policies are compared before one is measured on the device. The
+scheduler, page allocator and radix cache are the engine's own; every step's chunks run at once and
+every sampled token is the request's next (`ignore_eos`, outputs of exactly max_new_tokens), as in
+bench_offline. The cost of a step is bench_offline's in-sequence floor (max(weights, matmuls) + K/V),
+counted on the token bucket the step is padded to.
+
+    python scripts/simulate_schedule.py --num-prompts 1000
+    python scripts/simulate_schedule.py --policy lof --step-token-target 384 --max-running-requests 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench_offline import step_floor_s, timeline, workload_floor_s
+
+from sgjax.cache.page_allocator import PageAllocator
+from sgjax.cache.radix_cache import RadixCache
+from sgjax.config import SCHEDULE_POLICIES
+from sgjax.engine.engine import StepRecord
+from sgjax.engine.model_runner import token_buckets
+from sgjax.engine.request import Request
+from sgjax.engine.sampling_params import SamplingParams
+from sgjax.engine.scheduler import Scheduler
+from sgjax.testing import workloads
+
+# Llama-3-8B in bf16 (the shape bench_offline runs by default): bytes read per step for the weights
+# (all but the input embedding), parameters of every token's matmuls (the layers), K/V bytes per token.
+LLAMA_3_8B = dict(weight_bytes=2 * (8_030_261_248 - 128_256 * 4096), layer_params=6_979_321_856,
+                  kv_bytes_per_token=32 * 2 * 8 * 128 * 2)
+
+
+def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Scheduler]:
+    """The steps the scheduler makes for `work`, with time in each record's `launched` field (the sum of
+    the floors of the steps before it)."""
+    allocator = PageAllocator(args.num_pages, args.page_size)
+    radix = None if args.disable_radix_cache else RadixCache(allocator)
+    buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
+                            decode_rows=args.max_running_requests)
+    scheduler = Scheduler(allocator, radix, max_running_requests=args.max_running_requests,
+                          chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+                          policy=args.policy, step_token_target=args.step_token_target,
+                          round_up=lambda n: next(b for b in buckets if b >= n))
+    for i, (prompt, out) in enumerate(zip(work.prompts, work.output_lens)):
+        scheduler.add(Request(str(i), prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), seed=i))
+    log, clock = [], 0.0
+    while scheduler.has_work():
+        batch = scheduler.schedule()
+        if not batch:
+            raise RuntimeError("the scheduler made an empty step with requests left: out of KV pages?")
+        decodes = sum(n == 1 for _, n in batch)
+        record = StepRecord(clock, decodes, sum(n for _, n in batch) - decodes,
+                            sum(r.num_computed + n for r, n in batch))
+        padded = StepRecord(0, 0, next(b for b in buckets if b >= record.decodes + record.prefill_tokens),
+                            record.kv_tokens)
+        clock += step_floor_s([padded], args.model, args.bandwidth, args.matmul_rate, in_sequence=True)
+        log.append(record)
+        for req, n in batch:
+            was_prefill = req.num_pending > 1
+            req.num_computed += n
+            if was_prefill:
+                scheduler.cache_prefill(req)
+            if req.num_pending == 0:
+                req.output_ids.append(0)
+                if len(req.output_ids) >= req.params.max_new_tokens:
+                    scheduler.finish(req)
+    return log, scheduler
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--max-len", type=int, default=1024, help="longest prompt / output (sharegpt-like)")
+    p.add_argument("--policy", default="lpm", choices=SCHEDULE_POLICIES, help="EngineArgs.schedule_policy")
+    p.add_argument("--max-running-requests", type=int, default=1024)
+    p.add_argument("--chunked-prefill-size", type=int, default=8192)
+    p.add_argument("--step-token-target", type=int, default=0, help="the scheduler's (EngineArgs.step_token_target)")
+    p.add_argument("--context-length", type=int, default=4096)
+    p.add_argument("--num-pages", type=int, default=26_000, help="KV pool (an H100 at 0.9 of its memory: ~26k)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--min-token-bucket", type=int, default=16)
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--bandwidth", type=float, default=2.6e12, help="bytes/s (an H100's copy bandwidth)")
+    p.add_argument("--matmul-rate", type=float, default=750e12, help="bf16 FLOP/s (an H100's, measured)")
+    args = p.parse_args()
+    args.model = LLAMA_3_8B
+
+    work = workloads.sharegpt_like(args.num_prompts, 128_256, max_len=args.max_len)
+    t0 = time.perf_counter()
+    log, scheduler = simulate(work, args)
+    took = time.perf_counter() - t0
+    end = log[-1].launched + step_floor_s(log[-1:], args.model, args.bandwidth, args.matmul_rate, True)
+    outs = sum(work.output_lens)
+    print(f"{work.description}; policy {args.policy}, max running {args.max_running_requests}, chunked prefill "
+          f"{args.chunked_prefill_size}, {args.num_pages} pages; simulated in {took:.1f} s")
+    print(f"{'step kind':>18} {'steps':>7} {'floor s':>8} {'share':>6} {'ms/step':>8} {'decode rows':>12}")
+    for kind, steps, seconds, rows, *_ in timeline(log, end):
+        print(f"{kind:>18} {steps:>7} {seconds:8.2f} {seconds / end:6.1%} {seconds / steps * 1e3:8.2f} {rows:>12,}")
+    floor = workload_floor_s(work, args.model, args.bandwidth, args.matmul_rate)
+    print(f"steps {len(log)}, preemptions {scheduler.num_preemptions}; in-sequence floor of these steps (padded "
+          f"to their buckets) {end:.2f} s = {outs / end:,.0f} out tok/s; any schedule {floor:.2f} s = "
+          f"{outs / floor:,.0f} out tok/s")
+
+
+if __name__ == "__main__":
+    main()
