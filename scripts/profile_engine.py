@@ -37,6 +37,7 @@ import time
 import jax
 import numpy as np
 
+from sgjax.config import SCHEDULE_POLICIES
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
     p.add_argument("--mem-fraction-static", type=float, default=0.9)
+    p.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
+    p.add_argument("--step-token-target", type=int, default=0)
     p.add_argument("--warmup-s", type=float, default=8.0, help="seconds of serving before the trace starts")
     p.add_argument("--trace-s", type=float, default=2.0)
     p.add_argument("--windows", default=None,
@@ -163,7 +166,8 @@ def main() -> None:
         args.num_prompts = min(args.num_prompts, 64)
     engine = Engine(folder, load_format="dummy", max_running_requests=args.max_running_requests,
                     context_length=args.context_length, chunked_prefill_size=args.chunked_prefill_size,
-                    mem_fraction_static=args.mem_fraction_static)
+                    mem_fraction_static=args.mem_fraction_static, schedule_policy=args.schedule_policy,
+                    step_token_target=args.step_token_target)
     if args.dataset == "sharegpt" and not args.constrained:
         work = workloads.sharegpt_like(args.num_prompts, vocab)
         requests = [r for prompt, out_len in zip(work.prompts, work.output_lens) for r in
