@@ -188,28 +188,6 @@ def test_gpu_kernel_on_an_engine_like_decode_batch():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads,q_lens,cached", [
-    (2, [1, 12, 1, 5, 1], [90, 4, 3, 50, 300]),  # 2 chunks among decodes; few blocks: the decodes' context split
-    (8, [1, 33, 1, 1], [17, 40, 0, 64]),  # a chunk of 2+ prefill blocks, a partial one; no split
-])
-def test_gpu_kernel_gives_prompt_chunks_in_a_decode_sized_step_prefill_tiles(kv_heads, q_lens, cached):
-    """A step with no more tokens than sequences (an engine's decode bucket) that holds prompt chunks
-    among its decodes, as step_token_target schedules: by default the decodes run one token per block and
-    the chunks, in a second pass writing over the first's output, 16-token blocks; both passes together
-    match the reference."""
-    q, k_pages, v_pages, meta, total = random_case(5, num_heads=8, num_kv_heads=kv_heads, head_dim=64, page_size=16,
-                                                   q_lens=q_lens, cached=cached, dtype=jnp.float32,
-                                                   extra_tokens=3, extra_seqs=sum(q_lens) + 3 - len(q_lens))
-    assert q.shape[0] <= meta.kv_lens.shape[0]  # the decode path's shape
-    kwargs = dict(scale=0.125)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
-    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)[:total]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
-    text = jax.jit(lambda *a: gpu_kernel.ragged_paged_attention(*a, **kwargs)).trace(
-        q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # one-token blocks, then the chunks' tiles
-
-
 def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):
     from sgjax.kernels import resolve_backend
 

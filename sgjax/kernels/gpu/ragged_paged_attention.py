@@ -161,6 +161,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     shared_prefix.py). `partials=True`: return the unnormalised softmax pieces instead, (out [KVH, S,
     R, D] float32, running max [KVH, S, R], sum [KVH, S, R]) over the S context splits, for
     `combine_partials` to merge with others."""
+    head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
@@ -184,58 +185,28 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # 0.223, engine-shaped batch 1 at 1k 0.029 -> 0.019 ms a layer, batch 16 at 2k 0.080 -> 0.064,
     # a 4k causal prefill 0.661 -> 0.617 ms (BENCHMARKS.md, session 9).
     decode = num_tokens <= num_seqs
-    prefill_block_q = max(16, 64 // padded_group)
-    # A step with no more tokens than sequences may still hold prompt chunks (the scheduler fills decode
-    # steps with them, step_token_target): one token per query block would make each chunk token walk its
-    # context alone (a ShareGPT-like run of such steps spent as long in attention as in its matmuls,
-    # BENCHMARKS.md session 14). Then a second pass gives the chunks prefill tiles, writing over the
-    # first pass's output (whose rows for them are zeros): for a step without chunks all its programs
-    # find no block and return.
-    split_chunks = block_q is None and decode and causal and not partials and num_tokens > 1
     if block_q is None:
-        block_q = 1 if decode else prefill_block_q
+        block_q = 1 if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
         pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
-    # A block's reads run up to its rows past the last token.
-    pad = (prefill_block_q if split_chunks else block_q) * padded_group
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, pad), (0, 0)))
+    rows = block_q * padded_group
+    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
+
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))  # a block's reads run up to `rows` past the last token
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
-    common = dict(group=group, padded_group=padded_group, pages_per_block=pages_per_block, scale=scale,
-                  window=sliding_window, softcap=softcap, min_blocks_per_split=min_blocks_per_split,
-                  num_warps=num_warps, num_stages=num_stages, causal=causal, partials=partials, interpret=interpret)
-    if not split_chunks:
-        return _attend(q_rows, k_pages, v_pages, meta, page_table, num_tokens, block_q, kv_splits, include,
-                       None, None, **common)
-    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
-    everyone = jnp.ones((num_seqs,), bool) if include is None else include
-    out = _attend(q_rows, k_pages, v_pages, meta, page_table, num_tokens, 1, kv_splits, everyone & (q_lens == 1),
-                  None, None, **common)
-    # Chunks of 2+ tokens: at most num_tokens // 2 of them, each with at most one partial block.
-    max_blocks = -(-num_tokens // prefill_block_q) + min(num_seqs, num_tokens // 2)
-    return _attend(q_rows, k_pages, v_pages, meta, page_table, num_tokens, prefill_block_q, 1,
-                   everyone & (q_lens > 1), out, max_blocks, **common)
-
-
-def _attend(q_rows, k_pages, v_pages, meta, page_table, num_tokens, block_q, kv_splits, include, out, max_blocks, *,
-            group, padded_group, pages_per_block, scale, window, softcap, min_blocks_per_split, num_warps,
-            num_stages, causal, partials, interpret):
-    """One pallas_call over the query blocks of the sequences `include` marks; q_rows padded already.
-    `out`: output rows to write into (other rows keep their values), for one pass without splits."""
-    num_kv_heads, head_dim = k_pages.shape[0], k_pages.shape[-1]
-    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include, max_blocks)
     full = lambda *shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, s: (h,) + (0,) * len(shape))  # noqa: E731
     per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, h, s: (h, s) + (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
-                               pages_per_block=pages_per_block, scale=scale, window=window, softcap=softcap,
+                               pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
                                min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
     if kv_splits == 1 and not partials:
-        outputs = [jnp.zeros_like(q_rows) if out is None else out]
+        outputs = [jnp.zeros_like(q_rows)]
         out_specs = [per_head(num_rows, head_dim)]
     else:
         outputs = [jnp.zeros((num_kv_heads, kv_splits, num_rows, head_dim), jnp.float32),
