@@ -8,7 +8,7 @@ long chunks on Hopper); jax.nn.dot_product_attention (cuDNN) side by side. Share
 batch in groups behind long common prompts, with and without cascade attention (reading each group's
 prefix once), against the bandwidth needed to read every distinct K/V page once.
 
-    python scripts/bench_attention.py [--page-size 16] [--cases decode,engine,prefill,shared]
+    python scripts/bench_attention.py [--page-size 16] [--cases decode,engine,mixed,prefill,shared]
 """
 
 from __future__ import annotations
@@ -77,6 +77,29 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
     return q, k, v, meta
 
 
+def mixed_case(decodes: int, chunks: list[tuple[int, int]], page_size: int, num_tokens: int, num_seqs: int,
+               mean_context: float = 400, seed: int = 0):
+    """A step as step_token_target schedules them (BENCHMARKS.md session 14): `decodes` one-token rows
+    with log-normal contexts (sigma 0.8, 16-2048 tokens) and prompt chunks (new tokens, cached tokens),
+    padded to `num_tokens` tokens and `num_seqs` rows. Returns q, k, v, meta and the distinct K/V tokens."""
+    rng = np.random.default_rng(seed)
+    contexts = np.clip(rng.lognormal(np.log(mean_context) - 0.32, 0.8, decodes), 16, 2048).astype(int)
+    spans = [(1, int(c)) for c in contexts] + [(n, cached + n) for n, cached in chunks]
+    pages_each = [-(-ctx // page_size) for _, ctx in spans]
+    num_pages = 1 + sum(pages_each)
+    order, at, seq_chunks = rng.permutation(np.arange(1, num_pages)), 0, []
+    for (n, ctx), pages in zip(spans, pages_each):
+        seq_chunks.append(SeqChunk([0] * n, ctx - n, order[at:at + pages].tolist()))
+        at += pages
+    meta = jax.tree.map(jnp.asarray, make_batch(seq_chunks, page_size, max_pages=4096 // page_size,
+                                                num_tokens=num_tokens, num_seqs=num_seqs).meta)
+    kshape = (KVH, num_pages, page_size, D)
+    k = jax.random.normal(jax.random.key(seed + 1), kshape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(seed + 2), kshape, jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(seed + 3), (num_tokens, H, D), jnp.bfloat16)
+    return q, k, v, meta, sum(ctx for _, ctx in spans)
+
+
 def shared_prefix_case(groups: int, per_group: int, prefix: int, own: int, page_size: int, max_groups: int = 32):
     """A decode batch of groups x per_group sequences; each group's share a `prefix`-token prompt prefix
     (the same pages), then `own` tokens of their own. Returns q, k, v and the metadata with the groups."""
@@ -137,6 +160,8 @@ def main() -> None:
     p.add_argument("--mgpu-configs", default="8:2:1:1,8:2:0:1,8:2:1:0,8:2:0:0,4:2:1:1",
                    help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
     p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
+    p.add_argument("--mixed-configs", default="0:0:0:0,0:0:2:4,0:0:4:4,0:8:0:4,0:2:0:4",
+                   help="the same for steps of decodes and prompt chunks in a decode-sized bucket")
     p.add_argument("--engine-cases", default="1:512,16:2048,16:4000,32:512,64:512",
                    help="batch:context of the engine-shaped small decode cases")
     args = p.parse_args()
@@ -196,6 +221,22 @@ def main() -> None:
             name, fn = kernel_config(cfg, scale)
             t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
             rows.append((case, name, t, kv_bytes / t / bw, None))
+
+    # Steps as step_token_target makes them on a ShareGPT-like workload (bucket 384, 512 rows): ~190
+    # decodes and ~190 prompt tokens in one or two chunks; and as many decodes alone
+    for decodes, chunks in ((190, ((150, 300), (44, 0))), (190, ((194, 700),)), (384, ())):
+        if "mixed" not in cases:
+            break
+        q, k, v, meta, kv_tokens = mixed_case(decodes, list(chunks), ps, num_tokens=384, num_seqs=512)
+        kv_bytes = 2 * kv_tokens * KVH * D * 2
+        case = f"mixed {decodes}+{'+'.join(str(n) for n, _ in chunks) or '0'} (x{layers})"
+        want = reference.ragged_paged_attention(q, k, v, meta, scale=scale)
+        for cfg in args.mixed_configs.split(","):
+            name, fn = kernel_config(cfg, scale)
+            err = rel_error(fn(q, k, v, meta)[:decodes + sum(n for n, _ in chunks)],
+                            want[:decodes + sum(n for n, _ in chunks)])
+            t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
+            rows.append((case, name, t, kv_bytes / t / bw, err))
 
     # Shared prefixes (the generated-shared-prefix workload's decode steps): 16 groups behind 2048-token
     # prompts, 256 requests; limit = the bytes of every distinct page read once

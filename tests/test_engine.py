@@ -90,10 +90,12 @@ def test_staggered_requests_match_transformers(engine, llama):
     dict(num_pages=41, max_running_requests=8, disable_radix_cache=True, schedule_policy="fcfs"),
     dict(disable_overlap_schedule=True),
     dict(num_pages=41, disable_overlap_schedule=True),
+    # prompt chunks of a few tokens squeezed into the decode steps
+    dict(schedule_policy="lof", step_token_target=12),
     dict(attention_backend="pallas_interpret"),
     dict(attention_backend="pallas_tpu_interpret"),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
-        "preemption-no-overlap", "pallas-kernel", "tpu-kernel"])
+        "preemption-no-overlap", "lof-step-target", "pallas-kernel", "tpu-kernel"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     if overrides.get("attention_backend") == "pallas_tpu_interpret":

@@ -16,9 +16,9 @@ def make(num_pages=9, page_size=4, **kw):
                                    context_length=256, **kw)
 
 
-def request(rid, n, seed=0):
+def request(rid, n, seed=0, max_new_tokens=4):
     ids = np.random.default_rng(seed).integers(0, 100, n).tolist()
-    return Request(rid=rid, prompt_ids=ids, params=SamplingParams(max_new_tokens=4), seed=0)
+    return Request(rid=rid, prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new_tokens), seed=0)
 
 
 def pages_accounted(alloc, radix, sched):
@@ -112,3 +112,69 @@ def test_page_array_follows_appends_and_replacements():
     assert req.page_array().tolist() == [9, 6, 7, 8]
     req.pages = []
     assert req.page_array().tolist() == []
+
+
+def test_lof_admits_the_longest_remaining_outputs_first():
+    """`lof` orders the queue by output tokens still to come (max_new_tokens less those already made, as
+    a preempted request has), arrival order among equals: the oracle is Python's stable sort."""
+    alloc, radix, sched = make(num_pages=200, policy="lof")
+    wants = {"a": 5, "b": 50, "c": 20, "d": 50, "e": 30}
+    for i, (rid, out) in enumerate(wants.items()):
+        sched.add(request(rid, 6, i, max_new_tokens=out))
+    sched.waiting[2].output_ids = [7] * 15  # "c" was preempted after 15 tokens: 5 to go
+    remaining = {rid: out - (15 if rid == "c" else 0) for rid, out in wants.items()}
+    oracle = sorted(wants, key=lambda rid: -remaining[rid])
+    assert [r.rid for r in sched._waiting_in_policy_order()] == oracle == ["b", "d", "e", "a", "c"]
+    # max_running_requests is 4: the four longest are admitted, the shortest waits
+    assert [r.rid for r, _ in sched.schedule()] == oracle[:4] and [r.rid for r in sched.waiting] == ["c"]
+
+
+def test_step_token_target_fills_decode_steps_with_prompt_chunks():
+    """With a target of 16 tokens a step of 3 decodes takes 13 prompt tokens (not the 64 of
+    chunked_prefill_size); padded to buckets of 32 it fills its bucket (29); with as many decodes as the
+    target it admits nothing."""
+    for round_up, chunk in ((None, 13), (lambda n: -(-n // 32) * 32, 29)):
+        alloc, radix, sched = make(num_pages=200, step_token_target=16, round_up=round_up)
+        for i in range(3):
+            sched.add(request(f"d{i}", 5, i))
+        for r, n in sched.schedule():
+            r.num_computed += n
+            r.num_unknown = 1  # a token in flight: a decode next
+        sched.add(request("long", 200, 9))
+        assert [(r.rid, n) for r, n in sched.schedule()][-1] == ("long", chunk)
+    alloc, radix, sched = make(num_pages=200, step_token_target=3)
+    for i in range(3):
+        sched.add(request(f"d{i}", 1, i))  # one-token prompts: a budget of 3 admits all three
+    for r, n in sched.schedule():
+        r.num_computed += n
+        r.num_unknown = 1
+    sched.add(request("late", 8, 9))
+    assert [r.rid for r, _ in sched.schedule()] == ["d0", "d1", "d2"] and [r.rid for r in sched.waiting] == ["late"]
+
+
+def test_lof_with_a_step_token_target_serves_a_whole_batch():
+    """A batch of random prompt and output lengths run to the end (every chunk computed, every sampled
+    token appended, as the engine does): each request gets exactly its max_new_tokens, no step has more
+    tokens than the target or its decodes, and every page returns to the pool or the radix tree."""
+    rng = np.random.default_rng(0)
+    alloc, radix, sched = make(num_pages=400, policy="lof", step_token_target=24)
+    reqs = [request(f"r{i}", int(rng.integers(2, 40)), i, max_new_tokens=int(rng.integers(1, 30)))
+            for i in range(40)]
+    for r in reqs:
+        sched.add(r)
+    steps = 0
+    while sched.has_work():
+        batch = sched.schedule()
+        assert batch, "no progress with requests left"
+        decodes = sum(n == 1 for _, n in batch)
+        assert sum(n for _, n in batch) <= max(24, decodes)
+        for r, n in batch:
+            r.num_computed += n
+            if r.num_pending == 0:
+                r.output_ids.append(1)
+                if len(r.output_ids) == r.params.max_new_tokens:
+                    sched.finish(r)
+        steps += 1
+    assert all(len(r.output_ids) == r.params.max_new_tokens and r.finished for r in reqs)
+    assert steps >= max(r.params.max_new_tokens for r in reqs)
+    assert pages_accounted(alloc, radix, sched)
