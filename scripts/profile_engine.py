@@ -200,7 +200,9 @@ def main() -> None:
         jax.profiler.stop_trace()
         header = (f"\n=== window {start:.1f}-{start + length:.1f} s: {jax.devices()[0].device_kind}, jax "
                   f"{jax.__version__}, {args.model}, {running}-{len(engine.scheduler.running)} running requests, "
-                  f"{steps} steps traced ({window / 1e3 / max(steps, 1):.2f} ms per step)")
+                  f"{steps} steps in the window ({window / 1e3 / max(steps, 1):.2f} ms per step; the trace can "
+                  f"run on while it stops: if the attention kernel's calls / layers say more steps, per-step "
+                  f"figures below are too high by that ratio)")
         traced.append((header, trace_dir, window, steps))
     done.wait()
     print(f"workload done in {time.perf_counter() - started:.2f} s (traces included)")
