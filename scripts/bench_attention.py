@@ -32,18 +32,18 @@ from sgjax.shared_prefix import order_by_first_page
 H, KVH, D = 32, 8, 128
 
 
-def median_time(fn, *args, repeat: int = 20) -> float:
+def median_time(fn, *args, repeat: int = 20, rounds: int = 5) -> float:
     """Seconds per call: `repeat` calls queued back to back (so host dispatch hides behind the device),
-    the median of 5 such rounds."""
+    the median of `rounds` such rounds."""
     jax.block_until_ready(fn(*args))
-    rounds = []
-    for _ in range(5):
+    times = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(repeat):
             out = fn(*args)
         jax.block_until_ready(out)
-        rounds.append((time.perf_counter() - t0) / repeat)
-    return float(np.median(rounds))
+        times.append((time.perf_counter() - t0) / repeat)
+    return float(np.median(times))
 
 
 def copy_bandwidth() -> float:

@@ -16,11 +16,11 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_attention import matmul_rate, median_time
 
 SWEEP = {  # name -> extra XLA_FLAGS
     "default": "",
@@ -29,17 +29,9 @@ SWEEP = {  # name -> extra XLA_FLAGS
 }
 
 
-def queued_time(fn, *args, calls: int = 20) -> float:
-    """Seconds per call, `calls` calls enqueued back to back (the host's dispatch hidden), median of 3."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls)
-    return float(np.median(times))
+def queued_time(fn, *args) -> float:
+    """Seconds per call, 20 calls enqueued back to back (the host's dispatch hidden), median of 3 rounds."""
+    return median_time(fn, *args, repeat=20, rounds=3)
 
 
 def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict:
@@ -51,8 +43,7 @@ def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: 
 
 def run(args) -> None:
     key = jax.random.key(0)
-    square = jax.random.normal(key, (8192, 8192), jnp.bfloat16)
-    rate = 2 * 8192**3 / queued_time(jax.jit(lambda a, b: a @ b), square, square, calls=10)
+    rate = matmul_rate()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"square 8192^3 matmul: {rate / 1e12:.0f} TFLOP/s")
     print(f"{'tokens':>7} {'matmul':>8} {'layout':>9} {'us':>9} {'TFLOP/s':>8} {'of square':>9}")

@@ -42,10 +42,14 @@ def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Schedule
     radix = None if args.disable_radix_cache else RadixCache(allocator)
     buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
                             decode_rows=args.max_running_requests)
+
+    def bucket_for(num_tokens: int) -> int:  # as ModelRunner.bucket_for
+        return next(b for b in buckets if b >= num_tokens)
+
     scheduler = Scheduler(allocator, radix, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           policy=args.policy, step_token_target=args.step_token_target,
-                          round_up=lambda n: next(b for b in buckets if b >= n))
+                          round_up=bucket_for)
     for i, (prompt, out) in enumerate(zip(work.prompts, work.output_lens)):
         scheduler.add(Request(str(i), prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), seed=i))
     log, clock = [], 0.0
@@ -56,8 +60,7 @@ def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Schedule
         decodes = sum(n == 1 for _, n in batch)
         record = StepRecord(clock, decodes, sum(n for _, n in batch) - decodes,
                             sum(r.num_computed + n for r, n in batch))
-        padded = StepRecord(0, 0, next(b for b in buckets if b >= record.decodes + record.prefill_tokens),
-                            record.kv_tokens)
+        padded = StepRecord(0, 0, bucket_for(record.decodes + record.prefill_tokens), record.kv_tokens)
         clock += step_floor_s([padded], args.model, args.bandwidth, args.matmul_rate, in_sequence=True)
         log.append(record)
         for req, n in batch:
