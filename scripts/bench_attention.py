@@ -78,16 +78,19 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
 
 
 def mixed_case(decodes: int, chunks: list[tuple[int, int]], page_size: int, num_tokens: int, num_seqs: int,
-               mean_context: float = 400, seed: int = 0):
+               mean_context: float = 400, seed: int = 0, pool_pages: int = 0, contiguous: bool = False):
     """A step as step_token_target schedules them (BENCHMARKS.md session 14): `decodes` one-token rows
     with log-normal contexts (sigma 0.8, 16-2048 tokens) and prompt chunks (new tokens, cached tokens),
-    padded to `num_tokens` tokens and `num_seqs` rows. Returns q, k, v, meta and the distinct K/V tokens."""
+    padded to `num_tokens` tokens and `num_seqs` rows. Pages are drawn at random from a pool of
+    `pool_pages` (at least those needed), or laid out one sequence after another (`contiguous`).
+    Returns q, k, v, meta and the distinct K/V tokens."""
     rng = np.random.default_rng(seed)
     contexts = np.clip(rng.lognormal(np.log(mean_context) - 0.32, 0.8, decodes), 16, 2048).astype(int)
     spans = [(1, int(c)) for c in contexts] + [(n, cached + n) for n, cached in chunks]
     pages_each = [-(-ctx // page_size) for _, ctx in spans]
-    num_pages = 1 + sum(pages_each)
-    order, at, seq_chunks = rng.permutation(np.arange(1, num_pages)), 0, []
+    num_pages = max(1 + sum(pages_each), pool_pages)
+    order = np.arange(1, num_pages) if contiguous else rng.permutation(np.arange(1, num_pages))
+    at, seq_chunks = 0, []
     for (n, ctx), pages in zip(spans, pages_each):
         seq_chunks.append(SeqChunk([0] * n, ctx - n, order[at:at + pages].tolist()))
         at += pages
@@ -121,13 +124,15 @@ def shared_prefix_case(groups: int, per_group: int, prefix: int, own: int, page_
 
 
 def kernel_config(cfg: str, scale: float):
-    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]]' (0 = default)
-    -> (label, jitted kernel)."""
-    bq, ppb, splits, warps, stages, min_blocks = (int(x) for x in (cfg + ":0:0").split(":")[:6])
+    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split[:prefetch]]]'
+    (0 = default; prefetch 1 = page ids, 2 = K/V, 3 = nothing) -> (label, jitted kernel)."""
+    bq, ppb, splits, warps, stages, min_blocks, prefetch = (int(x) for x in (cfg + ":0:0:0").split(":")[:7])
     kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
               num_stages=stages or 1, min_blocks_per_split=min_blocks or 2)
+    if prefetch:
+        kw["prefetch"] = prefetch % 3
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
-    return (f"sgjax {cfg}" if any((bq, ppb, splits)) else "sgjax defaults"), fn
+    return (f"sgjax {cfg}" if any((bq, ppb, splits, warps, stages, prefetch)) else "sgjax defaults"), fn
 
 
 def as_layers(fn, layers: int):
@@ -162,6 +167,9 @@ def main() -> None:
     p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
     p.add_argument("--mixed-configs", default="0:0:0:0,0:0:2:4,0:0:4:4,0:8:0:4,0:2:0:4",
                    help="the same for steps of decodes and prompt chunks in a decode-sized bucket")
+    p.add_argument("--mixed-pool-pages", type=int, default=0,
+                   help="KV pool pages the mixed cases draw their pages from at random (0: just those needed)")
+    p.add_argument("--mixed-contiguous", action="store_true", help="mixed cases: each sequence's pages in a row")
     p.add_argument("--engine-cases", default="1:512,16:2048,16:4000,32:512,64:512",
                    help="batch:context of the engine-shaped small decode cases")
     args = p.parse_args()
@@ -224,10 +232,12 @@ def main() -> None:
 
     # Steps as step_token_target makes them on a ShareGPT-like workload (bucket 384, 512 rows): ~190
     # decodes and ~190 prompt tokens in one or two chunks; and as many decodes alone
+    # (pages drawn from a pool of --mixed-pool-pages: an engine's pool spans tens of GB)
     for decodes, chunks in ((190, ((150, 300), (44, 0))), (190, ((194, 700),)), (384, ())):
         if "mixed" not in cases:
             break
-        q, k, v, meta, kv_tokens = mixed_case(decodes, list(chunks), ps, num_tokens=384, num_seqs=512)
+        q, k, v, meta, kv_tokens = mixed_case(decodes, list(chunks), ps, num_tokens=384, num_seqs=512,
+                                              pool_pages=args.mixed_pool_pages, contiguous=args.mixed_contiguous)
         kv_bytes = 2 * kv_tokens * KVH * D * 2
         case = f"mixed {decodes}+{'+'.join(str(n) for n, _ in chunks) or '0'} (x{layers})"
         want = reference.ragged_paged_attention(q, k, v, meta, scale=scale)

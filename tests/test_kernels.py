@@ -85,13 +85,18 @@ def relative_error(got, want) -> float:
 def test_gpu_kernel_matches_reference(case, dtype, tolerance):
     (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
     # the default; the context split three ways (flash decoding), into blocks of any length or >= 2;
-    # one token per query block (what batches with no more tokens than sequences use), whole or split
-    for block_q, splits, min_blocks in ((None, None, 2), (None, 3, 1), (None, 3, 2), (1, None, 2), (1, 3, 2)):
-        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
-                                                kv_splits=splits, min_blocks_per_split=min_blocks, **kwargs)
+    # one token per query block (what batches with no more tokens than sequences use), whole or split;
+    # two tokens a block (decode-sized steps with prompt chunks); the next block's page ids or K/V loaded
+    # ahead (none, page ids, K/V), with and without splits
+    variants = [dict(block_q=None), dict(kv_splits=3, min_blocks_per_split=1), dict(kv_splits=3),
+                dict(block_q=1), dict(block_q=1, kv_splits=3), dict(block_q=2, prefetch=0),
+                dict(block_q=2, prefetch=1), dict(block_q=1, prefetch=2), dict(kv_splits=3, prefetch=1),
+                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2)]
+    for variant in variants:
+        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **variant, **kwargs)
         assert got.shape == q.shape
         rel = relative_error(got[:total], want)
-        assert rel < tolerance, f"block_q={block_q}, kv_splits={splits}/{min_blocks}: relative error {rel:.2e}"
+        assert rel < tolerance, f"{variant}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("case", GRID)

@@ -35,7 +35,7 @@ MASK_VALUE = -1e30
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
             window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
-            causal: bool, partials: bool):
+            causal: bool, partials: bool, prefetch: int):
     i = pl.program_id(0)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -57,11 +57,29 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     end_block = jnp.where(valid > 0, pl.cdiv(last + 1, block_k), 0)
     start_block = 0 if window is None else jnp.maximum(offset + t0 - q_start - window + 1, 0) // block_k
 
-    def body(kb, carry, masked: bool):
-        o, m, denom = carry
-        pages = page_table_ref[seq, pl.ds(kb * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
+    table_blocks = page_table_ref.shape[1] // pages_per_block
+
+    def block_pages(kb):
+        return page_table_ref[seq, pl.ds(jnp.clip(kb, 0, table_blocks - 1) * pages_per_block, pages_per_block)]
+
+    def block_kv(pages):
+        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)
+
+    def fetch(kb):
+        """What the loop carries of block kb ahead of its use (`prefetch`): nothing, its page ids, or its K/V."""
+        return () if prefetch == 0 else (block_pages(kb),) if prefetch == 1 else block_kv(block_pages(kb))
+
+    def body(kb, carry, masked: bool, hi):
+        o, m, denom, *ahead = carry
+        # Prefetching: block kb + 1's loads are issued before block kb's math, so their latency overlaps
+        # it (the last block fetches itself again, from cache).
+        ahead_next = fetch(jnp.minimum(kb + 1, hi - 1))
+        if prefetch == 0:
+            k, v = block_kv(block_pages(kb))
+        elif prefetch == 1:
+            k, v = block_kv(ahead[0])
+        else:
+            k, v = ahead
         s = dot(q, k, trans_b=True) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -76,7 +94,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         p = jnp.exp(s - m_next[:, None])
         denom_next = correction * denom + p.sum(axis=-1)
         o_next = correction[:, None] * o + dot(p.astype(v.dtype), v)
-        return o_next, m_next, denom_next
+        return (o_next, m_next, denom_next, *ahead_next)
 
     # Blocks wholly before the block's first position need no mask (every row sees all their keys):
     # they run without it, and only the blocks on the diagonal (or in a window's reach) build one.
@@ -84,8 +102,10 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     full_end = start_block if window is not None else (offset + t0 - q_start + 1) // block_k
 
     def walk(lo, hi, carry):
-        carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_end), functools.partial(body, masked=False), carry)
-        return jax.lax.fori_loop(jnp.maximum(lo, full_end), hi, functools.partial(body, masked=True), carry)
+        carry = (*carry, *fetch(jnp.minimum(lo, hi - 1)))
+        carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_end), functools.partial(body, masked=False, hi=hi), carry)
+        carry = jax.lax.fori_loop(jnp.maximum(lo, full_end), hi, functools.partial(body, masked=True, hi=hi), carry)
+        return carry[:3]
 
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
@@ -146,14 +166,15 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
                                              "block_q", "pages_per_block", "kv_splits", "min_blocks_per_split",
-                                             "num_warps", "num_stages", "causal", "partials", "interpret"))
+                                             "num_warps", "num_stages", "causal", "partials", "prefetch",
+                                             "interpret"))
 def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                                 *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
                                 softcap: float | None = None, block_q: int | None = None,
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
                                 min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int = 1,
                                 include: jax.Array | None = None, causal: bool = True, partials: bool = False,
-                                interpret: bool = False):
+                                prefetch: int | None = None, interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
     tokens it does not serve are zero).
 
@@ -184,13 +205,21 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # every case: batch 64 at 2k / 8k 0.257 -> 0.221 / 0.869 -> 0.783 ms, batch 256 at 512 0.253 ->
     # 0.223, engine-shaped batch 1 at 1k 0.029 -> 0.019 ms a layer, batch 16 at 2k 0.080 -> 0.064,
     # a 4k causal prefill 0.661 -> 0.617 ms (BENCHMARKS.md, session 9).
+    # Session 15: unsplit decode-sized steps take 2 tokens a block (8 query rows at G'=4) and load the
+    # next block's page ids ahead. Such steps carry prompt chunks under step_token_target, and one token
+    # a block made each chunk token walk its context alone: 190 decodes + a 194-token chunk after 700
+    # cached went 0.227 -> 0.182 ms a layer, with chunks of 150 and 44 0.179 -> 0.167, 384 decodes alone
+    # 0.284 -> 0.280 (bench_attention --cases mixed). Four tokens a block cost pure decode 4%, loading
+    # the next block's K/V ahead 2-10%, running the longest walks first nothing.
     decode = num_tokens <= num_seqs
-    if block_q is None:
-        block_q = 1 if decode else max(16, 64 // padded_group)
-    if pages_per_block is None:
-        pages_per_block = max(1, 64 // page_size)
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
+    if block_q is None:
+        block_q = (max(1, 8 // padded_group) if kv_splits == 1 else 1) if decode else max(16, 64 // padded_group)
+    if pages_per_block is None:
+        pages_per_block = max(1, 64 // page_size)
+    if prefetch is None:
+        prefetch = 1 if decode and kv_splits == 1 else 0
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
 
@@ -202,7 +231,8 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
-                               min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials)
+                               min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials,
+                               prefetch=prefetch)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
     num_rows = q_rows.shape[1]
     if kv_splits == 1 and not partials:
