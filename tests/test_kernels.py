@@ -10,6 +10,7 @@ from sgjax.kernels import reference
 from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
+from sgjax.kernels.metadata import plan_query_blocks
 from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
 
 
@@ -183,7 +184,7 @@ def test_gpu_backend_keeps_buckets_below_a_block_on_the_triton_kernel():
 
 def test_gpu_kernel_on_an_engine_like_decode_batch():
     """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
-    max_running_requests): the default takes the one-token-per-block decode path."""
+    max_running_requests): the default takes the decode path (two tokens a block)."""
     q, k_pages, v_pages, meta, total = random_case(3, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
                                                    q_lens=[1, 1, 1], cached=[90, 3, 300], dtype=jnp.float32,
                                                    extra_tokens=13, extra_seqs=29)
@@ -191,6 +192,24 @@ def test_gpu_kernel_on_an_engine_like_decode_batch():
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
     got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)[:total]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 16])
+def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q):
+    """Blocks of block_q tokens never straddle sequences, cover every token of the included sequences once
+    and, past the last, start inside the batch (kernels read a block's queries before checking it)."""
+    rng = np.random.default_rng(block_q)
+    q_lens = rng.choice([0, 1, 1, 1, 2, 5, 40], size=48)
+    include = rng.random(48) < 0.8
+    num_tokens = int(q_lens.sum()) + 7  # padding tokens after the last sequence's
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    want = [(b, int(qsl[b]) + j) for b in range(48) if include[b] for j in range(0, int(q_lens[b]), block_q)]
+    seq, start, valid = (np.asarray(x) for x in
+                         plan_query_blocks(jnp.asarray(qsl), num_tokens, block_q, jnp.asarray(include)))
+    got = [(int(b), int(t)) for b, t, ok in zip(seq, start, valid) if ok]
+    assert got == want
+    assert not valid[len(want):].any()
+    assert ((start >= 0) & (start < num_tokens)).all()
 
 
 def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):

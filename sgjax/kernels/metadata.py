@@ -66,7 +66,8 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int,
     of the sequences `include` marks ([B] bool) when given.
 
     Returns (sequence, first token, valid) of each block, over a static upper bound on their number
-    (`max_blocks` when the caller knows a tighter one).
+    (`max_blocks` when the caller knows a tighter one). Blocks past the last are not valid and start
+    at token 0, so a kernel's reads for them stay inside its query array.
     """
     num_seqs = query_start_loc.shape[0] - 1
     blocks_per_seq = _blocks_per_seq(query_start_loc, block_q, include)
@@ -76,7 +77,8 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int,
     i = jnp.arange(num_blocks, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
     start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
-    return seq, start.astype(jnp.int32), (i < ends[-1]).astype(jnp.int32)
+    valid = i < ends[-1]
+    return seq, jnp.where(valid, start, 0).astype(jnp.int32), valid.astype(jnp.int32)
 
 
 def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
