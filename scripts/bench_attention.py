@@ -165,8 +165,9 @@ def main() -> None:
     p.add_argument("--mgpu-configs", default="8:2:1:1,8:2:0:1,8:2:1:0,8:2:0:0,4:2:1:1",
                    help="pages_per_block:stages:pingpong:heavy_first for the Mosaic GPU prefill kernel")
     p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
-    p.add_argument("--mixed-configs", default="0:0:0:0,0:0:2:4,0:0:4:4,0:8:0:4,0:2:0:4",
-                   help="the same for steps of decodes and prompt chunks in a decode-sized bucket")
+    p.add_argument("--mixed-configs", default="0:0:0:0,1:0:0:4:0:0:3,0:0:2:4,0:8:0:4",
+                   help="the same for steps of decodes and prompt chunks in a decode-sized bucket (the second: "
+                        "session 14's one token a block, nothing loaded ahead)")
     p.add_argument("--mixed-pool-pages", type=int, default=0,
                    help="KV pool pages the mixed cases draw their pages from at random (0: just those needed)")
     p.add_argument("--mixed-contiguous", action="store_true", help="mixed cases: each sequence's pages in a row")

@@ -184,7 +184,8 @@ def test_gpu_backend_keeps_buckets_below_a_block_on_the_triton_kernel():
 
 def test_gpu_kernel_on_an_engine_like_decode_batch():
     """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
-    max_running_requests): the default takes the decode path (two tokens a block)."""
+    max_running_requests): the default takes the small decode path (one token a block, the context
+    split)."""
     q, k_pages, v_pages, meta, total = random_case(3, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
                                                    q_lens=[1, 1, 1], cached=[90, 3, 300], dtype=jnp.float32,
                                                    extra_tokens=13, extra_seqs=29)

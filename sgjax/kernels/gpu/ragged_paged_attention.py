@@ -12,6 +12,8 @@ logit soft-capping. Pages past the block's last position, or before the window, 
 Decode batches with few query blocks (up to 512) also split each block's pages up to `kv_splits` ways across
 programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
 unnormalised partial output with its running max and sum, and a small jnp step combines them.
+Larger decode-sized steps (no more tokens than sequences, unsplit) take 2 tokens a block and load each
+key block's page ids one block ahead.
 
 Two modes serve cascade attention (shared_prefix.py): `causal=False` lets every query see all of its
 sequence's keys (a prefix shared by a group's queries), and `partials=True` returns the unnormalised
@@ -179,9 +181,10 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     tokens it does not serve are zero).
 
     `causal=False`: each query sees all of its sequence's kv_lens keys (a shared prefix, see
-    shared_prefix.py). `partials=True`: return the unnormalised softmax pieces instead, (out [KVH, S,
-    R, D] float32, running max [KVH, S, R], sum [KVH, S, R]) over the S context splits, for
-    `combine_partials` to merge with others."""
+    shared_prefix.py). `prefetch`: what of the next key block each iteration loads ahead (0 nothing, 1 its
+    page ids, 2 its K/V; default 1 on unsplit decode-sized steps, else 0). `partials=True`: return the
+    unnormalised softmax pieces instead, (out [KVH, S, R, D] float32, running max [KVH, S, R], sum [KVH,
+    S, R]) over the S context splits, for `combine_partials` to merge with others."""
     head_dim = q_rows.shape[-1]
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -208,9 +211,10 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # Session 15: unsplit decode-sized steps take 2 tokens a block (8 query rows at G'=4) and load the
     # next block's page ids ahead. Such steps carry prompt chunks under step_token_target, and one token
     # a block made each chunk token walk its context alone: 190 decodes + a 194-token chunk after 700
-    # cached went 0.227 -> 0.182 ms a layer, with chunks of 150 and 44 0.179 -> 0.167, 384 decodes alone
-    # 0.284 -> 0.280 (bench_attention --cases mixed). Four tokens a block cost pure decode 4%, loading
-    # the next block's K/V ahead 2-10%, running the longest walks first nothing.
+    # cached went 0.226 -> 0.182 ms a layer, with chunks of 150 and 44 0.178 -> 0.165, 384 decodes alone
+    # 0.280 -> 0.277 (bench_attention --cases mixed). Four tokens a block cost pure decode 4%, loading
+    # the next block's K/V ahead 2-10%, two KV heads a program 20-25%; running the longest walks first
+    # changed nothing (BENCHMARKS.md, session 15).
     decode = num_tokens <= num_seqs
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
