@@ -29,11 +29,6 @@ SWEEP = {  # name -> extra XLA_FLAGS
 }
 
 
-def queued_time(fn, *args) -> float:
-    """Seconds per call, 20 calls enqueued back to back (the host's dispatch hidden), median of 3 rounds."""
-    return median_time(fn, *args, repeat=20, rounds=3)
-
-
 def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict:
     """name -> (weight shape in the model's layout, contraction size): Llama's per-layer projections."""
     group = heads // kv_heads
@@ -60,7 +55,7 @@ def run(args) -> None:
             w_t = jnp.asarray(w.reshape(out_size, k).T)
             plain = jax.jit(lambda a, b: a @ b)
             for layout, fn, weight in (("[out,in]", model, w), ("[in,out]", plain, w_t)):
-                s = queued_time(fn, xin, weight)
+                s = median_time(fn, xin, weight, repeat=20, rounds=3)
                 print(f"{t:>7} {name:>8} {layout:>9} {s * 1e6:>9.1f} {flops / s / 1e12:>8.0f} "
                       f"{flops / s / rate:>9.1%}")
         gate_up = jax.random.normal(key, table["gate/up"], jnp.bfloat16)
@@ -71,7 +66,7 @@ def run(args) -> None:
             return jnp.einsum("ti,oi->to", jax.nn.silu(y[:, 0]) * y[:, 1], d)
 
         flops = 2 * t * args.hidden * args.intermediate * 3
-        s = queued_time(jax.jit(mlp), x, gate_up, down)
+        s = median_time(jax.jit(mlp), x, gate_up, down, repeat=20, rounds=3)
         print(f"{t:>7} {'MLP':>8} {'model':>9} {s * 1e6:>9.1f} {flops / s / 1e12:>8.0f} {flops / s / rate:>9.1%}")
 
 

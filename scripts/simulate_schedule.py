@@ -15,6 +15,7 @@ counted on the token bucket the step is padded to.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 from bench_offline import step_floor_s, timeline, workload_floor_s
@@ -23,7 +24,7 @@ from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import SCHEDULE_POLICIES
 from sgjax.engine.engine import StepRecord
-from sgjax.engine.model_runner import token_buckets
+from sgjax.engine.model_runner import bucket_for, token_buckets
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
@@ -42,14 +43,11 @@ def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Schedule
     radix = None if args.disable_radix_cache else RadixCache(allocator)
     buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
                             decode_rows=args.max_running_requests)
-
-    def bucket_for(num_tokens: int) -> int:  # as ModelRunner.bucket_for
-        return next(b for b in buckets if b >= num_tokens)
-
+    round_up = functools.partial(bucket_for, buckets)  # as the engine's ModelRunner pads steps
     scheduler = Scheduler(allocator, radix, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           policy=args.policy, step_token_target=args.step_token_target,
-                          round_up=bucket_for)
+                          round_up=round_up)
     for i, (prompt, out) in enumerate(zip(work.prompts, work.output_lens)):
         scheduler.add(Request(str(i), prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), seed=i))
     log, clock = [], 0.0
@@ -60,7 +58,7 @@ def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Schedule
         decodes = sum(n == 1 for _, n in batch)
         record = StepRecord(clock, decodes, sum(n for _, n in batch) - decodes,
                             sum(r.num_computed + n for r, n in batch))
-        padded = StepRecord(0, 0, bucket_for(record.decodes + record.prefill_tokens), record.kv_tokens)
+        padded = StepRecord(0, 0, round_up(record.decodes + record.prefill_tokens), record.kv_tokens)
         clock += step_floor_s([padded], args.model, args.bandwidth, args.matmul_rate, in_sequence=True)
         log.append(record)
         for req, n in batch:

@@ -89,6 +89,14 @@ def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, d
     return buckets
 
 
+def bucket_for(buckets: list[int], num_tokens: int) -> int:
+    """The smallest of the (ascending) token buckets that holds a step of `num_tokens` tokens."""
+    for t in buckets:
+        if t >= num_tokens:
+            return t
+    raise ValueError(f"step of {num_tokens} tokens exceeds the largest compiled bucket {buckets[-1]}")
+
+
 def row_buckets(max_seqs: int) -> list[int]:
     """Row counts to compile sampling for: 64, 128, 256, ... below max_seqs, then max_seqs.
 
@@ -196,10 +204,7 @@ class ModelRunner:
         return self.max_prefix_groups if self.bucket_for(num_tokens) <= self.max_seqs else 0
 
     def bucket_for(self, num_tokens: int) -> int:
-        for t in self.buckets:
-            if t >= num_tokens:
-                return t
-        raise ValueError(f"step of {num_tokens} tokens exceeds the largest compiled bucket {self.buckets[-1]}")
+        return bucket_for(self.buckets, num_tokens)
 
     @property
     def spare_slot(self) -> int:
