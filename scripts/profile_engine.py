@@ -79,8 +79,18 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarise(trace: dict, window_us: float, top: int = 20, steps: int = 0) -> None:
-    """Print the trace's GPU time by category and kernel, and its idle gaps; per step if `steps`."""
+def steps_in_trace(kernels: list[dict], num_layers: int) -> int:
+    """Forward passes in the trace: the Triton attention kernel runs once a layer in every step. (The
+    engine's step counter, read when the window closes, misses the steps the trace records while it
+    stops, which can take seconds with the engine running on.) Steps whose attention all went to the
+    Mosaic GPU prefill kernel are not counted: on the decode-sized steps of a steady state there are none."""
+    calls = sum(1 for e in kernels if "ragged_paged_attention" in e["name"])
+    return round(calls / num_layers)
+
+
+def summarise(trace: dict, window_us: float, top: int = 20, num_layers: int = 0) -> None:
+    """Print the trace's GPU time by category and kernel, and its idle gaps; per step when `num_layers`
+    is given (steps counted by `steps_in_trace`)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "device" in n.lower()}
@@ -89,6 +99,9 @@ def summarise(trace: dict, window_us: float, top: int = 20, steps: int = 0) -> N
     if not kernels:
         print("no device events found")
         return
+    steps = steps_in_trace(kernels, num_layers) if num_layers else 0
+    if steps:
+        print(f"{steps} steps in the trace (Triton attention calls / {num_layers} layers)")
     by_name, by_cat, calls = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
         by_name[e["name"]] += e["dur"]
@@ -145,6 +158,7 @@ def main() -> None:
     p.add_argument("--step-token-target", type=int, default=0)
     p.add_argument("--warmup-s", type=float, default=8.0, help="seconds of serving before the trace starts")
     p.add_argument("--trace-s", type=float, default=2.0)
+    p.add_argument("--top", type=int, default=20, help="kernels to list by GPU time")
     p.add_argument("--windows", default=None,
                    help="several traces, 'start:length,...' in seconds after the workload starts (overrides "
                         "--warmup-s / --trace-s), e.g. 6:1.5,14:1.5 for the large-batch phase and the tail")
@@ -191,24 +205,21 @@ def main() -> None:
             break
         start = time.perf_counter() - started
         trace_dir = tempfile.mkdtemp()
-        steps, running = engine.num_steps, len(engine.scheduler.running)
+        running = len(engine.scheduler.running)
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         t0 = time.perf_counter()
         time.sleep(length)
         window = (time.perf_counter() - t0) * 1e6
-        steps = engine.num_steps - steps  # before stop_trace, which takes seconds while the engine runs on
         jax.profiler.stop_trace()
         header = (f"\n=== window {start:.1f}-{start + length:.1f} s: {jax.devices()[0].device_kind}, jax "
-                  f"{jax.__version__}, {args.model}, {running}-{len(engine.scheduler.running)} running requests, "
-                  f"{steps} steps in the window ({window / 1e3 / max(steps, 1):.2f} ms per step; the trace can "
-                  f"run on while it stops: if the attention kernel's calls / layers say more steps, per-step "
-                  f"figures below are too high by that ratio)")
-        traced.append((header, trace_dir, window, steps))
+                  f"{jax.__version__}, {args.model}, {running}-{len(engine.scheduler.running)} running requests")
+        traced.append((header, trace_dir, window))
     done.wait()
     print(f"workload done in {time.perf_counter() - started:.2f} s (traces included)")
-    for header, trace_dir, window, steps in traced:
+    num_layers = engine.loaded.config.num_layers
+    for header, trace_dir, window in traced:
         print(header)
-        summarise(load_trace(trace_dir), window, steps=steps)
+        summarise(load_trace(trace_dir), window, top=args.top, num_layers=num_layers)
     engine.shutdown()
 
 

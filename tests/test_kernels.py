@@ -196,13 +196,15 @@ def test_gpu_kernel_on_an_engine_like_decode_batch():
 
 
 @pytest.mark.parametrize("block_q", [1, 2, 16])
-def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q):
+@pytest.mark.parametrize("full_decode", [False, True])
+def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q, full_decode):
     """Blocks of block_q tokens never straddle sequences, cover every token of the included sequences once
-    and, past the last, start inside the batch (kernels read a block's queries before checking it)."""
+    and, past the last, start inside the batch (kernels read a block's queries before checking it).
+    `full_decode`: one token per sequence filling the bucket, where there are as many blocks as tokens."""
     rng = np.random.default_rng(block_q)
-    q_lens = rng.choice([0, 1, 1, 1, 2, 5, 40], size=48)
-    include = rng.random(48) < 0.8
-    num_tokens = int(q_lens.sum()) + 7  # padding tokens after the last sequence's
+    q_lens = np.ones(48, np.int64) if full_decode else rng.choice([0, 1, 1, 1, 2, 5, 40], size=48)
+    include = np.ones(48, bool) if full_decode else rng.random(48) < 0.8
+    num_tokens = int(q_lens.sum()) + (0 if full_decode else 7)  # padding tokens after the last sequence's
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     want = [(b, int(qsl[b]) + j) for b in range(48) if include[b] for j in range(0, int(q_lens[b]), block_q)]
     seq, start, valid = (np.asarray(x) for x in

@@ -72,8 +72,11 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int,
     num_seqs = query_start_loc.shape[0] - 1
     blocks_per_seq = _blocks_per_seq(query_start_loc, block_q, include)
     ends = jnp.cumsum(blocks_per_seq)
-    # One token per block: as many blocks as tokens. Larger blocks: each sequence may leave one partial.
-    num_blocks = max_blocks or (num_tokens if block_q == 1 else -(-num_tokens // block_q) + num_seqs)
+    # Every block holds at least one token, so there are never more blocks than tokens; with larger
+    # blocks each sequence leaves at most one partial block. The kernels launch a program per block of
+    # this bound: a decode-sized bucket of 384 tokens and 512 rows at 2 tokens a block had 704, of which
+    # at most 384 can hold tokens.
+    num_blocks = max_blocks or min(num_tokens, -(-num_tokens // block_q) + num_seqs)
     i = jnp.arange(num_blocks, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
     start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
