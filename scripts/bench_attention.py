@@ -171,6 +171,8 @@ def main() -> None:
     p.add_argument("--mixed-pool-pages", type=int, default=0,
                    help="KV pool pages the mixed cases draw their pages from at random (0: just those needed)")
     p.add_argument("--mixed-contiguous", action="store_true", help="mixed cases: each sequence's pages in a row")
+    p.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn", "float8_e5m2"],
+                   help="the pool's dtype in the decode and mixed cases (the limit counts its bytes)")
     p.add_argument("--engine-cases", default="1:512,16:2048,16:4000,32:512,64:512",
                    help="batch:context of the engine-shaped small decode cases")
     args = p.parse_args()
@@ -197,14 +199,15 @@ def main() -> None:
         if "decode" not in cases:
             break
         q, k, v, meta = paged_case(batch, 1, context, ps, seed=context, table_width=width // ps)
-        kv_bytes = 2 * batch * context * KVH * D * 2
+        k, v = k.astype(args.kv_dtype), v.astype(args.kv_dtype)
+        kv_bytes = 2 * batch * context * KVH * D * k.dtype.itemsize
         case = f"decode b{batch} ctx{context}" + (f" (table {width})" if width else "")
         for cfg in args.decode_configs.split(","):
             name, fn = kernel_config(cfg, scale)
             t = median_time(fn, q, k, v, meta)
             rows.append((case, name, t, kv_bytes / t / bw, None))
-        if width:
-            continue  # JAX's kernel is timed on the plain cases
+        if width or k.dtype != q.dtype:
+            continue  # JAX's kernel is timed on the plain bf16 cases
         tables = meta.page_table
         lengths = meta.kv_lens
         fn = jax.jit(lambda q, k, v, t, n: jax_paged.paged_attention(q * scale, k, v, t, n, pages_per_compute_block=8))
@@ -239,7 +242,8 @@ def main() -> None:
             break
         q, k, v, meta, kv_tokens = mixed_case(decodes, list(chunks), ps, num_tokens=384, num_seqs=512,
                                               pool_pages=args.mixed_pool_pages, contiguous=args.mixed_contiguous)
-        kv_bytes = 2 * kv_tokens * KVH * D * 2
+        k, v = k.astype(args.kv_dtype), v.astype(args.kv_dtype)
+        kv_bytes = 2 * kv_tokens * KVH * D * k.dtype.itemsize
         case = f"mixed {decodes}+{'+'.join(str(n) for n, _ in chunks) or '0'} (x{layers})"
         want = reference.ragged_paged_attention(q, k, v, meta, scale=scale)
         for cfg in args.mixed_configs.split(","):

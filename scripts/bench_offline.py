@@ -25,7 +25,7 @@ import numpy as np
 from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth, matmul_params
 
-from sgjax.config import SCHEDULE_POLICIES
+from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
 from sgjax.engine import Engine, model_runner
 from sgjax.engine.engine import StepRecord
 from sgjax.engine.model_runner import token_buckets
@@ -68,7 +68,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                           num_pages=args.num_pages, schedule_policy=args.schedule_policy,
                           step_token_target=args.step_token_target,
                           disable_overlap_schedule=args.disable_overlap_schedule,
-                          attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache)
+                          attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache,
+                          kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - t0
     print(f"token buckets: {engine.runner.buckets}; sampling row buckets: {engine.runner.row_buckets}", flush=True)
     work = make_workload(args, engine.loaded.config.vocab_size)
@@ -222,6 +223,8 @@ def main() -> None:
     p.add_argument("--row-bucket-growth", type=int, default=model_runner.ROW_BUCKET_GROWTH,
                    help="sampling row buckets grow by this factor from 64 (4: the coarser grid before session 12)")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV pool dtype (fp8_*: half the K/V bytes; the floors count the pool's bytes)")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())
@@ -229,7 +232,8 @@ def main() -> None:
     if args.compare_radix:
         runs.append(("radix cache off", run(args, folder, True)))
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
-          f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}")
+          f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}, "
+          f"KV cache {args.kv_cache_dtype}")
     print(runs[0][1]["description"])
     print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'ms/step':>8} {'preempt':>8} "
           f"{'hit rate':>9} {'dev wait':>9}")

@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from sgjax.config import SCHEDULE_POLICIES
+from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--mem-fraction-static", type=float, default=0.9)
     p.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
     p.add_argument("--step-token-target", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--warmup-s", type=float, default=8.0, help="seconds of serving before the trace starts")
     p.add_argument("--trace-s", type=float, default=2.0)
     p.add_argument("--top", type=int, default=20, help="kernels to list by GPU time")
@@ -181,7 +182,7 @@ def main() -> None:
     engine = Engine(folder, load_format="dummy", max_running_requests=args.max_running_requests,
                     context_length=args.context_length, chunked_prefill_size=args.chunked_prefill_size,
                     mem_fraction_static=args.mem_fraction_static, schedule_policy=args.schedule_policy,
-                    step_token_target=args.step_token_target)
+                    step_token_target=args.step_token_target, kv_cache_dtype=args.kv_cache_dtype)
     if args.dataset == "sharegpt" and not args.constrained:
         work = workloads.sharegpt_like(args.num_prompts, vocab)
         requests = [r for prompt, out_len in zip(work.prompts, work.output_lens) for r in

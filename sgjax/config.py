@@ -7,6 +7,11 @@ import dataclasses
 import os
 
 SCHEDULE_POLICIES = ("lpm", "fcfs", "lof")
+# --kv-cache-dtype -> the KV pool's dtype (None: the model's). The fp8 formats halve the bytes each
+# decode step's attention reads and double the tokens the pool holds; values are stored unscaled
+# (scale 1, as SGLang and vLLM do when a checkpoint brings no KV scales), saturated at the format's range.
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
+                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 @dataclasses.dataclass
@@ -17,6 +22,7 @@ class EngineArgs:
     load_format: str = "auto"  # auto | safetensors | dummy
     attention_backend: str = "pallas"  # or "reference"; pallas falls back (warning) where it has no kernel
     page_size: int = 16  # tokens per KV page
+    kv_cache_dtype: str = "auto"  # a key of KV_CACHE_DTYPES; auto: the model's dtype
     num_pages: int | None = None  # KV pool size; None: from mem_fraction_static
     mem_fraction_static: float = 0.85  # share of device memory for weights + KV pool
     context_length: int | None = None  # None: the model's max_position_embeddings
@@ -48,6 +54,8 @@ class EngineArgs:
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}; "
                              f"got {self.schedule_policy!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.step_token_target < 0:
             raise ValueError("step_token_target must be >= 0 (0 turns it off)")
         if self.max_running_requests < 1:
@@ -83,6 +91,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="KV pool dtype (auto: the model's; fp8_*: half the bytes, unscaled)")
     parser.add_argument("--mem-fraction-static", type=float, default=0.85)
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=32)
@@ -114,7 +124,7 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
         mesh = f"{ns.dp or 1}x{ns.tp or 1}"
     engine = EngineArgs(
         model_path=ns.model_path, mesh=mesh, dtype=ns.dtype, load_format=ns.load_format,
-        attention_backend=ns.attention_backend, page_size=ns.page_size,
+        attention_backend=ns.attention_backend, page_size=ns.page_size, kv_cache_dtype=ns.kv_cache_dtype,
         mem_fraction_static=ns.mem_fraction_static, context_length=ns.context_length,
         max_running_requests=ns.max_running_requests, chunked_prefill_size=ns.chunked_prefill_size,
         schedule_policy=ns.schedule_policy, step_token_target=ns.step_token_target,

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from sgjax.cache.kv_pool import KVPoolConfig
+from sgjax.config import EngineArgs
 from sgjax.engine import Engine
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from tests.hf_oracle import hf_greedy
@@ -113,6 +115,33 @@ def test_outputs_identical_across_configurations(llama, overrides):
         check_pages_accounted(engine)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("kv_cache_dtype,torch_dtype,backend", [
+    ("fp8_e4m3", torch.float8_e4m3fn, "reference"), ("fp8_e5m2", torch.float8_e5m2, "reference"),
+    ("fp8_e4m3", torch.float8_e4m3fn, "pallas_interpret")])
+def test_fp8_kv_cache_matches_transformers_with_fp8_rounded_kv(llama, kv_cache_dtype, torch_dtype, backend):
+    """An fp8 KV pool: greedy tokens equal HF's when HF's attention reads K/V rounded through the same
+    fp8 format, and the pool holds twice the pages of a bfloat16 one in the same bytes."""
+    path, hf_model, prompts, _ = llama
+    prompts = prompts[:6]
+    expected = [hf_greedy(hf_model, p, 8, kv_dtype=torch_dtype) for p in prompts]
+    # the oracle's rounding matters on this model: without it some greedy runs differ
+    assert expected != [hf_greedy(hf_model, p, 8) for p in prompts]
+    engine = make_engine(path, kv_cache_dtype=kv_cache_dtype, attention_backend=backend)
+    try:
+        results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8})
+        assert [r["output_ids"] for r in results] == expected
+        assert engine.runner.pool.config.bytes_per_page * 4 == KVPoolConfig.for_model(
+            engine.loaded.config, 2, 4, "float32").bytes_per_page
+        check_pages_accounted(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_bad_kv_cache_dtype_is_named():
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineArgs(model_path="x", kv_cache_dtype="int4")
 
 
 def test_requests_behind_a_shared_prefix_read_it_once_and_match_hf(llama):

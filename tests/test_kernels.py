@@ -116,6 +116,37 @@ def test_tpu_kernel_matches_reference(case, dtype, tolerance):
         assert rel < tolerance, f"block_q={block_q}, pages_per_block={pages_per_block}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("case", [GRID[0], GRID[1], GRID[2]])
+def test_kernels_read_an_fp8_pool_as_the_reference_does(case, kv_dtype):
+    """bf16 queries over an fp8 pool (--kv-cache-dtype): the GPU kernel (decode-sized and split variants),
+    the TPU kernel and the GPU backend against the reference on the same fp8 pages."""
+    (q, k_pages, v_pages, meta, total), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
+    k_pages, v_pages = k_pages.astype(kv_dtype), v_pages.astype(kv_dtype)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
+    for variant in (dict(), dict(block_q=2, prefetch=1), dict(kv_splits=3, min_blocks_per_split=1)):
+        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **variant, **kwargs)
+        assert got.dtype == q.dtype
+        assert relative_error(got[:total], want) < 1e-2, variant
+    got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
+    assert relative_error(got[:total], want) < 1e-2
+    got = tpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)
+    assert relative_error(got[:total], want) < 1e-2
+
+
+def test_write_kv_into_an_fp8_pool_rounds_and_saturates():
+    """Values round to the nearest fp8 value (numpy's ml_dtypes cast, the oracle) and those beyond the
+    format's range are stored as its largest value, not NaN or inf."""
+    pages = jnp.zeros((1, 3, 2, 4), jnp.float8_e4m3fn)
+    k = jnp.asarray([[[0.3, -1.7, 1000.0, -5000.0]], [[2.0, 0.01, -448.0, 449.0]]], jnp.float32)
+    new_k, _ = reference.write_kv(pages, pages, k, k, jnp.asarray([2, 5], jnp.int32))
+    got = np.asarray(new_k.astype(jnp.float32)).reshape(6, 4)
+    want = np.clip(np.asarray(k)[:, 0], -448, 448).astype(jnp.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(got[[2, 5]], want)
+    assert got[[2, 5]].tolist()[0][2:] == [448.0, -448.0]
+    assert not got[[0, 1, 3, 4]].any()
+
+
 # The Mosaic GPU prefill kernel in its interpreter (~15 s a call): bf16 only (wgmma), no window or
 # soft-cap (those configurations use the Triton kernel), K/V blocks of 64 keys or more.
 MGPU_CASES = [

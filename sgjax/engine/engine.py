@@ -31,7 +31,7 @@ from sgjax.batch import SeqChunk
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
-from sgjax.config import EngineArgs
+from sgjax.config import KV_CACHE_DTYPES, EngineArgs
 from sgjax.constrained import GrammarCompiler
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.device_memory import cuda_memory_info, xla_memory_limit
@@ -84,9 +84,10 @@ class Engine:
         self.context_length = args.context_length or cfg.max_position_embeddings
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
-        pool_cfg = KVPoolConfig.for_model(cfg, args.num_pages or 2, ps)
+        kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
+        pool_cfg = KVPoolConfig.for_model(cfg, args.num_pages or 2, ps, kv_dtype)
         num_pages = args.num_pages or self._pages_from_memory(pool_cfg, max_pages_per_seq)
-        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps), self.loaded.mesh)
+        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype), self.loaded.mesh)
         self.allocator = PageAllocator(num_pages, ps)
         self.radix = None if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length

@@ -25,10 +25,19 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     flat = (kvh, pages * page_size, d)
 
     def put(pages_: jax.Array, x: jax.Array) -> jax.Array:
-        return pages_.reshape(flat).at[:, slot_mapping].set(x.swapaxes(0, 1).astype(pages_.dtype), mode="drop",
-                                                            unique_indices=True).reshape(k_pages.shape)
+        return pages_.reshape(flat).at[:, slot_mapping].set(to_pool_dtype(x.swapaxes(0, 1), pages_.dtype),
+                                                            mode="drop", unique_indices=True).reshape(k_pages.shape)
 
     return put(k_pages, k), put(v_pages, v)
+
+
+def to_pool_dtype(x: jax.Array, dtype) -> jax.Array:
+    """x cast to the pool's dtype; into an fp8 pool saturated at the format's largest value (a plain cast
+    would make NaN or inf of what lies beyond it)."""
+    if jnp.dtype(dtype).itemsize == 1:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -limit, limit)
+    return x.astype(dtype)
 
 
 def ragged_paged_attention(

@@ -65,7 +65,9 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         return page_table_ref[seq, pl.ds(jnp.clip(kb, 0, table_blocks - 1) * pages_per_block, pages_per_block)]
 
     def block_kv(pages):
-        return k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)
+        # An fp8 pool is widened to the queries' dtype in registers: the bytes read are what it saves.
+        k, v = k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)
+        return k.astype(q_ref.dtype), v.astype(q_ref.dtype)
 
     def fetch(kb):
         """What the loop carries of block kb ahead of its use (`prefetch`): nothing, its page ids, or its K/V."""

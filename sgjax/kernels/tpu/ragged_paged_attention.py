@@ -81,7 +81,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
 
         for c in copies(kb, slot):
             c.wait()
-        k, v = k_buf[slot], v_buf[slot]
+        k, v = k_buf[slot].astype(q.dtype), v_buf[slot].astype(q.dtype)  # an fp8 pool widened after the DMA
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale
         if softcap is not None:
