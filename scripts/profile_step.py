@@ -9,6 +9,8 @@ split a real run into device and host time. (A jax.profiler trace of the running
 with CUDA launch errors: see profile_engine.py.)
 
     python scripts/profile_step.py --model llama-3-8b --batch-sizes 1,64,128,256 --context 512
+    python scripts/profile_step.py --batch-sizes 190,300 --context 400 --chunk 194:129 --prefill 0 \
+        --max-running-requests 512 [--kv-cache-dtype fp8_e4m3]   # step_token_target's mixed steps
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench_one_batch import copy_bandwidth, matmul_params, timed
 from profile_engine import load_trace, summarise
 
 from sgjax.batch import SeqChunk
+from sgjax.config import KV_CACHE_DTYPES
 from sgjax.constrained.bitmask import allow_all
 from sgjax.engine import Engine
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
@@ -85,6 +88,12 @@ def main() -> None:
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--mem-fraction-static", type=float, default=0.8)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--chunk", default=None, metavar="NEW:CACHED",
+                   help="add a prompt chunk of NEW tokens after CACHED ones to every decode batch (the mixed "
+                        "steps step_token_target makes; the batch size counts its decodes)")
+    p.add_argument("--max-running-requests", type=int, default=0,
+                   help="the engine's (its sequence rows and buckets); default: the largest batch (+1 with --chunk)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
                    "jax.profiler and print the GPU time by kernel")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
@@ -92,38 +101,48 @@ def main() -> None:
     args = p.parse_args()
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    chunk_new, chunk_cached = (int(x) for x in args.chunk.split(":")) if args.chunk else (0, 0)
+    max_running = args.max_running_requests or max(sizes) + (chunk_new > 0)
     folder = write_preset(args.model, tempfile.mkdtemp())
-    engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), min_token_bucket=16,
-                    context_length=max(args.context_length, args.prefill + 16), chunked_prefill_size=args.prefill,
-                    mem_fraction_static=args.mem_fraction_static)
+    engine = Engine(folder, load_format="dummy", max_running_requests=max_running, min_token_bucket=16,
+                    context_length=max(args.context_length, args.prefill + 16, chunk_new + chunk_cached + 16),
+                    chunked_prefill_size=max(args.prefill, chunk_new), mem_fraction_static=args.mem_fraction_static,
+                    kv_cache_dtype=args.kv_cache_dtype)
     runner, ps = engine.runner, engine.args.page_size
     weight_bytes = sum(x.nbytes for x in runner.weights)
     bandwidth = copy_bandwidth()
     vocab = engine.loaded.config.vocab_size
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model}: weights {weight_bytes / 1e9:.2f} GB, "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, max_running_requests {max(sizes)}")
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, max_running_requests {max_running}, KV cache "
+          f"{args.kv_cache_dtype}" + (f", each batch + a {chunk_new}-token chunk after {chunk_cached}"
+                                      if chunk_new else ""))
     variants = {"greedy": (SamplingParams(temperature=0), None),
                 "temperature": (SamplingParams(temperature=0.8), None),
                 "top_p + penalty": (SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1), None),
                 "top logprobs": (SamplingParams(temperature=0, top_logprobs_num=5), None),
-                "grammar mask": (SamplingParams(temperature=0), allow_all(max(sizes), vocab))}
+                "grammar mask": (SamplingParams(temperature=0), allow_all(max_running, vocab))}
     pages_each = -(-(args.context + 1) // ps)
     header = f"{'batch':>5} {'prepare ms':>10} {'forward ms':>10} {'floor ms':>9} {'floor/fwd':>9} " + \
         " ".join(f"{name + ' ms':>20}" for name in variants)
     print(header)
     pool_pages = runner.pool.config.num_pages
-    if max(sizes) * pages_each >= pool_pages:
+    chunk_pages = -(-(chunk_new + chunk_cached) // ps)
+    if max(sizes) * pages_each + chunk_pages >= pool_pages:
         raise SystemExit(f"batch {max(sizes)} at context {args.context} needs {max(sizes) * pages_each} KV pages; "
                          f"the pool has {pool_pages - 1}: lower --context or the batch size")
     for b in sizes:
         chunks = [SeqChunk([1], args.context, list(range(1 + i * pages_each, 1 + (i + 1) * pages_each)))
                   for i in range(b)]
-        kv_bytes = b * (args.context + 1) * engine.runner.pool.config.bytes_per_page // ps
+        if chunk_new:
+            first = 1 + b * pages_each
+            chunks.append(SeqChunk([1] * chunk_new, chunk_cached, list(range(first, first + chunk_pages))))
+        kv_bytes = (b * (args.context + 1) + chunk_new + chunk_cached) * engine.runner.pool.config.bytes_per_page // ps
         floor = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
         def sampling_for(params: SamplingParams) -> SamplingBatch:
-            return SamplingBatch.build([params] * b, [0] * b, [0] * b, list(range(b)), [1] * b,
-                                       max(sizes), runner.spare_slot)
+            n = len(chunks)
+            return SamplingBatch.build([params] * n, [0] * n, [0] * n, list(range(n)), [1] * n,
+                                       max_running, runner.spare_slot)
 
         greedy = sampling_for(SamplingParams(temperature=0))
         prepare_ms = timed(lambda: runner.prepare(chunks, greedy, SamplerFeatures()), args.repeat) * 1e3
@@ -150,8 +169,8 @@ def main() -> None:
             print(flush=True)
     if args.prefill:
         n = args.prefill_prompts
-        if not 1 <= n <= max(sizes):
-            raise SystemExit(f"--prefill-prompts must be 1..{max(sizes)} (the largest batch size: the step's rows)")
+        if not 1 <= n <= max_running:
+            raise SystemExit(f"--prefill-prompts must be 1..{max_running} (the step's rows)")
         lens = [args.prefill // n + (i < args.prefill % n) for i in range(n)]
         chunks, first_page = [], 1
         for length in lens:
@@ -159,7 +178,7 @@ def main() -> None:
             chunks.append(SeqChunk(list(range(length)), 0, list(range(first_page, first_page + pages))))
             first_page += pages
         sampling = SamplingBatch.build([SamplingParams(temperature=0)] * n, [0] * n, [0] * n, list(range(n)), lens,
-                                       max(sizes), runner.spare_slot)
+                                       max_running, runner.spare_slot)
         prepared = runner.prepare(chunks, sampling, SamplerFeatures())
         ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
         if args.dump_hlo:
