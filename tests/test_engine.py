@@ -122,7 +122,7 @@ def test_outputs_identical_across_configurations(llama, overrides):
     ("fp8_e4m3", torch.float8_e4m3fn, "pallas_interpret")])
 def test_fp8_kv_cache_matches_transformers_with_fp8_rounded_kv(llama, kv_cache_dtype, torch_dtype, backend):
     """An fp8 KV pool: greedy tokens equal HF's when HF's attention reads K/V rounded through the same
-    fp8 format, and the pool holds twice the pages of a bfloat16 one in the same bytes."""
+    fp8 format, and a page takes a quarter of the bytes of the float32 pool the model's dtype would give."""
     path, hf_model, prompts, _ = llama
     prompts = prompts[:6]
     expected = [hf_greedy(hf_model, p, 8, kv_dtype=torch_dtype) for p in prompts]

@@ -264,6 +264,11 @@ class ModelRunner:
                                                             self.penalties, *self.mask_args(bitmask, bias))
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
+        # The results' transfers to the host start now, behind the sampling on the device: `collect` then
+        # finds them there instead of copying them one after another once the host asks, after launching
+        # the next step (four round trips on the host's path from one step's results to the next launch).
+        for x in handle.device_outputs:
+            x.copy_to_host_async()
 
     def clear_penalty_slots(self, slots: list[int]) -> None:
         """Zero the penalty counts of `slots`, for requests that start over in them; enqueued, so a step
