@@ -59,8 +59,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     prefill_step = meta.kv_lens.shape[0] < num_tokens and num_tokens >= paged_prefill_mgpu.tokens_per_block(group)
     if meta.shared is not None and sliding_window is None:
         return shared_prefix_attention(q, k_pages, v_pages, meta, scale=scale, softcap=softcap, interpret=interpret)
-    if not (prefill_kernel and prefill_step and k_pages.dtype == q.dtype  # an fp8 pool: the Triton kernel
-            and paged_prefill_mgpu.supports(q.dtype, head_dim, page_size, group, sliding_window, softcap)):
+    if not (prefill_kernel and prefill_step and paged_prefill_mgpu.supports(q.dtype, k_pages.dtype, head_dim,
+                                                                             page_size, group, sliding_window,
+                                                                             softcap)):
         return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)
     long = paged_prefill_mgpu.long_sequences(meta, group)
     # Both kernels write output rows by KV head; each only its own tokens' rows. The Triton kernel (and

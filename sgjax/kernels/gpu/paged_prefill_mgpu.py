@@ -38,9 +38,11 @@ MASK_VALUE = -1e30
 LOG2E = math.log2(math.e)
 
 
-def supports(q_dtype, head_dim: int, page_size: int, group: int, sliding_window, softcap) -> bool:
-    """Whether this kernel serves the configuration (else the Triton kernel does)."""
-    return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim in (64, 128)
+def supports(q_dtype, kv_dtype, head_dim: int, page_size: int, group: int, sliding_window, softcap) -> bool:
+    """Whether this kernel serves the configuration (else the Triton kernel does). Its wgmma reads K/V
+    pages as they are, in the queries' dtype: an fp8 pool goes to the Triton kernel, which widens them."""
+    return (jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and jnp.dtype(kv_dtype) == jnp.dtype(q_dtype) and head_dim in (64, 128)
             and page_size % 8 == 0 and group <= ROWS_PER_WG and sliding_window is None and softcap is None)
 
 
@@ -268,9 +270,9 @@ def paged_prefill_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, met
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
-    if not supports(q.dtype, head_dim, page_size, group, None, None):
-        raise ValueError(f"paged_prefill_attention does not serve dtype {q.dtype}, head_dim {head_dim}, "
-                         f"page_size {page_size}, group {group}")
+    if not supports(q.dtype, k_pages.dtype, head_dim, page_size, group, None, None):
+        raise ValueError(f"paged_prefill_attention does not serve dtype {q.dtype} over {k_pages.dtype} pages, "
+                         f"head_dim {head_dim}, page_size {page_size}, group {group}")
     if pages_per_block is None:  # 128 keys a block
         pages_per_block = max(1, 128 // page_size)
     block_kv = pages_per_block * page_size
