@@ -147,14 +147,14 @@ def main() -> None:
         greedy = sampling_for(SamplingParams(temperature=0))
         prepare_ms = timed(lambda: runner.prepare(chunks, greedy, SamplerFeatures()), args.repeat) * 1e3
         prepared = runner.prepare(chunks, greedy, SamplerFeatures())
-        handle = runner.launch(prepared)
         forward_ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
         row = [b, prepare_ms, forward_ms, floor, floor / forward_ms]
         for params, mask in variants.values():
-            sampling = sampling_for(params)
+            # A step with these parameters, launched once: its sampling is then timed alone.
+            handle = runner.launch(runner.prepare(chunks, sampling_for(params), SamplerFeatures()))
             sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
             row.append(timed(lambda: jax.block_until_ready(sampler(
-                runner.head, handle.hidden, sampling, runner.penalties, *runner.mask_args(mask))),
+                runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties, *runner.mask_args(mask))),
                 args.repeat) * 1e3)
         print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)

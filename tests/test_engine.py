@@ -315,6 +315,35 @@ def test_serving_never_compiles(engine, llama):
     assert len(engine.runner.compiled) == len(engine.runner.buckets) * 2  # with prompt-logprob variants
 
 
+def test_forward_passes_write_their_hidden_rows_into_one_buffer(engine, llama):
+    """Each forward pass writes its hidden rows into the buffer donated to it, so the output keeps its
+    address from step to step (an output XLA cannot fill with temporaries: model_runner's docstring),
+    and each step's sampling, enqueued before the next launch, still reads its own rows."""
+    from sgjax.batch import SeqChunk
+    from sgjax.cache.kv_pool import NULL_PAGE
+    from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
+    from sgjax.engine.sampling_params import SamplingParams
+
+    _, hf_model, _, _ = llama
+    wait_until(lambda: not engine.scheduler.has_work())
+    runner = engine.runner
+    handles = []
+    for token in (5, 9):  # one-token prompts at position 0, their K/V written to the null page
+        sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [runner.spare_slot], [1],
+                                       runner.max_seqs, runner.spare_slot)
+        step = runner.prepare([SeqChunk([token], 0, [NULL_PAGE])], sampling, SamplerFeatures())
+        before = runner._hidden
+        address = before.unsafe_buffer_pointer()
+        handle = runner.launch(step)
+        assert before.is_deleted() and handle.hidden.unsafe_buffer_pointer() == address
+        runner.sample(handle)  # as the engine does: before the next launch overwrites the rows
+        handles.append(handle)
+    tokens = [int(runner.collect(h).tokens[0]) for h in handles]
+    with torch.no_grad():
+        want = [int(hf_model(torch.tensor([[t]])).logits[0, -1].argmax()) for t in (5, 9)]
+    assert tokens == want
+
+
 def test_bad_requests_raise_clear_errors(engine):
     with pytest.raises(ValueError, match="context length is 512"):
         engine.generate(input_ids=[1] * 600, sampling_params=GREEDY)

@@ -7,11 +7,18 @@ where needed; and per row bucket: the step's sequences rounded up, see row_bucke
 Every step has the same batch dimension (`max_running_requests` rows of metadata and sampling
 parameters) and page-table width (`context_length / page_size`), and a token count padded up to the
 next bucket (token_buckets). A step's host arrays go to the device packed in two buffers
-(host_inputs.py); the forward pass unpacks them and hands the sampling parameters on to sampling.
-All programs are compiled ahead of time
+(host_inputs.py), padded to one size for all programs, sampling parameters first: the forward pass and
+sampling both read them from the same device buffers. All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
 compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
 in place; a small program clears the penalty counts of penalised requests as they are admitted.
+
+The forward pass's only fresh output is written into a donated buffer (the previous step's hidden
+rows, already consumed by its sampling): XLA runs a step as CUDA graphs and re-records every graph
+node whose buffers moved since the last run, and it places temporaries (the residual stream, the
+attention metadata) inside output buffers, which are new at every call. With a hidden-rows output
+and sampling parameters handed on as outputs, each call re-recorded ~410 of the ~540 nodes of a
+mixed step, 1-1.5 ms of host time (BENCHMARKS.md, session 17).
 
 `launch` only enqueues a forward pass, `sample` its sampling, `collect` waits for the results. A
 token sampled by the step still running can be the next step's input: the host writes -(row + 1) and
@@ -29,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from sgjax.batch import SeqChunk, make_batch
@@ -142,29 +150,39 @@ class ModelRunner:
         keys = [(t, False, False) for t in self.buckets]
         keys += [(t, False, True) for t in self.buckets if self.prefix_groups_for(t)]
         keys += [(t, True, False) for t in self.buckets if enable_prompt_logprobs]
-        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program, written
-        # into one of STAGING_BUFFERS preallocated pairs in turn (not allocated per step: at 1024
+        # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program and padded
+        # to one size for all (sampling reads its parameters from the front of any program's buffers),
+        # written into one of STAGING_BUFFERS preallocated pairs in turn (not allocated per step: at 1024
         # sequences the page table alone is megabytes). A pair is rewritten only STAGING_BUFFERS
         # prepares later, by when the engine (at most one step in flight while it prepares the next) has
         # collected the step that used it; where the platform lets a transfer alias host memory (CPU),
         # the step must not still be waiting to run.
-        self.layouts = {key: PackedLayout.of(self._abstract_inputs(key[0], key[2])) for key in keys}
-        most = [max(layout.sizes[i] for layout in self.layouts.values()) for i in (0, 1)]
+        layouts = {key: PackedLayout.of(self._abstract_inputs(key[0], key[2])) for key in keys}
+        most = tuple(max(layout.sizes[i] for layout in layouts.values()) for i in (0, 1))
+        self.layouts = {key: dataclasses.replace(layout, sizes=most) for key, layout in layouts.items()}
+        self.sampling_layout = PackedLayout.of(self._abstract_inputs(self.buckets[0], False)[0])
         self._staging = [(np.zeros(most[0], np.int32), np.zeros(most[1], np.float32)) for _ in range(STAGING_BUFFERS)]
         self._next_staging = 0
+        # The hidden rows' buffer, donated to each forward pass and written by it (see the module docstring).
+        replicated = NamedSharding(loaded.mesh, PartitionSpec())
+        hidden = jax.ShapeDtypeStruct((max_seqs, loaded.config.hidden_size), loaded.config.jnp_dtype,
+                                      sharding=replicated)
+        self._hidden = jax.device_put(np.zeros(hidden.shape, hidden.dtype), replicated)
+        self._input_sharding = replicated
+        inputs = tuple(jax.ShapeDtypeStruct((n,), dtype, sharding=replicated) for n, dtype in zip(most, (np.int32,
+                                                                                                      np.float32)))
         self.compiled = {}
         lowered = {}
         for key in tqdm(keys, desc="compiling steps", unit="program"):
-            forward = jax.jit(functools.partial(_forward, model_def, key[1], self.layouts[key]), donate_argnums=(1, 2))
-            lowered[key] = forward.lower(self.weights, pool.caches, self.penalties, *self.layouts[key].abstract(),
-                                         self.prev_tokens)
+            forward = jax.jit(functools.partial(_forward, model_def, key[1], self.layouts[key], replicated),
+                              donate_argnums=(1, 2, 3), keep_unused=True)  # the hidden buffer is only written
+            lowered[key] = forward.lower(self.weights, pool.caches, self.penalties, hidden, *inputs, self.prev_tokens)
             self.compiled[key] = lowered[key].compile()
-        # Sampling takes the forward pass's outputs as they come out of it (shapes and shardings),
-        # the sampling parameters included: the forward pass unpacked them. (From the lowered shapes and
-        # compiled shardings: the compiled out_info fails on programs with host callbacks, as the TPU
-        # interpreter's.)
+        # Sampling takes the penalty counts as they come out of the forward pass (shapes and shardings).
+        # (From the lowered shapes and compiled shardings: the compiled out_info fails on programs with
+        # host callbacks, as the TPU interpreter's.)
         first = keys[0]
-        (hidden, *_), _, penalties, sampling = jax.tree.map(
+        _, _, penalties = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             lowered[first].out_info, self.compiled[first].output_shardings)
         all_allowed, no_bias = allow_all(max_seqs, loaded.config.vocab_size), logit_bias_arrays([], max_seqs)
@@ -173,8 +191,8 @@ class ModelRunner:
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
             (features, rows): jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features,
-                                                        rows)).lower(
-                self.head, hidden, sampling, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
+                                                        rows, self.sampling_layout)).lower(
+                self.head, hidden, *inputs, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
         # The masked variant's defaults, kept on the device (placed as that variant takes them): a step with
         # a grammar but no biases, or biases but no grammar, sends only what it has (at 1024 rows and a
@@ -188,7 +206,8 @@ class ModelRunner:
             penalties, jax.ShapeDtypeStruct((CLEAR_SLOTS,), np.int32)).compile()
 
     def _abstract_inputs(self, num_tokens: int, grouped: bool) -> tuple:
-        """Shapes of a step's host arrays: (input_ids, positions, meta, last_token_index, sampling, targets)."""
+        """Shapes of a step's host arrays: (sampling, input_ids, positions, meta, last_token_index, targets).
+        Sampling first, so it lies at the same offsets in every program's buffers (sampling reads it there)."""
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
         b = self.max_seqs
         meta = AttentionMetadata(slot_mapping=i32(num_tokens), page_table=i32(b, self.max_pages),
@@ -197,7 +216,7 @@ class ModelRunner:
             meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
         padding = SamplingBatch.build([], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
-        return i32(num_tokens), i32(num_tokens), meta, i32(b), sampling, i32(num_tokens)
+        return sampling, i32(num_tokens), i32(num_tokens), meta, i32(b), i32(num_tokens)
 
     def prefix_groups_for(self, num_tokens: int) -> int:
         """How many shared-prefix groups a step of `num_tokens` tokens can describe (0: none)."""
@@ -244,23 +263,26 @@ class ModelRunner:
             targets[: len(flat)] = flat
         staging = self._staging[self._next_staging]
         self._next_staging = (self._next_staging + 1) % STAGING_BUFFERS
-        ints, floats = pack((batch.input_ids, batch.positions, batch.meta, batch.last_token_index, sampling, targets),
+        ints, floats = pack((sampling, batch.input_ids, batch.positions, batch.meta, batch.last_token_index, targets),
                             self.layouts[key], staging)
         return PreparedStep(ints, floats, key, features, len(chunks), total, kv_tokens)
 
     def launch(self, step: "PreparedStep") -> "StepHandle":
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
-        (hidden, *prompt_out), self.pool.caches, self.penalties, sampling = self.compiled[step.program](
-            self.weights, self.pool.caches, self.penalties, step.ints, step.floats, self.prev_tokens)
-        return StepHandle(hidden, sampling, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
+        ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
+        (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[step.program](
+            self.weights, self.pool.caches, self.penalties, self._hidden, ints, floats, self.prev_tokens)
+        self._hidden = hidden  # the next forward pass writes its rows here, after this step's sampling read them
+        return StepHandle(hidden, ints, floats, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None,
                bias: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars,
-        `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases."""
+        `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases. Before the next launch:
+        that forward pass writes its hidden rows over this step's."""
         features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
-        out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.sampling,
+        out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.ints, handle.floats,
                                                             self.penalties, *self.mask_args(bitmask, bias))
         self.prev_tokens = out[0]
         handle.device_outputs = out + handle.prompt_outputs
@@ -315,8 +337,9 @@ class PreparedStep:
 
 @dataclasses.dataclass
 class StepHandle:
-    hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state
-    sampling: SamplingBatch  # on the device, as the forward pass unpacked it
+    hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state (donated to the next forward pass)
+    ints: jax.Array  # the step's packed host arrays on the device; sampling reads its parameters there
+    floats: jax.Array
     features: SamplerFeatures
     prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
     num_chunks: int
@@ -341,8 +364,9 @@ def _merge(model_def, weights):
     return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
 
 
-def _forward(model_def, with_prompt, layout, weights, kv_caches, penalties, ints, floats, prev_tokens):
-    input_ids, positions, meta, rows, sampling, targets = unpack(ints, floats, layout)
+def _forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, penalties, hidden_rows, ints, floats,
+             prev_tokens):
+    sampling, input_ids, positions, meta, rows, targets = unpack(ints, floats, layout)
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = _merge(model_def, weights)
@@ -350,18 +374,22 @@ def _forward(model_def, with_prompt, layout, weights, kv_caches, penalties, ints
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])
     valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
     penalties = update_penalty_state(penalties, sampling, input_ids, token_rows, token_pos, valid)
-    out = (hidden[rows],)
+    # Into the donated buffer (same shape, dtype and sharding): an output XLA cannot fill with temporaries.
+    out = (jax.lax.with_sharding_constraint(hidden[rows].astype(hidden_rows.dtype), rows_sharding),)
     if with_prompt:
         logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
         out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
-    return out, kv_caches, penalties, sampling
+    return out, kv_caches, penalties
 
 
-def _sample(softcap, features, rows, head, hidden, sampling, penalties, bitmask, bias_ids, bias_values):
+def _sample(softcap, features, rows, sampling_layout, head, hidden, ints, floats, penalties, bitmask, bias_ids,
+            bias_values):
     """Sampling of the first `rows` rows (the step's sequences, rounded up); the other rows' outputs are
-    zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens."""
+    zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens. The sampling
+    parameters lie at the front of the step's packed buffers (ModelRunner._abstract_inputs)."""
+    sampling = unpack(ints, floats, sampling_layout)
     full = hidden.shape[0]
     bias = None if bitmask is None else (bias_ids, bias_values)
     if rows < full:
