@@ -10,7 +10,7 @@ with CUDA launch errors: see profile_engine.py.)
 
     python scripts/profile_step.py --model llama-3-8b --batch-sizes 1,64,128,256 --context 512
     python scripts/profile_step.py --batch-sizes 190,300 --context 400 --chunk 194:129 --prefill 0 \
-        --max-running-requests 512 [--kv-cache-dtype fp8_e4m3]   # step_token_target's mixed steps
+        --max-running-requests 512 [--kv-cache-dtype fp8_e4m3] [--longest 2000]   # step_token_target's mixed steps
 """
 
 from __future__ import annotations
@@ -47,6 +47,25 @@ def queued(runner, prepared, calls: int = 30) -> tuple[float, float]:
     jax.block_until_ready(handle.device_outputs)
     t2 = time.perf_counter()
     return (t1 - t0) / calls * 1e3, (t2 - t0) / calls * 1e3
+
+
+def in_a_loop(runner, prepared, calls: int = 30) -> tuple[float, float]:
+    """`calls` steps as the engine's loop runs them: launch step N+1 (forward + sampling), then wait for
+    step N's results: (wall ms per step, ms per step waiting for results). Equal to `queued`'s wall time
+    when the host keeps the device busy."""
+    previous = runner.launch(prepared)
+    runner.sample(previous)
+    runner.collect(previous)
+    waited, t0 = 0.0, time.perf_counter()
+    for _ in range(calls):
+        handle = runner.launch(prepared)
+        runner.sample(handle)
+        t = time.perf_counter()
+        runner.collect(previous)
+        waited += time.perf_counter() - t
+        previous = handle
+    runner.collect(previous)
+    return (time.perf_counter() - t0) / calls * 1e3, waited / calls * 1e3
 
 
 def on_device(prepared):
@@ -94,6 +113,8 @@ def main() -> None:
     p.add_argument("--max-running-requests", type=int, default=0,
                    help="the engine's (its sequence rows and buckets); default: the largest batch (+1 with --chunk)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--longest", type=int, default=0, metavar="CTX",
+                   help="give the first decoding sequence CTX cached tokens (the long row a mixed step carries)")
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
                    "jax.profiler and print the GPU time by kernel")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
@@ -127,7 +148,8 @@ def main() -> None:
     print(header)
     pool_pages = runner.pool.config.num_pages
     chunk_pages = -(-(chunk_new + chunk_cached) // ps)
-    if max(sizes) * pages_each + chunk_pages >= pool_pages:
+    long_pages = -(-(args.longest + 1) // ps) if args.longest else 0
+    if max(sizes) * pages_each + chunk_pages + long_pages >= pool_pages:
         raise SystemExit(f"batch {max(sizes)} at context {args.context} needs {max(sizes) * pages_each} KV pages; "
                          f"the pool has {pool_pages - 1}: lower --context or the batch size")
     for b in sizes:
@@ -136,7 +158,11 @@ def main() -> None:
         if chunk_new:
             first = 1 + b * pages_each
             chunks.append(SeqChunk([1] * chunk_new, chunk_cached, list(range(first, first + chunk_pages))))
-        kv_bytes = (b * (args.context + 1) + chunk_new + chunk_cached) * engine.runner.pool.config.bytes_per_page // ps
+        if args.longest:
+            first = 1 + b * pages_each + chunk_pages
+            chunks[0] = SeqChunk([1], args.longest, list(range(first, first + long_pages)))
+        kv_bytes = (b * (args.context + 1) + (args.longest - args.context if args.longest else 0) + chunk_new
+                    + chunk_cached) * engine.runner.pool.config.bytes_per_page // ps
         floor = (weight_bytes + kv_bytes) / bandwidth * 1e3
 
         def sampling_for(params: SamplingParams) -> SamplingBatch:
@@ -160,8 +186,10 @@ def main() -> None:
               " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
         host, wall = queued(runner, prepared)
         host_dev, wall_dev = queued(runner, on_device(prepared))
+        loop_wall, loop_wait = in_a_loop(runner, prepared)
         print(f"      queued steps: enqueue {host:.2f} ms / step {wall:.2f} ms; with inputs already on the device "
-              f"{host_dev:.2f} / {wall_dev:.2f} ms", flush=True)
+              f"{host_dev:.2f} / {wall_dev:.2f} ms; as the engine's loop runs them {loop_wall:.2f} ms "
+              f"(waiting for results {loop_wait:.2f})", flush=True)
         if args.trace:  # summarised at once, so that a later batch's failure does not lose it
             folder, window = trace_forward(runner, prepared)
             print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
