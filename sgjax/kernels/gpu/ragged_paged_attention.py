@@ -13,7 +13,8 @@ Decode batches with few query blocks (up to 512) also split each block's pages u
 programs (flash decoding), each taking at least `min_blocks_per_split` blocks: each writes an
 unnormalised partial output with its running max and sum, and a small jnp step combines them.
 Larger decode-sized steps (no more tokens than sequences, unsplit) take 2 tokens a block and load each
-key block's page ids one block ahead.
+key block's page ids one block ahead. Blocks run longest walk first, each block's KV heads side by side,
+so that a long context does not run on alone after the rest of the grid has finished.
 
 Two modes serve cascade attention (shared_prefix.py): `causal=False` lets every query see all of its
 sequence's keys (a prefix shared by a group's queries), and `partials=True` returns the unnormalised
@@ -38,7 +39,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
             window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
             causal: bool, partials: bool, prefetch: int):
-    i = pl.program_id(0)
+    i = pl.program_id(1)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
     rows = block_q * padded_group
@@ -216,7 +217,10 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # cached went 0.226 -> 0.182 ms a layer, with chunks of 150 and 44 0.178 -> 0.165, 384 decodes alone
     # 0.280 -> 0.277 (bench_attention --cases mixed). Four tokens a block cost pure decode 4%, loading
     # the next block's K/V ahead 2-10%, two KV heads a program 20-25%; running the longest walks first
-    # changed nothing (BENCHMARKS.md, session 15).
+    # changed nothing (BENCHMARKS.md, session 15) while KV heads were the grid's slow axis. Session 17:
+    # longest walks first with the KV heads as the fast axis (below): the mixed cases 0.163 / 0.180 /
+    # 0.276 -> 0.135 / 0.165 / 0.237 ms a layer, batch 1 at 1k 0.075 -> 0.063, but uniform batch 256 at
+    # 512 0.224 -> 0.235; end to end (ShareGPT-like, lof + 384) 16.73 -> 15.78 s.
     decode = num_tokens <= num_seqs
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
@@ -228,12 +232,19 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         prefetch = 1 if decode and kv_splits == 1 else 0
     rows = block_q * padded_group
     seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
+    # Longest walks first, all KV heads of a block side by side (heads are the grid's fastest axis): a
+    # program walking a long context alone then starts with the first wave instead of, for the last KV
+    # heads, near the end of the grid, where it ran on after every other program had finished.
+    q_end = meta.query_start_loc[seq + 1]
+    walk = jnp.where(valid > 0, meta.kv_lens[seq] - (q_end - jnp.minimum(start + block_q, q_end)), -1)
+    order = jnp.argsort(-walk, stable=True)
+    seq, start, valid = seq[order], start[order], valid[order]
 
     q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))  # a block's reads run up to `rows` past the last token
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
-    full = lambda *shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
-    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h, s: (h,) + (0,) * len(shape))  # noqa: E731
-    per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, h, s: (h, s) + (0,) * len(shape))  # noqa: E731
+    full = lambda *shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda h, i, s: (h,) + (0,) * len(shape))  # noqa: E731
+    per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda h, i, s: (h, s) + (0,) * len(shape))  # noqa: E731
     kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
@@ -252,7 +263,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     inputs = [seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages]
     results = pl.pallas_call(
         kernel,
-        grid=(seq.shape[0], num_kv_heads, kv_splits),
+        grid=(num_kv_heads, seq.shape[0], kv_splits),
         in_specs=[full(*x.shape) for x in inputs[:6]] + [per_head(*x.shape[1:]) for x in inputs[6:]] + out_specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
