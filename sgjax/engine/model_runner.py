@@ -161,6 +161,9 @@ class ModelRunner:
         most = tuple(max(layout.sizes[i] for layout in layouts.values()) for i in (0, 1))
         self.layouts = {key: dataclasses.replace(layout, sizes=most) for key, layout in layouts.items()}
         self.sampling_layout = PackedLayout.of(self._abstract_inputs(self.buckets[0], False)[0])
+        leading = len(self.sampling_layout.leaves)
+        if any(layout.leaves[:leading] != self.sampling_layout.leaves for layout in layouts.values()):
+            raise AssertionError("sampling parameters must lead every program's packed buffers (_abstract_inputs)")
         self._staging = [(np.zeros(most[0], np.int32), np.zeros(most[1], np.float32)) for _ in range(STAGING_BUFFERS)]
         self._next_staging = 0
         # The hidden rows' buffer, donated to each forward pass and written by it (see the module docstring).
