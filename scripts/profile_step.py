@@ -117,6 +117,7 @@ def main() -> None:
                    help="give the first decoding sequence CTX cached tokens (the long row a mixed step carries)")
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
                    "jax.profiler and print the GPU time by kernel")
+    p.add_argument("--top", type=int, default=30, help="with --trace: kernels to list by GPU time")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write the prefill step's optimised HLO to DIR/prefill.hlo and count its matmul kernels")
     args = p.parse_args()
@@ -193,7 +194,7 @@ def main() -> None:
         if args.trace:  # summarised at once, so that a later batch's failure does not lose it
             folder, window = trace_forward(runner, prepared)
             print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
-            summarise(load_trace(folder), window, top=30)
+            summarise(load_trace(folder), window, top=args.top)
             print(flush=True)
     if args.prefill:
         n = args.prefill_prompts
@@ -217,7 +218,7 @@ def main() -> None:
         if args.trace:
             folder, window = trace_forward(runner, prepared)
             print("\n--- prefill forward pass, 5 calls traced ---")
-            summarise(load_trace(folder), window, top=30)
+            summarise(load_trace(folder), window, top=args.top)
     engine.shutdown()
 
 

@@ -38,7 +38,7 @@ MASK_VALUE = -1e30
 def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
             window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
-            causal: bool, partials: bool, prefetch: int):
+            causal: bool, partials: bool, prefetch: int, q_by_token: bool):
     i = pl.program_id(1)
     seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
@@ -54,7 +54,17 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     # as one at position kv_len - 1 would.
     offset = kv_len - (q_end - q_start) if causal else kv_len - 1 - (t0 - q_start)
     pos = offset + tok - q_start if causal else jnp.full((rows,), kv_len - 1, jnp.int32)
-    q = q_ref[pl.ds(t0 * padded_group, rows), :]
+    # An fp8 pool's pages are widened to float16, not the queries' bf16: e4m3/e5m2 -> f16 is one
+    # conversion instruction per pair (and exact), where bf16 needs two steps through f32, and those
+    # conversions, not the halved bytes, bounded the fp8 kernel. The queries and the probabilities go to
+    # f16 for the dots too (accumulated in f32 either way).
+    compute_dtype = jnp.float16 if jnp.dtype(k_ref.dtype).itemsize == 1 else q_ref.dtype
+    if q_by_token:  # q_ref [T, G, D]: this KV head's query heads, token by token (see query_layout)
+        in_range = (t0 + jnp.arange(block_q, dtype=jnp.int32) < q_ref.shape[0])[:, None, None]
+        q = plgpu.load(q_ref.at[pl.ds(t0, block_q)], mask=in_range, other=0).reshape(rows, head_dim)
+    else:
+        q = q_ref[pl.ds(t0 * padded_group, rows), :]
+    q = q.astype(compute_dtype)
 
     last = jnp.minimum(offset + jnp.minimum(t0 + block_q, q_end) - 1 - q_start, kv_len - 1)
     end_block = jnp.where(valid > 0, pl.cdiv(last + 1, block_k), 0)
@@ -66,9 +76,9 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
         return page_table_ref[seq, pl.ds(jnp.clip(kb, 0, table_blocks - 1) * pages_per_block, pages_per_block)]
 
     def block_kv(pages):
-        # An fp8 pool is widened to the queries' dtype in registers: the bytes read are what it saves.
+        # An fp8 pool is widened in registers: the bytes read are what it saves.
         k, v = k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim)
-        return k.astype(q_ref.dtype), v.astype(q_ref.dtype)
+        return k.astype(compute_dtype), v.astype(compute_dtype)
 
     def fetch(kb):
         """What the loop carries of block kb ahead of its use (`prefetch`): nothing, its page ids, or its K/V."""
@@ -118,8 +128,12 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     if kv_splits == 1 and not partials:
         o, _, denom = walk(start_block, end_block, init)
         o_ref = refs[-1]
-        out = o / jnp.where(denom > 0, denom, 1.0)[:, None]
-        plgpu.store(o_ref.at[block_rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+        out = (o / jnp.where(denom > 0, denom, 1.0)[:, None]).astype(o_ref.dtype)
+        if q_by_token:
+            plgpu.store(o_ref.at[pl.ds(t0, block_q)], out.reshape(block_q, padded_group, head_dim),
+                        mask=row_ok.reshape(block_q, padded_group)[:, :, None])
+        else:
+            plgpu.store(o_ref.at[block_rows, :], out, mask=row_ok[:, None])
         return
     # Short contexts use fewer splits: each program walks at least min_blocks_per_split blocks, so its
     # loads pipeline; the splits left without blocks only write an empty partial result.
@@ -163,10 +177,21 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """Causal attention of q [T, H, D] over each token's paged K/V ([KVH, pages, page_size, D]) -> [T, H, D];
     only for the tokens of the sequences `include` marks ([B] bool) when given (the others get zeros).
     Options: `ragged_paged_attention_rows`."""
-    num_tokens, num_heads, _ = q.shape
-    rows = ragged_paged_attention_rows(query_rows(q, k_pages.shape[0]), k_pages, v_pages, meta, num_tokens=num_tokens,
-                                       num_heads=num_heads, include=include, **kwargs)
-    return tokens_from_rows(rows, num_tokens, num_heads)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    group = num_heads // num_kv_heads
+    if group != pl.next_power_of_2(group):  # padded groups: through the row layout
+        rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads), k_pages, v_pages, meta, num_tokens=num_tokens,
+                                           num_heads=num_heads, include=include, **kwargs)
+        return tokens_from_rows(rows, num_tokens, num_heads)
+    # The queries as they come, viewed by KV head (free): no layout pass before the kernel, and an
+    # unsplit kernel writes the output in the same layout, so none after it either (~7 us a layer of a
+    # 384-token step, BENCHMARKS.md session 18).
+    out = ragged_paged_attention_rows(q.reshape(num_tokens, num_kv_heads, group, head_dim), k_pages, v_pages, meta,
+                                      num_tokens=num_tokens, num_heads=num_heads, include=include, **kwargs)
+    if out.ndim == 4:
+        return out.reshape(num_tokens, num_heads, head_dim)
+    return tokens_from_rows(out, num_tokens, num_heads)
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
@@ -181,7 +206,9 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                                 include: jax.Array | None = None, causal: bool = True, partials: bool = False,
                                 prefetch: int | None = None, interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
-    tokens it does not serve are zero).
+    tokens it does not serve are zero). Queries may also come token-major, [T, KVH, G, D] with G a power of
+    two (q [T, H, D] reshaped): the output is then [T, KVH, G, D] too, unless the context is split (the
+    combined partials come back as rows, [KVH, T * G, D]).
 
     `causal=False`: each query sees all of its sequence's kv_lens keys (a shared prefix, see
     shared_prefix.py). `prefetch`: what of the next key block each iteration loads ahead (0 nothing, 1 its
@@ -189,6 +216,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     unnormalised softmax pieces instead, (out [KVH, S, R, D] float32, running max [KVH, S, R], sum [KVH,
     S, R]) over the S context splits, for `combine_partials` to merge with others."""
     head_dim = q_rows.shape[-1]
+    q_by_token = q_rows.ndim == 4
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
@@ -221,6 +249,9 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # longest walks first with the KV heads as the fast axis (below): the mixed cases 0.163 / 0.180 /
     # 0.276 -> 0.135 / 0.165 / 0.237 ms a layer, batch 1 at 1k 0.075 -> 0.063, but uniform batch 256 at
     # 512 0.224 -> 0.235; end to end (ShareGPT-like, lof + 384) 16.73 -> 15.78 s.
+    if q_by_token and q_rows.shape[:3] != (num_tokens, num_kv_heads, padded_group):
+        raise ValueError(f"token-major queries {q_rows.shape} do not match {num_tokens} tokens of {num_kv_heads} KV "
+                         f"heads in groups of {padded_group} (a power of two)")
     decode = num_tokens <= num_seqs
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
         kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
@@ -240,7 +271,8 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     order = jnp.argsort(-walk, stable=True)
     seq, start, valid = seq[order], start[order], valid[order]
 
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))  # a block's reads run up to `rows` past the last token
+    if not q_by_token:  # a block's reads run up to `rows` past the last token (token-major loads are masked)
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))
     page_table = jnp.pad(meta.page_table, ((0, 0), (0, pages_per_block)))  # reads past the end hit page 0
     full = lambda *shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda h, i, s: (h,) + (0,) * len(shape))  # noqa: E731
@@ -249,12 +281,14 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
                                min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials,
-                               prefetch=prefetch)
+                               prefetch=prefetch, q_by_token=q_by_token)
     # Outputs start initialised (zeros; running max at MASK_VALUE) so rows no block owns stay harmless.
-    num_rows = q_rows.shape[1]
+    num_rows = num_tokens * padded_group if q_by_token else q_rows.shape[1]
+    by_head = pl.BlockSpec((num_tokens, None, padded_group, head_dim), lambda h, i, s: (0, h, 0, 0))
+    q_spec = by_head if q_by_token else per_head(*q_rows.shape[1:])
     if kv_splits == 1 and not partials:
         outputs = [jnp.zeros_like(q_rows)]
-        out_specs = [per_head(num_rows, head_dim)]
+        out_specs = [by_head if q_by_token else per_head(num_rows, head_dim)]
     else:
         outputs = [jnp.zeros((num_kv_heads, kv_splits, num_rows, head_dim), jnp.float32),
                    jnp.full((num_kv_heads, kv_splits, num_rows), MASK_VALUE, jnp.float32),
@@ -264,7 +298,8 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     results = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, seq.shape[0], kv_splits),
-        in_specs=[full(*x.shape) for x in inputs[:6]] + [per_head(*x.shape[1:]) for x in inputs[6:]] + out_specs,
+        in_specs=[full(*x.shape) for x in inputs[:6]] + [q_spec] + [per_head(*x.shape[1:]) for x in inputs[7:]]
+        + out_specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
         input_output_aliases={len(inputs) + k: k for k in range(len(outputs))},
