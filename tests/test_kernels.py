@@ -259,3 +259,42 @@ def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):
     assert resolve_backend("reference") == "reference"
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash")
+
+
+@pytest.mark.parametrize("rows,width,dtype", [(8, 64, jnp.bfloat16), (6, 128, jnp.bfloat16), (5, 32, jnp.float32)])
+def test_add_rms_norm_kernel_matches_the_models_add_then_norm(rows, width, dtype):
+    """The fused residual add + RMSNorm (interpreted) against the model's own add, then RMSNorm module:
+    the same sum and, rounded as the module rounds, the same normalised rows."""
+    from sgjax.kernels.gpu.add_rms_norm import add_rms_norm, add_rms_norm_reference
+    from sgjax.models.layers import RMSNorm
+
+    rng = np.random.default_rng(rows + width)
+    x, h = (jnp.asarray(rng.standard_normal((rows, width)) * 3, dtype) for _ in range(2))
+    norm = RMSNorm(width, 1e-5, dtype)
+    norm.weight[...] = jnp.asarray(rng.standard_normal(width), dtype)
+    want_sum = x + h
+    want_normed = norm(want_sum)
+    got_sum, got_normed = add_rms_norm(x, h, norm.weight[...], eps=1e-5, interpret=True)
+    ref_sum, ref_normed = add_rms_norm_reference(x, h, norm.weight[...], 1e-5)
+    np.testing.assert_array_equal(np.asarray(got_sum, np.float32), np.asarray(want_sum, np.float32))
+    np.testing.assert_array_equal(np.asarray(ref_normed, np.float32), np.asarray(want_normed, np.float32))
+    # float32: the mean's summation order may differ in the last bits; bf16 rounds those away
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(got_normed, np.float32), np.asarray(want_normed, np.float32), **tol)
+    with pytest.raises(ValueError, match="power of two"):
+        add_rms_norm(x[:, : width - 1], h[:, : width - 1], norm.weight[...][: width - 1], eps=1e-5, interpret=True)
+
+
+def test_triton_kernels_lower_for_cuda():
+    """The fused add + norm and the attention kernel on token-major queries, lowered for CUDA on the CPU
+    (Triton's rules on shapes and reshapes are checked there, not in the interpreter)."""
+    from sgjax.kernels.gpu.add_rms_norm import add_rms_norm
+
+    x = jnp.ones((24, 256), jnp.bfloat16)
+    text = jax.jit(lambda x: add_rms_norm(x, x, x[0], eps=1e-6)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "add_rms_norm" in text
+    case = (32, 8, 128, 16, [1, 1, 6], [40, 300, 20], None, None)
+    (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
+    attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, **kwargs))
+    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_paged_attention" in text and "transpose" not in text

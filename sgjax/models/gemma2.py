@@ -22,11 +22,12 @@ class Gemma2DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(cfg, rngs)
         self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
+    def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
+        """DecoderLayer's interface; Gemma's sandwich norms leave no add to hand on (pending stays None)."""
         h, kv = self.self_attn(self.input_layernorm(x), positions, kv, meta)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h), kv
+        return x + self.post_feedforward_layernorm(h), None, kv
 
 
 class Gemma2Model(DecoderModel):

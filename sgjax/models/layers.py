@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sgjax.kernels import AttentionMetadata, get_attention_backend
+from sgjax.kernels.gpu import add_rms_norm as fused_norm
 from sgjax.mesh import TENSOR
 from sgjax.models.config import ModelConfig
 
@@ -76,6 +77,26 @@ class RMSNorm(nnx.Module):
         if self.offset:
             return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
+
+    def add_and_norm(self, x: jax.Array, h: jax.Array, kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x + h, self(x + h)): the residual stream and its normalised rows. `kernel` ("gpu", or
+        "interpret" for tests on the CPU) computes both in one pass (kernels/gpu/add_rms_norm.py) where it
+        can: Llama's norm on rows of a power-of-two width."""
+        if kernel and not self.offset and fused_norm.supports(x):
+            return fused_norm.add_rms_norm(x, h, self.weight[...], eps=self.eps, interpret=kernel == "interpret")
+        s = x + h
+        return s, self(s)
+
+
+def norm_kernel_for(attention_backend: str) -> str | None:
+    """Which fused add + norm kernel goes with an attention backend: the Triton one on a lone GPU with
+    the Pallas kernels, its interpreter with "pallas_interpret", else none (plain jnp). Meshes of several
+    devices keep jnp: the kernel has no sharding rule."""
+    if attention_backend == "pallas_interpret":
+        return "interpret"
+    if attention_backend == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1:
+        return "gpu"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,20 +20,31 @@ from sgjax.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
+    norm_kernel_for,
 )
 
 
 class DecoderLayer(nnx.Module):
+    """Layers take and return the residual stream with an addend still to add (`pending`, None at the
+    first layer): the MLP's output is added by the next layer's input norm, or the final norm, so each
+    residual add and the norm after it run as one pass where a kernel can (RMSNorm.add_and_norm)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.mlp = GatedMLP(cfg, rngs)
+        self.norm_kernel = norm_kernel_for(attention_backend)
 
-    def __call__(self, x, positions, kv: KVCache, meta: AttentionMetadata):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, kv, meta)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
+        """-> (residual stream, the MLP output to add to it, kv)."""
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add_and_norm(x, pending, self.norm_kernel)
+        h, kv = self.self_attn(normed, positions, kv, meta)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, h, self.norm_kernel)
+        return x, self.mlp(normed), kv
 
 
 class DecoderModel(nnx.Module):
@@ -46,17 +57,20 @@ class DecoderModel(nnx.Module):
             [self.layer_class(cfg, i, attention_backend, rngs) for i in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=self.norm_offset)
+        self.norm_kernel = norm_kernel_for(attention_backend)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
     def __call__(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        x = self.embed(input_ids)
+        x, pending = self.embed(input_ids), None
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches):
-            x, kv = layer(x, positions, kv, meta)
+            x, pending, kv = layer(x, pending, positions, kv, meta)
             new_caches.append(kv)
-        return self.norm(x), new_caches
+        if pending is None:
+            return self.norm(x), new_caches
+        return self.norm.add_and_norm(x, pending, self.norm_kernel)[1], new_caches
 
 
 class LlamaForCausalLM(nnx.Module):
