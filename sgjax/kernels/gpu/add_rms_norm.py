@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+
 def add_rms_norm_reference(x: jax.Array, h: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """(x + h, RMSNorm(x + h) * weight), as layers.RMSNorm computes the norm."""
     s = x + h

@@ -16,6 +16,10 @@ Larger decode-sized steps (no more tokens than sequences, unsplit) take 2 tokens
 key block's page ids one block ahead. Blocks run longest walk first, each block's KV heads side by side,
 so that a long context does not run on alone after the rest of the grid has finished.
 
+Queries come as rows by KV head (`query_rows`) or, for power-of-two groups, as q [T, H, D] viewed as
+[T, KVH, G, D]: read in place, with the unsplit output written in the same layout (no layout passes
+around the kernel). An fp8 pool is widened to float16 in registers (see `_kernel`).
+
 Two modes serve cascade attention (shared_prefix.py): `causal=False` lets every query see all of its
 sequence's keys (a prefix shared by a group's queries), and `partials=True` returns the unnormalised
 pieces instead of the output, to be merged with another call's.
