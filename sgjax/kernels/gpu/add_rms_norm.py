@@ -2,7 +2,7 @@
 
 XLA ran a decoder layer's residual add and the RMSNorm after it as two kernels, writing the sum and
 reading it back (~4.9 + 3.3 us each, twice a layer, on a 384-token step of Llama-3-8B on an H100:
-BENCHMARKS.md session 18). Here each program reads a block of rows of both addends once and writes the
+BENCHMARKS.md session 18). Here each program reads one row of both addends once and writes the
 sum (the residual stream) and its normalised rows. The rounding follows `layers.RMSNorm` exactly: the sum
 rounded to the activations' dtype, its mean square in float32, the normalised rows rounded before the
 weight multiplies them. `add_rms_norm_reference` is the same in jnp, the definition the tests hold the

@@ -63,7 +63,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     # conversions, not the halved bytes, bounded the fp8 kernel. The queries and the probabilities go to
     # f16 for the dots too (accumulated in f32 either way).
     compute_dtype = jnp.float16 if jnp.dtype(k_ref.dtype).itemsize == 1 else q_ref.dtype
-    if q_by_token:  # q_ref [T, G, D]: this KV head's query heads, token by token (see query_layout)
+    if q_by_token:  # q_ref [T, G, D]: this KV head's query heads, token by token (see ragged_paged_attention)
         in_range = (t0 + jnp.arange(block_q, dtype=jnp.int32) < q_ref.shape[0])[:, None, None]
         q = plgpu.load(q_ref.at[pl.ds(t0, block_q)], mask=in_range, other=0).reshape(rows, head_dim)
     else:
