@@ -264,8 +264,9 @@ def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):
 @pytest.mark.parametrize("rows,width,dtype", [(8, 64, jnp.bfloat16), (6, 128, jnp.bfloat16), (5, 32, jnp.float32)])
 def test_add_rms_norm_kernel_matches_the_models_add_then_norm(rows, width, dtype):
     """The fused residual add + RMSNorm (interpreted) against the model's own add, then RMSNorm module:
-    the same sum and, rounded as the module rounds, the same normalised rows."""
-    from sgjax.kernels.gpu.add_rms_norm import add_rms_norm, add_rms_norm_reference
+    the same sum and, rounded as the module rounds, the same normalised rows. The layer's path without
+    the kernel (RMSNorm.add_and_norm) is that add, then the module."""
+    from sgjax.kernels.gpu.add_rms_norm import add_rms_norm
     from sgjax.models.layers import RMSNorm
 
     rng = np.random.default_rng(rows + width)
@@ -275,9 +276,10 @@ def test_add_rms_norm_kernel_matches_the_models_add_then_norm(rows, width, dtype
     want_sum = x + h
     want_normed = norm(want_sum)
     got_sum, got_normed = add_rms_norm(x, h, norm.weight[...], eps=1e-5, interpret=True)
-    ref_sum, ref_normed = add_rms_norm_reference(x, h, norm.weight[...], 1e-5)
+    plain_sum, plain_normed = norm.add_and_norm(x, h)
     np.testing.assert_array_equal(np.asarray(got_sum, np.float32), np.asarray(want_sum, np.float32))
-    np.testing.assert_array_equal(np.asarray(ref_normed, np.float32), np.asarray(want_normed, np.float32))
+    np.testing.assert_array_equal(np.asarray(plain_sum, np.float32), np.asarray(want_sum, np.float32))
+    np.testing.assert_array_equal(np.asarray(plain_normed, np.float32), np.asarray(want_normed, np.float32))
     # float32: the mean's summation order may differ in the last bits; bf16 rounds those away
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=0, atol=0)
     np.testing.assert_allclose(np.asarray(got_normed, np.float32), np.asarray(want_normed, np.float32), **tol)

@@ -78,10 +78,13 @@ class RMSNorm(nnx.Module):
             return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * x32.astype(x.dtype)
 
-    def add_and_norm(self, x: jax.Array, h: jax.Array, kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
-        """(x + h, self(x + h)): the residual stream and its normalised rows. `kernel` ("gpu", or
-        "interpret" for tests on the CPU) computes both in one pass (kernels/gpu/add_rms_norm.py) where it
-        can: Llama's norm on rows of a power-of-two width."""
+    def add_and_norm(self, x: jax.Array, h: jax.Array | None,
+                     kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x + h, self(x + h)): the residual stream and its normalised rows (h None: nothing to add).
+        `kernel` ("gpu", or "interpret" for tests on the CPU) computes both in one pass
+        (kernels/gpu/add_rms_norm.py) where it can: Llama's norm on rows of a power-of-two width."""
+        if h is None:
+            return x, self(x)
         if kernel and not self.offset and fused_norm.supports(x):
             return fused_norm.add_rms_norm(x, h, self.weight[...], eps=self.eps, interpret=kernel == "interpret")
         s = x + h

@@ -38,10 +38,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
         """-> (residual stream, the MLP output to add to it, kv)."""
-        if pending is None:
-            normed = self.input_layernorm(x)
-        else:
-            x, normed = self.input_layernorm.add_and_norm(x, pending, self.norm_kernel)
+        x, normed = self.input_layernorm.add_and_norm(x, pending, self.norm_kernel)
         h, kv = self.self_attn(normed, positions, kv, meta)
         x, normed = self.post_attention_layernorm.add_and_norm(x, h, self.norm_kernel)
         return x, self.mlp(normed), kv
@@ -68,8 +65,6 @@ class DecoderModel(nnx.Module):
         for layer, kv in zip(self.layers, kv_caches):
             x, pending, kv = layer(x, pending, positions, kv, meta)
             new_caches.append(kv)
-        if pending is None:
-            return self.norm(x), new_caches
         return self.norm.add_and_norm(x, pending, self.norm_kernel)[1], new_caches
 
 

@@ -3,10 +3,9 @@
 XLA ran a decoder layer's residual add and the RMSNorm after it as two kernels, writing the sum and
 reading it back (~4.9 + 3.3 us each, twice a layer, on a 384-token step of Llama-3-8B on an H100:
 BENCHMARKS.md session 18). Here each program reads one row of both addends once and writes the
-sum (the residual stream) and its normalised rows. The rounding follows `layers.RMSNorm` exactly: the sum
-rounded to the activations' dtype, its mean square in float32, the normalised rows rounded before the
-weight multiplies them. `add_rms_norm_reference` is the same in jnp, the definition the tests hold the
-kernel to.
+sum (the residual stream) and its normalised rows. The rounding follows `layers.RMSNorm` exactly, the
+definition the tests hold the kernel to: the sum rounded to the activations' dtype, its mean square in
+float32, the normalised rows rounded before the weight multiplies them.
 """
 
 from __future__ import annotations
@@ -17,14 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
-
-def add_rms_norm_reference(x: jax.Array, h: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """(x + h, RMSNorm(x + h) * weight), as layers.RMSNorm computes the norm."""
-    s = x + h
-    s32 = s.astype(jnp.float32)
-    normed = (s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)).astype(s.dtype)
-    return s, weight * normed
 
 
 def supports(x: jax.Array) -> bool:

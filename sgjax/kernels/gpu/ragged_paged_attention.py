@@ -184,15 +184,13 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
     group = num_heads // num_kv_heads
-    if group != pl.next_power_of_2(group):  # padded groups: through the row layout
-        rows = ragged_paged_attention_rows(query_rows(q, num_kv_heads), k_pages, v_pages, meta, num_tokens=num_tokens,
-                                           num_heads=num_heads, include=include, **kwargs)
-        return tokens_from_rows(rows, num_tokens, num_heads)
-    # The queries as they come, viewed by KV head (free): no layout pass before the kernel, and an
-    # unsplit kernel writes the output in the same layout, so none after it either (~7 us a layer of a
-    # 384-token step, BENCHMARKS.md session 18).
-    out = ragged_paged_attention_rows(q.reshape(num_tokens, num_kv_heads, group, head_dim), k_pages, v_pages, meta,
-                                      num_tokens=num_tokens, num_heads=num_heads, include=include, **kwargs)
+    # Power-of-two groups: the queries as they come, viewed by KV head (free): no layout pass before the
+    # kernel, and an unsplit kernel writes the output in the same layout, so none after it either (~7 us a
+    # layer of a 384-token step, BENCHMARKS.md session 18). Padded groups go through the row layout.
+    by_token = group == pl.next_power_of_2(group)
+    queries = q.reshape(num_tokens, num_kv_heads, group, head_dim) if by_token else query_rows(q, num_kv_heads)
+    out = ragged_paged_attention_rows(queries, k_pages, v_pages, meta, num_tokens=num_tokens, num_heads=num_heads,
+                                      include=include, **kwargs)
     if out.ndim == 4:
         return out.reshape(num_tokens, num_heads, head_dim)
     return tokens_from_rows(out, num_tokens, num_heads)
