@@ -88,9 +88,9 @@ def steps_in_trace(kernels: list[dict], num_layers: int) -> int:
     return round(calls / num_layers)
 
 
-def summarise(trace: dict, window_us: float, top: int = 20, num_layers: int = 0) -> None:
+def summarise(trace: dict, window_us: float, top: int = 20, num_layers: int = 0, timeline: bool = False) -> None:
     """Print the trace's GPU time by category and kernel, and its idle gaps; per step when `num_layers`
-    is given (steps counted by `steps_in_trace`)."""
+    is given (steps counted by `steps_in_trace`); with `timeline`, one layer's kernels in order."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "device" in n.lower()}
@@ -127,6 +127,29 @@ def summarise(trace: dict, window_us: float, top: int = 20, num_layers: int = 0)
     for name, us in gaps.most_common(10):
         print(f"{name[:70]:70s} {us / 1e3:9.2f} {us / max(idle, 1e-9) * 100:6.1f}% {counts[name]:6d} "
               f"{us / counts[name]:8.1f}")
+    if timeline:
+        layer_timeline(kernels)
+
+
+def layer_timeline(kernels: list[dict], anchor: str = "ragged_paged_attention") -> None:
+    """Print one layer's kernels in the order they ran (from the middle call of `anchor`, once a layer, to
+    the next), each with the GPU idle before it: how many passes a layer takes and what the gaps between
+    them cost, which the per-kernel totals do not show."""
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    marks = [i for i, e in enumerate(ordered) if anchor in e["name"]]
+    if len(marks) < 3:
+        print(f"\nno layer timeline: {len(marks)} calls of {anchor} in the trace")
+        return
+    first, last = marks[len(marks) // 2], marks[len(marks) // 2 + 1]
+    start, end = ordered[first]["ts"], ordered[first - 1]["ts"] + ordered[first - 1]["dur"]
+    busy = idle = 0.0
+    print(f"\n{'one layer, in order':70s} {'at us':>8s} {'idle us':>8s} {'us':>8s}")
+    for e in ordered[first:last]:
+        gap = max(0.0, e["ts"] - end)
+        idle, busy = idle + gap, busy + e["dur"]
+        print(f"{e['name'][:70]:70s} {e['ts'] - start:8.1f} {gap:8.1f} {e['dur']:8.1f}")
+        end = max(end, e["ts"] + e["dur"])
+    print(f"{last - first} kernels: {busy:.1f} us of kernels, {idle:.1f} us idle between them")
 
 
 def idle_before(kernels: list[dict]) -> tuple[collections.Counter, collections.Counter]:

@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
                    "jax.profiler and print the GPU time by kernel")
     p.add_argument("--top", type=int, default=30, help="with --trace: kernels to list by GPU time")
+    p.add_argument("--timeline", action="store_true", help="with --trace: also list one layer's kernels in order, "
+                   "with the GPU idle between them")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write the prefill step's optimised HLO to DIR/prefill.hlo and count its matmul kernels")
     args = p.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
         if args.trace:  # summarised at once, so that a later batch's failure does not lose it
             folder, window = trace_forward(runner, prepared)
             print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
-            summarise(load_trace(folder), window, top=args.top)
+            summarise(load_trace(folder), window, top=args.top, timeline=args.timeline)
             print(flush=True)
     if args.prefill:
         n = args.prefill_prompts
@@ -218,7 +220,7 @@ def main() -> None:
         if args.trace:
             folder, window = trace_forward(runner, prepared)
             print("\n--- prefill forward pass, 5 calls traced ---")
-            summarise(load_trace(folder), window, top=args.top)
+            summarise(load_trace(folder), window, top=args.top, timeline=args.timeline)
     engine.shutdown()
 
 
