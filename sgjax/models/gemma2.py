@@ -13,7 +13,8 @@ from sgjax.models.llama import DecoderModel, LlamaForCausalLM
 
 
 class Gemma2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs,
+                 fused_norm: bool = True):  # unused: the sandwich norms have no fused kernel
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=True)  # noqa: E731
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)

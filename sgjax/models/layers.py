@@ -91,10 +91,12 @@ class RMSNorm(nnx.Module):
         return s, self(s)
 
 
-def norm_kernel_for(attention_backend: str) -> str | None:
+def norm_kernel_for(attention_backend: str, fused_norm: bool = True) -> str | None:
     """Which fused add + norm kernel goes with an attention backend: the Triton one on a lone GPU with
-    the Pallas kernels, its interpreter with "pallas_interpret", else none (plain jnp). Meshes of several
-    devices keep jnp: the kernel has no sharding rule."""
+    the Pallas kernels, its interpreter with "pallas_interpret", else none (plain jnp; also when not
+    `fused_norm`). Meshes of several devices keep jnp: the kernel has no sharding rule."""
+    if not fused_norm:
+        return None
     if attention_backend == "pallas_interpret":
         return "interpret"
     if attention_backend == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1:

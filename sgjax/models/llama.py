@@ -29,12 +29,13 @@ class DecoderLayer(nnx.Module):
     first layer): the MLP's output is added by the next layer's input norm, or the final norm, so each
     residual add and the norm after it run as one pass where a kernel can (RMSNorm.add_and_norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs,
+                 fused_norm: bool = True):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.mlp = GatedMLP(cfg, rngs)
-        self.norm_kernel = norm_kernel_for(attention_backend)
+        self.norm_kernel = norm_kernel_for(attention_backend, fused_norm)
 
     def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
         """-> (residual stream, the MLP output to add to it, kv)."""
@@ -48,13 +49,13 @@ class DecoderModel(nnx.Module):
     layer_class = DecoderLayer
     norm_offset = False  # Gemma's norms scale by (1 + w)
 
-    def __init__(self, cfg: ModelConfig, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, attention_backend: str, rngs: nnx.Rngs, fused_norm: bool = True):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
         self.layers = nnx.List(
-            [self.layer_class(cfg, i, attention_backend, rngs) for i in range(cfg.num_layers)]
+            [self.layer_class(cfg, i, attention_backend, rngs, fused_norm) for i in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=self.norm_offset)
-        self.norm_kernel = norm_kernel_for(attention_backend)
+        self.norm_kernel = norm_kernel_for(attention_backend, fused_norm)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
@@ -73,9 +74,12 @@ class LlamaForCausalLM(nnx.Module):
 
     model_class = DecoderModel
 
-    def __init__(self, cfg: ModelConfig, *, attention_backend: str = "reference", rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_backend: str = "reference", rngs: nnx.Rngs,
+                 fused_norm: bool = True):
+        """`fused_norm`: residual adds and norms in one kernel pass where the backend has one
+        (layers.norm_kernel_for)."""
         self.config = cfg
-        self.model = self.model_class(cfg, attention_backend, rngs)
+        self.model = self.model_class(cfg, attention_backend, rngs, fused_norm)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:

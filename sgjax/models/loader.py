@@ -99,16 +99,19 @@ def load_model(
     dtype: str | None = None,
     load_format: str = "auto",
     attention_backend: str = "reference",
+    fused_norm: bool = True,
     seed: int = 0,
 ) -> LoadedModel:
-    """Build the model named by `model_path/config.json` with weights on `mesh`."""
+    """Build the model named by `model_path/config.json` with weights on `mesh`; `fused_norm`: see
+    LlamaForCausalLM."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = ModelConfig.from_pretrained(model_path, dtype)
     cfg = dataclasses.replace(cfg, fuse_qkv=cfg.num_kv_heads % mesh.shape[TENSOR] == 0)
     model_class = get_model_class(cfg.architecture)
     graphdef, abstract_state = nnx.split(
-        nnx.eval_shape(lambda: model_class(cfg, attention_backend=attention_backend, rngs=nnx.Rngs(0))))
+        nnx.eval_shape(lambda: model_class(cfg, attention_backend=attention_backend, fused_norm=fused_norm,
+                                         rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(abstract_state)
     shardings = [named_sharding(var.get_metadata().get("axes"), var.shape, mesh) for _, var in flat]
 
