@@ -7,12 +7,19 @@ and the whole gated MLP (gate/up, SiLU x up, down), each jitted and queued back 
 whether the loss is in the matmul kernels XLA picks for these shapes or around them. With --sweep it
 runs again under other XLA GEMM flags (each in a fresh process: XLA reads its flags once).
 
+With --layer it times instead everything of a layer but its attention (q/k/v, o, the residual adds and
+norms, gate/up, SiLU x up, down) in a stack of distinct layers, at each token count: the cost curve a step
+of the engine pays besides attention and sampling. Its last line is the `--layer-costs` argument of
+simulate_schedule.py, which prices a schedule's steps with it.
+
     python scripts/bench_gemm.py --tokens 256,768,8192 --sweep
+    python scripts/bench_gemm.py --layer --tokens 64,128,192,256,320,384,512,640,768,1024,2048,8192
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -30,10 +37,51 @@ SWEEP = {  # name -> extra XLA_FLAGS
 
 
 def shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict:
-    """name -> (weight shape in the model's layout, contraction size): Llama's per-layer projections."""
+    """name -> weight shape in the model's layout (contraction last): Llama's per-layer projections."""
     group = heads // kv_heads
     return {"q/k/v": (kv_heads, group + 2, head_dim, hidden), "o": (hidden, heads * head_dim),
             "gate/up": (2, intermediate, hidden), "down": (hidden, intermediate)}
+
+
+def rms_norm(h, eps: float = 1e-5):
+    h32 = h.astype(jnp.float32)
+    return (h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, -1, keepdims=True) + eps)).astype(h.dtype)
+
+
+def layers_without_attention(x, residual, layers, heads: int, head_dim: int):
+    """A stack of Llama layers in the model's weight layouts, the attention replaced by the query itself
+    (the o projection's input has the attention output's shape), so the stack costs what a step's layers
+    cost besides attention."""
+    for qkv_w, o_w, gate_up_w, down_w in layers:
+        qkv = jnp.tensordot(x, qkv_w, axes=[[1], [3]])  # [T, kv_heads, group + 2, head_dim]
+        attention = qkv[:, :, :-2].reshape(x.shape[0], heads * head_dim)
+        residual = residual + jnp.tensordot(attention, o_w, axes=[[1], [1]])
+        y = jnp.tensordot(rms_norm(residual), gate_up_w, axes=[[1], [2]])  # [T, 2, I]
+        residual = residual + jnp.einsum("ti,oi->to", jax.nn.silu(y[:, 0]) * y[:, 1], down_w)
+        x = rms_norm(residual)
+    return x, residual
+
+
+def run_layers(args) -> None:
+    """us a layer for the stack above at each token count."""
+    table = shapes(args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim)
+    keys = jax.random.split(jax.random.key(0), 4 * args.stack)
+    layers = [tuple(jax.random.normal(keys[4 * i + j], shape, jnp.bfloat16) * 0.02
+                    for j, shape in enumerate(table.values())) for i in range(args.stack)]
+    params = sum(int(np.prod(shape)) for shape in table.values())
+    rate = matmul_rate()
+    step = jax.jit(functools.partial(layers_without_attention, heads=args.heads, head_dim=args.head_dim))
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; square 8192^3 matmul {rate / 1e12:.0f} TFLOP/s; "
+          f"{args.stack} distinct layers a call")
+    print(f"{'tokens':>7} {'us a layer':>11} {'TFLOP/s':>8} {'of square':>9} {'us a token':>11}")
+    costs = []
+    for t in args.tokens:
+        x = jax.random.normal(jax.random.key(t), (t, args.hidden), jnp.bfloat16)
+        us = median_time(step, x, x, layers, repeat=10, rounds=5) / args.stack * 1e6
+        flops = 2 * params * t
+        print(f"{t:>7} {us:>11.1f} {flops / us / 1e6:>8.0f} {flops / us / 1e6 / (rate / 1e12):>9.1%} {us / t:>11.3f}")
+        costs.append(f"{t}:{us:.1f}")
+    print("--layer-costs " + ",".join(costs))
 
 
 def run(args) -> None:
@@ -78,11 +126,13 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layer", action="store_true", help="time a layer without its attention instead (see above)")
+    p.add_argument("--stack", type=int, default=8, help="--layer: distinct layers a call (weights not in L2)")
     p.add_argument("--sweep", action="store_true", help="run again under each XLA GEMM flag set: " + ", ".join(SWEEP))
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
     if not args.sweep:
-        run(args)
+        (run_layers if args.layer else run)(args)
         return
     argv = [a for a in sys.argv[1:] if a != "--sweep"]
     for name, flags in SWEEP.items():

@@ -8,6 +8,11 @@ every sampled token is the request's next (`ignore_eos`, outputs of exactly max_
 bench_offline. The cost of a step is bench_offline's in-sequence floor (max(weights, matmuls) + K/V),
 counted on the token bucket the step is padded to.
 
+With `--layer-costs` (bench_gemm.py --layer's last line: us a layer besides attention, measured at some
+token counts) it also prices the steps with those costs instead of the roofline: each step's layers at its
+padded token count, its K/V at `--attention-bandwidth`, plus `--sampling-ms`. That estimate, unlike the
+floor, knows that the GEMMs of a few hundred rows run well below the square matmul's rate.
+
     python scripts/simulate_schedule.py --num-prompts 1000
     python scripts/simulate_schedule.py --policy lof --step-token-target 384 --max-running-requests 512
 """
@@ -18,6 +23,7 @@ import argparse
 import functools
 import time
 
+import numpy as np
 from bench_offline import step_floor_s, timeline, workload_floor_s
 
 from sgjax.cache.page_allocator import PageAllocator
@@ -36,14 +42,55 @@ LLAMA_3_8B = dict(weight_bytes=2 * (8_030_261_248 - 128_256 * 4096), layer_param
                   kv_bytes_per_token=32 * 2 * 8 * 128 * 2)
 
 
+def padded_tokens(args):
+    """A step's token count -> the bucket the engine's ModelRunner pads it to."""
+    buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
+                            decode_rows=args.max_running_requests)
+    return functools.partial(bucket_for, buckets)
+
+
+def parse_layer_costs(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """"tokens:us,..." (bench_gemm.py --layer) -> (token counts, us a layer), ascending."""
+    pairs = sorted((int(t), float(us)) for t, us in (item.split(":") for item in text.split(",")))
+    return np.array([t for t, _ in pairs], np.float64), np.array([us for _, us in pairs])
+
+
+def layer_cost_s(costs: tuple[np.ndarray, np.ndarray], tokens: float) -> float:
+    """Seconds a layer (besides attention) takes at `tokens` rows: linear between measured counts, the
+    smallest's cost below them, the largest's cost per token above them."""
+    ts, us = costs
+    if tokens > ts[-1]:
+        return us[-1] * tokens / ts[-1] * 1e-6
+    return float(np.interp(tokens, ts, us)) * 1e-6
+
+
+def measured_s(log: list[StepRecord], args) -> float:
+    """The steps priced with the measured layer costs (see the module docstring)."""
+    round_up, total = padded_tokens(args), 0.0
+    for step in log:
+        total += args.layers * layer_cost_s(args.layer_costs, round_up(step.decodes + step.prefill_tokens))
+        total += step.kv_tokens * args.model["kv_bytes_per_token"] / args.attention_bandwidth
+    return total + len(log) * args.sampling_ms * 1e-3
+
+
+def even_steps_s(work: workloads.Workload, args) -> float:
+    """Any schedule's steps priced the same way, if the layer cost is convex in the token count: the longest
+    output's steps, each with an equal share of all tokens, and the K/V decoding reads."""
+    steps = max(work.output_lens)
+    tokens = sum(len(p) for p in work.prompts) + sum(work.output_lens)
+    ins = np.array([len(p) for p in work.prompts], np.float64)
+    outs = np.array(work.output_lens, np.float64)
+    kv_tokens = (outs * ins + outs * (outs - 1) / 2).sum()
+    return (steps * args.layers * layer_cost_s(args.layer_costs, tokens / steps) + steps * args.sampling_ms * 1e-3
+            + kv_tokens * args.model["kv_bytes_per_token"] / args.attention_bandwidth)
+
+
 def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Scheduler]:
     """The steps the scheduler makes for `work`, with time in each record's `launched` field (the sum of
     the floors of the steps before it)."""
     allocator = PageAllocator(args.num_pages, args.page_size)
     radix = None if args.disable_radix_cache else RadixCache(allocator)
-    buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
-                            decode_rows=args.max_running_requests)
-    round_up = functools.partial(bucket_for, buckets)  # as the engine's ModelRunner pads steps
+    round_up = padded_tokens(args)  # as the engine's ModelRunner pads steps
     scheduler = Scheduler(allocator, radix, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           policy=args.policy, step_token_target=args.step_token_target,
@@ -88,8 +135,15 @@ def main() -> None:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--bandwidth", type=float, default=2.6e12, help="bytes/s (an H100's copy bandwidth)")
     p.add_argument("--matmul-rate", type=float, default=750e12, help="bf16 FLOP/s (an H100's, measured)")
+    p.add_argument("--layer-costs", type=parse_layer_costs, default=None,
+                   help="tokens:us,... a layer besides attention (bench_gemm.py --layer): price the steps with them")
+    p.add_argument("--layers", type=int, default=32, help="--layer-costs: layers a step")
+    p.add_argument("--attention-bandwidth", type=float, default=None,
+                   help="--layer-costs: bytes/s the attention reads K/V at (default --bandwidth)")
+    p.add_argument("--sampling-ms", type=float, default=0.0, help="--layer-costs: the LM head and sampling a step")
     args = p.parse_args()
     args.model = LLAMA_3_8B
+    args.attention_bandwidth = args.attention_bandwidth or args.bandwidth
 
     work = workloads.sharegpt_like(args.num_prompts, 128_256, max_len=args.max_len)
     t0 = time.perf_counter()
@@ -106,6 +160,11 @@ def main() -> None:
     print(f"steps {len(log)}, preemptions {scheduler.num_preemptions}; in-sequence floor of these steps (padded "
           f"to their buckets) {end:.2f} s = {outs / end:,.0f} out tok/s; any schedule {floor:.2f} s = "
           f"{outs / floor:,.0f} out tok/s")
+    if args.layer_costs is not None:
+        priced, even = measured_s(log, args), even_steps_s(work, args)
+        print(f"priced with the measured layer costs, K/V at {args.attention_bandwidth / 1e12:.2f} TB/s and "
+              f"{args.sampling_ms} ms of sampling a step: these steps {priced:.2f} s = {outs / priced:,.0f} out "
+              f"tok/s; even steps {even:.2f} s = {outs / even:,.0f} out tok/s")
 
 
 if __name__ == "__main__":
