@@ -141,8 +141,9 @@ def main() -> None:
     p.add_argument("--attention-bandwidth", type=float, default=None,
                    help="--layer-costs: bytes/s the attention reads K/V at (default --bandwidth)")
     p.add_argument("--sampling-ms", type=float, default=0.0, help="--layer-costs: the LM head and sampling a step")
+    p.add_argument("--kv-bytes", type=int, default=2, choices=(1, 2), help="bytes a K/V element: 2 bf16, 1 fp8")
     args = p.parse_args()
-    args.model = LLAMA_3_8B
+    args.model = dict(LLAMA_3_8B, kv_bytes_per_token=LLAMA_3_8B["kv_bytes_per_token"] // 2 * args.kv_bytes)
     args.attention_bandwidth = args.attention_bandwidth or args.bandwidth
 
     work = workloads.sharegpt_like(args.num_prompts, 128_256, max_len=args.max_len)
