@@ -146,12 +146,17 @@ def workload_floor_s(work, model: dict, bandwidth: float, matmul_rate: float) ->
     matmuls, or the weights read by the steps its longest output needs (one token per request a step),
     whichever is slower, plus the K/V that decoding reads (output token i attends to prompt + i tokens).
     Prefill attention is left out."""
+    tokens = sum(len(p) for p in work.prompts) + sum(work.output_lens)
+    compute = 2 * model["layer_params"] * tokens / matmul_rate
+    weights = max(work.output_lens) * model["weight_bytes"] / bandwidth
+    return max(compute, weights) + decode_kv_tokens(work) * model["kv_bytes_per_token"] / bandwidth
+
+
+def decode_kv_tokens(work) -> float:
+    """K/V tokens a workload's decoding reads in all: output token i attends to prompt + i tokens."""
     ins = np.array([len(p) for p in work.prompts], np.float64)
     outs = np.array(work.output_lens, np.float64)
-    compute = 2 * model["layer_params"] * (ins.sum() + outs.sum()) / matmul_rate
-    weights = outs.max() * model["weight_bytes"] / bandwidth
-    kv_tokens = (outs * ins + outs * (outs - 1) / 2).sum()
-    return max(compute, weights) + kv_tokens * model["kv_bytes_per_token"] / bandwidth
+    return float((outs * ins + outs * (outs - 1) / 2).sum())
 
 
 def timeline(log: list[StepRecord], end: float, floor=None) -> list[tuple]:

@@ -24,7 +24,7 @@ import functools
 import time
 
 import numpy as np
-from bench_offline import step_floor_s, timeline, workload_floor_s
+from bench_offline import decode_kv_tokens, step_floor_s, timeline, workload_floor_s
 
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
@@ -78,11 +78,8 @@ def even_steps_s(work: workloads.Workload, args) -> float:
     output's steps, each with an equal share of all tokens, and the K/V decoding reads."""
     steps = max(work.output_lens)
     tokens = sum(len(p) for p in work.prompts) + sum(work.output_lens)
-    ins = np.array([len(p) for p in work.prompts], np.float64)
-    outs = np.array(work.output_lens, np.float64)
-    kv_tokens = (outs * ins + outs * (outs - 1) / 2).sum()
     return (steps * args.layers * layer_cost_s(args.layer_costs, tokens / steps) + steps * args.sampling_ms * 1e-3
-            + kv_tokens * args.model["kv_bytes_per_token"] / args.attention_bandwidth)
+            + decode_kv_tokens(work) * args.model["kv_bytes_per_token"] / args.attention_bandwidth)
 
 
 def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Scheduler]:

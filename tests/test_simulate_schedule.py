@@ -37,10 +37,10 @@ def test_priced_steps_sum_each_steps_layers_kv_and_sampling():
     work = workloads.sharegpt_like(60, 1000, max_len=200, seed=3)
     log, _ = sim.simulate(work, a)
     ts, us = [64, 128, 256, 512], [200, 210, 240, 360]
-    expected = 0.0
+    round_up, expected = sim.padded_tokens(a), 0.0
     for step in log:
         tokens = step.decodes + step.prefill_tokens
-        bucket = sim.padded_tokens(a)(tokens)
+        bucket = round_up(tokens)
         assert bucket >= tokens
         layer = np.interp(bucket, ts, us) * 1e-6 if bucket <= 512 else 360e-6 * bucket / 512
         expected += 32 * layer + step.kv_tokens * sim.LLAMA_3_8B["kv_bytes_per_token"] / 2.0e12 + 0.5e-3
