@@ -124,15 +124,18 @@ def shared_prefix_case(groups: int, per_group: int, prefix: int, own: int, page_
 
 
 def kernel_config(cfg: str, scale: float):
-    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split[:prefetch]]]'
-    (0 = default; prefetch 1 = page ids, 2 = K/V, 3 = nothing) -> (label, jitted kernel)."""
-    bq, ppb, splits, warps, stages, min_blocks, prefetch = (int(x) for x in (cfg + ":0:0:0").split(":")[:7])
+    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split[:prefetch[:large_block_q]]]]'
+    (0 = default; prefetch 1 = page ids, 2 = K/V, 3 = nothing; large_block_q: prompt chunks in blocks of
+    that many tokens, 0 = off) -> (label, jitted kernel)."""
+    bq, ppb, splits, warps, stages, min_blocks, prefetch, large = (int(x) for x in (cfg + ":0:0:0:0").split(":")[:8])
     kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
               num_stages=stages or 1, min_blocks_per_split=min_blocks or 2)
     if prefetch:
         kw["prefetch"] = prefetch % 3
+    if large:
+        kw["large_block_q"] = large
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
-    return (f"sgjax {cfg}" if any((bq, ppb, splits, warps, stages, prefetch)) else "sgjax defaults"), fn
+    return (f"sgjax {cfg}" if any((bq, ppb, splits, warps, stages, prefetch, large)) else "sgjax defaults"), fn
 
 
 def as_layers(fn, layers: int):
@@ -237,7 +240,8 @@ def main() -> None:
     # Steps as step_token_target makes them on a ShareGPT-like workload (bucket 384, 512 rows): ~190
     # decodes and ~190 prompt tokens in one or two chunks; and as many decodes alone
     # (pages drawn from a pool of --mixed-pool-pages: an engine's pool spans tens of GB)
-    for decodes, chunks in ((190, ((150, 300), (44, 0))), (190, ((194, 700),)), (384, ())):
+    for decodes, chunks in ((190, ((150, 300), (44, 0))), (190, ((194, 700),)), (190, ((64, 0), (64, 0), (66, 0))),
+                            (384, ())):
         if "mixed" not in cases:
             break
         q, k, v, meta, kv_tokens = mixed_case(decodes, list(chunks), ps, num_tokens=384, num_seqs=512,

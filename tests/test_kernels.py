@@ -10,7 +10,7 @@ from sgjax.kernels import reference
 from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
-from sgjax.kernels.metadata import plan_query_blocks
+from sgjax.kernels.metadata import plan_query_blocks, plan_two_size_query_blocks
 from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
 
 
@@ -92,7 +92,9 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
     variants = [dict(block_q=None), dict(kv_splits=3, min_blocks_per_split=1), dict(kv_splits=3),
                 dict(block_q=1), dict(block_q=1, kv_splits=3), dict(block_q=2, prefetch=0),
                 dict(block_q=2, prefetch=1), dict(block_q=1, prefetch=2), dict(kv_splits=3, prefetch=1),
-                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2)]
+                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2),
+                # prompt chunks in larger blocks than decodes (two tile sizes in one kernel)
+                dict(block_q=2, large_block_q=8), dict(block_q=1, large_block_q=4, kv_splits=3, min_blocks_per_split=1)]
     for variant in variants:
         got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **variant, **kwargs)
         assert got.shape == q.shape
@@ -230,6 +232,21 @@ def test_gpu_kernel_on_an_engine_like_decode_batch():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+def test_gpu_kernel_on_a_decode_sized_step_with_prompt_chunks():
+    """Decodes and prompt chunks in a bucket of no more tokens than sequence rows (the engine's mixed
+    steps), the chunks in larger query blocks than the decodes' (two tile sizes in one kernel): the
+    reference's result."""
+    q, k_pages, v_pages, meta, total = random_case(7, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
+                                                   q_lens=[1, 9, 1, 6, 1], cached=[90, 30, 300, 0, 17],
+                                                   dtype=jnp.float32, extra_tokens=3, extra_seqs=20)
+    assert q.shape[0] <= meta.kv_lens.shape[0]
+    kwargs = dict(scale=0.125)
+    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
+    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=1, block_q=2,
+                                            large_block_q=4, **kwargs)[:total]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("block_q", [1, 2, 16])
 @pytest.mark.parametrize("full_decode", [False, True])
 def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q, full_decode):
@@ -247,6 +264,30 @@ def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q, full_dec
     got = [(int(b), int(t)) for b, t, ok in zip(seq, start, valid) if ok]
     assert got == want
     assert not valid[len(want):].any()
+    assert ((start >= 0) & (start < num_tokens)).all()
+
+
+@pytest.mark.parametrize("block_q,large_block_q", [(1, 4), (2, 16)])
+def test_two_size_query_blocks_match_a_naive_plan(block_q, large_block_q):
+    """Sequences with more than block_q new tokens are cut into blocks of large_block_q, the others into
+    blocks of block_q: every token of the included sequences once, the large ones marked, all within the
+    bound of block_q-token blocks."""
+    rng = np.random.default_rng(large_block_q)
+    q_lens = rng.choice([0, 1, 1, 1, 2, 3, 5, 17, 40], size=48)
+    include = rng.random(48) < 0.8
+    num_tokens = int(q_lens.sum()) + 7
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    want = []
+    for b in range(48):
+        size = large_block_q if q_lens[b] > block_q else block_q
+        if include[b]:
+            want += [(b, int(qsl[b]) + j, int(size == large_block_q)) for j in range(0, int(q_lens[b]), size)]
+    seq, start, valid, large = (np.asarray(x) for x in plan_two_size_query_blocks(
+        jnp.asarray(qsl), num_tokens, block_q, large_block_q, jnp.asarray(include)))
+    assert len(seq) == min(num_tokens, -(-num_tokens // block_q) + 48)
+    got = [(int(b), int(t), int(g)) for b, t, ok, g in zip(seq, start, valid, large) if ok]
+    assert got == want
+    assert not valid[len(want):].any() and not large[len(want):].any()
     assert ((start >= 0) & (start < num_tokens)).all()
 
 
@@ -300,3 +341,7 @@ def test_triton_kernels_lower_for_cuda():
     attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, **kwargs))
     text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_paged_attention" in text and "transpose" not in text
+    # two query block sizes in one kernel (a branch per tile size)
+    attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, block_q=2, large_block_q=4, **kwargs))
+    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_paged_attention" in text

@@ -15,6 +15,8 @@ unnormalised partial output with its running max and sum, and a small jnp step c
 Larger decode-sized steps (no more tokens than sequences, unsplit) take 2 tokens a block and load each
 key block's page ids one block ahead. Blocks run longest walk first, each block's KV heads side by side,
 so that a long context does not run on alone after the rest of the grid has finished.
+Optionally (`large_block_q`, off by default) prompt chunks take larger query blocks than the decodes of
+the same step, two tile sizes in one kernel: their tokens then walk their keys together.
 
 Queries come as rows by KV head (`query_rows`) or, for power-of-two groups, as q [T, H, D] viewed as
 [T, KVH, G, D]: read in place, with the unsplit output written in the same layout (no layout passes
@@ -34,17 +36,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, plan_two_size_query_blocks
 
 MASK_VALUE = -1e30
 
 
-def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
-            block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
-            window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
-            causal: bool, partials: bool, prefetch: int, q_by_token: bool):
+def _kernel(seq_ref, start_ref, valid_ref, *refs, block_q: int, large_block_q: int, **options):
+    """One program: query block `program_id(1)` of KV head `program_id(0)`. With `large_block_q` the next
+    input marks the blocks that are large (a prompt chunk's, see `plan_two_size_query_blocks`): those hold
+    `large_block_q` tokens, the others `block_q`. Triton's tiles are static, so each size is its own
+    branch of the kernel."""
     i = pl.program_id(1)
-    seq, t0, valid = seq_ref[i], start_ref[i], valid_ref[i]
+    large_ref, refs = (refs[0], refs[1:]) if large_block_q else (None, refs)
+    # Program ids are read out here: the interpreter does not know them inside a branch.
+    serve = functools.partial(_serve_block, seq_ref[i], start_ref[i], valid_ref[i], pl.program_id(2), *refs,
+                              **options)
+    if large_block_q:
+        jax.lax.cond(large_ref[i] > 0, lambda: serve(block_q=large_block_q), lambda: serve(block_q=block_q))
+    else:
+        serve(block_q=block_q)
+
+
+def _serve_block(seq, t0, valid, split, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
+                 block_q: int, group: int, padded_group: int, pages_per_block: int, scale: float,
+                 window: int | None, softcap: float | None, exact: bool, kv_splits: int, min_blocks_per_split: int,
+                 causal: bool, partials: bool, prefetch: int, q_by_token: bool):
     q_start, q_end, kv_len = qsl_ref[seq], qsl_ref[seq + 1], kv_lens_ref[seq]
     rows = block_q * padded_group
     page_size, head_dim = k_ref.shape[-2], k_ref.shape[-1]
@@ -142,7 +158,7 @@ def _kernel(seq_ref, start_ref, valid_ref, kv_lens_ref, qsl_ref, page_table_ref,
     # Short contexts use fewer splits: each program walks at least min_blocks_per_split blocks, so its
     # loads pipeline; the splits left without blocks only write an empty partial result.
     per_split = jnp.maximum(pl.cdiv(end_block - start_block, kv_splits), min_blocks_per_split)
-    lo = start_block + pl.program_id(2) * per_split
+    lo = start_block + split * per_split
     o, m, denom = walk(lo, jnp.minimum(lo + per_split, end_block), init)
     o_ref, m_ref, d_ref = refs[-3:]
     plgpu.store(o_ref.at[block_rows, :], o, mask=row_ok[:, None])
@@ -199,14 +215,15 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
                                              "block_q", "pages_per_block", "kv_splits", "min_blocks_per_split",
                                              "num_warps", "num_stages", "causal", "partials", "prefetch",
-                                             "interpret"))
+                                             "large_block_q", "interpret"))
 def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                                 *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
                                 softcap: float | None = None, block_q: int | None = None,
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
                                 min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int = 1,
                                 include: jax.Array | None = None, causal: bool = True, partials: bool = False,
-                                prefetch: int | None = None, interpret: bool = False):
+                                prefetch: int | None = None, large_block_q: int = 0,
+                                interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
     tokens it does not serve are zero). Queries may also come token-major, [T, KVH, G, D] with G a power of
     two (q [T, H, D] reshaped): the output is then [T, KVH, G, D] too, unless the context is split (the
@@ -216,7 +233,16 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     shared_prefix.py). `prefetch`: what of the next key block each iteration loads ahead (0 nothing, 1 its
     page ids, 2 its K/V; default 1 on unsplit decode-sized steps, else 0). `partials=True`: return the
     unnormalised softmax pieces instead, (out [KVH, S, R, D] float32, running max [KVH, S, R], sum [KVH,
-    S, R]) over the S context splits, for `combine_partials` to merge with others."""
+    S, R]) over the S context splits, for `combine_partials` to merge with others. `large_block_q` > block_q:
+    sequences with more than block_q new tokens (prompt chunks) take query blocks of that many tokens, in a
+    branch of the kernel of its own (`plan_two_size_query_blocks`).
+
+    Off by default, for now. On an H100 (BENCHMARKS.md session 21) 4 or 8 tokens a chunk block made the
+    ShareGPT-like mixed steps' attention up to 13% faster (a 194-token chunk after 700 cached: 0.164 ->
+    0.143 ms a layer) but cost decodes alone 2-4% (bf16; 15% for fp8 at 8 tokens), since the kernel holds
+    both branches. End to end the results disagreed: +0.9% (bf16, 8 tokens) and +0.5% (fp8, 4 tokens) on
+    by default, but -3% twice (bf16, 4 tokens) with separate programs for steps with and without chunks.
+    Not understood yet."""
     head_dim = q_rows.shape[-1]
     q_by_token = q_rows.ndim == 4
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -263,15 +289,23 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         pages_per_block = max(1, 64 // page_size)
     if prefetch is None:
         prefetch = 1 if decode and kv_splits == 1 else 0
-    rows = block_q * padded_group
-    seq, start, valid = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
+    large_block_q = large_block_q if large_block_q > block_q else 0
+    rows = max(block_q, large_block_q) * padded_group
+    if large_block_q:
+        blocks = plan_two_size_query_blocks(meta.query_start_loc, num_tokens, block_q, large_block_q, include)
+        seq, start, valid, large = blocks
+        size = jnp.where(large > 0, large_block_q, block_q)
+    else:
+        blocks = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
+        seq, start, valid = blocks
+        size = block_q
     # Longest walks first, all KV heads of a block side by side (heads are the grid's fastest axis): a
     # program walking a long context alone then starts with the first wave instead of, for the last KV
     # heads, near the end of the grid, where it ran on after every other program had finished.
     q_end = meta.query_start_loc[seq + 1]
-    walk = jnp.where(valid > 0, meta.kv_lens[seq] - (q_end - jnp.minimum(start + block_q, q_end)), -1)
+    walk = jnp.where(valid > 0, meta.kv_lens[seq] - (q_end - jnp.minimum(start + size, q_end)), -1)
     order = jnp.argsort(-walk, stable=True)
-    seq, start, valid = seq[order], start[order], valid[order]
+    blocks = [x[order] for x in blocks]
 
     if not q_by_token:  # a block's reads run up to `rows` past the last token (token-major loads are masked)
         q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))
@@ -279,7 +313,8 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     full = lambda *shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda h, i, s: (h,) + (0,) * len(shape))  # noqa: E731
     per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda h, i, s: (h, s) + (0,) * len(shape))  # noqa: E731
-    kernel = functools.partial(_kernel, block_q=block_q, group=group, padded_group=padded_group,
+    kernel = functools.partial(_kernel, block_q=block_q, large_block_q=large_block_q, group=group,
+                               padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,
                                min_blocks_per_split=min_blocks_per_split, causal=causal, partials=partials,
@@ -296,11 +331,11 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                    jnp.full((num_kv_heads, kv_splits, num_rows), MASK_VALUE, jnp.float32),
                    jnp.zeros((num_kv_heads, kv_splits, num_rows), jnp.float32)]
         out_specs = [per_split(num_rows, head_dim), per_split(num_rows), per_split(num_rows)]
-    inputs = [seq, start, valid, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages]
+    inputs = [*blocks, meta.kv_lens, meta.query_start_loc, page_table, q_rows, k_pages, v_pages]
     results = pl.pallas_call(
         kernel,
-        grid=(num_kv_heads, seq.shape[0], kv_splits),
-        in_specs=[full(*x.shape) for x in inputs[:6]] + [q_spec] + [per_head(*x.shape[1:]) for x in inputs[7:]]
+        grid=(num_kv_heads, blocks[0].shape[0], kv_splits),
+        in_specs=[full(*x.shape) for x in inputs[:-3]] + [q_spec] + [per_head(*x.shape[1:]) for x in inputs[-2:]]
         + out_specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
