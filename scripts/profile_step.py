@@ -11,12 +11,15 @@ with CUDA launch errors: see profile_engine.py.)
     python scripts/profile_step.py --model llama-3-8b --batch-sizes 1,64,128,256 --context 512
     python scripts/profile_step.py --batch-sizes 190,300 --context 400 --chunk 194:129 --prefill 0 \
         --max-running-requests 512 [--kv-cache-dtype fp8_e4m3] [--longest 2000]   # step_token_target's mixed steps
+    python scripts/profile_step.py --batch-sizes 64 --prefill 0 --max-running-requests 512 \
+        --sampling-rows 64,128,192,256,320,384,448,512   # greedy sampling's cost by padded rows
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -28,7 +31,7 @@ from profile_engine import load_trace, summarise
 from sgjax.batch import SeqChunk
 from sgjax.config import KV_CACHE_DTYPES
 from sgjax.constrained.bitmask import allow_all
-from sgjax.engine import Engine
+from sgjax.engine import Engine, model_runner
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
@@ -86,6 +89,20 @@ def trace_forward(runner, prepared, calls: int = 5) -> tuple[str, float]:
     return folder, window
 
 
+def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], repeat: int) -> None:
+    """Greedy sampling (the LM head, logsumexp and argmax over the vocabulary) compiled for each padded
+    row count, timed on a launched step's hidden rows: what a sampling row bucket costs."""
+    handle = runner.launch(prepared)
+    print(f"{'sampling rows':>13} {'greedy ms':>10} {'us/row':>7}")
+    for n in rows:
+        program = jax.jit(functools.partial(model_runner._sample, softcap, SamplerFeatures(), n,
+                                            runner.sampling_layout))
+        call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties,
+                                 None, None, None)
+        ms = timed(lambda: jax.block_until_ready(call()), repeat) * 1e3
+        print(f"{n:>13} {ms:>10.3f} {ms / n * 1e3:>7.2f}", flush=True)
+
+
 def dump_hlo(text: str, folder: str) -> None:
     """Save a program's optimised HLO and print how its matmuls are lowered (cuBLAS custom calls or
     Triton GEMM fusions, which may carry fused producers such as a norm or a convert)."""
@@ -120,6 +137,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30, help="with --trace: kernels to list by GPU time")
     p.add_argument("--timeline", action="store_true", help="with --trace: also list one layer's kernels in order, "
                    "with the GPU idle between them")
+    p.add_argument("--sampling-rows", default=None, metavar="R,R,...",
+                   help="also time greedy sampling compiled for each of these padded row counts")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write the prefill step's optimised HLO to DIR/prefill.hlo and count its matmul kernels")
     args = p.parse_args()
@@ -198,6 +217,9 @@ def main() -> None:
             print(f"\n--- forward pass at batch {b}, 5 calls traced ---")
             summarise(load_trace(folder), window, top=args.top, timeline=args.timeline)
             print(flush=True)
+    if args.sampling_rows:
+        sampling_curve(runner, engine.loaded.config.final_logit_softcap, prepared,
+                       [int(r) for r in args.sampling_rows.split(",")], args.repeat)
     if args.prefill:
         n = args.prefill_prompts
         if not 1 <= n <= max_running:

@@ -87,6 +87,23 @@ def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
             assert padded < BUCKET_GROWTH * n + step
 
 
+@pytest.mark.parametrize("max_seqs", [1, 64, 72, 128, 300, 512, 1000, 1024, 3000])
+def test_row_buckets_bound_the_padding(max_seqs):
+    """Sampling rows: up to 256 rounded up to 64, 128 or 256 (the LM head's read dominates there); past
+    256, by less than half again (its matmul is compute-bound); never past max_seqs."""
+    from sgjax.engine.model_runner import row_buckets
+
+    buckets = row_buckets(max_seqs)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_seqs
+    for n in range(1, max_seqs + 1):
+        padded = min(b for b in buckets if b >= n)
+        if n <= 256:
+            assert padded in (max_seqs, 64 if n <= 64 else 128 if n <= 128 else 256)
+        else:
+            assert padded == max_seqs or 2 * padded <= 3 * n + 128
+    assert len(buckets) <= 2 * max(1, max_seqs.bit_length() - 5)
+
+
 def test_packed_host_inputs_round_trip():
     """pack -> unpack gives back every array bit for bit (uint32 above 2^31, bools, floats, shapes)."""
     import jax

@@ -63,6 +63,7 @@ LINEAR_BUCKET_STEP = 256
 DECODE_BUCKET_STEP = 128
 BUCKET_GROWTH = 1.25
 SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 2
+HALFWAY_ROW_BUCKETS = True  # row_buckets: also the points halfway between the doublings (off: A/B runs)
 
 
 def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, decode_rows: int = 0,
@@ -106,14 +107,21 @@ def bucket_for(buckets: list[int], num_tokens: int) -> int:
 
 
 def row_buckets(max_seqs: int) -> list[int]:
-    """Row counts to compile sampling for: 64, 128, 256, ... below max_seqs, then max_seqs.
+    """Row counts to compile sampling for: 64, 128, 256, then each power of two and the point halfway to
+    the next (384, 512, 768, 1024, 1536, ...) below max_seqs, then max_seqs.
 
     Sampling computes logits over the whole vocabulary per row: at 1024 running requests that is
     ~2.5 ms a step on an H100 (BENCHMARKS.md) even when only a few requests are left, while up to
-    64 rows cost about what one does (reading the LM head dominates)."""
+    64 rows cost about what one does (reading the LM head dominates). From 256 rows on the LM head's
+    matmul is compute-bound, and its time follows the padded rows (greedy sampling of 256 / 384 / 512
+    rows: 0.80 / 0.99 / 1.21 ms, BENCHMARKS.md session 22), hence the halfway buckets there; below, a
+    192-row bucket was slower than 256 rows (0.87 ms)."""
     buckets, rows = [], SMALLEST_ROW_BUCKET
     while rows < max_seqs:
         buckets.append(rows)
+        halfway = rows * 3 // 2
+        if HALFWAY_ROW_BUCKETS and rows >= 4 * SMALLEST_ROW_BUCKET and halfway < max_seqs:
+            buckets.append(halfway)
         rows *= ROW_BUCKET_GROWTH
     return buckets + [max_seqs]
 
