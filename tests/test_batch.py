@@ -89,8 +89,9 @@ def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
 
 @pytest.mark.parametrize("max_seqs", [1, 64, 72, 128, 300, 512, 1000, 1024, 3000])
 def test_row_buckets_bound_the_padding(max_seqs):
-    """Sampling rows: up to 256 rounded up to 64, 128 or 256 (the LM head's read dominates there); past
-    256, by less than half again (its matmul is compute-bound); never past max_seqs."""
+    """Sampling rows: up to 256 rounded up to 64, 128 or 256 (on an H100 a 192-row bucket sampled slower
+    than 256 rows); past 256, by less than half again (the LM head's matmul is compute-bound there and its
+    time follows the rows); never past max_seqs."""
     from sgjax.engine.model_runner import row_buckets
 
     buckets = row_buckets(max_seqs)
