@@ -333,7 +333,8 @@ def test_serving_never_compiles(engine, llama):
 def test_forward_passes_write_their_hidden_rows_into_one_buffer(engine, llama):
     """Each forward pass writes its hidden rows into the buffer donated to it, so the output keeps its
     address from step to step (an output XLA cannot fill with temporaries: model_runner's docstring),
-    and each step's sampling, enqueued before the next launch, still reads its own rows."""
+    and each step's sampling, enqueued before the next launch, still reads its own rows. Likewise the
+    step's packed inputs go into the resident buffers, which keep their addresses."""
     from sgjax.batch import SeqChunk
     from sgjax.cache.kv_pool import NULL_PAGE
     from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
@@ -347,10 +348,12 @@ def test_forward_passes_write_their_hidden_rows_into_one_buffer(engine, llama):
         sampling = SamplingBatch.build([SamplingParams(temperature=0)], [0], [0], [runner.spare_slot], [1],
                                        runner.max_seqs, runner.spare_slot)
         step = runner.prepare([SeqChunk([token], 0, [NULL_PAGE])], sampling, SamplerFeatures())
-        before = runner._hidden
-        address = before.unsafe_buffer_pointer()
+        before, resident = runner._hidden, runner._resident
+        address, resident_addresses = before.unsafe_buffer_pointer(), [x.unsafe_buffer_pointer() for x in resident]
         handle = runner.launch(step)
         assert before.is_deleted() and handle.hidden.unsafe_buffer_pointer() == address
+        assert all(x.is_deleted() for x in resident)
+        assert [handle.ints.unsafe_buffer_pointer(), handle.floats.unsafe_buffer_pointer()] == resident_addresses
         runner.sample(handle)  # as the engine does: before the next launch overwrites the rows
         handles.append(handle)
     tokens = [int(runner.collect(h).tokens[0]) for h in handles]

@@ -439,11 +439,11 @@ class Engine:
             self.step_log.append(record)
         sampling_rows = []
         for i, (req, n) in enumerate(batch):
-            was_prefill = req.num_pending > 1
+            pending = req.num_pending
             req.num_computed += n
-            if was_prefill:
+            if pending > 1:  # a prompt chunk
                 self.scheduler.cache_prefill(req)
-            if req.num_pending == 0:  # the chunk reached the end: its last logits give a new token
+            if pending == n:  # the chunk reached the end: its last logits give a new token
                 req.num_unknown += 1
                 req.unknown_row = i
                 sampling_rows.append(i)

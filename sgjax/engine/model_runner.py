@@ -18,7 +18,9 @@ rows, already consumed by its sampling): XLA runs a step as CUDA graphs and re-r
 node whose buffers moved since the last run, and it places temporaries (the residual stream, the
 attention metadata) inside output buffers, which are new at every call. With a hidden-rows output
 and sampling parameters handed on as outputs, each call re-recorded ~410 of the ~540 nodes of a
-mixed step, 1-1.5 ms of host time (BENCHMARKS.md, session 17).
+mixed step, 1-1.5 ms of host time (BENCHMARKS.md, session 17). For the same reason the step's packed
+inputs, new device buffers at every call, are first copied into two donated resident buffers, and every
+other node (and sampling) reads them there: only the copy then reads memory that moved.
 
 `launch` only enqueues a forward pass, `sample` its sampling, `collect` waits for the results. A
 token sampled by the step still running can be the next step's input: the host writes -(row + 1) and
@@ -174,6 +176,7 @@ class ModelRunner:
             raise AssertionError("sampling parameters must lead every program's packed buffers (_abstract_inputs)")
         self._staging = [(np.zeros(most[0], np.int32), np.zeros(most[1], np.float32)) for _ in range(STAGING_BUFFERS)]
         self._next_staging = 0
+        self._page_table = np.empty((max_seqs, max_pages_per_seq), np.int32)  # make_batch's, packed at once
         # The hidden rows' buffer, donated to each forward pass and written by it (see the module docstring).
         replicated = NamedSharding(loaded.mesh, PartitionSpec())
         hidden = jax.ShapeDtypeStruct((max_seqs, loaded.config.hidden_size), loaded.config.jnp_dtype,
@@ -182,18 +185,26 @@ class ModelRunner:
         self._input_sharding = replicated
         inputs = tuple(jax.ShapeDtypeStruct((n,), dtype, sharding=replicated) for n, dtype in zip(most, (np.int32,
                                                                                                       np.float32)))
+        # The resident input buffers (see the module docstring): one element longer than a step's, so that
+        # copying a step's inputs into them is not simplified away into reading the fresh buffers.
+        # (Made on the device: on the CPU a buffer put there from numpy can alias the host array, and is
+        # then copied instead of donated.)
+        self._resident = tuple(jnp.zeros(n + 1, dtype, device=replicated) for n, dtype in zip(most, (np.int32,
+                                                                                                  np.float32)))
+        resident = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in self._resident)
         self.compiled = {}
         lowered = {}
         for key in tqdm(keys, desc="compiling steps", unit="program"):
             forward = jax.jit(functools.partial(_forward, model_def, key[1], self.layouts[key], replicated),
-                              donate_argnums=(1, 2, 3), keep_unused=True)  # the hidden buffer is only written
-            lowered[key] = forward.lower(self.weights, pool.caches, self.penalties, hidden, *inputs, self.prev_tokens)
+                              donate_argnums=(1, 2, 3, 4), keep_unused=True)  # the hidden buffer is only written
+            lowered[key] = forward.lower(self.weights, pool.caches, self.penalties, hidden, resident, *inputs,
+                                         self.prev_tokens)
             self.compiled[key] = lowered[key].compile()
         # Sampling takes the penalty counts as they come out of the forward pass (shapes and shardings).
         # (From the lowered shapes and compiled shardings: the compiled out_info fails on programs with
         # host callbacks, as the TPU interpreter's.)
         first = keys[0]
-        _, _, penalties = jax.tree.map(
+        _, _, penalties, _ = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             lowered[first].out_info, self.compiled[first].output_shardings)
         all_allowed, no_bias = allow_all(max_seqs, loaded.config.vocab_size), logit_bias_arrays([], max_seqs)
@@ -203,7 +214,7 @@ class ModelRunner:
         self.sampler = {
             (features, rows): jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap, features,
                                                         rows, self.sampling_layout)).lower(
-                self.head, hidden, *inputs, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
+                self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
         # The masked variant's defaults, kept on the device (placed as that variant takes them): a step with
         # a grammar but no biases, or biases but no grammar, sends only what it has (at 1024 rows and a
@@ -256,7 +267,7 @@ class ModelRunner:
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
                            max_prefix_groups=0 if with_prompt or not prefix_groups else self.prefix_groups_for(total),
-                           prefix_groups=prefix_groups)
+                           prefix_groups=prefix_groups, page_table_out=self._page_table)
         if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
             batch.meta.shared = None  # the groups share too little: the plain program
         key = (num_tokens, with_prompt, batch.meta.shared is not None)
@@ -282,10 +293,12 @@ class ModelRunner:
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
         ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
-        (hidden, *prompt_out), self.pool.caches, self.penalties = self.compiled[step.program](
-            self.weights, self.pool.caches, self.penalties, self._hidden, ints, floats, self.prev_tokens)
+        (hidden, *prompt_out), self.pool.caches, self.penalties, self._resident = self.compiled[step.program](
+            self.weights, self.pool.caches, self.penalties, self._hidden, self._resident, ints, floats,
+            self.prev_tokens)
         self._hidden = hidden  # the next forward pass writes its rows here, after this step's sampling read them
-        return StepHandle(hidden, ints, floats, step.features, tuple(prompt_out), step.num_chunks, step.num_tokens)
+        return StepHandle(hidden, *self._resident, step.features, tuple(prompt_out), step.num_chunks,
+                          step.num_tokens)
 
     def sample(self, handle: "StepHandle", bitmask: np.ndarray | None = None,
                bias: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -295,11 +308,13 @@ class ModelRunner:
         features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
         out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.ints, handle.floats,
                                                             self.penalties, *self.mask_args(bitmask, bias))
-        self.prev_tokens = out[0]
-        handle.device_outputs = out + handle.prompt_outputs
+        self.prev_tokens, packed = out
+        handle.device_outputs = (packed, *handle.prompt_outputs)
         # The results' transfers to the host start now, behind the sampling on the device: `collect` then
         # finds them there instead of copying them one after another once the host asks, after launching
-        # the next step (four round trips on the host's path from one step's results to the next launch).
+        # the next step (round trips on the host's path from one step's results to the next launch). The
+        # results come in one array (see _sample): each transfer cost the host ~0.2 ms to start and as much
+        # to collect (H100).
         for x in handle.device_outputs:
             x.copy_to_host_async()
 
@@ -327,11 +342,17 @@ class ModelRunner:
     @staticmethod
     def collect(handle: "StepHandle") -> "StepOutput":
         """Wait for a launched step and bring its results to the host."""
-        n, out = handle.num_chunks, handle.device_outputs
-        result = StepOutput(*(np.asarray(x)[:n] for x in out[:4]))
-        if len(out) > 4:
+        n, (packed, *prompt_out) = handle.num_chunks, handle.device_outputs
+        packed = np.asarray(packed)[:n]
+        if packed.shape[1] > 2:
+            k = (packed.shape[1] - 2) // 2  # TOP_LOGPROBS, or the vocabulary if smaller
+            top_logprobs, top_ids = packed[:, 2:2 + k].view(np.float32), packed[:, 2 + k:]
+        else:  # the step's sampling did not compute them
+            top_logprobs, top_ids = np.zeros((n, TOP_LOGPROBS), np.float32), np.zeros((n, TOP_LOGPROBS), np.int32)
+        result = StepOutput(packed[:, 0], packed[:, 1].view(np.float32), top_logprobs, top_ids)
+        if prompt_out:
             result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
-                np.asarray(x)[: handle.num_tokens] for x in out[4:])
+                np.asarray(x)[: handle.num_tokens] for x in prompt_out)
         return result
 
 
@@ -349,8 +370,8 @@ class PreparedStep:
 @dataclasses.dataclass
 class StepHandle:
     hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state (donated to the next forward pass)
-    ints: jax.Array  # the step's packed host arrays on the device; sampling reads its parameters there
-    floats: jax.Array
+    ints: jax.Array  # the step's packed host arrays, in the resident buffers; sampling reads its parameters there
+    floats: jax.Array  # (both donated to the next forward pass)
     features: SamplerFeatures
     prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
     num_chunks: int
@@ -375,9 +396,13 @@ def _merge(model_def, weights):
     return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
 
 
-def _forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, penalties, hidden_rows, ints, floats,
-             prev_tokens):
-    sampling, input_ids, positions, meta, rows, targets = unpack(ints, floats, layout)
+def _forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, penalties, hidden_rows, resident, ints,
+             floats, prev_tokens):
+    # Into the donated resident buffers first, and read from there (see the module docstring).
+    # The barrier keeps XLA from reading slices of the copy from the fresh buffers instead (it did on a GPU).
+    resident = jax.lax.optimization_barrier(
+        tuple(jax.lax.dynamic_update_slice(buffer, step, (0,)) for buffer, step in zip(resident, (ints, floats))))
+    sampling, input_ids, positions, meta, rows, targets = unpack(*resident, layout)
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = _merge(model_def, weights)
@@ -392,14 +417,18 @@ def _forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, 
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
         out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
-    return out, kv_caches, penalties
+    return out, kv_caches, penalties, resident
 
 
 def _sample(softcap, features, rows, sampling_layout, head, hidden, ints, floats, penalties, bitmask, bias_ids,
             bias_values):
     """Sampling of the first `rows` rows (the step's sequences, rounded up); the other rows' outputs are
     zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens. The sampling
-    parameters lie at the front of the step's packed buffers (ModelRunner._abstract_inputs)."""
+    parameters lie at the front of the step's packed buffers (ModelRunner._abstract_inputs).
+
+    Returns the tokens (for the next forward pass) and, for the host, one int32 array [max_seqs, W]: per
+    row its token, its logprob's bits, and with top logprobs the TOP_LOGPROBS best logprobs' bits and
+    their token ids (W = 2 + 2 * TOP_LOGPROBS; else 2)."""
     sampling = unpack(ints, floats, sampling_layout)
     full = hidden.shape[0]
     bias = None if bitmask is None else (bias_ids, bias_values)
@@ -407,5 +436,10 @@ def _sample(softcap, features, rows, sampling_layout, head, hidden, ints, floats
         hidden, sampling = hidden[:rows], jax.tree.map(lambda x: x[:rows], sampling)
         bitmask = None if bitmask is None else bitmask[:rows]
         bias = None if bias is None else (bias_ids[:rows], bias_values[:rows])
-    out = sample(logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features, bias)
-    return tuple(jnp.pad(x, [(0, full - rows)] + [(0, 0)] * (x.ndim - 1)) for x in out)
+    tokens, logprobs, top_logprobs, top_ids = sample(logits_from_head(hidden, head, softcap), sampling, penalties,
+                                                     bitmask, features, bias)
+    columns = [tokens[:, None], jax.lax.bitcast_convert_type(logprobs, jnp.int32)[:, None]]
+    if features.top_logprobs:
+        columns += [jax.lax.bitcast_convert_type(top_logprobs, jnp.int32), top_ids]
+    padding = [(0, full - rows), (0, 0)]
+    return jnp.pad(tokens, padding[:1]), jnp.pad(jnp.concatenate(columns, axis=1), padding)
