@@ -43,7 +43,8 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     With `pool_pages` (the KV pool's size) a page id outside the pool is refused here: on a GPU the
     kernels would read and write out of bounds (an illegal address that ends the process).
     With `page_table_out` (int32 [num_seqs, max_pages]) the page table is written there instead of into a
-    new array: a fresh table of 512 x 256 pages cost ~0.5 ms of page faults a step on the host."""
+    new array: with a fresh table of 512 x 256 pages a ShareGPT-like step took 0.78 ms here, with a reused one
+    0.57 ms (the development machine; a fresh one is page-faulted in at each step)."""
     total = sum(len(c.tokens) for c in chunks)
     num_tokens = num_tokens or total
     num_seqs = num_seqs or len(chunks)

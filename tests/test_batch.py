@@ -39,12 +39,17 @@ def test_make_batch_matches_a_per_sequence_construction(seed):
         pages = [int(free.pop()) for _ in range(-(-(cached + n) // page_size) + int(rng.integers(0, 2)))]
         chunks.append(SeqChunk(rng.integers(-3, 500, n).tolist(), cached, pages))
     total = sum(len(c.tokens) for c in chunks)
-    batch = make_batch(chunks, page_size, num_tokens=total + 7, num_seqs=len(chunks) + 3, max_pages=max_pages)
     want = naive_batch(chunks, page_size, total + 7, len(chunks) + 3, max_pages)
-    got = (batch.input_ids, batch.positions, batch.meta.slot_mapping, batch.meta.page_table, batch.meta.kv_lens,
-           batch.meta.query_start_loc, batch.last_token_index)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, np.asarray(w, np.int32))
+    # Into a fresh page table, and into a reused buffer that holds a previous step's pages (the runner's)
+    reused = rng.integers(0, 400, (len(chunks) + 3, max_pages)).astype(np.int32)
+    for out in (None, reused):
+        batch = make_batch(chunks, page_size, num_tokens=total + 7, num_seqs=len(chunks) + 3, max_pages=max_pages,
+                           page_table_out=out)
+        got = (batch.input_ids, batch.positions, batch.meta.slot_mapping, batch.meta.page_table, batch.meta.kv_lens,
+               batch.meta.query_start_loc, batch.last_token_index)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, np.asarray(w, np.int32))
+    assert batch.meta.page_table is reused
 
 
 def test_make_batch_names_a_sequence_without_enough_pages():

@@ -178,3 +178,33 @@ def test_lof_with_a_step_token_target_serves_a_whole_batch():
     assert all(len(r.output_ids) == r.params.max_new_tokens and r.finished for r in reqs)
     assert steps >= max(r.params.max_new_tokens for r in reqs)
     assert pages_accounted(alloc, radix, sched)
+
+
+def test_lof_order_kept_between_steps_matches_a_fresh_sort():
+    """The lof order is sorted again only when the queue grows (arrivals, preemptions): at every step of a
+    run with both, it equals a fresh stable sort of the queue (the oracle), and the run completes."""
+    rng = np.random.default_rng(1)
+    alloc, radix, sched = make(num_pages=40, policy="lof", step_token_target=24)
+    reqs = [request(f"r{i}", int(rng.integers(2, 40)), i, max_new_tokens=int(rng.integers(1, 40)))
+            for i in range(30)]
+    arrivals = iter(reqs)
+    while not all(r.finished for r in reqs):
+        for _ in range(int(rng.integers(0, 3))):  # a few arrivals before each step
+            r = next(arrivals, None)
+            if r is not None:
+                sched.add(r)
+        oracle = sorted(sched.waiting, key=lambda r: len(r.output_ids) - r.params.max_new_tokens)
+        assert sched._waiting_in_policy_order() == oracle
+        batch = sched.schedule()
+        for r, n in batch:
+            r.num_computed += n
+            if r.num_pending == 0:
+                r.output_ids.append(1)
+                if len(r.output_ids) == r.params.max_new_tokens:
+                    sched.finish(r)
+        if not sched.has_work():
+            for r in arrivals:
+                sched.add(r)
+    assert sched.num_preemptions > 0  # the small pool made the run preempt
+    assert all(len(r.output_ids) == r.params.max_new_tokens and r.finished for r in reqs)
+    assert pages_accounted(alloc, radix, sched)

@@ -313,8 +313,8 @@ class ModelRunner:
         # The results' transfers to the host start now, behind the sampling on the device: `collect` then
         # finds them there instead of copying them one after another once the host asks, after launching
         # the next step (round trips on the host's path from one step's results to the next launch). The
-        # results come in one array (see _sample): each transfer cost the host ~0.2 ms to start and as much
-        # to collect (H100).
+        # results come in one array (see _sample): collecting four cost the host 0.56-0.59 ms a step, one
+        # 0.32-0.45 ms (H100, BENCHMARKS.md session 23).
         for x in handle.device_outputs:
             x.copy_to_host_async()
 
