@@ -27,6 +27,17 @@ def pages_accounted(alloc, radix, sched):
     return sorted(everything) == list(range(1, alloc.num_pages))
 
 
+def run_step(sched, batch):
+    """Every chunk of the step computed and every sampled token appended, as the engine does; a request
+    with all its tokens finishes."""
+    for r, n in batch:
+        r.num_computed += n
+        if r.num_pending == 0:
+            r.output_ids.append(1)
+            if len(r.output_ids) == r.params.max_new_tokens:
+                sched.finish(r)
+
+
 def test_preempted_request_that_finishes_leaves_the_queue():
     alloc, radix, sched = make()
     a, b = request("a", 10, 1), request("b", 10, 2)
@@ -168,12 +179,7 @@ def test_lof_with_a_step_token_target_serves_a_whole_batch():
         assert batch, "no progress with requests left"
         decodes = sum(n == 1 for _, n in batch)
         assert sum(n for _, n in batch) <= max(24, decodes)
-        for r, n in batch:
-            r.num_computed += n
-            if r.num_pending == 0:
-                r.output_ids.append(1)
-                if len(r.output_ids) == r.params.max_new_tokens:
-                    sched.finish(r)
+        run_step(sched, batch)
         steps += 1
     assert all(len(r.output_ids) == r.params.max_new_tokens and r.finished for r in reqs)
     assert steps >= max(r.params.max_new_tokens for r in reqs)
@@ -196,12 +202,7 @@ def test_lof_order_kept_between_steps_matches_a_fresh_sort():
         oracle = sorted(sched.waiting, key=lambda r: len(r.output_ids) - r.params.max_new_tokens)
         assert sched._waiting_in_policy_order() == oracle
         batch = sched.schedule()
-        for r, n in batch:
-            r.num_computed += n
-            if r.num_pending == 0:
-                r.output_ids.append(1)
-                if len(r.output_ids) == r.params.max_new_tokens:
-                    sched.finish(r)
+        run_step(sched, batch)
         if not sched.has_work():
             for r in arrivals:
                 sched.add(r)

@@ -148,8 +148,6 @@ class Scheduler:
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Pages for n more tokens of a running request: evict, then preempt the youngest, if needed."""
-        if req.num_computed + n <= len(req.pages) * self.page_size:
-            return True  # the common case: a decode within its last page
         need = self.allocator.pages_for(req.num_computed + n) - len(req.pages)
         while need > self.allocator.num_free:
             short = (need - self.allocator.num_free) * self.page_size
