@@ -62,6 +62,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     model_runner.token_buckets = functools.partial(token_buckets, decode_step=args.decode_bucket_step)
     model_runner.ROW_BUCKET_GROWTH = args.row_bucket_growth
     model_runner.HALFWAY_ROW_BUCKETS = not args.no_halfway_row_buckets
+    model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
     engine_class = ProfiledEngine if args.profile_host else Engine
     engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
@@ -230,6 +231,8 @@ def main() -> None:
                    help="sampling row buckets grow by this factor from 64 (4: the coarser grid before session 12)")
     p.add_argument("--no-halfway-row-buckets", action="store_true",
                    help="sampling row buckets without the halfway points (the grid before session 22)")
+    p.add_argument("--no-fused-greedy-head", action="store_true",
+                   help="greedy sampling through XLA's float32 logits, not the fused head kernel (before session 24)")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV pool dtype (fp8_*: half the K/V bytes; the floors count the pool's bytes)")

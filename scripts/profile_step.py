@@ -95,7 +95,7 @@ def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], rep
     handle = runner.launch(prepared)
     print(f"{'sampling rows':>13} {'greedy ms':>10} {'us/row':>7}")
     for n in rows:
-        program = jax.jit(functools.partial(model_runner._sample, softcap, SamplerFeatures(), n,
+        program = jax.jit(functools.partial(model_runner._sample, softcap, runner.head_kernel, SamplerFeatures(), n,
                                             runner.sampling_layout))
         call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties,
                                  None, None, None)

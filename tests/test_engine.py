@@ -120,8 +120,9 @@ def test_outputs_identical_across_configurations(llama, overrides):
         new_tokens = len(expected[0])
         results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": new_tokens})
         assert [r["output_ids"] for r in results] == expected
-        if overrides.get("attention_backend") == "pallas_interpret":  # the fused add + norm ran, interpreted
+        if overrides.get("attention_backend") == "pallas_interpret":  # the fused add + norm and head ran, interpreted
             assert engine.loaded.model.model.layers[0].norm_kernel == "interpret"
+            assert engine.runner.head_kernel == "interpret"
         if "num_pages" in overrides and overrides["num_pages"] == 41:
             assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
         check_pages_accounted(engine)
@@ -268,14 +269,28 @@ def test_sampling_follows_the_model_distribution(engine, llama):
     assert np.abs(counts - target.numpy()).sum() / 2 < 0.12  # total variation distance
 
 
-def test_logprobs_match_transformers_log_softmax(engine, llama):
-    _, hf_model, prompts, expected = llama
-    result = engine.generate(input_ids=prompts[2], sampling_params={**GREEDY, "logprobs": True})
-    ids = prompts[2] + result["output_ids"]
+def check_logprobs_match_transformers(engine, hf_model, prompt):
+    result = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "logprobs": True})
+    ids = prompt + result["output_ids"]
     with torch.no_grad():
         ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1)
     for k, (logprob, token) in enumerate(result["meta_info"]["output_token_logprobs"]):
-        assert logprob == pytest.approx(float(ref[len(prompts[2]) - 1 + k, token]), abs=1e-4)
+        assert logprob == pytest.approx(float(ref[len(prompt) - 1 + k, token]), abs=1e-4)
+
+
+def test_logprobs_match_transformers_log_softmax(engine, llama):
+    check_logprobs_match_transformers(engine, llama[1], llama[2][2])
+
+
+def test_fused_greedy_head_logprobs_match_transformers(llama):
+    """Greedy rows on the GPU kernels (interpreted) take the fused LM head + argmax + logsumexp
+    (kernels/gpu/greedy_head.py): their tokens' logprobs too equal HF's log_softmax."""
+    engine = make_engine(llama[0], attention_backend="pallas_interpret")
+    try:
+        assert engine.runner.head_kernel == "interpret"
+        check_logprobs_match_transformers(engine, llama[1], llama[2][2])
+    finally:
+        engine.shutdown()
 
 
 def test_stop_strings_cut_exactly(engine, llama):

@@ -1,5 +1,7 @@
 """Pallas kernels against kernels/reference.py (the definition), in interpret mode on the CPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -329,13 +331,21 @@ def test_add_rms_norm_kernel_matches_the_models_add_then_norm(rows, width, dtype
 
 
 def test_triton_kernels_lower_for_cuda():
-    """The fused add + norm and the attention kernel on token-major queries, lowered for CUDA on the CPU
-    (Triton's rules on shapes and reshapes are checked there, not in the interpreter)."""
+    """The fused add + norm, the greedy head (with the engine's tiles for a 128k vocabulary) and the attention
+    kernel on token-major queries, lowered for CUDA on the CPU (Triton's rules on shapes and reshapes are
+    checked there, not in the interpreter)."""
     from sgjax.kernels.gpu.add_rms_norm import add_rms_norm
+    from sgjax.kernels.gpu.greedy_head import greedy_from_head, tiles_for
 
     x = jnp.ones((24, 256), jnp.bfloat16)
     text = jax.jit(lambda x: add_rms_norm(x, x, x[0], eps=1e-6)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "add_rms_norm" in text
+    head = jax.ShapeDtypeStruct((128256, 4096), jnp.bfloat16)
+    for rows in (64, 128, 384):
+        greedy = jax.jit(functools.partial(greedy_from_head, **tiles_for(rows, *head.shape)))
+        text = greedy.trace(jax.ShapeDtypeStruct((rows, 4096), jnp.bfloat16), head).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "greedy_head" in text
     case = (32, 8, 128, 16, [1, 1, 6], [40, 300, 20], None, None)
     (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
     attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, **kwargs))
@@ -345,3 +355,38 @@ def test_triton_kernels_lower_for_cuda():
     attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, block_q=2, large_block_q=4, **kwargs))
     text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_paged_attention" in text
+
+
+@pytest.mark.parametrize("rows,vocab,width,softcap,tiles", [
+    (5, 512, 64, None, dict(block_m=16, block_v=128, block_k=32)),
+    (70, 1024, 128, None, dict(block_m=64, block_v=256, block_k=64)),  # rows padded to two row blocks
+    (9, 256, 64, 30.0, dict(block_m=16, block_v=64, block_k=64)),
+])
+def test_greedy_head_kernel_matches_argmax_and_log_softmax(rows, vocab, width, softcap, tiles):
+    """The fused LM head + greedy pick (interpreted) against jnp: argmax of the float32 logits and their
+    log_softmax at it. Ties across and within vocabulary blocks go to the first index, as jnp.argmax."""
+    from sgjax.kernels.gpu.greedy_head import greedy_from_head
+    from sgjax.models.llama import logits_from_head
+
+    rng = np.random.default_rng(rows)
+    hidden = jnp.asarray(rng.standard_normal((rows, width)), jnp.bfloat16)
+    head = np.asarray(rng.standard_normal((vocab, width)) * 0.1, np.float32)
+    head[[3, 5, vocab // 2, vocab - 1]] = head[3] * 4  # ties in one block and across blocks
+    head = jnp.asarray(head, jnp.bfloat16)
+    logits = logits_from_head(hidden, head, softcap)
+    tokens, logprobs = greedy_from_head(hidden, head, softcap, interpret=True, **tiles)
+    want = jnp.argmax(logits, axis=-1)
+    assert (want == 3).any() and (want != 3).any()  # some rows pick the tied entries, some do not
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+    want_logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), want[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(want_logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_head_tiles_divide_the_shapes_or_are_refused():
+    from sgjax.kernels.gpu.greedy_head import greedy_from_head, tiles_for
+
+    assert tiles_for(384, 128256, 4096) == dict(block_m=128, block_v=256, block_k=64, num_warps=8, num_stages=4)
+    assert tiles_for(64, 151936, 3584)["block_v"] == 128  # Qwen2's vocabulary is a multiple of 128, not 256
+    assert tiles_for(8, 500, 64) is None  # no power-of-two tile of 16 or more divides 500
+    with pytest.raises(ValueError, match="multiple of 128"):
+        greedy_from_head(jnp.ones((4, 64)), jnp.ones((500, 64)), interpret=True)

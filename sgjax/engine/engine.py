@@ -41,7 +41,7 @@ from sgjax.engine.request import Request, Status
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
-from sgjax.kernels import reads_shared_prefixes, resolve_backend
+from sgjax.kernels import reads_shared_prefixes, resolve_backend, triton_kernel_mode
 from sgjax.mesh import make_mesh
 from sgjax.models.loader import load_model, load_tokenizer
 from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
@@ -101,7 +101,8 @@ class Engine:
                                   min_bucket=args.min_token_bucket,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs,
                                   max_prefix_groups=args.shared_prefix_groups
-                                  if reads_shared_prefixes(self.attention_backend) else 0)
+                                  if reads_shared_prefixes(self.attention_backend) else 0,
+                                  head_kernel=triton_kernel_mode(self.attention_backend))
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
                                    chunked_prefill_size=prefill_budget, context_length=self.context_length,
                                    policy=args.schedule_policy, step_token_target=args.step_token_target,

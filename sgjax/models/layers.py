@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax.kernels import AttentionMetadata, get_attention_backend
+from sgjax.kernels import AttentionMetadata, get_attention_backend, triton_kernel_mode
 from sgjax.kernels.gpu import add_rms_norm as fused_norm
 from sgjax.mesh import TENSOR
 from sgjax.models.config import ModelConfig
@@ -92,16 +92,9 @@ class RMSNorm(nnx.Module):
 
 
 def norm_kernel_for(attention_backend: str, fused_norm: bool = True) -> str | None:
-    """Which fused add + norm kernel goes with an attention backend: the Triton one on a lone GPU with
-    the Pallas kernels, its interpreter with "pallas_interpret", else none (plain jnp; also when not
-    `fused_norm`). Meshes of several devices keep jnp: the kernel has no sharding rule."""
-    if not fused_norm:
-        return None
-    if attention_backend == "pallas_interpret":
-        return "interpret"
-    if attention_backend == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1:
-        return "gpu"
-    return None
+    """Which fused add + norm kernel goes with an attention backend (kernels.triton_kernel_mode), or none
+    (plain jnp) when not `fused_norm`."""
+    return triton_kernel_mode(attention_backend) if fused_norm else None
 
 
 @functools.lru_cache(maxsize=None)
