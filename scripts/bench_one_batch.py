@@ -64,8 +64,9 @@ def timed(fn, repeat: int) -> float:
 
 def engine_decode(args, folder: str, sizes: list[int]) -> None:
     """Decode ms per step in the running Engine at each batch size, against the HBM floor."""
-    from sgjax.engine import Engine
+    from sgjax.engine import Engine, model_runner
 
+    model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
                     context_length=n_in + n_out + args.page_size, chunked_prefill_size=n_in,
@@ -107,6 +108,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--engine", action="store_true", help="measure decode in the serving Engine instead")
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
+    p.add_argument("--no-fused-greedy-head", action="store_true",
+                   help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())

@@ -90,17 +90,24 @@ def trace_forward(runner, prepared, calls: int = 5) -> tuple[str, float]:
 
 
 def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], repeat: int) -> None:
-    """Greedy sampling (the LM head, logsumexp and argmax over the vocabulary) compiled for each padded
-    row count, timed on a launched step's hidden rows: what a sampling row bucket costs."""
+    """Greedy sampling compiled for each padded row count, timed on a launched step's hidden rows: what a
+    sampling row bucket costs. Through XLA (the LM head's float32 logits, then logsumexp and argmax) and,
+    where the runner has the kernel, the fused greedy head (kernels/gpu/greedy_head.py). "sync": the
+    device synchronised after each call (includes the dispatch); "queued": `repeat` calls back to back."""
     handle = runner.launch(prepared)
-    print(f"{'sampling rows':>13} {'greedy ms':>10} {'us/row':>7}")
+    paths = [("xla", None)] + ([("fused", runner.head_kernel)] if runner.head_kernel else [])
+    print(f"{'sampling rows':>13} " + " ".join(f"{name + ' ' + how:>14}" for name, _ in paths
+                                               for how in ("sync ms", "queued ms")))
     for n in rows:
-        program = jax.jit(functools.partial(model_runner._sample, softcap, runner.head_kernel, SamplerFeatures(), n,
-                                            runner.sampling_layout))
-        call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties,
-                                 None, None, None)
-        ms = timed(lambda: jax.block_until_ready(call()), repeat) * 1e3
-        print(f"{n:>13} {ms:>10.3f} {ms / n * 1e3:>7.2f}", flush=True)
+        cells = []
+        for _, kernel in paths:
+            program = jax.jit(functools.partial(model_runner._sample, softcap, kernel, SamplerFeatures(), n,
+                                                runner.sampling_layout))
+            call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats,
+                                     runner.penalties, None, None, None)
+            cells.append(timed(lambda: jax.block_until_ready(call()), repeat) * 1e3)
+            cells.append(timed(lambda: jax.block_until_ready([call() for _ in range(repeat)]), 3) * 1e3 / repeat)
+        print(f"{n:>13} " + " ".join(f"{ms:>14.3f}" for ms in cells), flush=True)
 
 
 def dump_hlo(text: str, folder: str) -> None:
