@@ -67,6 +67,7 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     from sgjax.engine import Engine, model_runner
 
     model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
+    model_runner.FILTER_CUT_KERNEL = not args.no_filter_cut_kernel
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
                     context_length=n_in + n_out + args.page_size, chunked_prefill_size=n_in,
@@ -76,15 +77,16 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     bandwidth = copy_bandwidth()
     print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
           f"{weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"\nengine decode steps, {n_in}-token prompts, {n_out} greedy tokens each (context {n_in}-{n_in + n_out})")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    how = "greedy" if args.temperature == 0 else ", ".join(f"{k} {v}" for k, v in sampling.items())
+    print(f"\nengine decode steps, {n_in}-token prompts, {n_out} tokens each ({how}; context {n_in}-{n_in + n_out})")
     print(f"{'batch':>5} {'step ms':>8} {'HBM floor ms':>12} {'floor/actual':>12} {'tokens/s':>9} {'steps':>6} "
           f"{'wait ms':>8}")
     rng = np.random.default_rng(0)
     for bs in sizes:
         prompts = [rng.integers(0, engine.loaded.config.vocab_size, n_in).tolist() for _ in range(bs)]
         engine.step_log = []
-        engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "temperature": 0,
-                                                            "ignore_eos": True})
+        engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "ignore_eos": True, **sampling})
         log = engine.step_log
         steady = [(a, b) for a, b in zip(log, log[1:]) if a.prefill_tokens == 0 and a.decodes == bs and b.decodes == bs]
         step_s = float(np.median([b.launched - a.launched for a, b in steady]))
@@ -110,6 +112,11 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --engine: nucleus filter of sampled rows")
+    p.add_argument("--top-k", type=int, default=-1, help="with --engine: top-k filter of sampled rows")
+    p.add_argument("--no-filter-cut-kernel", action="store_true",
+                   help="with --engine: top-k / top-p cuts by sorting the vocabulary (before session 25)")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())

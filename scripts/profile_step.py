@@ -101,7 +101,7 @@ def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], rep
     for n in rows:
         cells = []
         for _, kernel in paths:
-            program = jax.jit(functools.partial(model_runner._sample, softcap, kernel, SamplerFeatures(), n,
+            program = jax.jit(functools.partial(model_runner._sample, softcap, kernel, None, SamplerFeatures(), n,
                                                 runner.sampling_layout))
             call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats,
                                      runner.penalties, None, None, None)

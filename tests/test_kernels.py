@@ -335,6 +335,7 @@ def test_triton_kernels_lower_for_cuda():
     kernel on token-major queries, lowered for CUDA on the CPU (Triton's rules on shapes and reshapes are
     checked there, not in the interpreter)."""
     from sgjax.kernels.gpu.add_rms_norm import add_rms_norm
+    from sgjax.kernels.gpu.filter_cut import filter_cut
     from sgjax.kernels.gpu.greedy_head import greedy_from_head, tiles_for
 
     x = jnp.ones((24, 256), jnp.bfloat16)
@@ -346,6 +347,10 @@ def test_triton_kernels_lower_for_cuda():
         text = greedy.trace(jax.ShapeDtypeStruct((rows, 4096), jnp.bfloat16), head).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "greedy_head" in text
+    rows_of = functools.partial(jax.ShapeDtypeStruct, (384,))
+    text = jax.jit(filter_cut).trace(jax.ShapeDtypeStruct((384, 128256), jnp.float32), rows_of(jnp.int32),
+                                     rows_of(jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "filter_cut" in text
     case = (32, 8, 128, 16, [1, 1, 6], [40, 300, 20], None, None)
     (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
     attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, **kwargs))
@@ -390,3 +395,49 @@ def test_greedy_head_tiles_divide_the_shapes_or_are_refused():
     assert tiles_for(8, 500, 64) is None  # no power-of-two tile of 16 or more divides 500
     with pytest.raises(ValueError, match="multiple of 128"):
         greedy_from_head(jnp.ones((4, 64)), jnp.ones((500, 64)), interpret=True)
+
+
+def _kept_by_sorting(row: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The oracle: sort the row, cut the sorted order where top-k or top-p (float64 sums) first drops a
+    token, keep every token scoring at least the last one kept (ties at the cut all kept)."""
+    order = np.argsort(-row, kind="stable")
+    ranked = row[order]
+    probs = np.exp(ranked.astype(np.float64) - ranked.max())
+    probs /= probs.sum()
+    drop = ((top_k > 0) & (np.arange(len(row)) >= top_k)) | ((top_p < 1) & (np.cumsum(probs) - probs >= top_p))
+    return row >= np.min(np.where(drop, np.inf, ranked))
+
+
+@pytest.mark.parametrize("vocab,block,steps", [(3000, 64, 4), (1000, 128, 2), (4096, 512, 8)])
+def test_filter_cut_keeps_the_sorted_cut(vocab, block, steps):
+    """The filter_cut kernel (interpreted) against sorting, row by row: top-k and top-p alone and together,
+    ties planted at the cut, masked (-inf) tokens, negative scores, a vocabulary the blocks do not divide."""
+    from sgjax.kernels.gpu.filter_cut import filter_cut, ordered_key
+
+    rng = np.random.default_rng(vocab)
+    rows = 48
+    x = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+    x[:, ::7] = x[:, 3:4]  # a seventh of each row ties with one score
+    x[1] = np.round(x[1])  # few distinct scores
+    x[2, :200] = -np.inf  # grammar-masked tokens
+    x[3] -= 50.0  # every score negative
+    top_k = rng.choice([-1, 1, 5, 50, vocab - 1, vocab], rows)
+    top_p = rng.choice([1.0, 0.99, 0.9, 0.5, 0.1], rows).astype(np.float32)
+    top_k[:4], top_p[:4] = [-1, 7, 40, -1], [0.9, 1.0, 0.8, 0.95]
+    cut = filter_cut(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p), block=block, steps=steps,
+                     interpret=True)
+    kept = np.asarray(ordered_key(jnp.asarray(x)) >= cut[:, None])
+    for r in range(rows):
+        np.testing.assert_array_equal(kept[r], _kept_by_sorting(x[r], top_k[r], top_p[r]),
+                                      err_msg=f"row {r}: top_k {top_k[r]}, top_p {top_p[r]}")
+    assert kept[:, :].sum(1).min() >= 1 and (kept.sum(1) < vocab).any()
+    with pytest.raises(ValueError, match="power-of-two block"):
+        filter_cut(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p), block=96, interpret=True)
+
+
+def test_ordered_key_keeps_the_order_of_floats():
+    from sgjax.kernels.gpu.filter_cut import ordered_key
+
+    x = np.array([-np.inf, -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, 1.5, 3e38, np.inf], np.float32)
+    keys = np.asarray(ordered_key(jnp.asarray(x))).astype(np.int64)
+    assert (np.diff(keys)[:4] > 0).all() and keys[4] == keys[5] and (np.diff(keys)[5:] > 0).all()

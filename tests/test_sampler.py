@@ -111,3 +111,25 @@ def test_logit_bias_acts_as_if_added_to_the_logits(logits):
     assert got[0][0] != best[0] and got[0][3] == 299
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(got[1], log_softmax[np.arange(ROWS), got[0]], rtol=1e-5, atol=1e-5)
+
+
+def test_the_filter_kernel_draws_the_tokens_the_sort_draws():
+    """Sampled rows with top-k / top-p / min-p filters draw the same token whether the cut comes from
+    sorting the vocabulary or from kernels/gpu/filter_cut.py (interpreted): the same kept sets, the same
+    noise. Mutating the kernel's rule (e.g. counting `>` for `>=`) changes tokens here."""
+    rng = np.random.default_rng(3)
+    vocab, rows = 700, 24
+    logits = rng.normal(0, 2, (rows, vocab)).astype(np.float32)
+    logits[:, ::5] = logits[:, 1:2]  # ties
+    params = [SamplingParams(temperature=float(t), top_k=int(k), top_p=float(p), min_p=float(m))
+              for t, k, p, m in zip(rng.choice([0.5, 1.0, 1.5], rows), rng.choice([-1, 3, 40], rows),
+                                    rng.choice([1.0, 0.9, 0.3], rows), rng.choice([0.0, 0.0, 0.1], rows))]
+    host = SamplingBatch.build(params, list(range(rows)), [5] * rows, list(range(rows)), [0] * rows, rows, rows)
+    batch = jax.tree.map(jnp.asarray, host)
+    features = SamplerFeatures.of(params)
+    assert features.filtered and features.sampled
+    penalties = PenaltyState.zeros(rows, vocab)
+    draws = {kernel: np.asarray(sample(jnp.asarray(logits), batch, penalties, None, features, None, kernel)[0])
+             for kernel in (None, "interpret")}
+    np.testing.assert_array_equal(draws["interpret"], draws[None])
+    assert len(set(draws[None].tolist())) > rows // 2  # real draws, not one token

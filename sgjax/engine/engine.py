@@ -102,7 +102,7 @@ class Engine:
                                   enable_prompt_logprobs=args.enable_prompt_logprobs,
                                   max_prefix_groups=args.shared_prefix_groups
                                   if reads_shared_prefixes(self.attention_backend) else 0,
-                                  head_kernel=triton_kernel_mode(self.attention_backend))
+                                  triton_kernels=triton_kernel_mode(self.attention_backend))
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
                                    chunked_prefill_size=prefill_budget, context_length=self.context_length,
                                    policy=args.schedule_policy, step_token_target=args.step_token_target,

@@ -68,6 +68,7 @@ BUCKET_GROWTH = 1.25
 SMALLEST_ROW_BUCKET, ROW_BUCKET_GROWTH = 64, 2
 HALFWAY_ROW_BUCKETS = True  # row_buckets: also the points halfway between the doublings (off: A/B runs)
 FUSED_GREEDY_HEAD = True  # all-greedy sampling through kernels/gpu/greedy_head.py where given a kernel (off: A/B)
+FILTER_CUT_KERNEL = True  # top-k / top-p cuts through kernels/gpu/filter_cut.py where given a kernel (off: A/B)
 
 
 def token_buckets(smallest: int, largest: int, step: int = LINEAR_BUCKET_STEP, decode_rows: int = 0,
@@ -133,10 +134,11 @@ def row_buckets(max_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
                  max_tokens: int, min_bucket: int = 16, enable_prompt_logprobs: bool = False,
-                 max_prefix_groups: int = 0, head_kernel: str | None = None):
-        """`head_kernel` ("gpu", or "interpret" for CPU tests; kernels.triton_kernel_mode): sampling of
+                 max_prefix_groups: int = 0, triton_kernels: str | None = None):
+        """`triton_kernels` ("gpu", or "interpret" for CPU tests; kernels.triton_kernel_mode): sampling of
         all-greedy rows computes the LM head, argmax and logsumexp in one kernel (kernels/gpu/greedy_head.py)
-        instead of writing float32 logits and reading them back."""
+        instead of writing float32 logits and reading them back; sampled rows with top-k / top-p filters
+        find their cut without sorting the vocabulary (kernels/gpu/filter_cut.py)."""
         self.pool = pool
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
@@ -148,7 +150,8 @@ class ModelRunner:
         # programs, because the grouped path costs a step without groups ~11 us a layer (an H100 at
         # batch 1: ~5% of a decode step), and choosing between the paths on the device cost more.
         self.max_prefix_groups = max_prefix_groups
-        self.head_kernel = head_kernel if FUSED_GREEDY_HEAD else None
+        self.head_kernel = triton_kernels if FUSED_GREEDY_HEAD else None
+        self.filter_kernel = triton_kernels if FILTER_CUT_KERNEL else None
         self.num_shared_prefix_steps = 0  # steps launched with a shared prefix to read once
         graphdef, state = nnx.split(loaded.model)
         # The programs take the weights as a flat list: flattening an nnx.State costs ~0.3 ms a call.
@@ -219,7 +222,7 @@ class ModelRunner:
         variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
         self.sampler = {
             (features, rows): jax.jit(functools.partial(_sample, loaded.config.final_logit_softcap,
-                                                        self.head_kernel, features, rows,
+                                                        self.head_kernel, self.filter_kernel, features, rows,
                                                         self.sampling_layout)).lower(
                 self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
             for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
@@ -427,8 +430,8 @@ def _forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, 
     return out, kv_caches, penalties, resident
 
 
-def _sample(softcap, head_kernel, features, rows, sampling_layout, head, hidden, ints, floats, penalties, bitmask,
-            bias_ids, bias_values):
+def _sample(softcap, head_kernel, filter_kernel, features, rows, sampling_layout, head, hidden, ints, floats,
+            penalties, bitmask, bias_ids, bias_values):
     """Sampling of the first `rows` rows (the step's sequences, rounded up); the other rows' outputs are
     zeros, so every variant returns max_seqs rows, as the next forward pass reads its tokens. The sampling
     parameters lie at the front of the step's packed buffers (ModelRunner._abstract_inputs). All-greedy
@@ -450,7 +453,7 @@ def _sample(softcap, head_kernel, features, rows, sampling_layout, head, hidden,
                                                         **tiles)
     else:
         tokens, logprobs, top_logprobs, top_ids = sample(logits_from_head(hidden, head, softcap), sampling,
-                                                         penalties, bitmask, features, bias)
+                                                         penalties, bitmask, features, bias, filter_kernel)
     columns = [tokens[:, None], jax.lax.bitcast_convert_type(logprobs, jnp.int32)[:, None]]
     if features.top_logprobs:
         columns += [jax.lax.bitcast_convert_type(top_logprobs, jnp.int32), top_ids]

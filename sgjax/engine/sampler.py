@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgjax.constrained.bitmask import apply_bitmask
+from sgjax.kernels.gpu import filter_cut
 
 TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
 MAX_LOGIT_BIAS = 300  # most logit_bias entries a request may give (the step's bias arrays are this wide)
@@ -147,7 +148,7 @@ def logit_bias_arrays(biases: list[dict[int, float] | None], rows: int) -> tuple
 
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None,
            features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True),
-           bias: tuple[jax.Array, jax.Array] | None = None):
+           bias: tuple[jax.Array, jax.Array] | None = None, filter_kernel: str | None = None):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
     Logprobs are of the model's distribution (before logit biases, grammar masks, penalties,
@@ -181,24 +182,44 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
         logits = apply_penalties(logits, penalties, s)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if features.sampled:
-        tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), tokens, _draw(logits, s, features.filtered))
+        drawn = _draw(logits, s, features.filtered, filter_kernel)
+        tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), tokens, drawn)
     chosen = jnp.take_along_axis(model_logits, tokens[:, None], axis=-1)[:, 0] - log_total
     return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool) -> jax.Array:
+def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool, filter_kernel: str | None) -> jax.Array:
     """Each row's draw from softmax(logits / T), restricted by its filters when `filtered`."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     if filtered:
-        sorted_logits = -jnp.sort(-scaled, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        rank = jnp.arange(vocab)[None, :]
-        drop = (s.top_k[:, None] > 0) & (rank >= s.top_k[:, None])
-        drop |= (jnp.cumsum(probs, axis=-1) - probs) >= s.top_p[:, None]  # keep the smallest set reaching top_p
-        drop |= probs < s.min_p[:, None] * probs[:, :1]
-        threshold = jnp.min(jnp.where(drop, jnp.inf, sorted_logits), axis=-1)  # the best token is never dropped
-        scaled = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+        scaled = jnp.where(kept_by_filters(scaled, s.top_k, s.top_p, s.min_p, filter_kernel), scaled, -jnp.inf)
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, s.position)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+
+
+def kept_by_filters(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                    kernel: str | None = None) -> jax.Array:
+    """Which tokens each row's filters keep ([B, V] bool), from its scaled logits [B, V].
+
+    A token is kept when fewer than top_k tokens score higher (top_k <= 0: no limit), the tokens scoring
+    higher hold less than top_p of the probability (top_p 1: no limit), and its probability is at least
+    min_p times the best's: what cutting the sorted row keeps, ties at the cut all kept, the best token
+    always. With a `kernel` ("gpu", or "interpret" for CPU tests) the top-k / top-p cut comes from
+    kernels/gpu/filter_cut.py, without the full-vocabulary sort (4.3 ms at 384 rows on an H100)."""
+    vocab = scaled.shape[-1]
+    if kernel:
+        probs = jax.nn.softmax(scaled, axis=-1)
+        cut = filter_cut.filter_cut(scaled, top_k, top_p, interpret=kernel == "interpret")
+        above_min_p = probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True)
+        return (filter_cut.ordered_key(scaled) >= cut[:, None]) & above_min_p
+    sorted_logits = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    # the smallest set reaching top_p (top_p 1 keeps all, whatever the sum's rounding)
+    drop |= (top_p[:, None] < 1) & ((jnp.cumsum(probs, axis=-1) - probs) >= top_p[:, None])
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    threshold = jnp.min(jnp.where(drop, jnp.inf, sorted_logits), axis=-1)  # the best token is never dropped
+    return scaled >= threshold[:, None]
