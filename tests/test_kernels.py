@@ -331,9 +331,9 @@ def test_add_rms_norm_kernel_matches_the_models_add_then_norm(rows, width, dtype
 
 
 def test_triton_kernels_lower_for_cuda():
-    """The fused add + norm, the greedy head (with the engine's tiles for a 128k vocabulary) and the attention
-    kernel on token-major queries, lowered for CUDA on the CPU (Triton's rules on shapes and reshapes are
-    checked there, not in the interpreter)."""
+    """The fused add + norm, the greedy head (with the engine's tiles for a 128k vocabulary), the top-k /
+    top-p cut and the attention kernel on token-major queries, lowered for CUDA on the CPU (Triton's rules on
+    shapes and reshapes are checked there, not in the interpreter)."""
     from sgjax.kernels.gpu.add_rms_norm import add_rms_norm
     from sgjax.kernels.gpu.filter_cut import filter_cut
     from sgjax.kernels.gpu.greedy_head import greedy_from_head, tiles_for
@@ -430,7 +430,7 @@ def test_filter_cut_keeps_the_sorted_cut(vocab, block, steps):
     for r in range(rows):
         np.testing.assert_array_equal(kept[r], _kept_by_sorting(x[r], top_k[r], top_p[r]),
                                       err_msg=f"row {r}: top_k {top_k[r]}, top_p {top_p[r]}")
-    assert kept[:, :].sum(1).min() >= 1 and (kept.sum(1) < vocab).any()
+    assert kept.sum(1).min() >= 1 and (kept.sum(1) < vocab).any()
     with pytest.raises(ValueError, match="power-of-two block"):
         filter_cut(jnp.asarray(x), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p), block=96, interpret=True)
 

@@ -111,11 +111,11 @@ class SamplerFeatures:
     """What a step's sampling must compute, decided on the host from its rows' parameters.
 
     Each combination is its own compiled program, so a step pays only for what its rows ask for: the
-    full-vocabulary sort of top-k/top-p/min-p filtering, the penalty gathers, the top-20 logprobs (a
-    top-k of 20 is another sort on the GPU), the grammar masks, and the random noise of sampled rows
-    (a full-vocabulary Gumbel draw per row, which an all-greedy batch skips). XLA's conditionals
-    would decide on the device but read their predicate on the host, a wait per step (measured: 1.5x
-    slower steps).
+    top-k/top-p/min-p cut (a full-vocabulary sort, or kernels/gpu/filter_cut.py), the penalty gathers,
+    the top-20 logprobs (a top-k of 20 is another sort on the GPU), the grammar masks, and the random
+    noise of sampled rows (a full-vocabulary Gumbel draw per row, which an all-greedy batch skips).
+    XLA's conditionals would decide on the device but read their predicate on the host, a wait per step
+    (measured: 1.5x slower steps).
     """
     filtered: bool = False  # some row uses top_k > 1, top_p < 1 or min_p > 0, or a penalty
     top_logprobs: bool = False  # some row wants its top alternatives

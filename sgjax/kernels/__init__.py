@@ -54,10 +54,10 @@ def reads_shared_prefixes(name: str) -> bool:
 
 
 def triton_kernel_mode(name: str) -> str | None:
-    """How the Triton kernels outside attention (the fused residual add + norm, the greedy LM head) run
-    with backend `name` (as resolved): "gpu" on a lone GPU with the Pallas kernels, "interpret" with
-    "pallas_interpret" (CPU tests), else None (plain jnp). Meshes of several devices get None: those
-    kernels have no sharding rule."""
+    """How the Triton kernels outside attention (the fused residual add + norm, the greedy LM head, the
+    top-k / top-p cut) run with backend `name` (as resolved): "gpu" on a lone GPU with the Pallas kernels,
+    "interpret" with "pallas_interpret" (CPU tests), else None (plain jnp). Meshes of several devices get
+    None: those kernels have no sharding rule."""
     if name == "pallas_interpret":
         return "interpret"
     if name == "pallas" and jax.default_backend() == "gpu" and jax.device_count() == 1:

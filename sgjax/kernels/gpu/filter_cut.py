@@ -42,9 +42,9 @@ def _kernel(x_ref, top_ref, inv_total_ref, cut_ref, count_ref, mass_ref, *, shif
 
     def accumulate(i, acc):
         count, mass = acc
-        index = (chunk * steps + i) * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
-        valid = index < vocab
-        x = plgpu.load(x_ref.at[row, pl.ds((chunk * steps + i) * block, block)], mask=valid, other=0.0)
+        start = (chunk * steps + i) * block
+        valid = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0) < vocab
+        x = plgpu.load(x_ref.at[row, pl.ds(start, block)], mask=valid, other=0.0)
         key = ordered_key(x)
         digit = ((key >> shift) & (CANDIDATES - 1)).astype(jnp.int32)
         if shift + DIGIT_BITS < 32:
@@ -55,18 +55,19 @@ def _kernel(x_ref, top_ref, inv_total_ref, cut_ref, count_ref, mass_ref, *, shif
             level = digit
         level = jnp.where(valid, level, -1)
         prob = jnp.where(valid, jnp.exp(x - top) * inv_total, 0.0)
-        above = level == CANDIDATES
-        count_above, mass_above = jnp.sum(above.astype(jnp.float32)), jnp.sum(jnp.where(above, prob, 0.0))
 
         def by_candidate():  # 16 compares a token: only for blocks with tokens in the cut's current range
             at_or_above = level[:, None] >= candidates  # [block, 16]
             return (count + jnp.sum(at_or_above.astype(jnp.float32), axis=0),
                     mass + jnp.sum(jnp.where(at_or_above, prob[:, None], 0.0), axis=0))
 
-        # After the first passes few blocks hold tokens in the cut's range: the others are above or below
-        # every candidate, and add to all of them or to none.
+        def above_or_below():  # every token is above all candidates (adds to each) or below all (to none)
+            above = level == CANDIDATES
+            return count + jnp.sum(above.astype(jnp.float32)), mass + jnp.sum(jnp.where(above, prob, 0.0))
+
+        # After the first passes few blocks hold tokens in the cut's range.
         in_range = jnp.sum(((level >= 0) & (level < CANDIDATES)).astype(jnp.int32)) > 0
-        return jax.lax.cond(in_range, by_candidate, lambda: (count + count_above, mass + mass_above))
+        return jax.lax.cond(in_range, by_candidate, above_or_below)
 
     zeros = jnp.zeros((CANDIDATES,), jnp.float32)
     count, mass = jax.lax.fori_loop(0, steps, accumulate, (zeros, zeros))
@@ -90,9 +91,9 @@ def filter_cut(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, *, block: 
     inv_total = 1.0 / jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1)
     max_count = jnp.where(top_k > 0, top_k, vocab + 1).astype(jnp.float32)[:, None]
     max_mass = jnp.where(top_p < 1, top_p, jnp.inf)[:, None]  # top_p 1 keeps all, whatever the sum's rounding
+    partial = pl.BlockSpec((None, None, CANDIDATES), lambda r, c: (r, c, 0))
     cut = jnp.zeros((rows,), jnp.uint32)
     for shift in range(32 - DIGIT_BITS, -1, -DIGIT_BITS):
-        partial = pl.BlockSpec((None, None, CANDIDATES), lambda r, c: (r, c, 0))
         count, mass = pl.pallas_call(
             functools.partial(_kernel, shift=shift, block=block, steps=steps, vocab=vocab),
             grid=(rows, chunks),
