@@ -16,6 +16,7 @@ import asyncio
 import json
 import math
 import time
+import urllib.request
 
 import aiohttp
 import numpy as np
@@ -57,12 +58,18 @@ async def one_request(session, args, prompt: list[int], max_tokens: int) -> dict
     return {"start": start, "chunks": chunks, "end": end, "out_tokens": out_tokens, "error": error}
 
 
+def auth_headers(args) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 async def run(args, work: workloads.Workload) -> list[dict]:
     rng = np.random.default_rng(0)
     limit = asyncio.Semaphore(args.max_concurrency)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
     timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    # aiohttp's default connector holds at most 100 connections, which would cap the concurrency there.
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         async def limited(prompt, n):
             async with limit:
                 return await one_request(session, args, prompt, n)
@@ -89,39 +96,70 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
     p.add_argument("--request-rate", type=float, default=math.inf)
     p.add_argument("--max-concurrency", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts and lengths")
+    p.add_argument("--flush-cache", action="store_true",
+                   help="POST /flush_cache first, so a repeated workload does not find its prompts in the radix cache")
+    p.add_argument("--output-json", default=None, help="append the run's arguments and figures to this file")
     args = p.parse_args()
 
     if args.backend == "openai" and args.model is None:
-        import urllib.request
-
-        with urllib.request.urlopen(f"{args.base_url}/v1/models") as r:
+        request = urllib.request.Request(f"{args.base_url}/v1/models", headers=auth_headers(args))
+        with urllib.request.urlopen(request) as r:
             args.model = json.loads(r.read())["data"][0]["id"]
     if args.dataset == "sharegpt":
-        work = workloads.sharegpt_like(args.num_prompts, args.vocab_size, max_len=args.max_len)
+        work = workloads.sharegpt_like(args.num_prompts, args.vocab_size, max_len=args.max_len, seed=args.seed)
     elif args.dataset == "fixed":
         work = workloads.fixed(args.num_prompts, args.vocab_size, input_len=args.input_len,
-                               output_len=args.output_len)
+                               output_len=args.output_len, seed=args.seed)
     else:
-        work = workloads.shared_prefix(args.vocab_size, output_len=args.output_len)
+        work = workloads.shared_prefix(args.vocab_size, output_len=args.output_len, seed=args.seed)
+    if args.flush_cache:
+        request = urllib.request.Request(f"{args.base_url}/flush_cache", method="POST", headers=auth_headers(args))
+        urllib.request.urlopen(request).close()
     t0 = time.perf_counter()
     results = asyncio.run(run(args, work))
     elapsed = time.perf_counter() - t0
-    ok = [r for r in results if not r.get("error")]
-    failed = len(results) - len(ok)
-    ttft = np.array([r["chunks"][0] - r["start"] for r in ok]) * 1e3
-    itl = np.concatenate([np.diff(r["chunks"]) for r in ok if len(r["chunks"]) > 1] or [np.zeros(0)]) * 1e3
-    e2e = np.array([r["end"] - r["start"] for r in ok]) * 1e3
-    out_tokens = sum(r["out_tokens"] for r in ok)
+    summary = summarize(results, work, elapsed)
     print(work.description)
-    print(f"{len(ok)} requests ok, {failed} failed in {elapsed:.2f} s: {len(ok) / elapsed:.2f} req/s, "
-          f"{out_tokens / elapsed:,.0f} output tok/s (request rate {args.request_rate}, "
-          f"max concurrency {args.max_concurrency})")
-    for name, values in (("TTFT", ttft), ("ITL", itl), ("E2E", e2e)):
-        if len(values):
-            p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    print(f"{summary['ok']} requests ok, {summary['failed']} failed in {elapsed:.2f} s: {summary['req_per_s']:.2f} "
+          f"req/s, {summary['out_tok_per_s']:,.0f} output tok/s, {summary['total_tok_per_s']:,.0f} total tok/s "
+          f"(request rate {args.request_rate}, max concurrency {args.max_concurrency}, mean in flight "
+          f"{summary['mean_in_flight']:.0f})")
+    if summary["short"]:
+        print(f"WARNING: {summary['short']} requests returned fewer tokens than asked "
+              f"({summary['out_tokens']} of {summary['asked_tokens']})")
+    for name in ("TTFT", "TPOT", "ITL", "E2E"):
+        if name in summary:
+            p50, p90, p99 = summary[name]
             print(f"{name:>5} ms: p50 {p50:9.1f}  p90 {p90:9.1f}  p99 {p99:9.1f}")
-    if failed:
+    if summary["failed"]:
         print("first error:", next(r["error"] for r in results if r.get("error")))
+    if args.output_json:
+        with open(args.output_json, "a") as f:
+            f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **summary}) + "\n")
+
+
+def summarize(results: list[dict], work: workloads.Workload, elapsed: float) -> dict:
+    """Throughput and latency percentiles (ms) of a run; TPOT is a request's (E2E - TTFT) / (tokens - 1)."""
+    done = [(r, len(p), n) for r, p, n in zip(results, work.prompts, work.output_lens) if not r.get("error")]
+    ok = [r for r, _, _ in done]
+    out_tokens = sum(r["out_tokens"] for r in ok)
+    summary = {
+        "ok": len(ok), "failed": len(results) - len(ok), "elapsed_s": elapsed,
+        "req_per_s": len(ok) / elapsed, "out_tok_per_s": out_tokens / elapsed,
+        "total_tok_per_s": (out_tokens + sum(p for _, p, _ in done)) / elapsed,
+        "out_tokens": out_tokens, "asked_tokens": sum(n for _, _, n in done),
+        "short": sum(r["out_tokens"] < n for r, _, n in done),
+        "mean_in_flight": sum(r["end"] - r["start"] for r in ok) / elapsed,
+    }
+    ttft = [r["chunks"][0] - r["start"] for r in ok]
+    tpot = [(r["end"] - r["chunks"][0]) / (r["out_tokens"] - 1) for r in ok if r["out_tokens"] > 1]
+    itl = np.concatenate([np.diff(r["chunks"]) for r in ok if len(r["chunks"]) > 1] or [np.zeros(0)])
+    e2e = [r["end"] - r["start"] for r in ok]
+    for name, values in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl), ("E2E", e2e)):
+        if len(values):
+            summary[name] = [float(v) for v in np.percentile(np.asarray(values) * 1e3, [50, 90, 99])]
+    return summary
 
 
 if __name__ == "__main__":

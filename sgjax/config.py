@@ -78,6 +78,9 @@ class ServerArgs:
     log_level: str = "info"
     log_requests: bool = False
     enable_metrics: bool = False  # Prometheus /metrics, as SGLang's --enable-metrics
+    # /generate streams each event's new text and output ids, not everything so far (SGLang's option of the
+    # same name): the cumulative form costs the server O(n) a token, O(n^2) a request.
+    incremental_streaming_output: bool = False
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -115,6 +118,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-requests", action="store_true")
     parser.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    parser.add_argument("--incremental-streaming-output", action="store_true",
+                        help="/generate streams only the new text and output ids in each event")
     return parser
 
 
@@ -134,5 +139,6 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
         random_seed=ns.random_seed)
     server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
                         chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
-                        enable_metrics=ns.enable_metrics)
+                        enable_metrics=ns.enable_metrics,
+                        incremental_streaming_output=ns.incremental_streaming_output)
     return engine, server

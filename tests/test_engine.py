@@ -318,6 +318,26 @@ def test_streaming_deltas_add_up_to_the_text(engine):
     assert "".join(deltas) == final["text"] and len(deltas) > 1
 
 
+def test_updates_that_queued_up_come_merged_with_their_own_finished_flag(engine):
+    """A caller that falls behind (a loaded server) gets one update per request with all the text since its
+    last one; only each request's last update says finished."""
+    async def fall_behind():
+        reqs = engine.make_requests(["Hello, my name is", "The weather"], {**GREEDY, "max_new_tokens": 12})
+        updates = engine.run_requests(reqs)
+        first = await updates.__anext__()
+        while not all(r.finished for r in reqs):  # busy elsewhere: the other updates queue up
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # the last step's updates reach this loop just after its requests finish
+        return reqs, [first] + [u async for u in updates]
+
+    reqs, updates = asyncio.run(fall_behind())
+    assert len(updates) <= 4  # the first step's update of each request, then one merged update each
+    for index, req in enumerate(reqs):
+        mine = [(delta, finished) for i, delta, _, finished in updates if i == index]
+        assert "".join(delta for delta, _ in mine) == req.text and len(req.output_ids) == 12
+        assert [finished for _, finished in mine] == [False] * (len(mine) - 1) + [True]
+
+
 def test_incremental_detokenizer_never_splits_a_character(engine):
     text = "héllo wörld, 你好 🙂 naïve café"
     ids = engine.tokenizer.encode(text)

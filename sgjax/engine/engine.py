@@ -152,14 +152,14 @@ class Engine:
     async def async_generate(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
                              input_ids: list[int] | None = None) -> dict:
         """One request, awaited."""
-        async for _, req in self.stream_events(prompt, sampling_params, input_ids):
-            if req.finished:
+        async for _, req, finished in self.stream_events(prompt, sampling_params, input_ids):
+            if finished:
                 return self.result(req)
 
     async def async_stream(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
                            input_ids: list[int] | None = None) -> AsyncIterator[str]:
         """One request's text as it is generated, delta by delta."""
-        async for delta, _ in self.stream_events(prompt, sampling_params, input_ids):
+        async for delta, _, _ in self.stream_events(prompt, sampling_params, input_ids):
             if delta:
                 yield delta
 
@@ -275,18 +275,30 @@ class Engine:
         params.validate()
         return self._make_requests(prompts, params, rid)
 
-    async def run_requests(self, requests: list[Request]) -> AsyncIterator[tuple[int, str, Request]]:
-        """Submit requests; yield (index, text delta, request) as they progress, each request's last
-        update with request.finished set. Leaving the loop early aborts the unfinished ones."""
+    async def run_requests(self, requests: list[Request]) -> AsyncIterator[tuple[int, str, Request, bool]]:
+        """Submit requests; yield (index, text delta, request, finished) as they progress. Leaving the loop
+        early aborts the unfinished ones.
+
+        Updates that queued up while the caller was busy (a server behind on its streams) come merged, one
+        per request, so a loaded server sends fewer, larger events instead of falling further behind.
+        `finished` is the update's own flag: read `request.finished` instead and an earlier update could
+        already look final, because the engine thread may finish the request while the caller handles it."""
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         for i, req in enumerate(requests):
             self._submit(req, lambda r, delta, finished, i=i: updates.put_nowait((i, delta, finished)), loop)
         remaining = len(requests)
         try:
             while remaining:
-                i, delta, finished = await updates.get()
-                yield i, delta, requests[i]
-                remaining -= finished
+                merged: dict[int, tuple[str, bool]] = {}
+                batch = [await updates.get()]
+                while not updates.empty():
+                    batch.append(updates.get_nowait())
+                for i, delta, finished in batch:
+                    text, done = merged.get(i, ("", False))
+                    merged[i] = (text + delta, done or finished)
+                for i, (delta, finished) in merged.items():
+                    yield i, delta, requests[i], finished
+                    remaining -= finished
         finally:
             for req in requests:
                 if not req.finished:
@@ -301,13 +313,13 @@ class Engine:
     async def stream_events(self, prompt: Prompt | None = None,
                             sampling_params: SamplingParams | dict | None = None,
                             input_ids: list[int] | None = None,
-                            rid: str | None = None) -> AsyncIterator[tuple[str, Request]]:
-        """One request's (text delta, request) updates; the last has request.finished set."""
+                            rid: str | None = None) -> AsyncIterator[tuple[str, Request, bool]]:
+        """One request's (text delta, request, finished) updates, as `run_requests` yields them."""
         requests = self.make_requests(prompt, sampling_params, input_ids, rid)
         if len(requests) != 1:
             raise ValueError("stream_events takes one prompt with n=1")
-        async for _, delta, req in self.run_requests(requests):
-            yield delta, req
+        async for _, delta, req, finished in self.run_requests(requests):
+            yield delta, req, finished
 
     def flush_cache(self, timeout: float = 30.0) -> bool:
         """Empty the radix cache (on the engine thread); False if requests are still running."""

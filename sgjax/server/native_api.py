@@ -7,7 +7,7 @@ import json
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, REQUEST_ID
+from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 
 
@@ -64,11 +64,18 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError(str(e)) from None
     if body.get("stream"):
         response = await open_event_stream(request)
-        text_so_far = [""] * len(requests)
-        async for i, delta, req in run(request, requests):
+        incremental = request.app[SERVER_ARGS].incremental_streaming_output
+        text_so_far, ids_sent = [""] * len(requests), [0] * len(requests)
+        async for i, delta, req, finished in run(request, requests):
             text_so_far[i] += delta
             chunk = native_result(engine, req, body)
-            chunk["text"] = text_so_far[i]  # SGLang streams the text so far
+            if not finished:  # the engine thread may have finished it since this update
+                chunk["meta_info"]["finish_reason"] = None
+            if incremental:
+                chunk["text"], ids = delta, chunk["output_ids"]
+                chunk["output_ids"], ids_sent[i] = ids[ids_sent[i]:], len(ids)
+            else:
+                chunk["text"] = text_so_far[i]  # SGLang streams the text so far
             chunk["index"] = i
             await send_event(response, chunk)
         await end_event_stream(response)

@@ -162,16 +162,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = await open_event_stream(request)
         sent_echo = set()
-        async for i, delta, req in run(request, requests):
+        async for i, delta, req, finished in run(request, requests):
             if echo and i not in sent_echo:
                 sent_echo.add(i)
                 delta = prompt_texts[i // n] + delta
             choice = {"index": i, "text": delta, "logprobs": None, "finish_reason": None}
-            if req.finished:
+            if finished:
                 choice["finish_reason"] = finish_reason(req)
                 if logprobs is not None:
                     choice["logprobs"] = completion_logprobs(engine, req, echo)
-            if delta or req.finished:
+            if delta or finished:
                 await send_event(response, {**head, "choices": [choice]})
         final = {**head, "choices": [], "usage": usage(requests, n)}
         await end_event_stream(response, final if include_usage else None)
@@ -290,11 +290,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         for i in range(len(requests)):
             await send_event(response, {**chunk, "choices": [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-        async for i, delta, req in run(request, requests):
+        async for i, delta, req, finished in run(request, requests):
             if delta and not tool_format:  # with tools, the reply is sent whole once it can be parsed
                 await send_event(response, {**chunk, "choices": [
                     {"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}]})
-            if req.finished:
+            if finished:
                 message, reason = chat_message(req, tool_format)
                 last = {k: v for k, v in message.items() if k != "role"} if tool_format else {}
                 await send_event(response, {**chunk, "choices": [

@@ -11,8 +11,9 @@ from sgjax.server.keys import ENGINE, ENGINE_REQUESTS
 
 
 def run(request: web.Request, requests: list) -> AsyncIterator:
-    """The requests' (index, delta, request) updates. They are registered on the HTTP request, so the
-    app's middleware aborts whatever is unfinished when the handler ends (a client that disconnected)."""
+    """The requests' (index, delta, request, finished) updates (see Engine.run_requests). They are
+    registered on the HTTP request, so the app's middleware aborts whatever is unfinished when the handler
+    ends (a client that disconnected)."""
     request[ENGINE_REQUESTS] = requests
     return request.app[ENGINE].run_requests(requests)
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.engine import Engine
 from sgjax.server.app import make_app
+from sgjax.server.keys import SERVER_ARGS
 from tests.hf_oracle import hf_greedy
 
 API_KEY = "test-key"
@@ -228,6 +229,27 @@ def test_native_streaming_ends_with_done(setup):
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert chunks[-1]["output_ids"] == expected[8]
     assert chunks[-1]["text"] == decode(engine, expected[8])  # cumulative, as SGLang streams
+
+
+def test_native_incremental_streaming_sends_only_the_new_text_and_ids(setup):
+    engine, server, prompts, expected = setup
+    args = server.app[SERVER_ARGS]
+    args.incremental_streaming_output = True  # --incremental-streaming-output
+    try:
+        req = urllib.request.Request(server.url + "/generate", data=json.dumps({
+            "input_ids": prompts[9], "stream": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).encode(),
+            headers={"Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            lines = [line for line in r.read().decode().split("\n\n") if line]
+    finally:
+        args.incremental_streaming_output = False
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert len(chunks) > 1
+    assert [t for c in chunks for t in c["output_ids"]] == expected[9]
+    assert "".join(c["text"] for c in chunks) == decode(engine, expected[9])
+    assert [c["meta_info"]["finish_reason"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
 
 
 def test_200_concurrent_requests_all_correct(setup):
