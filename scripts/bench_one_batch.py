@@ -70,7 +70,8 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     model_runner.FILTER_CUT_KERNEL = not args.no_filter_cut_kernel
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
-                    context_length=n_in + n_out + args.page_size, chunked_prefill_size=n_in,
+                    context_length=n_in + n_out + args.page_size,
+                    chunked_prefill_size=max(n_in, args.prefill_tokens),
                     mesh=args.mesh, attention_backend=args.attention_backend)
     weight_bytes = sum(x.nbytes for x in engine.runner.weights)
     bytes_per_token = engine.runner.pool.config.bytes_per_page // args.page_size
@@ -89,6 +90,10 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "ignore_eos": True, **sampling})
         log = engine.step_log
         steady = [(a, b) for a, b in zip(log, log[1:]) if a.prefill_tokens == 0 and a.decodes == bs and b.decodes == bs]
+        if not steady:
+            print(f"{bs:>5} no step decoded all {bs} requests without a prompt chunk beside them (the first "
+                  f"finished before the last was prefilled): raise --prefill-tokens or --output-len")
+            continue
         step_s = float(np.median([b.launched - a.launched for a, b in steady]))
         # how long the engine thread waited for a step's results (near 0: the host bounds the step)
         wait_s = float(np.median([a.waited for a, _ in steady]))
@@ -110,6 +115,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--engine", action="store_true", help="measure decode in the serving Engine instead")
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
+    p.add_argument("--prefill-tokens", type=int, default=8192,
+                   help="with --engine: prompt tokens a step may prefill (so every request runs before the first ends)")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
     p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")
