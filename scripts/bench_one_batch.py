@@ -36,10 +36,11 @@ from sgjax.models.presets import PRESETS, write_preset
 def copy_bandwidth(nbytes: int = 4 << 30, calls: int = 10) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read plus written: the ceiling of every floor here.
 
-    The copies run back to back into the donated buffer and are timed together: timed one by one (before
-    session 27), each call's launch and its fresh 4 GiB output allocation counted as copying, which put an
-    H200 that copies at ~4.3 TB/s at 2.8 TB/s and made every floor of these scripts too lenient."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    32-bit words, copied back to back into the donated buffer and timed together. Until session 27 it was a
+    bf16 `a + 1` timed one call at a time, which XLA runs ~20% below the memory's rate and which counted each
+    call's launch and fresh output as copying: on an H200 2.8-2.9 TB/s, against 4.19 for this measure (4.18
+    in float32, 4.21-4.44 for a read-only sum; 3.32 for bf16 back to back), so every floor was too lenient."""
+    x = jnp.ones((nbytes // 4,), jnp.uint32)
     copy = jax.jit(lambda a: a + 1, donate_argnums=0)  # a real read and write, in place
     x = copy(x).block_until_ready()
     times = []
@@ -53,7 +54,7 @@ def copy_bandwidth(nbytes: int = 4 << 30, calls: int = 10) -> float:
 
 
 def copy_bandwidth_one_call(nbytes: int = 4 << 30) -> float:
-    """The measure of sessions 1-26 (one call at a time, fresh output), printed beside the new one."""
+    """The measure of sessions 1-26 (bf16, one call at a time, fresh output), printed beside the new one."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + 1)
     copy(x).block_until_ready()
