@@ -130,7 +130,8 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--min-token-bucket", type=int, default=16)
     p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--bandwidth", type=float, default=2.6e12, help="bytes/s (an H100's copy bandwidth)")
+    p.add_argument("--bandwidth", type=float, default=2.6e12,
+                   help="bytes/s (an H100's bf16 copy rate as measured before session 27; its memory is faster)")
     p.add_argument("--matmul-rate", type=float, default=750e12, help="bf16 FLOP/s (an H100's, measured)")
     p.add_argument("--layer-costs", type=parse_layer_costs, default=None,
                    help="tokens:us,... a layer besides attention (bench_gemm.py --layer): price the steps with them")
