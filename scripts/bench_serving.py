@@ -151,6 +151,7 @@ def summarize(results: list[dict], work: workloads.Workload, elapsed: float) -> 
         "out_tokens": out_tokens, "asked_tokens": sum(n for _, _, n in done),
         "short": sum(r["out_tokens"] < n for r, _, n in done),
         "mean_in_flight": sum(r["end"] - r["start"] for r in ok) / elapsed,
+        "events": sum(len(r["chunks"]) for r in ok),  # streamed events that carried output
     }
     ttft = [r["chunks"][0] - r["start"] for r in ok]
     tpot = [(r["end"] - r["chunks"][0]) / (r["out_tokens"] - 1) for r in ok if r["out_tokens"] > 1]

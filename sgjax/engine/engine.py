@@ -283,20 +283,32 @@ class Engine:
         per request, so a loaded server sends fewer, larger events instead of falling further behind.
         `finished` is the update's own flag: read `request.finished` instead and an earlier update could
         already look final, because the engine thread may finish the request while the caller handles it."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        pending: list[tuple[int, str, bool]] = []  # filled by the callbacks, which run on this loop
+        waiter: asyncio.Future | None = None  # what this generator awaits while nothing is pending
+
+        def arrived(i: int, delta: str, finished: bool) -> None:
+            pending.append((i, delta, finished))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
         for i, req in enumerate(requests):
-            self._submit(req, lambda r, delta, finished, i=i: updates.put_nowait((i, delta, finished)), loop)
+            self._submit(req, lambda r, delta, finished, i=i: arrived(i, delta, finished), loop)
         remaining = len(requests)
         try:
             while remaining:
-                merged: dict[int, tuple[str, bool]] = {}
-                batch = [await updates.get()]
-                while not updates.empty():
-                    batch.append(updates.get_nowait())
+                if not pending:
+                    waiter = loop.create_future()
+                    await waiter
+                batch = pending[:]
+                pending.clear()
+                if len(batch) > 1:
+                    merged: dict[int, tuple[str, bool]] = {}
+                    for i, delta, finished in batch:
+                        text, done = merged.get(i, ("", False))
+                        merged[i] = (text + delta, done or finished)
+                    batch = [(i, delta, finished) for i, (delta, finished) in merged.items()]
                 for i, delta, finished in batch:
-                    text, done = merged.get(i, ("", False))
-                    merged[i] = (text + delta, done or finished)
-                for i, (delta, finished) in merged.items():
                     yield i, delta, requests[i], finished
                     remaining -= finished
         finally:

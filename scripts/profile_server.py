@@ -1,0 +1,105 @@
+"""Where the server's event-loop thread spends its CPU under load.
+
+The HTTP handlers and the engine thread share one process and so one GIL: every microsecond the event loop
+spends on a streamed event is one the engine's host side may wait for (BENCHMARKS.md session 27: the server
+delivered 91% of the offline output tokens/s on an H200). This starts the Engine and the app in this
+process, drives them with bench_serving.py in a subprocess, and reports the CPU seconds of the event loop
+and of the engine thread, the output events the client received, and the loop's CPU per event; with
+--profile, a second run under cProfile lists the loop's top functions.
+
+    python scripts/make_tiny_model.py /tmp/sgjax-tiny
+    python scripts/profile_server.py --model-path /tmp/sgjax-tiny --attention-backend reference \\
+        --backend openai --num-prompts 256 --input-len 32 --output-len 128 --profile
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+import uvloop
+from aiohttp import web
+
+from sgjax.config import args_from_cli, build_parser
+from sgjax.engine import Engine
+from sgjax.server.app import make_app
+
+
+def thread_cpu_s(thread) -> float:
+    """CPU seconds a running thread has used (Linux: its POSIX CPU clock)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+async def drive(engine: Engine, server_args, client_args: list[str], profile: cProfile.Profile | None) -> dict:
+    """Serve on a free port while bench_serving.py runs against it; the figures of that span."""
+    runner = web.AppRunner(make_app(engine, server_args), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
+        command = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_serving.py"),
+                   "--base-url", f"http://127.0.0.1:{port}", "--output-json", out.name, *client_args]
+        loop_cpu, engine_cpu, start = time.thread_time(), thread_cpu_s(engine._thread), time.perf_counter()
+        if profile:
+            profile.enable()
+        client = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        printed, _ = await client.communicate()
+        if profile:
+            profile.disable()
+        figures = {"wall_s": time.perf_counter() - start, "loop_cpu_s": time.thread_time() - loop_cpu,
+                   "engine_cpu_s": thread_cpu_s(engine._thread) - engine_cpu}
+        await runner.cleanup()
+        lines = open(out.name).read().splitlines()
+    if client.returncode or not lines:
+        raise RuntimeError(f"bench_serving.py failed:\n{printed.decode()}")
+    figures["client"] = json.loads(lines[-1])
+    figures["printed"] = printed.decode()
+    return figures
+
+
+def main() -> None:
+    parser = build_parser(__doc__)
+    parser.add_argument("--backend", default="openai", choices=["openai", "sglang"])
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--request-rate", default="inf")
+    parser.add_argument("--profile", action="store_true", help="a second run under cProfile: the loop's top functions")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"])
+    ns = parser.parse_args()
+    engine_args, server_args = args_from_cli(ns)
+    server_args.log_level = "warning"
+    engine = Engine(args=engine_args)
+    client_args = ["--backend", ns.backend, "--dataset", "fixed", "--num-prompts", str(ns.num_prompts),
+                   "--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
+                   "--request-rate", ns.request_rate, "--max-concurrency", str(ns.num_prompts),
+                   "--vocab-size", str(engine.loaded.config.vocab_size), "--flush-cache"]
+    try:
+        runs = [("plain", None)] + ([("cProfile", cProfile.Profile())] if ns.profile else [])
+        for name, profile in runs:
+            factory = uvloop.new_event_loop if ns.event_loop == "uvloop" else asyncio.new_event_loop
+            with asyncio.Runner(loop_factory=factory) as runner:
+                f = runner.run(drive(engine, server_args, client_args, profile))
+            events, client = f["client"]["events"], f["client"]
+            print(f"{name}, {ns.event_loop}: {ns.backend}, {ns.num_prompts} requests of {ns.input_len} in / "
+                  f"{ns.output_len} out, "
+                  f"{client['out_tok_per_s']:,.0f} out tok/s, {events} output events in {f['wall_s']:.2f} s; "
+                  f"event loop CPU {f['loop_cpu_s']:.2f} s = {f['loop_cpu_s'] / f['wall_s']:.0%} of the run, "
+                  f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine thread CPU "
+                  f"{f['engine_cpu_s']:.2f} s")
+            if profile:
+                pstats.Stats(profile).sort_stats("tottime").print_stats(ns.top)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
