@@ -7,12 +7,17 @@ and the whole gated MLP (gate/up, SiLU x up, down), each jitted and queued back 
 whether the loss is in the matmul kernels XLA picks for these shapes or around them. With --sweep it
 runs again under other XLA GEMM flags (each in a fresh process: XLA reads its flags once).
 
+With --skinny it times the decode-sized products (a few rows against each whole weight, [N, K] as the model
+keeps it) through XLA and through sgjax/kernels/gpu/skinny_matmul.py at several tilings, each against the
+weight's bytes at the measured copy bandwidth (distinct weights a call, so none is served from L2).
+
 With --layer it times instead everything of a layer but its attention (q/k/v, o, the residual adds and
 norms, gate/up, SiLU x up, down) in a stack of distinct layers, at each token count: the cost curve a step
 of the engine pays besides attention and sampling. Its last line is the `--layer-costs` argument of
 simulate_schedule.py, which prices a schedule's steps with it.
 
     python scripts/bench_gemm.py --tokens 256,768,8192 --sweep
+    python scripts/bench_gemm.py --skinny --tokens 1,16
     python scripts/bench_gemm.py --layer --tokens 64,128,192,256,320,384,512,640,768,1024,2048,8192
 """
 
@@ -28,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_attention import matmul_rate, median_time
+from bench_one_batch import copy_bandwidth
+
+from sgjax.kernels.gpu import skinny_matmul as skinny
 
 SWEEP = {  # name -> extra XLA_FLAGS
     "default": "",
@@ -84,6 +92,47 @@ def run_layers(args) -> None:
     print("--layer-costs " + ",".join(costs))
 
 
+# ~100 tilings a token count over the five shapes (those that fit), each compiled once: a few minutes
+SKINNY_TILES = [(bn, bk, split, 4) for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 7, 8)]
+
+
+def run_skinny(args) -> None:
+    """Decode-sized products x [T, K] @ w[N, K].T: XLA against the Pallas kernel's tilings, in GB/s of weight."""
+    bandwidth = copy_bandwidth()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"{args.stack} distinct weights a call")
+    table = {"q/k/v": ((args.heads + 2 * args.kv_heads) * args.head_dim, args.hidden),
+             "o": (args.hidden, args.heads * args.head_dim), "gate/up": (2 * args.intermediate, args.hidden),
+             "down": (args.hidden, args.intermediate), "lm head": (args.vocab, args.hidden)}
+    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'kernel us':>10} {'of copy':>8} "
+          f"{'best tiles (block_n, block_k, split_k, warps)':>46}")
+    for name, (n, k) in table.items():
+        stack = args.stack if name != "lm head" else 2
+        weights = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(stack)]
+        for t in args.tokens:
+            x = jax.random.normal(jax.random.key(t), (t, k), jnp.bfloat16)
+
+            def timed(matmul):
+                fn = jax.jit(lambda a, ws: [matmul(a, w) for w in ws])
+                return median_time(fn, x, weights, repeat=10, rounds=3) / stack
+
+            xla = timed(lambda a, w: jnp.einsum("ti,oi->to", a, w))
+            best = (float("inf"), None)
+            for bn, bk, split, warps in SKINNY_TILES:
+                if not skinny.supports(t, n, k, bn, bk, split):
+                    continue
+                tiles = dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
+                try:
+                    s = timed(functools.partial(skinny.skinny_matmul, **tiles))
+                except Exception as e:  # a tiling Triton rejects (registers, shared memory): skip it, say so
+                    print(f"    tiles {tiles} failed: {str(e).splitlines()[0][:100]}")
+                    continue
+                best = min(best, (s, (bn, bk, split, warps)), key=lambda b: b[0])
+            ideal = n * k * 2 / bandwidth
+            print(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} {best[0] * 1e6:>10.1f} "
+                  f"{ideal / best[0]:>8.1%} {str(best[1]):>46}")
+
+
 def run(args) -> None:
     key = jax.random.key(0)
     rate = matmul_rate()
@@ -126,13 +175,15 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=128256, help="--skinny: the LM head's rows")
+    p.add_argument("--skinny", action="store_true", help="decode-sized products: XLA against kernels/gpu/skinny_matmul")
     p.add_argument("--layer", action="store_true", help="time a layer without its attention instead (see above)")
     p.add_argument("--stack", type=int, default=8, help="--layer: distinct layers a call (weights not in L2)")
     p.add_argument("--sweep", action="store_true", help="run again under each XLA GEMM flag set: " + ", ".join(SWEEP))
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
     if not args.sweep:
-        (run_layers if args.layer else run)(args)
+        (run_skinny if args.skinny else run_layers if args.layer else run)(args)
         return
     argv = [a for a in sys.argv[1:] if a != "--sweep"]
     for name, flags in SWEEP.items():

@@ -441,3 +441,44 @@ def test_ordered_key_keeps_the_order_of_floats():
     x = np.array([-np.inf, -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, 1.5, 3e38, np.inf], np.float32)
     keys = np.asarray(ordered_key(jnp.asarray(x))).astype(np.int64)
     assert (np.diff(keys)[:4] > 0).all() and keys[4] == keys[5] and (np.diff(keys)[5:] > 0).all()
+
+
+@pytest.mark.parametrize("rows,n,k,tiles", [
+    (1, 128, 256, dict(block_n=64, block_k=128)),
+    (5, 256, 512, dict(block_n=64, block_k=64, split_k=2)),
+    (16, 192, 448, dict(block_n=64, block_k=64, split_k=7)),  # K = 7 x 64, as Llama-3's down projection
+    (33, 128, 256, dict(block_n=32, block_k=128, split_k=2)),
+])
+def test_skinny_matmul_matches_float64(rows, n, k, tiles):
+    """The decode-sized product (Pallas interpreter) against numpy in float64, to bf16 output rounding."""
+    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul
+
+    x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(n), (n, k), jnp.bfloat16)
+    got = skinny_matmul(x, w, interpret=True, **tiles)
+    expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+
+def test_skinny_matmul_rejects_tiles_that_do_not_fit():
+    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul
+
+    x, w = jnp.ones((4, 448), jnp.bfloat16), jnp.ones((128, 448), jnp.bfloat16)
+    with pytest.raises(ValueError, match="split 1 ways into powers of two"):
+        skinny_matmul(x, w, block_n=64, block_k=64, interpret=True)  # 448 is no power of two
+    with pytest.raises(ValueError, match="multiple of 96"):
+        skinny_matmul(x, w, block_n=96, block_k=64, split_k=7, interpret=True)
+    with pytest.raises(ValueError, match="M <= 64"):
+        skinny_matmul(jnp.ones((65, 448), jnp.bfloat16), w, block_n=64, block_k=64, split_k=7, interpret=True)
+
+
+def test_skinny_matmul_lowers_for_cuda_at_llama_shapes():
+    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul
+
+    for rows, (n, k), tiles in [(1, (6144, 4096), dict(split_k=2)), (16, (4096, 14336), dict(block_k=256, split_k=7)),
+                                (16, (128256, 4096), dict(block_n=128, num_warps=8))]:
+        matmul = jax.jit(functools.partial(skinny_matmul, **tiles))
+        text = matmul.trace(jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
+                            ).lower(lowering_platforms=("cuda",)).as_text()
+        assert "skinny_matmul" in text
