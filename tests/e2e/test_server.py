@@ -1,10 +1,13 @@
 """The HTTP server on loopback with a tiny model: the official openai client, raw HTTP for SGLang's
 native API, concurrency, disconnects and errors. Token-level oracle: transformers' greedy tokens."""
 
+import argparse
 import asyncio
 import json
+import pathlib
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -20,7 +23,11 @@ from sgjax.config import ServerArgs
 from sgjax.engine import Engine
 from sgjax.server.app import make_app
 from sgjax.server.keys import SERVER_ARGS
+from sgjax.testing import workloads
 from tests.hf_oracle import hf_greedy
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+import bench_serving  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -525,3 +532,22 @@ def test_server_command_line_starts_and_serves(tiny_models):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("backend", ["openai", "sglang"])
+def test_bench_serving_counts_what_the_server_sent(setup, backend):
+    """scripts/bench_serving.py against the live server: its token counts and times agree with what the
+    requests asked for (tests/test_bench_serving.py checks its concurrency)."""
+    engine, server, _, _ = setup
+    work = workloads.fixed(150, 512, input_len=12, output_len=6, seed=3)
+    args = argparse.Namespace(backend=backend, base_url=server.url, model=MODEL, api_key=API_KEY,
+                              max_concurrency=1000, request_rate=float("inf"))
+    start = time.perf_counter()
+    results = asyncio.run(bench_serving.run(args, work))
+    summary = bench_serving.summarize(results, work, time.perf_counter() - start)
+    assert summary["ok"] == 150 and summary["failed"] == 0 and summary["short"] == 0
+    assert [r["out_tokens"] for r in results] == work.output_lens  # ignore_eos: every token asked for
+    for r in results:
+        assert r["start"] <= r["chunks"][0] and all(a <= b for a, b in zip(r["chunks"], r["chunks"][1:]))
+        assert r["chunks"][-1] <= r["end"]
+    assert summary["TTFT"][0] <= summary["E2E"][0] and summary["events"] >= 150
