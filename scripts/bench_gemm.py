@@ -104,8 +104,8 @@ def run_skinny(args) -> None:
     table = {"q/k/v": ((args.heads + 2 * args.kv_heads) * args.head_dim, args.hidden),
              "o": (args.hidden, args.heads * args.head_dim), "gate/up": (2 * args.intermediate, args.hidden),
              "down": (args.hidden, args.intermediate), "lm head": (args.vocab, args.hidden)}
-    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'kernel us':>10} {'of copy':>8} "
-          f"{'best tiles (block_n, block_k, split_k, warps)':>46}")
+    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'tiles_for us':>12} "
+          f"{'best us':>8} {'of copy':>8} {'best tiles (block_n, block_k, split_k, warps)':>46}")
     for name, (n, k) in table.items():
         stack = args.stack if name != "lm head" else 2
         weights = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(stack)]
@@ -117,6 +117,8 @@ def run_skinny(args) -> None:
                 return median_time(fn, x, weights, repeat=10, rounds=3) / stack
 
             xla = timed(lambda a, w: jnp.einsum("ti,oi->to", a, w))
+            chosen = skinny.tiles_for(t, n, k)  # what the model would use (layers.SKINNY_MATMUL)
+            model_s = timed(functools.partial(skinny.skinny_matmul, **chosen)) if chosen else float("inf")
             best = (float("inf"), None)
             for bn, bk, split, warps in SKINNY_TILES:
                 if not skinny.supports(t, n, k, bn, bk, split):
@@ -129,8 +131,8 @@ def run_skinny(args) -> None:
                     continue
                 best = min(best, (s, (bn, bk, split, warps)), key=lambda b: b[0])
             ideal = n * k * 2 / bandwidth
-            print(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} {best[0] * 1e6:>10.1f} "
-                  f"{ideal / best[0]:>8.1%} {str(best[1]):>46}")
+            print(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} {model_s * 1e6:>12.1f} "
+                  f"{best[0] * 1e6:>8.1f} {ideal / best[0]:>8.1%} {str(best[1]):>46}")
 
 
 def run(args) -> None:

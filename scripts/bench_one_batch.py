@@ -29,6 +29,7 @@ from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.generate import make_step
 from sgjax.kernels import resolve_backend
 from sgjax.mesh import make_mesh
+from sgjax.models import layers
 from sgjax.models.loader import load_model
 from sgjax.models.presets import PRESETS, write_preset
 
@@ -87,6 +88,10 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     from sgjax.engine import Engine, model_runner
 
     model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
+    if args.skinny_matmul:  # one device: the kernel is not partitioned
+        if args.mesh != "1x1":
+            raise SystemExit("--skinny-matmul runs on a 1x1 mesh only")
+        layers.SKINNY_MATMUL = "gpu"
     model_runner.FILTER_CUT_KERNEL = not args.no_filter_cut_kernel
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
@@ -138,6 +143,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="with --engine: prompt tokens a step may prefill (so every request runs before the first ends)")
+    p.add_argument("--skinny-matmul", action="store_true",
+                   help="with --engine: steps of <= 16 tokens multiply through kernels/gpu/skinny_matmul (untuned)")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
     p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")

@@ -19,6 +19,7 @@ from flax import nnx
 
 from sgjax.kernels import AttentionMetadata, get_attention_backend, triton_kernel_mode
 from sgjax.kernels.gpu import add_rms_norm as fused_norm
+from sgjax.kernels.gpu import skinny_matmul as skinny
 from sgjax.mesh import TENSOR
 from sgjax.models.config import ModelConfig
 
@@ -26,6 +27,25 @@ COLUMN = (TENSOR, None)  # output features split over "tensor" (q/k/v, gate/up)
 ROW = (None, TENSOR)  # input features split over "tensor" (o, down); XLA adds the all-reduce
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages, page_size, KVH, D]
+
+# Products of at most SKINNY_MATMUL_MAX_ROWS token rows through kernels/gpu/skinny_matmul.py: None (XLA's
+# matmuls, the default), "gpu", or "interpret" (tests). Read when the model is traced; one-device meshes only
+# (the kernel is not partitioned). Off until it is shown faster than XLA on a GPU.
+SKINNY_MATMUL: str | None = None
+SKINNY_MATMUL_MAX_ROWS = 16
+
+
+def skinny_product(x: jax.Array, w: jax.Array) -> jax.Array | None:
+    """x [..., K] @ w [*out, K] -> [..., *out] through the skinny kernel, or None where it does not apply."""
+    rows = math.prod(x.shape[:-1])
+    if SKINNY_MATMUL is None or rows > SKINNY_MATMUL_MAX_ROWS:
+        return None
+    w2 = w.reshape(-1, w.shape[-1])
+    tiles = skinny.tiles_for(rows, *w2.shape)
+    if tiles is None:
+        return None
+    y = skinny.skinny_matmul(x.reshape(rows, -1), w2, interpret=SKINNY_MATMUL == "interpret", **tiles)
+    return y.reshape(*x.shape[:-1], *w.shape[:-1])
 
 
 class Linear(nnx.Module):
@@ -35,7 +55,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=(axes[0],)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = skinny_product(x, self.weight[...])
+        if y is None:
+            y = jnp.einsum("...i,oi->...o", x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -60,7 +82,9 @@ class FusedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., *out_shape]."""
         w = self.weight[...]
-        y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
+        y = skinny_product(x, w)
+        if y is None:
+            y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
         return y + self.bias[...] if self.bias is not None else y
 
 

@@ -7,7 +7,8 @@ rate unused. Here each program streams one [block_n, K / split_k] slab of the we
 tiles, through registers against all the rows; `split_k` programs share an output slab (for enough programs
 when N is small) and their float32 partial sums are added afterwards.
 
-NOT yet timed on a GPU and not used by the model: `scripts/bench_gemm.py --skinny` times it against XLA.
+NOT yet timed on a GPU. The model uses it only when asked (`sgjax.models.layers.SKINNY_MATMUL`, off by default;
+`scripts/bench_one_batch.py --engine --skinny-matmul`); `scripts/bench_gemm.py --skinny` times it against XLA.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ def supports(rows: int, n: int, k: int, block_n: int, block_k: int, split_k: int
         return False
     share = k // split_k
     return share % block_k == 0 and share & (share - 1) == 0
+
+
+def tiles_for(rows: int, n: int, k: int, programs: int = 264) -> dict | None:
+    """skinny_matmul's tile arguments for x [rows, k] @ w [n, k].T, or None where none fits. A first guess, not
+    yet tuned on a GPU: 64-column slabs in 128-wide steps, split along K until there are `programs` programs
+    (two per multiprocessor of an H100 / H200) or no finer power-of-two split fits."""
+    block_n = next((b for b in (64, 32, 16) if n % b == 0), None)
+    if block_n is None or rows > 4 * MIN_ROWS:
+        return None
+    fits = [(split, bk) for split in range(1, 65) for bk in (128, 64, 32, 16)
+            if supports(rows, n, k, block_n, bk, split)]
+    if not fits:
+        return None
+    enough = [f for f in fits if (n // block_n) * f[0] >= programs]
+    split, block_k = min(enough) if enough else max(fits, key=lambda f: (f[0], f[1]))
+    block_k = max(bk for s, bk in fits if s == split)
+    return dict(block_n=block_n, block_k=block_k, split_k=split)
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
