@@ -58,13 +58,7 @@ def copy_bandwidth_one_call(nbytes: int = 4 << 30) -> float:
     """The measure of sessions 1-26 (bf16, one call at a time, fresh output), printed beside the new one."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     copy = jax.jit(lambda a: a + 1)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / np.median(times)
+    return 2 * x.nbytes / timed(lambda: copy(x).block_until_ready(), repeat=10)
 
 
 def matmul_params(weights, vocab_size: int) -> int:

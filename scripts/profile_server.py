@@ -60,7 +60,6 @@ async def drive(engine: Engine, server_args, client_args: list[str], profile: cP
     if client.returncode or not lines:
         raise RuntimeError(f"bench_serving.py failed:\n{printed.decode()}")
     figures["client"] = json.loads(lines[-1])
-    figures["printed"] = printed.decode()
     return figures
 
 

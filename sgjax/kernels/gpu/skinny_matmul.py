@@ -37,14 +37,14 @@ def tiles_for(rows: int, n: int, k: int, programs: int = 264) -> dict | None:
     yet tuned on a GPU: 64-column slabs in 128-wide steps, split along K until there are `programs` programs
     (two per multiprocessor of an H100 / H200) or no finer power-of-two split fits."""
     block_n = next((b for b in (64, 32, 16) if n % b == 0), None)
-    if block_n is None or rows > 4 * MIN_ROWS:
+    if block_n is None:
         return None
     fits = [(split, bk) for split in range(1, 65) for bk in (128, 64, 32, 16)
             if supports(rows, n, k, block_n, bk, split)]
     if not fits:
         return None
-    enough = [f for f in fits if (n // block_n) * f[0] >= programs]
-    split, block_k = min(enough) if enough else max(fits, key=lambda f: (f[0], f[1]))
+    enough = [s for s, _ in fits if (n // block_n) * s >= programs]
+    split = min(enough) if enough else max(s for s, _ in fits)
     block_k = max(bk for s, bk in fits if s == split)
     return dict(block_n=block_n, block_k=block_k, split_k=split)
 
