@@ -92,47 +92,82 @@ def run_layers(args) -> None:
     print("--layer-costs " + ",".join(costs))
 
 
-# ~100 tilings a token count over the five shapes (those that fit), each compiled once: a few minutes
-SKINNY_TILES = [(bn, bk, split, 4) for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 7, 8)]
+# The slabs tried first (block_n, block_k, split_k) at 4 warps and 4 stages, for each weight and padded row
+# count, those giving 64-2112 programs (1/2-16 per multiprocessor); then the best slab at each launch shape.
+SKINNY_SLABS = [(bn, bk, split) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512)
+                for split in (1, 2, 4, 7, 8, 14, 16)]
+SKINNY_LAUNCH = [(warps, stages) for warps in (2, 4, 8) for stages in (2, 3, 4, 6)]
+
+
+def sweep_skinny(x, n: int, k: int, timed) -> tuple[float, dict | None]:
+    """(seconds, tiles) of the fastest tiling of skinny_matmul for x @ w.T found by a two-stage sweep."""
+    def try_tiles(tiles):
+        try:
+            return timed(functools.partial(skinny.skinny_matmul, **tiles))
+        except Exception as e:  # a tiling Triton rejects (registers, shared memory): skip it, say so
+            print(f"    tiles {tiles} failed: {str(e).splitlines()[0][:100]}")
+            return float("inf")
+
+    best = (float("inf"), None)
+    for bn, bk, split in SKINNY_SLABS:
+        if skinny.supports(x.shape[0], n, k, bn, bk, split) and 64 <= n // bn * split <= 2112:
+            tiles = dict(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+            best = min(best, (try_tiles(tiles), tiles), key=lambda b: b[0])
+    if best[1] is None:
+        return best
+    for warps, stages in SKINNY_LAUNCH:
+        tiles = {**best[1], "num_warps": warps, "num_stages": stages}
+        if tiles != best[1]:
+            best = min(best, (try_tiles(tiles), tiles), key=lambda b: b[0])
+    return best
 
 
 def run_skinny(args) -> None:
-    """Decode-sized products x [T, K] @ w[N, K].T: XLA against the Pallas kernel's tilings, in GB/s of weight."""
+    """Decode-sized products x [T, K] @ w[N, K].T: XLA against the Pallas kernel's tilings, in % of the
+    weight's bytes at the copy bandwidth. The kernel pads rows to 16, so its sweep runs once per padded count."""
     bandwidth = copy_bandwidth()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"{args.stack} distinct weights a call")
     table = {"q/k/v": ((args.heads + 2 * args.kv_heads) * args.head_dim, args.hidden),
              "o": (args.hidden, args.heads * args.head_dim), "gate/up": (2 * args.intermediate, args.hidden),
              "down": (args.hidden, args.intermediate), "lm head": (args.vocab, args.hidden)}
-    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'tiles_for us':>12} "
-          f"{'best us':>8} {'of copy':>8} {'best tiles (block_n, block_k, split_k, warps)':>46}")
+    rows = sorted({max(skinny.MIN_ROWS, 1 << (t - 1).bit_length()) for t in args.tokens})
+    results, tuned, best_by_shape = [], {}, {}
     for name, (n, k) in table.items():
+        if args.matmuls and name not in args.matmuls.split(","):
+            continue
         stack = args.stack if name != "lm head" else 2
         weights = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(stack)]
-        for t in args.tokens:
-            x = jax.random.normal(jax.random.key(t), (t, k), jnp.bfloat16)
 
+        def timer(x):
             def timed(matmul):
                 fn = jax.jit(lambda a, ws: [matmul(a, w) for w in ws])
                 return median_time(fn, x, weights, repeat=10, rounds=3) / stack
+            return timed
 
+        best_at = best_by_shape[(n, k)] = {}
+        for r in rows:
+            x = jax.random.normal(jax.random.key(r), (r, k), jnp.bfloat16)
+            best_at[r] = sweep_skinny(x, n, k, timer(x))
+        for t in args.tokens:
+            timed = timer(jax.random.normal(jax.random.key(t), (t, k), jnp.bfloat16))
             xla = timed(lambda a, w: jnp.einsum("ti,oi->to", a, w))
             chosen = skinny.tiles_for(t, n, k)  # what the model would use (layers.SKINNY_MATMUL)
             model_s = timed(functools.partial(skinny.skinny_matmul, **chosen)) if chosen else float("inf")
-            best = (float("inf"), None)
-            for bn, bk, split, warps in SKINNY_TILES:
-                if not skinny.supports(t, n, k, bn, bk, split):
-                    continue
-                tiles = dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
-                try:
-                    s = timed(functools.partial(skinny.skinny_matmul, **tiles))
-                except Exception as e:  # a tiling Triton rejects (registers, shared memory): skip it, say so
-                    print(f"    tiles {tiles} failed: {str(e).splitlines()[0][:100]}")
-                    continue
-                best = min(best, (s, (bn, bk, split, warps)), key=lambda b: b[0])
+            best_s, best_tiles = best_at[max(skinny.MIN_ROWS, 1 << (t - 1).bit_length())]
+            if best_s < xla:
+                tuned.setdefault((n, k), []).append(t)
             ideal = n * k * 2 / bandwidth
-            print(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} {model_s * 1e6:>12.1f} "
-                  f"{best[0] * 1e6:>8.1f} {ideal / best[0]:>8.1%} {str(best[1]):>46}")
+            results.append(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} "
+                           f"{model_s * 1e6:>12.1f} {ideal / model_s:>8.1%} {best_s * 1e6:>8.1f} {ideal / best_s:>8.1%}"
+                           f"  {best_tiles}")
+            print(results[-1], flush=True)
+    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'tiles_for us':>12} "
+          f"{'of copy':>8} {'best us':>8} {'of copy':>8}  best tiles")
+    print("\n".join(results))
+    print("faster than XLA at every token count asked (TUNED_TILES candidates): " + "; ".join(
+        f"{shape}: {[tiles for _, tiles in best_at_shape.values()]}" for shape, best_at_shape in best_by_shape.items()
+        if len(tuned.get(shape, [])) == len(args.tokens)))
 
 
 def run(args) -> None:
@@ -179,6 +214,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--vocab", type=int, default=128256, help="--skinny: the LM head's rows")
     p.add_argument("--skinny", action="store_true", help="decode-sized products: XLA against kernels/gpu/skinny_matmul")
+    p.add_argument("--matmuls", default="", help="--skinny: only these, comma-separated (q/k/v,o,gate/up,down,lm head)")
     p.add_argument("--layer", action="store_true", help="time a layer without its attention instead (see above)")
     p.add_argument("--stack", type=int, default=8, help="--layer: distinct layers a call (weights not in L2)")
     p.add_argument("--sweep", action="store_true", help="run again under each XLA GEMM flag set: " + ", ".join(SWEEP))

@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="with --engine: prompt tokens a step may prefill (so every request runs before the first ends)")
     p.add_argument("--skinny-matmul", action="store_true",
-                   help="with --engine: steps of <= 16 tokens multiply through kernels/gpu/skinny_matmul (untuned)")
+                   help="with --engine: steps of <= 16 tokens multiply through kernels/gpu/skinny_matmul where tuned")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
     p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")

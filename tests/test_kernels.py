@@ -474,13 +474,14 @@ def test_skinny_matmul_rejects_tiles_that_do_not_fit():
 
 
 def test_skinny_matmul_lowers_for_cuda_at_llama_shapes():
-    """Explicit tiles, and the ones the model would use (tiles_for) for Llama-3-8B's projections."""
-    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul, tiles_for
+    """Explicit tiles, and the tuned ones the model uses (tiles_for) for Llama-3-8B's projections."""
+    from sgjax.kernels.gpu.skinny_matmul import TUNED_TILES, skinny_matmul, tiles_for
 
-    projections = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    assert TUNED_TILES and all(tiles_for(rows, *shape) for rows in (1, 16) for shape in TUNED_TILES)
+    assert tiles_for(17, *next(iter(TUNED_TILES))) is None and tiles_for(1, 4096, 4095) is None
     for rows, (n, k), tiles in [(1, (6144, 4096), dict(split_k=2)), (16, (4096, 14336), dict(block_k=256, split_k=7)),
                                 (16, (128256, 4096), dict(block_n=128, num_warps=8)),
-                                *[(rows, shape, tiles_for(rows, *shape)) for rows in (1, 16) for shape in projections]]:
+                                *[(rows, shape, tiles_for(rows, *shape)) for rows in (1, 16) for shape in TUNED_TILES]]:
         matmul = jax.jit(functools.partial(skinny_matmul, **tiles))
         text = matmul.trace(jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
                             ).lower(lowering_platforms=("cuda",)).as_text()

@@ -30,7 +30,8 @@ KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages,
 
 # Products of at most SKINNY_MATMUL_MAX_ROWS token rows through kernels/gpu/skinny_matmul.py: None (XLA's
 # matmuls, the default), "gpu", or "interpret" (tests). Read when the model is traced; one-device meshes only
-# (the kernel is not partitioned). Off until it is shown faster than XLA on a GPU.
+# (the kernel is not partitioned); only for the weight shapes in skinny.TUNED_TILES. Off: on an H200 it made the
+# engine's batch-1 step no faster (BENCHMARKS.md session 28).
 SKINNY_MATMUL: str | None = None
 SKINNY_MATMUL_MAX_ROWS = 16
 

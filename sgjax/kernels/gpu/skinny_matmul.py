@@ -1,14 +1,16 @@
 """x @ w.T for a few rows (a decode step of a few sequences), in Pallas (Triton lowering), for the GPU.
 
-Such a step is one pass over the weights, so it can go no faster than they stream from memory. On an H200
-the engine's batch-1 Llama-3-8B step took 4.88 ms: its weights read at ~3.3 TB/s, where 32-bit copies run
-at 4.19 (BENCHMARKS.md session 27), so the matmuls XLA picks for [16, K] x [N, K] leave ~20% of the memory's
-rate unused. Here each program streams one [block_n, K / split_k] slab of the weight, in [block_n, block_k]
-tiles, through registers against all the rows; `split_k` programs share an output slab (for enough programs
-when N is small) and their float32 partial sums are added afterwards.
+Such a step is one pass over the weights, so it can go no faster than they stream from memory. Each program
+streams one [block_n, K / split_k] slab of the weight, in [block_n, block_k] tiles, through registers against
+all the rows; `split_k` programs share an output slab (for enough programs when N is small) and their float32
+partial sums are added afterwards (split_k 1 writes the output directly).
 
-NOT yet timed on a GPU. The model uses it only when asked (`sgjax.models.layers.SKINNY_MATMUL`, off by default;
-`scripts/bench_one_batch.py --engine --skinny-matmul`); `scripts/bench_gemm.py --skinny` times it against XLA.
+Measured on an H200 (BENCHMARKS.md session 28): alone, it beat XLA only on Llama-3-8B's two small projections
+(q/k/v, o) and by 0.2-3 us; in the engine it made the batch-1 step no faster (4.71 / 4.72 ms against XLA's
+4.66 / 4.70), because inside the forward pass XLA's matmuls run faster than alone and already read the layer
+weights at ~91% of the copy rate. So the model uses it only when asked (`sgjax.models.layers.SKINNY_MATMUL`, off
+by default; `scripts/bench_one_batch.py --engine --skinny-matmul`), and then only for the shapes in TUNED_TILES;
+`scripts/bench_gemm.py --skinny` times it against XLA and finds the tiles.
 """
 
 from __future__ import annotations
@@ -32,21 +34,22 @@ def supports(rows: int, n: int, k: int, block_n: int, block_k: int, split_k: int
     return share % block_k == 0 and share & (share - 1) == 0
 
 
-def tiles_for(rows: int, n: int, k: int, programs: int = 264) -> dict | None:
-    """skinny_matmul's tile arguments for x [rows, k] @ w [n, k].T, or None where none fits. A first guess, not
-    yet tuned on a GPU: 64-column slabs in 128-wide steps, split along K until there are `programs` programs
-    (two per multiprocessor of an H100 / H200) or no finer power-of-two split fits."""
-    block_n = next((b for b in (64, 32, 16) if n % b == 0), None)
-    if block_n is None:
+# Tilings that beat XLA's matmul alone on an H200 (`scripts/bench_gemm.py --skinny`, BENCHMARKS.md session 28),
+# by weight shape (N, K), for steps of up to 16 rows; elsewhere XLA was as fast or faster alone. (In the engine
+# not even these were faster: the model path stays off.)
+TUNED_TILES: dict[tuple[int, int], dict] = {
+    (6144, 4096): dict(block_n=32, block_k=256, split_k=1, num_warps=4, num_stages=4),  # Llama-3-8B q/k/v
+    (4096, 4096): dict(block_n=32, block_k=128, split_k=4, num_warps=4, num_stages=4),  # Llama-3-8B o
+}
+
+
+def tiles_for(rows: int, n: int, k: int) -> dict | None:
+    """skinny_matmul's tile arguments for x [rows, k] @ w [n, k].T where they were tuned (TUNED_TILES), else None."""
+    tiles = TUNED_TILES.get((n, k))
+    if tiles is None or rows > MIN_ROWS or not supports(rows, n, k, tiles["block_n"], tiles["block_k"],
+                                                         tiles["split_k"]):
         return None
-    fits = [(split, bk) for split in range(1, 65) for bk in (128, 64, 32, 16)
-            if supports(rows, n, k, block_n, bk, split)]
-    if not fits:
-        return None
-    enough = [s for s, _ in fits if (n // block_n) * s >= programs]
-    split = min(enough) if enough else max(s for s, _ in fits)
-    block_k = max(bk for s, bk in fits if s == split)
-    return dict(block_n=block_n, block_k=block_k, split_k=split)
+    return tiles
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
@@ -58,7 +61,8 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
         return acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     rows, block_n = o_ref.shape
-    o_ref[...] = jax.lax.fori_loop(0, share // block_k, accumulate, jnp.zeros((rows, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(0, share // block_k, accumulate, jnp.zeros((rows, block_n), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "split_k", "num_warps", "num_stages",
@@ -74,15 +78,21 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, block_n: int = 64, block_k: int
     rows = max(MIN_ROWS, 1 << (m - 1).bit_length())  # a power of two: a block's shape
     xp = jnp.pad(x.astype(w.dtype), ((0, rows - m), (0, 0)))
     share = k // split_k
-    partial = pl.pallas_call(
+    if split_k == 1:  # the sums are whole: written in x's dtype, with no second kernel to add them up
+        out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
+        out_shape = jax.ShapeDtypeStruct((rows, n), x.dtype)
+    else:  # each split's float32 partial sums, added after
+        out_spec = pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j))
+        out_shape = jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32)
+    out = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k),
         grid=(n // block_n, split_k),
         in_specs=[pl.BlockSpec((rows, share), lambda j, s: (0, s)),
                   pl.BlockSpec((block_n, share), lambda j, s: (j, s))],
-        out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32),
+        out_specs=out_spec,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="skinny_matmul",
     )(xp, w)
-    return partial.sum(axis=0)[:m].astype(x.dtype)
+    return (out if split_k == 1 else out.sum(axis=0))[:m].astype(x.dtype)
