@@ -131,7 +131,7 @@ def run_skinny(args) -> None:
     table = {"q/k/v": ((args.heads + 2 * args.kv_heads) * args.head_dim, args.hidden),
              "o": (args.hidden, args.heads * args.head_dim), "gate/up": (2 * args.intermediate, args.hidden),
              "down": (args.hidden, args.intermediate), "lm head": (args.vocab, args.hidden)}
-    rows = sorted({max(skinny.MIN_ROWS, 1 << (t - 1).bit_length()) for t in args.tokens})
+    rows = sorted({skinny.padded_rows(t) for t in args.tokens})
     results, tuned, best_by_shape = [], {}, {}
     for name, (n, k) in table.items():
         if args.matmuls and name not in args.matmuls.split(","):
@@ -154,7 +154,7 @@ def run_skinny(args) -> None:
             xla = timed(lambda a, w: jnp.einsum("ti,oi->to", a, w))
             chosen = skinny.tiles_for(t, n, k)  # what the model would use (layers.SKINNY_MATMUL)
             model_s = timed(functools.partial(skinny.skinny_matmul, **chosen)) if chosen else float("inf")
-            best_s, best_tiles = best_at[max(skinny.MIN_ROWS, 1 << (t - 1).bit_length())]
+            best_s, best_tiles = best_at[skinny.padded_rows(t)]
             if best_s < xla:
                 tuned.setdefault((n, k), []).append(t)
             ideal = n * k * 2 / bandwidth

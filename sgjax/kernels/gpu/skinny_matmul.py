@@ -25,6 +25,11 @@ from jax.experimental.pallas import triton as plgpu
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows
 
 
+def padded_rows(m: int) -> int:
+    """The rows the kernel computes for m rows of x: a power of two (a block's shape), at least MIN_ROWS."""
+    return max(MIN_ROWS, 1 << (m - 1).bit_length())
+
+
 def supports(rows: int, n: int, k: int, block_n: int, block_k: int, split_k: int) -> bool:
     """Triton's tiles are static and unmasked: they must divide the weight, and a split's share of K must
     be a power of two (a block's shape)."""
@@ -45,11 +50,7 @@ TUNED_TILES: dict[tuple[int, int], dict] = {
 
 def tiles_for(rows: int, n: int, k: int) -> dict | None:
     """skinny_matmul's tile arguments for x [rows, k] @ w [n, k].T where they were tuned (TUNED_TILES), else None."""
-    tiles = TUNED_TILES.get((n, k))
-    if tiles is None or rows > MIN_ROWS or not supports(rows, n, k, tiles["block_n"], tiles["block_k"],
-                                                         tiles["split_k"]):
-        return None
-    return tiles
+    return TUNED_TILES.get((n, k)) if rows <= MIN_ROWS else None
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
@@ -75,7 +76,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, block_n: int = 64, block_k: int
     if w.shape[1] != k or not supports(m, n, k, block_n, block_k, split_k):
         raise ValueError(f"skinny_matmul needs x [M <= 64, K], w [N, K] with N a multiple of {block_n} and K "
                          f"split {split_k} ways into powers of two divisible by {block_k}; got {x.shape}, {w.shape}")
-    rows = max(MIN_ROWS, 1 << (m - 1).bit_length())  # a power of two: a block's shape
+    rows = padded_rows(m)
     xp = jnp.pad(x.astype(w.dtype), ((0, rows - m), (0, 0)))
     share = k // split_k
     if split_k == 1:  # the sums are whole: written in x's dtype, with no second kernel to add them up
