@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_one_batch import copy_bandwidth  # the corrected measure (session 27), as the other scripts use
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
@@ -44,11 +45,6 @@ def median_time(fn, *args, repeat: int = 20, rounds: int = 5) -> float:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / repeat)
     return float(np.median(times))
-
-
-def copy_bandwidth() -> float:
-    x = jax.random.normal(jax.random.key(0), (1 << 31,), jnp.bfloat16)  # 4 GiB
-    return 2 * x.nbytes / median_time(jax.jit(lambda a: a * 2), x, repeat=10)
 
 
 def matmul_rate() -> float:
