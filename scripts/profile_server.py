@@ -1,4 +1,5 @@
-"""Where the server's event-loop thread spends its CPU under load.
+"""Where the server's event-loop thread spends its CPU under load, with the engine in this process or (with
+--engine-process) in a child process.
 
 The HTTP handlers and the engine thread share one process and so one GIL: every microsecond the event loop
 spends on a streamed event is one the engine's host side may wait for (BENCHMARKS.md session 27: the server
@@ -9,7 +10,9 @@ and of the engine thread, the output events the client received, and the loop's 
 
     python scripts/make_tiny_model.py /tmp/sgjax-tiny
     python scripts/profile_server.py --model-path /tmp/sgjax-tiny --attention-backend reference \\
-        --backend openai --num-prompts 256 --input-len 32 --output-len 128 --profile
+        --backend openai --num-prompts 256 --input-len 32 --output-len 128 --profile [--engine-process]
+
+With --engine-process the engine's CPU is its whole child process's (engine thread, pipe threads).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import web
 
 from sgjax.config import args_from_cli, build_parser
 from sgjax.engine import Engine
+from sgjax.engine.engine_process import EngineClient
 from sgjax.server.app import make_app
 
 
@@ -36,7 +40,15 @@ def thread_cpu_s(thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-async def drive(engine: Engine, server_args, client_args: list[str], profile: cProfile.Profile | None) -> dict:
+def engine_cpu_s(engine) -> float:
+    """CPU seconds of the engine thread, or of the engine's child process (Linux: /proc/PID/stat)."""
+    if isinstance(engine, EngineClient):
+        fields = open(f"/proc/{engine._process.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return thread_cpu_s(engine._thread)
+
+
+async def drive(engine, server_args, client_args: list[str], profile: cProfile.Profile | None) -> dict:
     """Serve on a free port while bench_serving.py runs against it; the figures of that span."""
     runner = web.AppRunner(make_app(engine, server_args), access_log=None)
     await runner.setup()
@@ -46,7 +58,7 @@ async def drive(engine: Engine, server_args, client_args: list[str], profile: cP
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
         command = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_serving.py"),
                    "--base-url", f"http://127.0.0.1:{port}", "--output-json", out.name, *client_args]
-        loop_cpu, engine_cpu, start = time.thread_time(), thread_cpu_s(engine._thread), time.perf_counter()
+        loop_cpu, engine_cpu, start = time.thread_time(), engine_cpu_s(engine), time.perf_counter()
         if profile:
             profile.enable()
         client = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
@@ -54,7 +66,7 @@ async def drive(engine: Engine, server_args, client_args: list[str], profile: cP
         if profile:
             profile.disable()
         figures = {"wall_s": time.perf_counter() - start, "loop_cpu_s": time.thread_time() - loop_cpu,
-                   "engine_cpu_s": thread_cpu_s(engine._thread) - engine_cpu}
+                   "engine_cpu_s": engine_cpu_s(engine) - engine_cpu}
         await runner.cleanup()
         lines = open(out.name).read().splitlines()
     if client.returncode or not lines:
@@ -76,11 +88,11 @@ def main() -> None:
     ns = parser.parse_args()
     engine_args, server_args = args_from_cli(ns)
     server_args.log_level = "warning"
-    engine = Engine(args=engine_args)
+    engine = EngineClient(engine_args) if server_args.engine_process else Engine(args=engine_args)
     client_args = ["--backend", ns.backend, "--dataset", "fixed", "--num-prompts", str(ns.num_prompts),
                    "--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
                    "--request-rate", ns.request_rate, "--max-concurrency", str(ns.num_prompts),
-                   "--vocab-size", str(engine.loaded.config.vocab_size), "--flush-cache"]
+                   "--vocab-size", str(engine.config.vocab_size), "--flush-cache"]
     try:
         runs = [("plain", None)] + ([("cProfile", cProfile.Profile())] if ns.profile else [])
         for name, profile in runs:
@@ -92,7 +104,8 @@ def main() -> None:
                   f"{ns.output_len} out, "
                   f"{client['out_tok_per_s']:,.0f} out tok/s, {events} output events in {f['wall_s']:.2f} s; "
                   f"event loop CPU {f['loop_cpu_s']:.2f} s = {f['loop_cpu_s'] / f['wall_s']:.0%} of the run, "
-                  f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine thread CPU "
+                  f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine "
+                  f"{'process' if server_args.engine_process else 'thread'} CPU "
                   f"{f['engine_cpu_s']:.2f} s")
             if profile:
                 pstats.Stats(profile).sort_stats("tottime").print_stats(ns.top)

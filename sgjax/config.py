@@ -81,6 +81,9 @@ class ServerArgs:
     # /generate streams each event's new text and output ids, not everything so far (SGLang's option of the
     # same name): the cumulative form costs the server O(n) a token, O(n^2) a request.
     incremental_streaming_output: bool = False
+    # The Engine in a child process (sgjax/engine/engine_process.py): the HTTP side's Python stops sharing the
+    # engine thread's GIL. Not yet timed on a GPU, so off by default.
+    engine_process: bool = False
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -120,6 +123,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     parser.add_argument("--incremental-streaming-output", action="store_true",
                         help="/generate streams only the new text and output ids in each event")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a child process, apart from the HTTP server's Python")
     return parser
 
 
@@ -140,5 +145,6 @@ def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
     server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
                         chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
                         enable_metrics=ns.enable_metrics,
-                        incremental_streaming_output=ns.incremental_streaming_output)
+                        incremental_streaming_output=ns.incremental_streaming_output,
+                        engine_process=ns.engine_process)
     return engine, server

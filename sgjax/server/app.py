@@ -64,6 +64,8 @@ async def handle_request(request: web.Request, handler):
 
 
 async def health(request: web.Request) -> web.Response:
+    if not request.app[ENGINE].alive:
+        raise ApiError("the engine is not running", status=503, type_="server_error")
     return web.Response(text="")
 
 
@@ -78,7 +80,7 @@ async def model_info(request: web.Request) -> web.Response:
     engine, args = request.app[ENGINE], request.app[SERVER_ARGS]
     return web.json_response({"model_path": engine.args.model_path, "tokenizer_path": engine.args.model_path,
                               "is_generation": True, "served_model_name": args.served_model_name,
-                              "architecture": engine.loaded.config.architecture,
+                              "architecture": engine.config.architecture,
                               "context_length": engine.context_length,
                               # for sgjax.lang.RuntimeEndpoint: the text around each role's messages
                               "role_markers": role_markers(engine.tokenizer)})
@@ -88,9 +90,7 @@ async def server_info(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     info = {**dataclasses.asdict(engine.args), **dataclasses.asdict(request.app[SERVER_ARGS])}
     info.pop("api_key", None)
-    info.update(num_pages=engine.allocator.num_usable, free_pages=engine.allocator.num_free,
-                num_running_requests=len(engine.scheduler.running), num_queued_requests=len(engine.scheduler.waiting),
-                prefix_cache_hit_rate=engine.radix.hit_rate if engine.radix else None)
+    info.update(engine.load_stats())
     return web.json_response(info)
 
 

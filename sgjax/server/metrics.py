@@ -47,11 +47,10 @@ class Metrics:
                 self.itl.observe((now - req.first_token_time) / (len(req.output_ids) - 1))
 
     def render(self) -> bytes:
-        engine = self.engine
-        self.running.set(len(engine.scheduler.running))
-        self.queued.set(len(engine.scheduler.waiting))
-        allocator = engine.allocator
-        self.kv_usage.set(1 - allocator.num_free / allocator.num_usable)
-        if engine.radix is not None:
-            self.hit_rate.set(engine.radix.hit_rate)
+        stats = self.engine.load_stats()
+        self.running.set(stats["num_running_requests"])
+        self.queued.set(stats["num_queued_requests"])
+        self.kv_usage.set(1 - stats["free_pages"] / stats["num_pages"])
+        if stats["prefix_cache_hit_rate"] is not None:
+            self.hit_rate.set(stats["prefix_cache_hit_rate"])
         return generate_latest(self.registry)

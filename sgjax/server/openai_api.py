@@ -265,7 +265,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params.update(logprobs=True, top_logprobs_num=top or 0)
     if engine.tokenizer is None:
         raise ApiError("this server has no tokenizer, so it cannot apply a chat template")
-    tool_format = format_for(engine.loaded.config.architecture)
+    tool_format = format_for(engine.config.architecture)
     tools, call_grammar = chat_tools(body, tool_format)
     if call_grammar is not None:
         require(not any(k in params for k in ("json_schema", "regex", "ebnf")),

@@ -19,8 +19,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from sgjax.config import ServerArgs
+from sgjax.config import EngineArgs, ServerArgs
 from sgjax.engine import Engine
+from sgjax.engine.engine_process import EngineClient
 from sgjax.server.app import make_app
 from sgjax.server.keys import SERVER_ARGS
 from sgjax.testing import workloads
@@ -92,11 +93,19 @@ def wait_until(condition, timeout=60.0):
         time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_models):
+ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64, num_pages=1200,
+                      enable_prompt_logprobs=True)
+
+
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def setup(tiny_models, request):
+    """The server over an Engine in this process, and over one in a child process (--engine-process): every
+    test below runs against both."""
     path, hf_model = tiny_models("llama")
-    engine = Engine(path, dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64,
-                    num_pages=1200, enable_prompt_logprobs=True)
+    if request.param == "in-process":
+        engine = Engine(path, **ENGINE_OPTIONS)
+    else:
+        engine = EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
     server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL, enable_metrics=True)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 512, int(rng.integers(2, 40))).tolist() for _ in range(16)]
@@ -104,6 +113,11 @@ def setup(tiny_models):
     yield engine, server, prompts, expected
     server.stop()
     engine.shutdown()
+
+
+def idle(engine) -> bool:
+    stats = engine.load_stats()
+    return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
 
 
 def decode(engine, ids) -> str:
@@ -276,8 +290,8 @@ def test_200_concurrent_requests_all_correct(setup):
     results = asyncio.run(fire())
     for i, status, body in results:
         assert status == 200 and body["output_ids"] == expected[i % 16], f"request {i}"
-    wait_until(lambda: not engine.scheduler.running)
-    assert engine.radix.hit_tokens > 0  # the repeated prompts were served from the prefix cache
+    wait_until(lambda: engine.load_stats()["num_running_requests"] == 0)
+    assert engine.load_stats()["prefix_cache_hit_rate"] > 0  # the repeated prompts were served from the cache
 
 
 def test_disconnect_mid_stream_aborts_and_frees_pages(setup):
@@ -298,9 +312,11 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(setup):
     wait_until(lambda: finished)
     engine.finish_hooks.remove(finished.append)
     assert finished[0].finish_reason["type"] == "abort" and len(finished[0].output_ids) < 400
-    wait_until(lambda: not engine.scheduler.running and not engine.scheduler.waiting)
-    tree = engine.radix.all_pages()
-    assert sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
+    wait_until(lambda: idle(engine))
+    # nothing leaked: with the radix tree emptied, every usable page is free
+    assert engine.flush_cache()
+    stats = engine.load_stats()
+    assert stats["free_pages"] == stats["num_pages"]
     status, body = post(server.url + "/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 2}})
     assert status == 200
 
@@ -489,7 +505,7 @@ def test_bad_constraints_get_400(setup, path, body, needle):
     engine, server, _, _ = setup
     status, err = post(server.url + path, body)
     assert status == 400 and needle in err["error"]["message"], err
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert idle(engine)
 
 
 def test_request_ids_appear_in_the_logs(setup, caplog):
@@ -501,7 +517,8 @@ def test_request_ids_appear_in_the_logs(setup, caplog):
                for rec in caplog.records)
 
 
-def test_server_command_line_starts_and_serves(tiny_models):
+@pytest.mark.parametrize("extra", [[], ["--engine-process"]], ids=["in-process", "engine-process"])
+def test_server_command_line_starts_and_serves(tiny_models, extra):
     """python -m sgjax.server, as a user starts it."""
     import subprocess
     import sys
@@ -512,7 +529,8 @@ def test_server_command_line_starts_and_serves(tiny_models):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "sgjax.server", "--model-path", path, "--port", str(port),
                              "--tp", "2", "--page-size", "8", "--max-running-requests", "4",
-                             "--chunked-prefill-size", "32", "--context-length", "128", "--served-model-name", "q"],
+                             "--chunked-prefill-size", "32", "--context-length", "128", "--served-model-name", "q",
+                             *extra],
                             env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                                  "PATH": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -551,3 +569,41 @@ def test_bench_serving_counts_what_the_server_sent(setup, backend):
         assert r["start"] <= r["chunks"][0] and all(a <= b for a, b in zip(r["chunks"], r["chunks"][1:]))
         assert r["chunks"][-1] <= r["end"]
     assert summary["TTFT"][0] <= summary["E2E"][0] and summary["events"] >= 150
+
+
+def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
+    """When the engine's child process dies, the requests in flight end (aborted, naming the exit) instead of
+    hanging, new ones are refused the same way, and /health answers 503."""
+    path, _ = tiny_models("llama")
+    engine = EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
+    server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
+    try:
+        assert get(server.url + "/health", key=None)[0] == 200
+        finished = []
+        engine.finish_hooks.append(finished.append)
+
+        async def stream_while_killed():
+            import aiohttp
+
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+                async with session.post(server.url + "/generate", json={
+                        "input_ids": [5, 6, 7], "stream": True,
+                        "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}) as r:
+                    async for _ in r.content:
+                        engine._process.kill()
+                        break
+                    return [line async for line in r.content if line.strip()]
+
+        lines = asyncio.run(stream_while_killed())
+        assert lines[-1].strip() == b"data: [DONE]"
+        last = json.loads(lines[-2].decode().removeprefix("data: "))["meta_info"]["finish_reason"]
+        assert last["type"] == "abort" and "engine process exited" in last["message"]
+        assert finished and finished[0].finish_reason == last
+        wait_until(lambda: not engine.alive)
+        status, body = get(server.url + "/health", key=None)
+        assert status == 503 and "not running" in body
+        status, body = post(server.url + "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+        assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        server.stop()
+        engine.shutdown()
