@@ -43,7 +43,8 @@ def thread_cpu_s(thread) -> float:
 def engine_cpu_s(engine) -> float:
     """CPU seconds of the engine thread, or of the engine's child process (Linux: /proc/PID/stat)."""
     if isinstance(engine, EngineClient):
-        fields = open(f"/proc/{engine._process.pid}/stat").read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{engine._process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return thread_cpu_s(engine._thread)
 
