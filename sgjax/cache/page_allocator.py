@@ -18,6 +18,11 @@ class OutOfPages(RuntimeError):
     """Raised when more pages are asked for than are free; the scheduler evicts or preempts first."""
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold num_tokens tokens."""
+    return -(-num_tokens // page_size)
+
+
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 2:
@@ -41,7 +46,7 @@ class PageAllocator:
         return self.num_pages - 1
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def alloc(self, n: int) -> np.ndarray:
         """n fresh pages (int32) with count 1; raises OutOfPages (allocating nothing) if fewer are free."""

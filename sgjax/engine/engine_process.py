@@ -40,6 +40,11 @@ START_TIMEOUT_S = 3600.0  # loading and compiling a large model's steps takes mi
 Update = tuple
 
 
+def _abort_update(wire_id: int, message: str) -> Update:
+    """The update that ends a request as aborted, with nothing gained."""
+    return (wire_id, "", True, [], [], [], None, 0, {"type": "abort", "message": message}, None)
+
+
 class EngineClient(RequestFrontend):
     """An Engine's caller-facing API (frontend.RequestFrontend) over an Engine in a child process."""
 
@@ -158,8 +163,7 @@ class EngineClient(RequestFrontend):
         self._fail_all(f"the engine process exited (code {exitcode})")
 
     def _fail_all(self, message: str) -> None:
-        self._dispatch([(wire_id, "", True, [], [], [], None, 0, {"type": "abort", "message": message}, None)
-                        for wire_id in list(self._live)])
+        self._dispatch([_abort_update(wire_id, message) for wire_id in list(self._live)])
 
     def _dispatch(self, updates: list[Update]) -> None:
         by_loop: dict = {}
@@ -281,8 +285,6 @@ def _add(engine, sender: _UpdateSender, wire_id: int, req: Request) -> None:
     try:
         req.matcher = engine._matcher(constraint) if constraint is not None else None
     except Exception as e:  # the client compiled it already; should this one still fail, say so
-        sender.outgoing.put(("updates", [(wire_id, "", True, [], [], [], None, 0,
-                                          {"type": "abort", "message": f"constraint: {e}"}, None)],
-                             engine.load_stats()))
+        sender.outgoing.put(("updates", [_abort_update(wire_id, f"constraint: {e}")], engine.load_stats()))
         return
     engine._submit(req, wire_id, sender)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 
+from sgjax.cache.page_allocator import pages_for
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
@@ -26,31 +27,26 @@ Prompt = str | list[dict]  # text, or chat messages
 Callback = Callable[[Request, str, bool], None]  # (request, new text, finished)
 
 
-def request_result(req: Request) -> dict:
-    """A finished request as SGLang's native API returns it."""
-    meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason}
-    if req.params.logprobs:
-        meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
-    if req.params.top_logprobs_num:
-        meta["output_top_logprobs"] = req.output_top_logprobs
-    start = req.params.logprob_start_len
-    if start >= 0:
-        positions = range(start, len(req.prompt_ids))
-        meta["input_token_logprobs"] = [(req.input_logprobs[q][0] if q in req.input_logprobs else None,
-                                         req.prompt_ids[q]) for q in positions]
-        if req.params.top_logprobs_num:
-            meta["input_top_logprobs"] = [req.input_logprobs[q][1] if q in req.input_logprobs else None
-                                          for q in positions]
-    return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
-
-
 class RequestFrontend:
     """The caller-facing half of an engine (see the module docstring)."""
 
     def result(self, req: Request) -> dict:
         """A finished request as SGLang's native API returns it."""
-        return request_result(req)
+        meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason}
+        if req.params.logprobs:
+            meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
+        if req.params.top_logprobs_num:
+            meta["output_top_logprobs"] = req.output_top_logprobs
+        start = req.params.logprob_start_len
+        if start >= 0:
+            positions = range(start, len(req.prompt_ids))
+            meta["input_token_logprobs"] = [(req.input_logprobs[q][0] if q in req.input_logprobs else None,
+                                             req.prompt_ids[q]) for q in positions]
+            if req.params.top_logprobs_num:
+                meta["input_top_logprobs"] = [req.input_logprobs[q][1] if q in req.input_logprobs else None
+                                              for q in positions]
+        return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     def generate(self, prompt: Prompt | list[Prompt] | None = None, sampling_params: dict | None = None,
                  input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
@@ -174,7 +170,7 @@ class RequestFrontend:
             raise ValueError("prompt logprobs (logprob_start_len >= 0) need an engine started with "
                              "enable_prompt_logprobs=True")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)
-        pages = -(-longest // self.args.page_size)
+        pages = pages_for(longest, self.args.page_size)
         if pages > self.num_usable_pages:
             raise ValueError(f"a request of {longest} tokens needs {pages} KV pages; the pool has "
                              f"{self.num_usable_pages}")
