@@ -31,17 +31,16 @@ from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs
-from sgjax.constrained import GrammarCompiler
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.device_memory import cuda_memory_info, xla_memory_limit
-from sgjax.engine.frontend import Callback, RequestFrontend
+from sgjax.engine.frontend import Callback, RequestFrontend, load_text_side
 from sgjax.engine.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
 from sgjax.engine.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
 from sgjax.engine.scheduler import Scheduler
 from sgjax.kernels import reads_shared_prefixes, resolve_backend, triton_kernel_mode
 from sgjax.mesh import make_mesh
-from sgjax.models.loader import load_model, load_tokenizer
+from sgjax.models.loader import load_model
 from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 
 logger = logging.getLogger(__name__)
@@ -75,15 +74,8 @@ class Engine(RequestFrontend):
                                  load_format=args.load_format, attention_backend=self.attention_backend,
                                  fused_norm=not args.kv_cache_dtype.startswith("fp8"))
         cfg = self.loaded.config
-        try:
-            self.tokenizer = load_tokenizer(args.model_path)
-        except FileNotFoundError:
-            if args.load_format != "dummy":
-                raise
-            self.tokenizer = None  # dummy weights for benchmarks: token ids in, token ids out
-        self.eos_token_ids = self._eos_token_ids()
-        self.grammar = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids) if self.tokenizer \
-            else None
+        self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
+                                                                          cfg.vocab_size)
         self.context_length = args.context_length or cfg.max_position_embeddings
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
@@ -482,19 +474,6 @@ class Engine(RequestFrontend):
             self._inbox.put(("abort", req.rid))
 
     # ---- set-up helpers ------------------------------------------------------------------------
-    def _eos_token_ids(self) -> set[int]:
-        ids = set()
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        try:
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(self.args.model_path).eos_token_id
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        except OSError:
-            pass
-        return ids
-
     def _pages_from_memory(self, pool_cfg: KVPoolConfig, max_pages_per_seq: int) -> int:
         """Pages that fit in mem_fraction_static of device memory after the weights."""
         device = jax.devices()[0]

@@ -27,8 +27,7 @@ import traceback
 import numpy as np
 
 from sgjax.config import EngineArgs
-from sgjax.constrained import GrammarCompiler
-from sgjax.engine.frontend import Callback, RequestFrontend
+from sgjax.engine.frontend import Callback, RequestFrontend, load_text_side
 from sgjax.engine.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -49,8 +48,6 @@ class EngineClient(RequestFrontend):
     """An Engine's caller-facing API (frontend.RequestFrontend) over an Engine in a child process."""
 
     def __init__(self, args: EngineArgs):
-        from sgjax.models.loader import load_tokenizer
-
         self.args = args
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
         self._conn, child_conn = context.Pipe()
@@ -64,12 +61,7 @@ class EngineClient(RequestFrontend):
         self.config = payload["config"]
         self.context_length = payload["context_length"]
         self.num_usable_pages = payload["num_usable_pages"]
-        try:
-            self.tokenizer = load_tokenizer(args.model_path)
-        except FileNotFoundError:
-            self.tokenizer = None  # dummy weights, as in the engine
-        self.grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size, payload["eos_token_ids"]) \
-            if self.tokenizer else None
+        self.tokenizer, _, self.grammar = load_text_side(args.model_path, args.load_format, self.config.vocab_size)
         self._seeds = np.random.default_rng(args.random_seed)
         self.finish_hooks: list = []  # called on the caller's event loop (or the reader thread) as requests end
         self._stats = payload["stats"]
@@ -258,8 +250,7 @@ def serve(args: EngineArgs, conn) -> None:
         return
     sender = _UpdateSender(engine, conn)
     sender.send(("ready", dict(config=engine.config, context_length=engine.context_length,
-                               num_usable_pages=engine.num_usable_pages, eos_token_ids=engine.eos_token_ids,
-                               stats=engine.load_stats())))
+                               num_usable_pages=engine.num_usable_pages, stats=engine.load_stats())))
     try:
         while True:
             kind, *payload = conn.recv()
