@@ -1,5 +1,5 @@
-"""Where the server's event-loop thread spends its CPU under load, with the engine in this process or (with
---engine-process) in a child process.
+"""Where the server's event-loop thread spends its CPU under load, with the engine in a child process (the
+default) or (with --no-engine-process) in this process.
 
 The HTTP handlers and the engine thread share one process and so one GIL: every microsecond the event loop
 spends on a streamed event is one the engine's host side may wait for (BENCHMARKS.md session 27: the server
@@ -10,9 +10,9 @@ and of the engine thread, the output events the client received, and the loop's 
 
     python scripts/make_tiny_model.py /tmp/sgjax-tiny
     python scripts/profile_server.py --model-path /tmp/sgjax-tiny --attention-backend reference \\
-        --backend openai --num-prompts 256 --input-len 32 --output-len 128 --profile [--engine-process]
+        --backend openai --num-prompts 256 --input-len 32 --output-len 128 --profile [--no-engine-process]
 
-With --engine-process the engine's CPU is its whole child process's (engine thread, pipe threads).
+By default the engine's CPU is its whole child process's (engine thread, pipe threads).
 """
 
 from __future__ import annotations

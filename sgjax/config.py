@@ -81,9 +81,11 @@ class ServerArgs:
     # /generate streams each event's new text and output ids, not everything so far (SGLang's option of the
     # same name): the cumulative form costs the server O(n) a token, O(n^2) a request.
     incremental_streaming_output: bool = False
-    # The Engine in a child process (sgjax/engine/engine_process.py): the HTTP side's Python stops sharing the
-    # engine thread's GIL. Not yet timed on a GPU, so off by default.
-    engine_process: bool = False
+    # The Engine in a child process (sgjax/engine/engine_process.py), as SGLang splits its HTTP side from its
+    # scheduler: the HTTP side's Python stops sharing the engine thread's GIL. On an H200 under 1000 streams
+    # it served ~8% more output tokens/s through /v1/completions, 28% through /generate (BENCHMARKS.md
+    # session 30); --no-engine-process keeps the engine in the server's process.
+    engine_process: bool = True
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -123,8 +125,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     parser.add_argument("--incremental-streaming-output", action="store_true",
                         help="/generate streams only the new text and output ids in each event")
-    parser.add_argument("--engine-process", action="store_true",
-                        help="run the engine in a child process, apart from the HTTP server's Python")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine in a child process, apart from the HTTP server's Python (default)")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""python -m sgjax.server --model-path DIR [--mesh 2x4] [--port 30000] [--engine-process] ...: the HTTP server."""
+"""python -m sgjax.server --model-path DIR [--mesh 2x4] [--port 30000] [--no-engine-process] ...: the HTTP server."""
 
 from __future__ import annotations
 

@@ -517,7 +517,7 @@ def test_request_ids_appear_in_the_logs(setup, caplog):
                for rec in caplog.records)
 
 
-@pytest.mark.parametrize("extra", [[], ["--engine-process"]], ids=["in-process", "engine-process"])
+@pytest.mark.parametrize("extra", [["--no-engine-process"], []], ids=["in-process", "engine-process"])
 def test_server_command_line_starts_and_serves(tiny_models, extra):
     """python -m sgjax.server, as a user starts it."""
     import subprocess
