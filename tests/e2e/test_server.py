@@ -547,9 +547,36 @@ def test_server_command_line_starts_and_serves(tiny_models, extra):
         status, body = post(url + "/v1/completions", {"model": "q", "prompt": "Hello", "max_tokens": 3}, key=None)
         assert status == 200 and body["usage"]["completion_tokens"] == 3
         assert json.loads(get(url + "/get_server_info", key=None)[1])["mesh"] == "1x2"
+        children = child_pids(proc.pid)
+        assert bool(children) == (extra == []), children  # the engine's process, only where it has one
+        if children:  # a server killed outright leaves no engine process holding the accelerator
+            proc.kill()
+            proc.wait(30)
+            wait_until(lambda: not any(running(pid) for pid in children), timeout=60)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (Linux /proc)."""
+    pids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited while we looked
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow or absent in a container)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("backend", ["openai", "sglang"])
