@@ -19,24 +19,24 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import numpy as np
 
 from sgjax.cache.page_allocator import pages_for
+from sgjax.constrained import GrammarCompiler
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
+from sgjax.models.loader import load_tokenizer
 
 Prompt = str | list[dict]  # text, or chat messages
 Callback = Callable[[Request, str, bool], None]  # (request, new text, finished)
 
 
-def load_text_side(model_path: str, load_format: str, vocab_size: int):
+def load_text_side(model_path: str, load_format: str,
+                   vocab_size: int) -> tuple[object | None, set[int], GrammarCompiler | None]:
     """The checkpoint's tokenizer, its end-of-sequence ids and a GrammarCompiler over them.
 
     The engine and a client of an engine process each need all three (the client to tokenize and to
     reject a bad constraint before it is sent). With dummy weights and no tokenizer files, requests are
     token ids only: the tokenizer and the grammar compiler are None.
     """
-    from sgjax.constrained import GrammarCompiler
-    from sgjax.models.loader import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(model_path)
     except FileNotFoundError:
