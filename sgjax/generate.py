@@ -17,6 +17,7 @@ from flax import nnx
 
 from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
+from sgjax.cache.page_allocator import pages_for
 from sgjax.mesh import make_mesh
 from sgjax.models.loader import LoadedModel, load_model, load_tokenizer
 
@@ -71,7 +72,7 @@ def greedy_generate(loaded: LoadedModel, prompts: list[list[int]], max_new_token
 
 def _pool_for(loaded: LoadedModel, lengths: list[int], page_size: int) -> tuple[KVPool, list[SeqChunk]]:
     """A pool with contiguous pages for each sequence (page 0 is the null page)."""
-    pages_each = [-(-n // page_size) for n in lengths]
+    pages_each = [pages_for(n, page_size) for n in lengths]
     pool = KVPool(KVPoolConfig.for_model(loaded.config, 1 + sum(pages_each), page_size), loaded.mesh)
     chunks, first = [], 1
     for n in pages_each:

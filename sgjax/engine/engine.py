@@ -28,7 +28,7 @@ import numpy as np
 
 from sgjax.batch import SeqChunk
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
-from sgjax.cache.page_allocator import PageAllocator
+from sgjax.cache.page_allocator import PageAllocator, pages_for
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
@@ -78,7 +78,7 @@ class Engine(RequestFrontend):
                                                                           cfg.vocab_size)
         self.context_length = args.context_length or cfg.max_position_embeddings
         ps = args.page_size
-        max_pages_per_seq = -(-self.context_length // ps)
+        max_pages_per_seq = pages_for(self.context_length, ps)
         kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
         pool_cfg = KVPoolConfig.for_model(cfg, args.num_pages or 2, ps, kv_dtype)
         num_pages = args.num_pages or self._pages_from_memory(pool_cfg, max_pages_per_seq)
