@@ -81,7 +81,8 @@ class EngineClient(RequestFrontend):
                 return "failed", f"exit code {self._process.exitcode}" if not self._process.is_alive() else "timed out"
         try:
             return self._conn.recv()
-        except EOFError:
+        except EOFError:  # it closed its end while exiting: wait for the exit, so its code is known
+            self._process.join(30)
             return "failed", f"exit code {self._process.exitcode}"
 
     # ---- what RequestFrontend needs ------------------------------------------------------------

@@ -634,3 +634,9 @@ def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
     finally:
         server.stop()
         engine.shutdown()
+
+
+def test_engine_process_that_cannot_start_says_why(tmp_path):
+    """An engine process that fails while starting raises in the caller, with the child's error in it."""
+    with pytest.raises(RuntimeError, match="the engine process failed to start:(.|\n)*config.json"):
+        EngineClient(EngineArgs(model_path=str(tmp_path), **ENGINE_OPTIONS))
