@@ -1,8 +1,9 @@
 """The greedy LM head alone (kernels/gpu/greedy_head.py) at decode-sized row counts, against the head's read.
 
-A batch-1 step of Llama-3-8B on an H200 spent ~0.47 ms in its greedy head, against 0.25 ms for reading the
-1.05 GB head at the copy bandwidth (BENCHMARKS.md session 28): the tiles in `greedy_head.tiles_for` were timed
-on an H100 at 64 rows and up. This times, for each row count, XLA's path (float32 logits, then argmax and
+Session 28 read ~0.47 ms for the greedy head of a batch-1 Llama-3-8B step on an H200, against 0.25 ms for
+reading the 1.05 GB head at the copy bandwidth; this script showed that figure was a synchronised timing (queued
+calls: 0.286 ms at 64 rows, BENCHMARKS.md session 29). The tiles in `greedy_head.tiles_for` were timed on an
+H100 at 64 rows and up. This times, for each row count, XLA's path (float32 logits, then argmax and
 logsumexp), the head's matmul alone (bf16 out), and the fused kernel with `tiles_for`'s tiles and over a sweep
 of tiles (first block sizes at 4 warps / 3 stages, then warps x stages for the best few), each as a share of
 the copy bandwidth. Every fused variant's tokens are checked against XLA's.
