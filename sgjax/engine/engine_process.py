@@ -29,6 +29,7 @@ import numpy as np
 from sgjax.config import EngineArgs
 from sgjax.engine.frontend import Callback, RequestFrontend, load_text_side
 from sgjax.engine.request import Request, Status
+from sgjax.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 3600.0  # loading and compiling a large model's steps takes minutes
@@ -51,21 +52,30 @@ class EngineClient(RequestFrontend):
         self.args = args
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
         self._conn, child_conn = context.Pipe()
+        self._send_lock = threading.Lock()
         self._process = context.Process(target=serve, args=(args, child_conn), name="sgjax-engine", daemon=True)
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit reads as EOF here
+        # The text side loads here while the child loads and compiles the model (minutes), not after it
+        try:
+            vocab_size = ModelConfig.from_pretrained(args.model_path, args.dtype).vocab_size
+            self.tokenizer, _, self.grammar = load_text_side(args.model_path, args.load_format, vocab_size)
+            text_side_error = None
+        except Exception as e:  # the child most likely fails the same way: its error, with its traceback, wins
+            text_side_error = e
         kind, payload = self._receive_start()
         if kind != "ready":
             self._process.join(30)
             raise RuntimeError(f"the engine process failed to start:\n{payload}")
+        if text_side_error is not None:
+            self.shutdown()
+            raise text_side_error
         self.config = payload["config"]
         self.context_length = payload["context_length"]
         self.num_usable_pages = payload["num_usable_pages"]
-        self.tokenizer, _, self.grammar = load_text_side(args.model_path, args.load_format, self.config.vocab_size)
         self._seeds = np.random.default_rng(args.random_seed)
         self.finish_hooks: list = []  # called on the caller's event loop (or the reader thread) as requests end
         self._stats = payload["stats"]
-        self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._live: dict[int, tuple[Request, Callback, asyncio.AbstractEventLoop | None]] = {}
         self._replies: dict[int, tuple[threading.Event, list]] = {}

@@ -4,6 +4,7 @@ native API, concurrency, disconnects and errors. Token-level oracle: transformer
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import re
 import socket
@@ -640,3 +641,22 @@ def test_engine_process_that_cannot_start_says_why(tmp_path):
     """An engine process that fails while starting raises in the caller, with the child's error in it."""
     with pytest.raises(RuntimeError, match="the engine process failed to start:(.|\n)*config.json"):
         EngineClient(EngineArgs(model_path=str(tmp_path), **ENGINE_OPTIONS))
+
+
+def test_engine_client_whose_text_side_fails_stops_its_engine(tiny_models, monkeypatch):
+    """The client loads its tokenizer while the child starts; should that fail where the child's succeeded, the
+    client raises that error and leaves no engine process behind."""
+    from sgjax.engine import engine_process
+
+    def broken(*_):
+        raise ValueError("tokenizer files unreadable")
+
+    path, _ = tiny_models("llama")
+    monkeypatch.setattr(engine_process, "load_text_side", broken)
+    before = set(child_pids(os.getpid()))
+    with pytest.raises(ValueError, match="tokenizer files unreadable"):
+        EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
+    left = [pid for pid in set(child_pids(os.getpid())) - before
+            if running(pid) and "spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
+    assert not left
+
