@@ -572,6 +572,14 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
+def command_line(pid: int) -> str:
+    """The process's command line ('' once it has exited)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's reaper may be slow or absent in a container)."""
     try:
@@ -656,7 +664,5 @@ def test_engine_client_whose_text_side_fails_stops_its_engine(tiny_models, monke
     before = set(child_pids(os.getpid()))
     with pytest.raises(ValueError, match="tokenizer files unreadable"):
         EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
-    left = [pid for pid in set(child_pids(os.getpid())) - before
-            if running(pid) and "spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_text()]
-    assert not left
-
+    engines = [pid for pid in set(child_pids(os.getpid())) - before if "spawn_main" in command_line(pid)]
+    assert not [pid for pid in engines if running(pid)]
