@@ -28,6 +28,7 @@ from sgjax.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.generate import make_step
 from sgjax.kernels import resolve_backend
+from sgjax.kernels.gpu import ragged_paged_attention
 from sgjax.mesh import make_mesh
 from sgjax.models import layers
 from sgjax.models.loader import load_model
@@ -87,6 +88,8 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
             raise SystemExit("--skinny-matmul runs on a 1x1 mesh only")
         layers.SKINNY_MATMUL = "gpu"
     model_runner.FILTER_CUT_KERNEL = not args.no_filter_cut_kernel
+    layers.FUSED_NORM_MIN_ROWS = args.fused_norm_min_rows
+    ragged_paged_attention.DECODE_KV_SPLITS = args.decode_kv_splits
     n_in, n_out = args.input_len, args.output_len
     engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
                     context_length=n_in + n_out + args.page_size,
@@ -146,6 +149,10 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=-1, help="with --engine: top-k filter of sampled rows")
     p.add_argument("--no-filter-cut-kernel", action="store_true",
                    help="with --engine: top-k / top-p cuts by sorting the vocabulary (before session 25)")
+    p.add_argument("--fused-norm-min-rows", type=int, default=layers.FUSED_NORM_MIN_ROWS,
+                   help="with --engine: steps of fewer rows take XLA's add + norm instead of the fused kernel")
+    p.add_argument("--decode-kv-splits", type=int, default=ragged_paged_attention.DECODE_KV_SPLITS,
+                   help="with --engine: context splits of small decode batches in the attention kernel")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())

@@ -35,6 +35,11 @@ KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages,
 SKINNY_MATMUL: str | None = None
 SKINNY_MATMUL_MAX_ROWS = 16
 
+# Steps of fewer rows than this take the plain add + norm even where a fused kernel is given (A/B of
+# scripts/bench_one_batch.py --fused-norm-min-rows: XLA can fold a split-K matmul's partial sums into its
+# own norm fusion, not into the kernel).
+FUSED_NORM_MIN_ROWS = 0
+
 
 def skinny_product(x: jax.Array, w: jax.Array) -> jax.Array | None:
     """x [..., K] @ w [*out, K] -> [..., *out] through the skinny kernel, or None where it does not apply."""
@@ -110,7 +115,7 @@ class RMSNorm(nnx.Module):
         (kernels/gpu/add_rms_norm.py) where it can: Llama's norm on rows of a power-of-two width."""
         if h is None:
             return x, self(x)
-        if kernel and not self.offset and fused_norm.supports(x):
+        if kernel and not self.offset and fused_norm.supports(x) and x.shape[0] >= FUSED_NORM_MIN_ROWS:
             return fused_norm.add_rms_norm(x, h, self.weight[...], eps=self.eps, interpret=kernel == "interpret")
         s = x + h
         return s, self(s)

@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, plan_two_size_query_blocks
 
 MASK_VALUE = -1e30
+DECODE_KV_SPLITS = 4  # context splits of small decode batches (see ragged_paged_attention_rows); A/B knob
 
 
 def _kernel(seq_ref, start_ref, valid_ref, *refs, block_q: int, large_block_q: int, **options):
@@ -282,7 +283,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
                          f"heads in groups of {padded_group} (a power of two)")
     decode = num_tokens <= num_seqs
     if kv_splits is None:  # split only small decode batches: larger ones have programs enough
-        kv_splits = 4 if decode and num_tokens * num_kv_heads <= 512 else 1
+        kv_splits = DECODE_KV_SPLITS if decode and num_tokens * num_kv_heads <= 512 else 1
     if block_q is None:
         block_q = (max(1, 8 // padded_group) if kv_splits == 1 else 1) if decode else max(16, 64 // padded_group)
     if pages_per_block is None:
