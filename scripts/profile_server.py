@@ -5,7 +5,8 @@ The HTTP handlers and the engine thread share one process and so one GIL: every 
 spends on a streamed event is one the engine's host side may wait for (BENCHMARKS.md session 27: the server
 delivered 91% of the offline output tokens/s on an H200). This starts the Engine and the app in this
 process, drives them with bench_serving.py in a subprocess, and reports the CPU seconds of the event loop
-and of the engine thread, the output events the client received, and the loop's CPU per event; with
+and of the engine thread, the output events the client received, the loop's CPU per event, and how long the
+requests took to reach the engine (first to last: a ramp-up the offline run does not have); with
 --profile, a second run under cProfile lists the loop's top functions.
 
     python scripts/make_tiny_model.py /tmp/sgjax-tiny
@@ -56,6 +57,15 @@ async def drive(engine, server_args, client_args: list[str], profile: cProfile.P
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
+    # When each request reached the engine: the spread of a burst's arrivals is a ramp-up the offline run
+    # does not have (its scheduler sees every request at its first step).
+    submitted, submit = [], engine._submit
+
+    def timed_submit(*args, **kwargs):
+        submitted.append(time.perf_counter())
+        return submit(*args, **kwargs)
+
+    engine._submit = timed_submit
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
         command = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_serving.py"),
                    "--base-url", f"http://127.0.0.1:{port}", "--output-json", out.name, *client_args]
@@ -68,11 +78,13 @@ async def drive(engine, server_args, client_args: list[str], profile: cProfile.P
             profile.disable()
         figures = {"wall_s": time.perf_counter() - start, "loop_cpu_s": time.thread_time() - loop_cpu,
                    "engine_cpu_s": engine_cpu_s(engine) - engine_cpu}
+        del engine._submit
         await runner.cleanup()
         lines = open(out.name).read().splitlines()
     if client.returncode or not lines:
         raise RuntimeError(f"bench_serving.py failed:\n{printed.decode()}")
     figures["client"] = json.loads(lines[-1])
+    figures["intake_s"] = max(submitted) - min(submitted) if submitted else 0.0
     return figures
 
 
@@ -107,7 +119,7 @@ def main() -> None:
                   f"event loop CPU {f['loop_cpu_s']:.2f} s = {f['loop_cpu_s'] / f['wall_s']:.0%} of the run, "
                   f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine "
                   f"{'process' if server_args.engine_process else 'thread'} CPU "
-                  f"{f['engine_cpu_s']:.2f} s")
+                  f"{f['engine_cpu_s']:.2f} s; the requests reached the engine over {f['intake_s']:.2f} s")
             if profile:
                 pstats.Stats(profile).sort_stats("tottime").print_stats(ns.top)
     finally:
