@@ -91,6 +91,8 @@ async def drive(engine, server_args, client_args: list[str], profile: cProfile.P
 def main() -> None:
     parser = build_parser(__doc__)
     parser.add_argument("--backend", default="openai", choices=["openai", "sglang"])
+    parser.add_argument("--dataset", default="fixed", choices=["fixed", "sharegpt"],
+                        help="bench_serving.py's prompts: fixed lengths, or ShareGPT-like ones")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
@@ -102,7 +104,7 @@ def main() -> None:
     engine_args, server_args = args_from_cli(ns)
     server_args.log_level = "warning"
     engine = EngineClient(engine_args) if server_args.engine_process else Engine(args=engine_args)
-    client_args = ["--backend", ns.backend, "--dataset", "fixed", "--num-prompts", str(ns.num_prompts),
+    client_args = ["--backend", ns.backend, "--dataset", ns.dataset, "--num-prompts", str(ns.num_prompts),
                    "--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
                    "--request-rate", ns.request_rate, "--max-concurrency", str(ns.num_prompts),
                    "--vocab-size", str(engine.config.vocab_size), "--flush-cache"]
@@ -113,8 +115,8 @@ def main() -> None:
             with asyncio.Runner(loop_factory=factory) as runner:
                 f = runner.run(drive(engine, server_args, client_args, profile))
             events, client = f["client"]["events"], f["client"]
-            print(f"{name}, {ns.event_loop}: {ns.backend}, {ns.num_prompts} requests of {ns.input_len} in / "
-                  f"{ns.output_len} out, "
+            lengths = f"{ns.input_len} in / {ns.output_len} out" if ns.dataset == "fixed" else "ShareGPT-like lengths"
+            print(f"{name}, {ns.event_loop}: {ns.backend}, {ns.num_prompts} requests of {lengths}, "
                   f"{client['out_tok_per_s']:,.0f} out tok/s, {events} output events in {f['wall_s']:.2f} s; "
                   f"event loop CPU {f['loop_cpu_s']:.2f} s = {f['loop_cpu_s'] / f['wall_s']:.0%} of the run, "
                   f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine "
