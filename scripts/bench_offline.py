@@ -16,7 +16,9 @@ import asyncio
 import cProfile
 import functools
 import gc
+import os
 import pstats
+import shutil
 import tempfile
 import time
 
@@ -26,8 +28,8 @@ from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth, matmul_params
 
 from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
-from sgjax.engine import Engine, model_runner
-from sgjax.engine.engine import StepRecord
+from sgjax.engine import Engine, detokenizer, model_runner
+from sgjax.engine.engine import HOST_BOUND_WAIT_S, StepRecord
 from sgjax.engine.model_runner import token_buckets
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
@@ -110,7 +112,6 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
 
 
 DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
-HOST_BOUND_WAIT_S = 0.5e-3  # a step whose results came this soon after the engine thread asked
 
 
 def model_sizes(engine) -> dict:
@@ -233,18 +234,30 @@ def main() -> None:
                    help="sampling row buckets without the halfway points (the grid before session 22)")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="greedy sampling through XLA's float32 logits, not the fused head kernel (before session 24)")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder with a tokenizer (its vocabulary the model's): the engine then detokenizes every "
+                        "token, as it does for a server; default none (token ids only)")
+    p.add_argument("--window-detokenizer", action="store_true",
+                   help="with --tokenizer: detokenize by Python decodes of a window, not the Rust stream")
     p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV pool dtype (fp8_*: half the K/V bytes; the floors count the pool's bytes)")
     args = p.parse_args()
 
     folder = write_preset(args.model, tempfile.mkdtemp())
+    if args.tokenizer:
+        for name in os.listdir(args.tokenizer):
+            if name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(os.path.join(args.tokenizer, name), folder)
+    if args.window_detokenizer:
+        detokenizer.DecodeStream = None  # IncrementalDetokenizer then takes its window of Python decodes
     runs = [("radix cache on", run(args, folder, False))]
     if args.compare_radix:
         runs.append(("radix cache off", run(args, folder, True)))
+    detok = "none" if not args.tokenizer else "window" if args.window_detokenizer else "stream"
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
           f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}, "
-          f"KV cache {args.kv_cache_dtype}")
+          f"KV cache {args.kv_cache_dtype}, detokenizer {detok}")
     print(runs[0][1]["description"])
     print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'ms/step':>8} {'preempt':>8} "
           f"{'hit rate':>9} {'dev wait':>9}")

@@ -50,6 +50,16 @@ def engine_cpu_s(engine) -> float:
     return thread_cpu_s(engine._thread)
 
 
+def step_figures(before: dict, after: dict) -> str:
+    """The engine thread's steps between two Engine.timings(): how many, how many host-bound, and per step the
+    time it waited on the device and its host time by phase."""
+    steps = max(after["steps"] - before["steps"], 1)
+    per_step = lambda a, b: f"{(a - b) / steps * 1e3:.2f}"  # noqa: E731
+    host = ", ".join(f"{k} {per_step(v, before['host_s'].get(k, 0.0))}" for k, v in after["host_s"].items())
+    return (f"{steps} steps, {(after['host_bound_steps'] - before['host_bound_steps']) / steps:.0%} host-bound; "
+            f"ms a step: device wait {per_step(after['device_wait_s'], before['device_wait_s'])}, {host}")
+
+
 async def drive(engine, server_args, client_args: list[str], profile: cProfile.Profile | None) -> dict:
     """Serve on a free port while bench_serving.py runs against it; the figures of that span."""
     runner = web.AppRunner(make_app(engine, server_args), access_log=None)
@@ -69,6 +79,7 @@ async def drive(engine, server_args, client_args: list[str], profile: cProfile.P
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
         command = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_serving.py"),
                    "--base-url", f"http://127.0.0.1:{port}", "--output-json", out.name, *client_args]
+        timings = engine.timings()
         loop_cpu, engine_cpu, start = time.thread_time(), engine_cpu_s(engine), time.perf_counter()
         if profile:
             profile.enable()
@@ -78,6 +89,7 @@ async def drive(engine, server_args, client_args: list[str], profile: cProfile.P
             profile.disable()
         figures = {"wall_s": time.perf_counter() - start, "loop_cpu_s": time.thread_time() - loop_cpu,
                    "engine_cpu_s": engine_cpu_s(engine) - engine_cpu}
+        figures["engine_thread"] = step_figures(timings, engine.timings())
         del engine._submit
         await runner.cleanup()
         lines = open(out.name).read().splitlines()
@@ -121,7 +133,8 @@ def main() -> None:
                   f"event loop CPU {f['loop_cpu_s']:.2f} s = {f['loop_cpu_s'] / f['wall_s']:.0%} of the run, "
                   f"{f['loop_cpu_s'] / max(events, 1) * 1e6:.1f} us an event; engine "
                   f"{'process' if server_args.engine_process else 'thread'} CPU "
-                  f"{f['engine_cpu_s']:.2f} s; the requests reached the engine over {f['intake_s']:.2f} s")
+                  f"{f['engine_cpu_s']:.2f} s; the requests reached the engine over {f['intake_s']:.2f} s; "
+                  f"engine thread: {f['engine_thread']}")
             if profile:
                 pstats.Stats(profile).sort_stats("tottime").print_stats(ns.top)
     finally:

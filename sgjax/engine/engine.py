@@ -44,6 +44,7 @@ from sgjax.models.loader import load_model
 from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 
 logger = logging.getLogger(__name__)
+HOST_BOUND_WAIT_S = 0.5e-3  # a step whose results came this soon after the engine thread asked was host-bound
 
 
 @dataclasses.dataclass(slots=True)
@@ -108,6 +109,7 @@ class Engine(RequestFrontend):
         self._next_step: _Step | None = None  # launched, not yet processed; its sampling may wait for masks
         self.num_steps = 0
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
+        self.num_host_bound_steps = 0  # steps whose results were ready (nearly) as soon as the thread asked
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         self.host_s: collections.Counter[str] = collections.Counter()
         # Set to a list to record a StepRecord per step (benchmarks' timelines and floors)
@@ -135,6 +137,12 @@ class Engine(RequestFrontend):
                     num_running_requests=len(self.scheduler.running),
                     num_queued_requests=len(self.scheduler.waiting),
                     prefix_cache_hit_rate=self.radix.hit_rate if self.radix else None)
+
+    def timings(self) -> dict:
+        """The engine thread's counters so far (benchmarks take differences): steps, host-bound steps, seconds
+        waited on the device, host seconds by phase."""
+        return dict(steps=self.num_steps, host_bound_steps=self.num_host_bound_steps,
+                    device_wait_s=self.device_wait_s, host_s=dict(self.host_s))
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
@@ -326,6 +334,7 @@ class Engine(RequestFrontend):
         out = self.runner.collect(step.handle)
         started = time.perf_counter()
         self.device_wait_s += started - waited
+        self.num_host_bound_steps += started - waited < HOST_BOUND_WAIT_S
         if step.record is not None:
             step.record.waited = started - waited
         if targets is not None:

@@ -118,13 +118,23 @@ class EngineClient(RequestFrontend):
         return dict(self._stats)
 
     def flush_cache(self, timeout: float = 30.0) -> bool:
+        result = self._ask("flush", timeout)
+        return bool(result and result[0])
+
+    def timings(self, timeout: float = 30.0) -> dict | None:
+        """The engine thread's counters (Engine.timings), or None if the engine process did not answer."""
+        result = self._ask("timings", timeout)
+        return result[0] if result else None
+
+    def _ask(self, kind: str, timeout: float) -> list:
+        """Send a request the engine process answers with a reply: [its answer], or [] without one in time."""
         token = next(self._ids)
         done, result = threading.Event(), []
         self._replies[token] = (done, result)
-        if self._send(("flush", token)):
+        if self._send((kind, token)):
             done.wait(timeout)
         self._replies.pop(token, None)
-        return bool(result and result[0])
+        return result
 
     def shutdown(self) -> None:
         self._send(("stop",))
@@ -153,7 +163,7 @@ class EngineClient(RequestFrontend):
             if kind == "updates":
                 updates, self._stats = payload
                 self._dispatch(updates)
-            elif kind == "flushed":
+            elif kind in ("flushed", "timings"):
                 token, result, self._stats = payload
                 waiter = self._replies.get(token)
                 if waiter is not None:
@@ -251,7 +261,7 @@ class _UpdateSender:
 
 
 def serve(args: EngineArgs, conn) -> None:
-    """The engine process: an Engine fed by the client's messages ("add", "abort", "flush", "stop")."""
+    """The engine process: an Engine fed by the client's messages ("add", "abort", "flush", "timings", "stop")."""
     from sgjax.engine.engine import Engine
 
     try:
@@ -273,6 +283,8 @@ def serve(args: EngineArgs, conn) -> None:
                 engine.abort(payload[0])
             elif kind == "flush":
                 sender.send(("flushed", payload[0], engine.flush_cache(), engine.load_stats()))
+            elif kind == "timings":
+                sender.send(("timings", payload[0], engine.timings(), engine.load_stats()))
             elif kind == "stop":
                 break
     except (EOFError, OSError):

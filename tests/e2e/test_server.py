@@ -372,6 +372,23 @@ def test_info_and_health_endpoints(setup):
     assert status == 200
 
 
+def test_engine_timings_count_the_steps_a_request_takes(setup):
+    """Engine.timings, in this process or asked of the engine process: a lone request of a short prompt and 8
+    greedy tokens takes 8 steps (its prefill samples the first token), no more, no fewer."""
+    engine, server, prompts, _ = setup
+    wait_until(lambda: idle(engine))
+    before = engine.timings()
+    status, _ = post(server.url + "/generate", {"input_ids": prompts[1][:8],
+                                                "sampling_params": {"max_new_tokens": 8, "temperature": 0,
+                                                                    "ignore_eos": True}})
+    after = engine.timings()
+    assert status == 200
+    assert after["steps"] - before["steps"] == 8
+    assert 0 <= after["host_bound_steps"] - before["host_bound_steps"] <= 8
+    assert after["device_wait_s"] >= before["device_wait_s"]
+    assert after["host_s"]["process"] > before["host_s"]["process"]
+
+
 def test_metrics_change_after_requests(setup):
     engine, server, prompts, _ = setup
 

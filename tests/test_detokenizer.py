@@ -1,0 +1,81 @@
+"""IncrementalDetokenizer against the tokenizer's own decode of the whole output (the oracle), on both of
+its paths: the Rust stream (fast tokenizers) and the window of Python decodes (any other)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgjax.engine import detokenizer
+from sgjax.engine.detokenizer import IncrementalDetokenizer, stream_backend
+from sgjax.testing.tiny_models import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return make_tokenizer(400)
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """A WordPiece tokenizer whose decode cleans up spaces before punctuation, as transformers does for BERT."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[CLS]", "[SEP]"])
+    tok.train_from_iterator(["Hello there, world. Don't stop! Is it ok? A café, naïve."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   clean_up_tokenization_spaces=True)
+
+
+def run(tokenizer, ids, skip=True) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
+    return [detok.add(i) for i in ids] + [detok.flush()], detok
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_text_splits_no_character(bpe, monkeypatch, stream):
+    if not stream:
+        monkeypatch.setattr(detokenizer, "DecodeStream", None)
+    text = "héllo wörld, 你好 🙂 naïve café"
+    ids = bpe.encode(text)
+    assert len(ids) > len(text) // 2  # byte-level pieces: multi-byte characters span several tokens
+    deltas, detok = run(bpe, ids)
+    assert (detok._stream is not None) == stream
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == detok.text == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(0, 399), max_size=40), skip=st.booleans(), stream=st.booleans())
+def test_any_ids_decode_as_the_whole(bpe, ids, skip, stream):
+    """Random ids (special tokens, bytes that never complete a character) come out as decode(ids) does."""
+    saved = detokenizer.DecodeStream
+    try:
+        if not stream:
+            detokenizer.DecodeStream = None
+        deltas, detok = run(bpe, ids, skip)
+    finally:
+        detokenizer.DecodeStream = saved
+    assert "".join(deltas) == detok.text == bpe.decode(ids, skip_special_tokens=skip)
+    # a character is held back until it completes, or the request ends
+    assert all(not d.endswith("\ufffd") for d in deltas[:-1])
+
+
+def test_a_tokenizer_that_cleans_up_spaces_takes_its_own_decode(wordpiece):
+    ids = wordpiece.encode("Hello there , world . Don 't stop !", add_special_tokens=False)
+    backend = wordpiece.backend_tokenizer.decode(ids)
+    assert wordpiece.decode(ids) != backend  # the clean-up changes this text
+    assert stream_backend(wordpiece) is None
+    deltas, detok = run(wordpiece, ids)
+    assert detok._stream is None
+    # each window is cleaned up on its own: equal to the whole decode up to rules that span two windows
+    assert "".join(deltas).replace(" ' ", "'") == wordpiece.decode(ids)
+
+
+def test_the_stream_serves_fast_tokenizers_without_clean_up(bpe):
+    assert stream_backend(bpe) is bpe.backend_tokenizer
+    assert stream_backend(object()) is None  # no Rust backend
