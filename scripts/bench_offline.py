@@ -102,7 +102,9 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
                  pages=engine.allocator.num_usable, end=t0 + elapsed,
                  host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
-                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work)
+                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work,
+                 detokenizer="none" if engine.tokenizer is None
+                 else "stream" if detokenizer.stream_backend(engine.tokenizer) else "window")
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
         pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
@@ -254,7 +256,7 @@ def main() -> None:
     runs = [("radix cache on", run(args, folder, False))]
     if args.compare_radix:
         runs.append(("radix cache off", run(args, folder, True)))
-    detok = "none" if not args.tokenizer else "window" if args.window_detokenizer else "stream"
+    detok = runs[0][1]["detokenizer"]
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
           f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}, "
           f"KV cache {args.kv_cache_dtype}, detokenizer {detok}")
