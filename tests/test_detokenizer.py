@@ -31,6 +31,23 @@ def wordpiece():
                                    clean_up_tokenization_spaces=True)
 
 
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """A Llama-2 / Mistral style tokenizer: "▁" for spaces, bytes for what the vocabulary lacks, the leading space
+    stripped when decoding."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["Hello there, world. Don't stop! héllo wörld naïve café"] * 20,
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def run(tokenizer, ids, skip=True) -> tuple[list[str], IncrementalDetokenizer]:
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
     return [detok.add(i) for i in ids] + [detok.flush()], detok
@@ -79,3 +96,43 @@ def test_a_tokenizer_that_cleans_up_spaces_takes_its_own_decode(wordpiece):
 def test_the_stream_serves_fast_tokenizers_without_clean_up(bpe):
     assert stream_backend(bpe) is bpe.backend_tokenizer
     assert stream_backend(object()) is None  # no Rust backend
+
+
+def test_byte_fallback_text_streams_exactly(byte_fallback):
+    text = "Hello there, 你好 🙂 naïve café"  # the CJK and the emoji are not in the vocabulary: bytes
+    ids = byte_fallback.encode(text, add_special_tokens=False)
+    # the trainer registers the byte tokens as special ones (in Llama 2's vocabulary they are not): keep them
+    deltas, detok = run(byte_fallback, ids, skip=False)
+    assert detok._stream is not None
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == byte_fallback.decode(ids) == text
+
+
+@settings(max_examples=80, deadline=None)
+@given(ids=st.lists(st.integers(0, 599), max_size=30), skip=st.booleans())
+def test_byte_fallback_any_ids_stream_as_the_windows_do(byte_fallback, ids, skip):
+    """Random bytes that never form a character decode differently piece by piece than whole, by either method;
+    tokenizers' stream even rejects some such sequences. The request then goes on by windows, never fails, and
+    its text is the window method's."""
+    streamed, _ = run(byte_fallback, ids, skip)
+    saved = detokenizer.DecodeStream
+    try:
+        detokenizer.DecodeStream = None
+        windows, _ = run(byte_fallback, ids, skip)
+    finally:
+        detokenizer.DecodeStream = saved
+    assert "".join(streamed) == "".join(windows)
+
+
+def test_a_sequence_the_stream_rejects_goes_on_by_windows(byte_fallback):
+    ids = byte_fallback.convert_tokens_to_ids(["<0x46>", "<0xF7>", "ther"])  # "F", a lone byte 0xF7, "ther"
+    assert byte_fallback.unk_token_id not in ids
+    deltas, detok = run(byte_fallback, ids, skip=False)
+    assert detok._stream is None  # tokenizers' stream raised at "ther"
+    detokenizer_saved = detokenizer.DecodeStream
+    try:
+        detokenizer.DecodeStream = None
+        windows, _ = run(byte_fallback, ids, skip=False)
+    finally:
+        detokenizer.DecodeStream = detokenizer_saved
+    assert deltas == windows

@@ -63,13 +63,17 @@ class IncrementalDetokenizer:
         """Append one token; return the newly complete text (possibly empty)."""
         self.ids.append(token_id)
         if self._stream is not None:
-            delta = self._stream.step(self._backend, token_id)
-            if delta is None:
-                return ""
-            # what flush needs: the window that decodes to the text so far
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += delta
-            return delta
+            try:
+                delta = self._stream.step(self._backend, token_id)
+            except Exception:  # the stream rejects some sequences (byte fallback before a Strip decoder)
+                self._stream = None  # this request goes on by windows, from the text so far
+            else:
+                if delta is None:
+                    return ""
+                # what flush and the windows need: the window that decodes to the text so far
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                self.text += delta
+                return delta
         before = self._decode(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
