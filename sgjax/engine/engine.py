@@ -111,7 +111,9 @@ class Engine(RequestFrontend):
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         self.num_host_bound_steps = 0  # steps whose results were ready (nearly) as soon as the thread asked
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
-        self.host_s: collections.Counter[str] = collections.Counter()
+        # (every phase present from the start: timings() copies it from another thread, and a key added meanwhile
+        # would break that copy)
+        self.host_s: collections.Counter[str] = collections.Counter(schedule=0.0, enqueue=0.0, process=0.0, masks=0.0)
         # Set to a list to record a StepRecord per step (benchmarks' timelines and floors)
         self.step_log: list[StepRecord] | None = None
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
