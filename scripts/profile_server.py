@@ -51,12 +51,13 @@ def engine_cpu_s(engine) -> float:
 
 
 def step_figures(before: dict, after: dict) -> str:
-    """The engine thread's steps between two Engine.timings(): how many, how many host-bound, and per step the
-    time it waited on the device and its host time by phase."""
+    """The engine thread's steps between two Engine.timings(): how many, over how long, how many host-bound, and
+    per step the time it waited on the device and its host time by phase."""
     steps = max(after["steps"] - before["steps"], 1)
     per_step = lambda a, b: f"{(a - b) / steps * 1e3:.2f}"  # noqa: E731
     host = ", ".join(f"{k} {per_step(v, before['host_s'].get(k, 0.0))}" for k, v in after["host_s"].items())
-    return (f"{steps} steps, {(after['host_bound_steps'] - before['host_bound_steps']) / steps:.0%} host-bound; "
+    return (f"{steps} steps over {after['busy_s'] - before['busy_s']:.2f} s busy, "
+            f"{(after['host_bound_steps'] - before['host_bound_steps']) / steps:.0%} host-bound; "
             f"ms a step: device wait {per_step(after['device_wait_s'], before['device_wait_s'])}, {host}")
 
 

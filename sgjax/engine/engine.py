@@ -110,6 +110,8 @@ class Engine(RequestFrontend):
         self.num_steps = 0
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         self.num_host_bound_steps = 0  # steps whose results were ready (nearly) as soon as the thread asked
+        self.busy_s = 0.0  # seconds from a first launch to the end of the last step of the run it began
+        self._busy_since: float | None = None  # when the current run of steps began (None: idle)
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
         # (every phase present from the start: timings() copies it from another thread, and a key added meanwhile
         # would break that copy)
@@ -142,8 +144,11 @@ class Engine(RequestFrontend):
 
     def timings(self) -> dict:
         """The engine thread's counters so far (benchmarks take differences): steps, host-bound steps, seconds
-        waited on the device, host seconds by phase."""
-        return dict(steps=self.num_steps, host_bound_steps=self.num_host_bound_steps,
+        busy (with steps to run: a served run's stepping span), seconds waited on the device, host seconds by
+        phase."""
+        busy, since = self.busy_s, self._busy_since  # in this order: a run ending meanwhile is not counted twice
+        busy += time.perf_counter() - since if since is not None else 0.0
+        return dict(steps=self.num_steps, host_bound_steps=self.num_host_bound_steps, busy_s=busy,
                     device_wait_s=self.device_wait_s, host_s=dict(self.host_s))
 
     def abort(self, rid: str) -> None:
@@ -196,6 +201,9 @@ class Engine(RequestFrontend):
                     req.num_unknown = 0
                     self._finish(req, {"type": "abort", "message": f"engine error: {e}"})
             self._flush_outbox()
+            if in_flight is None and self._busy_since is not None:  # the run of steps ended
+                self.busy_s += time.perf_counter() - self._busy_since
+                self._busy_since = None
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -262,6 +270,8 @@ class Engine(RequestFrontend):
             self.runner.clear_penalty_slots(fresh)
         handle = self.runner.launch(prepared)
         launched = time.perf_counter()
+        if self._busy_since is None:
+            self._busy_since = started
         self.host_s["enqueue"] += launched - enqueued
         self.num_steps += 1
         record = None
