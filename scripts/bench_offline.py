@@ -7,6 +7,7 @@ Workloads (sgjax/testing/workloads.py): `sharegpt` (log-normal lengths with Shar
     python scripts/bench_offline.py --model llama-3-8b --dataset sharegpt --num-prompts 1000
     python scripts/bench_offline.py --dataset shared-prefix --compare-radix
     python scripts/bench_offline.py --schedule-policy lof --step-token-target 384 --max-running-requests 512
+    python scripts/bench_offline.py --tokenizer DIR   # detokenize every token, as a server does
 """
 
 from __future__ import annotations
