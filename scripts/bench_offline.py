@@ -84,7 +84,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
         engine.radix.reset_stats()
     steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
     shared_steps = engine.runner.num_shared_prefix_steps
-    host = engine.host_s.copy()
+    host, timings = engine.host_s.copy(), engine.timings()
     engine.step_log = []
     t0 = time.perf_counter()
     done = []
@@ -104,6 +104,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  pages=engine.allocator.num_usable, end=t0 + elapsed,
                  host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
                  log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work,
+                 step_sizes=step_sizes(timings, engine.timings()),
                  detokenizer="none" if engine.tokenizer is None
                  else "stream" if detokenizer.stream_backend(engine.tokenizer) else "window")
     engine.shutdown()
@@ -115,6 +116,14 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
 
 
 DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
+
+
+def step_sizes(before: dict, after: dict) -> str:
+    """Mean and standard deviation of the tokens of the steps between two Engine.timings()."""
+    steps = max(after["steps"] - before["steps"], 1)
+    mean = (after["step_tokens"] - before["step_tokens"]) / steps
+    var = (after["step_tokens_sq"] - before["step_tokens_sq"]) / steps - mean * mean
+    return f"{mean:.0f} +- {max(var, 0.0) ** 0.5:.0f} tokens a step"
 
 
 def model_sizes(engine) -> dict:
@@ -273,7 +282,7 @@ def main() -> None:
     for name, s in runs:
         print(f"engine thread, {name}, ms/step: " + ", ".join(
             f"{k} {v / max(s['steps'], 1) * 1e3:.2f}" for k, v in s["host"].items())
-              + f"; steps reading shared prefixes once (cascade): {s['shared_steps']}")
+              + f"; {s['step_sizes']}; steps reading shared prefixes once (cascade): {s['shared_steps']}")
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu:  # measured after the runs, on the same device
         bandwidth, rate = copy_bandwidth(), matmul_rate()

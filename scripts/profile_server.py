@@ -29,6 +29,7 @@ import time
 
 import uvloop
 from aiohttp import web
+from bench_offline import step_sizes
 
 from sgjax.config import args_from_cli, build_parser
 from sgjax.engine import Engine
@@ -56,7 +57,7 @@ def step_figures(before: dict, after: dict) -> str:
     steps = max(after["steps"] - before["steps"], 1)
     per_step = lambda a, b: f"{(a - b) / steps * 1e3:.2f}"  # noqa: E731
     host = ", ".join(f"{k} {per_step(v, before['host_s'].get(k, 0.0))}" for k, v in after["host_s"].items())
-    return (f"{steps} steps over {after['busy_s'] - before['busy_s']:.2f} s busy, "
+    return (f"{steps} steps over {after['busy_s'] - before['busy_s']:.2f} s busy, {step_sizes(before, after)}, "
             f"{(after['host_bound_steps'] - before['host_bound_steps']) / steps:.0%} host-bound; "
             f"ms a step: device wait {per_step(after['device_wait_s'], before['device_wait_s'])}, {host}")
 

@@ -110,6 +110,7 @@ class Engine(RequestFrontend):
         self.num_steps = 0
         self.device_wait_s = 0.0  # engine thread blocked on step results: the device was the bottleneck
         self.num_host_bound_steps = 0  # steps whose results were ready (nearly) as soon as the thread asked
+        self.step_tokens = self.step_tokens_sq = 0  # the steps' token counts (not padded), summed and squared
         self.busy_s = 0.0  # seconds from a first launch to the end of the last step of the run it began
         self._busy_since: float | None = None  # when the current run of steps began (None: idle)
         # Engine-thread seconds by phase (schedule, enqueue, process, masks): where the host's time goes
@@ -144,11 +145,12 @@ class Engine(RequestFrontend):
 
     def timings(self) -> dict:
         """The engine thread's counters so far (benchmarks take differences): steps, host-bound steps, seconds
-        busy (with steps to run: a served run's stepping span), seconds waited on the device, host seconds by
-        phase."""
+        busy (with steps to run: a served run's stepping span), the steps' tokens summed and squared (how even
+        they were), seconds waited on the device, host seconds by phase."""
         busy, since = self.busy_s, self._busy_since  # in this order: a run ending meanwhile is not counted twice
         busy += time.perf_counter() - since if since is not None else 0.0
         return dict(steps=self.num_steps, host_bound_steps=self.num_host_bound_steps, busy_s=busy,
+                    step_tokens=self.step_tokens, step_tokens_sq=self.step_tokens_sq,
                     device_wait_s=self.device_wait_s, host_s=dict(self.host_s))
 
     def abort(self, rid: str) -> None:
@@ -274,10 +276,13 @@ class Engine(RequestFrontend):
             self._busy_since = started
         self.host_s["enqueue"] += launched - enqueued
         self.num_steps += 1
+        tokens = sum(n for _, n in batch)
+        self.step_tokens += tokens
+        self.step_tokens_sq += tokens * tokens
         record = None
         if self.step_log is not None:
             decodes = sum(n == 1 for _, n in batch)
-            record = StepRecord(time.perf_counter(), decodes, sum(n for _, n in batch) - decodes, prepared.kv_tokens)
+            record = StepRecord(time.perf_counter(), decodes, tokens - decodes, prepared.kv_tokens)
             self.step_log.append(record)
         sampling_rows = []
         for i, (req, n) in enumerate(batch):

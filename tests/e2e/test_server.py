@@ -377,8 +377,10 @@ def test_engine_timings_count_the_steps_a_request_takes(setup):
     greedy tokens takes 8 steps (its prefill samples the first token), no more, no fewer."""
     engine, server, prompts, _ = setup
     wait_until(lambda: idle(engine))
+    assert engine.flush_cache()  # the whole prompt is computed: one step of its tokens, then 7 of one token
+    prompt = prompts[1][:8]
     before, start = engine.timings(), time.perf_counter()
-    status, _ = post(server.url + "/generate", {"input_ids": prompts[1][:8],
+    status, _ = post(server.url + "/generate", {"input_ids": prompt,
                                                 "sampling_params": {"max_new_tokens": 8, "temperature": 0,
                                                                     "ignore_eos": True}})
     wait_until(lambda: idle(engine))
@@ -387,6 +389,8 @@ def test_engine_timings_count_the_steps_a_request_takes(setup):
     assert status == 200
     assert 0 < after["busy_s"] - before["busy_s"] <= span  # counted once, between the two readings
     assert after["steps"] - before["steps"] == 8
+    assert after["step_tokens"] - before["step_tokens"] == len(prompt) + 7
+    assert after["step_tokens_sq"] - before["step_tokens_sq"] == len(prompt) ** 2 + 7
     assert 0 <= after["host_bound_steps"] - before["host_bound_steps"] <= 8
     assert after["device_wait_s"] >= before["device_wait_s"]
     assert after["host_s"]["process"] > before["host_s"]["process"]
