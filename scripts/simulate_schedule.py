@@ -92,10 +92,19 @@ def simulate(work: workloads.Workload, args) -> tuple[list[StepRecord], Schedule
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           policy=args.policy, step_token_target=args.step_token_target,
                           round_up=round_up)
-    for i, (prompt, out) in enumerate(zip(work.prompts, work.output_lens)):
-        scheduler.add(Request(str(i), prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), seed=i))
-    log, clock = [], 0.0
-    while scheduler.has_work():
+    requests = [Request(str(i), prompt, SamplingParams(max_new_tokens=out, ignore_eos=True), seed=i)
+                for i, (prompt, out) in enumerate(zip(work.prompts, work.output_lens))]
+    # Request i arrives before step i * arrival_steps // n (all before the first step by default), in the
+    # workload's order, as bench_serving sends a burst
+    arrivals = [i * args.arrival_steps // len(requests) for i in range(len(requests))]
+    log, clock, step, arrived = [], 0.0, 0, 0
+    while arrived < len(requests) or scheduler.has_work():
+        while arrived < len(requests) and arrivals[arrived] <= step:
+            scheduler.add(requests[arrived])
+            arrived += 1
+        step += 1
+        if not scheduler.has_work():
+            continue  # nothing has arrived yet: the engine idles through this step
         batch = scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler made an empty step with requests left: out of KV pages?")
@@ -139,6 +148,9 @@ def main() -> None:
     p.add_argument("--attention-bandwidth", type=float, default=None,
                    help="--layer-costs: bytes/s the attention reads K/V at (default --bandwidth)")
     p.add_argument("--sampling-ms", type=float, default=0.0, help="--layer-costs: the LM head and sampling a step")
+    p.add_argument("--arrival-steps", type=int, default=0,
+                   help="the requests arrive spread evenly over this many steps, in order (a served burst; "
+                        "default 0: all before the first step, as offline)")
     p.add_argument("--kv-bytes", type=int, default=2, choices=(1, 2), help="bytes a K/V element: 2 bf16, 1 fp8")
     args = p.parse_args()
     args.model = dict(LLAMA_3_8B, kv_bytes_per_token=LLAMA_3_8B["kv_bytes_per_token"] // 2 * args.kv_bytes)
@@ -156,7 +168,9 @@ def main() -> None:
     for kind, steps, seconds, rows, *_ in timeline(log, end):
         print(f"{kind:>18} {steps:>7} {seconds:8.2f} {seconds / end:6.1%} {seconds / steps * 1e3:8.2f} {rows:>12,}")
     floor = workload_floor_s(work, args.model, args.bandwidth, args.matmul_rate)
-    print(f"steps {len(log)}, preemptions {scheduler.num_preemptions}; in-sequence floor of these steps (padded "
+    sizes = np.array([r.decodes + r.prefill_tokens for r in log], np.float64)
+    print(f"steps {len(log)} ({sizes.mean():.0f} +- {sizes.std():.0f} tokens a step), preemptions "
+          f"{scheduler.num_preemptions}; in-sequence floor of these steps (padded "
           f"to their buckets) {end:.2f} s = {outs / end:,.0f} out tok/s; any schedule {floor:.2f} s = "
           f"{outs / floor:,.0f} out tok/s")
     if args.layer_costs is not None:

@@ -19,7 +19,8 @@ def args(**kw) -> argparse.Namespace:
     base = dict(num_pages=4000, page_size=16, disable_radix_cache=False, max_running_requests=64,
                 chunked_prefill_size=128, context_length=2048, policy="lof", step_token_target=96,
                 min_token_bucket=16, model=sim.LLAMA_3_8B, bandwidth=2.6e12, matmul_rate=750e12,
-                layer_costs=sim.parse_layer_costs(COSTS), layers=32, attention_bandwidth=2.0e12, sampling_ms=0.5)
+                layer_costs=sim.parse_layer_costs(COSTS), layers=32, attention_bandwidth=2.0e12, sampling_ms=0.5,
+                arrival_steps=0)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -55,3 +56,22 @@ def test_even_steps_never_cost_more_than_the_schedule_with_a_convex_cost():
     log, _ = sim.simulate(work, a)
     assert len(log) >= max(work.output_lens)
     assert sim.even_steps_s(work, a) <= sim.measured_s(log, a)
+
+
+def test_a_spread_arrival_runs_only_what_has_arrived():
+    """Requests arriving over N steps: each step computes no more than the tokens of the requests arrived by
+    then could hold (a naive count), every token is still computed once, and the run takes at least as many
+    steps as with every request there at the start."""
+    work = workloads.sharegpt_like(40, 1000, max_len=120, seed=2)
+    at_once, _ = sim.simulate(work, args())
+    spread_steps = 30
+    log, _ = sim.simulate(work, args(arrival_steps=spread_steps))
+    total = sum(len(p) for p in work.prompts) + sum(work.output_lens) - len(work.prompts)  # last token: no step
+    assert sum(r.decodes + r.prefill_tokens for r in log) == total == sum(r.decodes + r.prefill_tokens
+                                                                          for r in at_once)
+    assert len(log) >= len(at_once)
+    done = 0
+    for k, record in enumerate(log[:spread_steps]):  # no idle steps here: the first request is there at once
+        arrived = [i for i in range(len(work.prompts)) if i * spread_steps // len(work.prompts) <= k]
+        done += record.decodes + record.prefill_tokens
+        assert done <= sum(len(work.prompts[i]) + work.output_lens[i] for i in arrived)
