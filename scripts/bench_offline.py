@@ -82,9 +82,8 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     if engine.radix is not None:
         engine.flush_cache()
         engine.radix.reset_stats()
-    steps, preemptions, waited = engine.num_steps, engine.scheduler.num_preemptions, engine.device_wait_s
-    shared_steps = engine.runner.num_shared_prefix_steps
-    host, timings = engine.host_s.copy(), engine.timings()
+    preemptions, shared_steps = engine.scheduler.num_preemptions, engine.runner.num_shared_prefix_steps
+    before = engine.timings()
     engine.step_log = []
     t0 = time.perf_counter()
     done = []
@@ -93,18 +92,20 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
             "max_new_tokens": out_len, "temperature": 0, "ignore_eos": True}))
     results = asyncio.run(engine.run_to_end([r for reqs in done for r in reqs]))
     elapsed = time.perf_counter() - t0
+    after = engine.timings()
     out_tokens = sum(len(r.output_ids) for r in results)
     in_tokens = sum(len(p) for p in work.prompts)
     stats = dict(description=work.description, startup=startup, elapsed=elapsed, out_tps=out_tokens / elapsed,
-                 total_tps=(out_tokens + in_tokens) / elapsed, steps=engine.num_steps - steps,
+                 total_tps=(out_tokens + in_tokens) / elapsed, steps=after["steps"] - before["steps"],
                  preemptions=engine.scheduler.num_preemptions - preemptions,
                  shared_steps=engine.runner.num_shared_prefix_steps - shared_steps,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
-                 device_wait=(engine.device_wait_s - waited) / elapsed, backend=engine.attention_backend,
+                 device_wait=(after["device_wait_s"] - before["device_wait_s"]) / elapsed,
+                 backend=engine.attention_backend,
                  pages=engine.allocator.num_usable, end=t0 + elapsed,
-                 host={k: engine.host_s[k] - host[k] for k in ("schedule", "enqueue", "process")},
+                 host={k: after["host_s"][k] - before["host_s"][k] for k in ("schedule", "enqueue", "process")},
                  log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work,
-                 step_sizes=step_sizes(timings, engine.timings()),
+                 step_sizes=step_sizes(before, after),
                  detokenizer="none" if engine.tokenizer is None
                  else "stream" if detokenizer.stream_backend(engine.tokenizer) else "window")
     engine.shutdown()
