@@ -1,6 +1,8 @@
 """IncrementalDetokenizer against the tokenizer's own decode of the whole output (the oracle), on both of
 its paths: the Rust stream (fast tokenizers) and the window of Python decodes (any other)."""
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,19 +50,28 @@ def byte_fallback():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@contextlib.contextmanager
+def windows_only():
+    """IncrementalDetokenizer as without tokenizers' stream: the window of Python decodes."""
+    saved, detokenizer.DecodeStream = detokenizer.DecodeStream, None
+    try:
+        yield
+    finally:
+        detokenizer.DecodeStream = saved
+
+
 def run(tokenizer, ids, skip=True) -> tuple[list[str], IncrementalDetokenizer]:
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
     return [detok.add(i) for i in ids] + [detok.flush()], detok
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_text_splits_no_character(bpe, monkeypatch, stream):
-    if not stream:
-        monkeypatch.setattr(detokenizer, "DecodeStream", None)
+def test_text_splits_no_character(bpe, stream):
     text = "héllo wörld, 你好 🙂 naïve café"
     ids = bpe.encode(text)
     assert len(ids) > len(text) // 2  # byte-level pieces: multi-byte characters span several tokens
-    deltas, detok = run(bpe, ids)
+    with contextlib.nullcontext() if stream else windows_only():
+        deltas, detok = run(bpe, ids)
     assert (detok._stream is not None) == stream
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == detok.text == text
@@ -70,13 +81,8 @@ def test_text_splits_no_character(bpe, monkeypatch, stream):
 @given(ids=st.lists(st.integers(0, 399), max_size=40), skip=st.booleans(), stream=st.booleans())
 def test_any_ids_decode_as_the_whole(bpe, ids, skip, stream):
     """Random ids (special tokens, bytes that never complete a character) come out as decode(ids) does."""
-    saved = detokenizer.DecodeStream
-    try:
-        if not stream:
-            detokenizer.DecodeStream = None
+    with contextlib.nullcontext() if stream else windows_only():
         deltas, detok = run(bpe, ids, skip)
-    finally:
-        detokenizer.DecodeStream = saved
     assert "".join(deltas) == detok.text == bpe.decode(ids, skip_special_tokens=skip)
     # a character is held back until it completes, or the request ends
     assert all(not d.endswith("\ufffd") for d in deltas[:-1])
@@ -115,12 +121,8 @@ def test_byte_fallback_any_ids_stream_as_the_windows_do(byte_fallback, ids, skip
     tokenizers' stream even rejects some such sequences. The request then goes on by windows, never fails, and
     its text is the window method's."""
     streamed, _ = run(byte_fallback, ids, skip)
-    saved = detokenizer.DecodeStream
-    try:
-        detokenizer.DecodeStream = None
+    with windows_only():
         windows, _ = run(byte_fallback, ids, skip)
-    finally:
-        detokenizer.DecodeStream = saved
     assert "".join(streamed) == "".join(windows)
 
 
@@ -129,10 +131,6 @@ def test_a_sequence_the_stream_rejects_goes_on_by_windows(byte_fallback):
     assert byte_fallback.unk_token_id not in ids
     deltas, detok = run(byte_fallback, ids, skip=False)
     assert detok._stream is None  # tokenizers' stream raised at "ther"
-    detokenizer_saved = detokenizer.DecodeStream
-    try:
-        detokenizer.DecodeStream = None
+    with windows_only():
         windows, _ = run(byte_fallback, ids, skip=False)
-    finally:
-        detokenizer.DecodeStream = detokenizer_saved
     assert deltas == windows
