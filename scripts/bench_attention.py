@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from bench_one_batch import copy_bandwidth  # the corrected measure (session 27), as the other scripts use
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu.attention import paged_attention
 from sgjax.kernels.gpu.paged_prefill_mgpu import paged_prefill_attention
 from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
-from sgjax.shared_prefix import order_by_first_page
+from sgjax.executor.shared_prefix import order_by_first_page
 
 H, KVH, D = 32, 8, 128
 

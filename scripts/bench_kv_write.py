@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_one_batch import copy_bandwidth, timed
 
-from sgjax.batch import PADDING_SLOT
+from sgjax.executor.batch import PADDING_SLOT
 from sgjax.kernels.reference import write_kv
 from sgjax.models.presets import PRESETS
 

@@ -29,9 +29,10 @@ from bench_attention import matmul_rate
 from bench_one_batch import copy_bandwidth, matmul_params
 
 from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
-from sgjax.engine import Engine, detokenizer, model_runner
+from sgjax.engine import Engine, detokenizer
+from sgjax.executor import model_runner
 from sgjax.engine.engine import HOST_BOUND_WAIT_S, StepRecord
-from sgjax.engine.model_runner import token_buckets
+from sgjax.executor.model_runner import token_buckets
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
 

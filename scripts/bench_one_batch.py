@@ -1,6 +1,6 @@
 """Latency of one prefill and of decode steps at several batch sizes, against the HBM floor.
 
-A first version (issue 9 extends it): static batches through sgjax.generate's jitted step with the
+A first version (issue 9 extends it): static batches through sgjax.executor.greedy's jitted step with the
 attention backend given (the reference backend gathers whole sequences, so it is far from the kernel
 the engine will use). Decode floor = (weight bytes + KV bytes read per step) / HBM bandwidth, the
 bandwidth measured by a device-to-device copy in the same run.
@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
-from sgjax.generate import make_step
+from sgjax.executor.greedy import make_step
 from sgjax.kernels import resolve_backend
 from sgjax.kernels.gpu import ragged_paged_attention
-from sgjax.mesh import make_mesh
+from sgjax.platform.mesh import make_mesh
 from sgjax.models import layers
 from sgjax.models.loader import load_model
 from sgjax.models.presets import PRESETS, write_preset
@@ -80,7 +80,8 @@ def timed(fn, repeat: int) -> float:
 
 def engine_decode(args, folder: str, sizes: list[int]) -> None:
     """Decode ms per step in the running Engine at each batch size, against the HBM floor."""
-    from sgjax.engine import Engine, model_runner
+    from sgjax.engine import Engine
+    from sgjax.executor import model_runner
 
     model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
     if args.skinny_matmul:  # one device: the kernel is not partitioned

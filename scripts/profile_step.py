@@ -28,11 +28,12 @@ import jax
 from bench_one_batch import copy_bandwidth, matmul_params, timed
 from profile_engine import load_trace, summarise
 
-from sgjax.batch import SeqChunk
+from sgjax.executor.batch import SeqChunk
 from sgjax.config import KV_CACHE_DTYPES
 from sgjax.constrained.bitmask import allow_all
-from sgjax.engine import Engine, model_runner
-from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
+from sgjax.engine import Engine
+from sgjax.executor import model_runner
+from sgjax.executor.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
 

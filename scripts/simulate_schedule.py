@@ -30,7 +30,7 @@ from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import SCHEDULE_POLICIES
 from sgjax.engine.engine import StepRecord
-from sgjax.engine.model_runner import bucket_for, token_buckets
+from sgjax.executor.model_runner import bucket_for, token_buckets
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from sgjax.xla_flags import configure as _configure_xla  # noqa: E402
+from sgjax.platform.xla_flags import configure as _configure_xla  # noqa: E402
 
 _configure_xla()  # before JAX starts a GPU backend (xla_flags.py; SGJAX_XLA_SKIP_TEMP=0 turns it off)
 

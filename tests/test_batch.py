@@ -4,7 +4,7 @@ arrays, the token buckets' padding bound, and the packed transfer buffers' round
 import numpy as np
 import pytest
 
-from sgjax.batch import PADDING_SLOT, SeqChunk, make_batch
+from sgjax.executor.batch import PADDING_SLOT, SeqChunk, make_batch
 from sgjax.cache.kv_pool import NULL_PAGE
 
 
@@ -70,8 +70,8 @@ def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
                                                          (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300),
                                                          (16, 513, 1), (16, 584, 72), (16, 9192, 1000)])
 def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
-    from sgjax.engine.model_runner import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
-    from sgjax.engine.model_runner import LINEAR_BUCKET_STEP as step
+    from sgjax.executor.model_runner import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
+    from sgjax.executor.model_runner import LINEAR_BUCKET_STEP as step
 
     buckets = token_buckets(smallest, largest, decode_rows=decode_rows)
     assert buckets[0] == min(smallest, decode_rows or smallest) and buckets[-1] >= largest
@@ -97,7 +97,7 @@ def test_row_buckets_bound_the_padding(max_seqs):
     """Sampling rows: up to 256 rounded up to 64, 128 or 256 (on an H100 a 192-row bucket sampled slower
     than 256 rows); past 256, by less than half again (the LM head's matmul is compute-bound there and its
     time follows the rows); never past max_seqs."""
-    from sgjax.engine.model_runner import row_buckets
+    from sgjax.executor.model_runner import row_buckets
 
     buckets = row_buckets(max_seqs)
     assert buckets == sorted(set(buckets)) and buckets[-1] == max_seqs
@@ -114,7 +114,7 @@ def test_packed_host_inputs_round_trip():
     """pack -> unpack gives back every array bit for bit (uint32 above 2^31, bools, floats, shapes)."""
     import jax
 
-    from sgjax.engine.host_inputs import PackedLayout, pack, unpack
+    from sgjax.executor.host_inputs import PackedLayout, pack, unpack
 
     rng = np.random.default_rng(0)
     tree = (rng.integers(-5, 100, 7).astype(np.int32), {"seed": np.array([0, 2**31 + 5, 2**32 - 1], np.uint32),

@@ -370,9 +370,9 @@ def test_forward_passes_write_their_hidden_rows_into_one_buffer(engine, llama):
     address from step to step (an output XLA cannot fill with temporaries: model_runner's docstring),
     and each step's sampling, enqueued before the next launch, still reads its own rows. Likewise the
     step's packed inputs go into the resident buffers, which keep their addresses."""
-    from sgjax.batch import SeqChunk
+    from sgjax.executor.batch import SeqChunk
     from sgjax.cache.kv_pool import NULL_PAGE
-    from sgjax.engine.sampler import SamplerFeatures, SamplingBatch
+    from sgjax.executor.sampler import SamplerFeatures, SamplingBatch
     from sgjax.engine.sampling_params import SamplingParams
 
     _, hf_model, _, _ = llama

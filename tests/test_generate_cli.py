@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 
-from sgjax.generate import greedy_generate
-from sgjax.mesh import make_mesh
+from sgjax.executor.greedy import greedy_generate
+from sgjax.platform.mesh import make_mesh
 from sgjax.models.loader import load_model, load_tokenizer
 
 

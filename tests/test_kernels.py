@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel

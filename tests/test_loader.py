@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax.mesh import make_mesh
+from sgjax.platform.mesh import make_mesh
 from sgjax.models.loader import CheckpointTensors, load_model, load_tokenizer
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sgjax.generate import forward_logits, greedy_generate
-from sgjax.mesh import make_mesh
+from sgjax.executor.greedy import forward_logits, greedy_generate
+from sgjax.platform.mesh import make_mesh
 from sgjax.models.loader import load_model
 from tests.conftest import ALL_FAMILIES
 from tests.hf_oracle import hf_greedy, hf_logits

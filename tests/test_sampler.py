@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.engine.sampler import PenaltyState, SamplerFeatures, SamplingBatch, logit_bias_arrays, sample
+from sgjax.executor.sampler import PenaltyState, SamplerFeatures, SamplingBatch, logit_bias_arrays, sample
 from sgjax.engine.sampling_params import SamplingParams
 
 VOCAB, ROWS = 300, 4

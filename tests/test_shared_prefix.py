@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
-from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
+from sgjax.executor.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 from tests.test_kernels import relative_error
 
 

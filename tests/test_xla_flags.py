@@ -1,7 +1,7 @@
 """sgjax's XLA flags (added on CUDA builds only, never overriding the user's own setting) and the
 memory limit that goes with them."""
 
-from sgjax.xla_flags import with_defaults
+from sgjax.platform.xla_flags import with_defaults
 
 
 def test_cuda_builds_get_the_command_buffer_mode():
@@ -18,7 +18,7 @@ def test_user_setting_and_cpu_builds_are_left_alone():
 
 
 def test_on_by_default_on_cuda_and_off_with_the_switch():
-    from sgjax.xla_flags import configure
+    from sgjax.platform.xla_flags import configure
 
     env = {}
     configure(env, cuda=True)
@@ -33,7 +33,7 @@ def test_on_by_default_on_cuda_and_off_with_the_switch():
 
 def test_pool_limit_follows_jax_memory_fraction(monkeypatch):
     """XLA's VMM allocator keeps to JAX's share of the device: the engine's limit must too."""
-    from sgjax.device_memory import xla_memory_limit
+    from sgjax.platform.device_memory import xla_memory_limit
 
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     assert xla_memory_limit(80_000) == 60_000

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from sgjax.mesh import TENSOR, named_sharding
-from sgjax.models.config import ModelConfig
+from sgjax.platform.mesh import TENSOR, named_sharding
 
 NULL_PAGE = 0
 KV_AXES = (TENSOR, None, None, None)
@@ -31,7 +30,9 @@ class KVPoolConfig:
     dtype: str = "bfloat16"
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: str | None = None) -> "KVPoolConfig":
+    def for_model(cls, cfg, num_pages: int, page_size: int, dtype: str | None = None) -> "KVPoolConfig":
+        """The pool of a model config: anything with num_layers, num_kv_heads, head_dim and dtype (the cache
+        layer sits below the models and does not import their config)."""
         return cls(num_pages, page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.dtype)
 
     @property

@@ -26,22 +26,22 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from sgjax.batch import SeqChunk
+from sgjax.executor.batch import SeqChunk
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.page_allocator import PageAllocator, pages_for
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
-from sgjax.device_memory import cuda_memory_info, xla_memory_limit
+from sgjax.platform.device_memory import cuda_memory_info, xla_memory_limit
 from sgjax.engine.frontend import Callback, RequestFrontend, load_text_side
-from sgjax.engine.model_runner import ModelRunner, StepHandle
+from sgjax.executor.model_runner import ModelRunner, StepHandle
 from sgjax.engine.request import Request, Status
-from sgjax.engine.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
+from sgjax.executor.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
 from sgjax.engine.scheduler import Scheduler
 from sgjax.kernels import reads_shared_prefixes, resolve_backend, triton_kernel_mode
-from sgjax.mesh import make_mesh
+from sgjax.platform.mesh import make_mesh
 from sgjax.models.loader import load_model
-from sgjax.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
+from sgjax.executor.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
 
 logger = logging.getLogger(__name__)
 HOST_BOUND_WAIT_S = 0.5e-3  # a step whose results came this soon after the engine thread asked was host-bound
@@ -309,7 +309,7 @@ class Engine(RequestFrontend):
 
     def _group_shared_prefixes(self, batch: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[int]]:
         """The batch reordered so requests whose cached pages begin alike are contiguous, and the sizes of
-        those leading groups (sgjax/shared_prefix.py), where the step can carry them."""
+        those leading groups (sgjax/executor/shared_prefix.py), where the step can carry them."""
         max_groups = self.runner.prefix_groups_for(sum(n for _, n in batch))
         if not max_groups or len(batch) < 2:
             return batch, []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sgjax.constrained.grammar import Constraint
-from sgjax.engine.sampler import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from sgjax.executor.sampler import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 
 @dataclasses.dataclass

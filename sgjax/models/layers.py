@@ -4,7 +4,7 @@ Weights keep Hugging Face's layout and names ([out, in] for linear layers) so a 
 maps to a parameter by name alone and can be sliced straight onto its devices. The exceptions are the
 fused projections (q/k/v, gate/up: one matmul instead of several), whose Params name the HF tensors
 they are stacked from (`checkpoint_parts`). Each Param carries `axes`: the mesh axis each dimension is
-split over (see sgjax/mesh.py).
+split over (see sgjax/platform/mesh.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flax import nnx
 from sgjax.kernels import AttentionMetadata, get_attention_backend, triton_kernel_mode
 from sgjax.kernels.gpu import add_rms_norm as fused_norm
 from sgjax.kernels.gpu import skinny_matmul as skinny
-from sgjax.mesh import TENSOR
+from sgjax.platform.mesh import TENSOR
 from sgjax.models.config import ModelConfig
 
 COLUMN = (TENSOR, None)  # output features split over "tensor" (q/k/v, gate/up)

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sgjax.mesh import TENSOR, named_sharding
+from sgjax.platform.mesh import TENSOR, named_sharding
 from sgjax.models.config import ModelConfig
 from sgjax.models.registry import get_model_class
 

@@ -12,7 +12,7 @@ import uuid
 from aiohttp import web
 
 from sgjax.config import ServerArgs
-from sgjax.lang.chat_template import role_markers
+from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
 from sgjax.server.errors import ApiError, read_json
 from sgjax.server.keys import (

@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 
-from sgjax.engine.sampler import TOP_LOGPROBS
+from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event

@@ -10,7 +10,7 @@ BENCHMARKS.md). Here a step's attention is two calls of the Triton kernel and a 
 2. each sequence's own suffix: its page table and length shifted past the shared pages (attention
    only depends on key order relative to the query, so the shift changes nothing else);
 3. the two partial softmaxes (running max and sum) merged, as flash decoding merges context splits.
-Which sequences share what is planned on the host (sgjax/shared_prefix.py, `SharedPrefixes`).
+Which sequences share what is planned on the host (sgjax/executor/shared_prefix.py, `SharedPrefixes`).
 """
 
 from __future__ import annotations

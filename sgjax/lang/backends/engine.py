@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Iterator
 
 from sgjax.lang.backends.base import Backend, choice_start, pick
-from sgjax.lang.chat_template import role_markers
+from sgjax.engine.chat_template import role_markers
 from sgjax.lang.primitives import Gen
 
 

@@ -17,7 +17,7 @@ import base64
 import json
 
 from sgjax.lang.backends.base import Backend, pick
-from sgjax.lang.chat_template import DEFAULT
+from sgjax.engine.chat_template import DEFAULT
 from sgjax.lang.primitives import Gen
 
 

@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from sgjax.lang.backends.base import Backend, choice_start, pick
-from sgjax.lang.chat_template import DEFAULT
+from sgjax.engine.chat_template import DEFAULT
 from sgjax.lang.primitives import Gen
 
 

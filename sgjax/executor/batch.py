@@ -10,7 +10,7 @@ import numpy as np
 
 from sgjax.cache.kv_pool import NULL_PAGE
 from sgjax.kernels import AttentionMetadata
-from sgjax.shared_prefix import shared_prefix_metadata
+from sgjax.executor.shared_prefix import shared_prefix_metadata
 
 # Padding tokens' K/V slots: PADDING_SLOT + their index, unique and past any pool (pages x page size),
 # so the K/V write drops them and its slots stay unique (kernels/reference.py: write_kv).

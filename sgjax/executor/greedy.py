@@ -1,13 +1,10 @@
 """Minimal greedy generation over the paged KV pool: one prefill step for all prompts, then one
-decode step per token. It is the foundation's end-to-end check and CLI; the Engine (continuous
-batching, radix cache, sampling) replaces it for serving.
-
-    python -m sgjax.generate --model-path DIR --prompt "Hello" [--mesh 1x8] [--load-format dummy]
+decode step per token. It checks the model and the KV pool end to end without the engine (continuous
+batching, radix cache, sampling), and backs `python -m sgjax.generate`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import jax
@@ -15,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.page_allocator import pages_for
-from sgjax.mesh import make_mesh
-from sgjax.models.loader import LoadedModel, load_model, load_tokenizer
+from sgjax.models.loader import LoadedModel
 
 
 def make_step(graphdef):
@@ -79,26 +75,3 @@ def _pool_for(loaded: LoadedModel, lengths: list[int], page_size: int) -> tuple[
         chunks.append(SeqChunk(tokens=[], num_cached=0, pages=list(range(first, first + n))))
         first += n
     return pool, chunks
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--prompt", action="append", help="may repeat; default: a short greeting")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--mesh", default="1x1", help="DATAxTENSOR, e.g. 1x8")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--page-size", type=int, default=16)
-    args = parser.parse_args(argv)
-
-    loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype, load_format=args.load_format)
-    tokenizer = load_tokenizer(args.model_path)
-    prompts = args.prompt or ["Hello, my name is"]
-    ids = [tokenizer.encode(p) for p in prompts]
-    for prompt, out in zip(prompts, greedy_generate(loaded, ids, args.max_new_tokens, args.page_size)):
-        print(f"{prompt!r} -> {tokenizer.decode(out)!r}")
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ takes ~2-4 ms (BENCHMARKS.md, sessions 5 and 6). Only for CUDA builds of jaxlib:
 know the option.
 
 On by default; SGJAX_XLA_SKIP_TEMP=0 turns it off. The VMM allocator reports no memory limit, so the
-engine sizes its KV pool from the CUDA driver's figures instead (sgjax/device_memory.py).
+engine sizes its KV pool from the CUDA driver's figures instead (sgjax/platform/device_memory.py).
 """
 
 from __future__ import annotations

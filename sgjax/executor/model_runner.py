@@ -41,11 +41,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from sgjax.batch import SeqChunk, make_batch
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import allow_all
-from sgjax.engine.host_inputs import PackedLayout, pack, unpack
-from sgjax.engine.sampler import (
+from sgjax.executor.host_inputs import PackedLayout, pack, unpack
+from sgjax.executor.sampler import (
     TOP_LOGPROBS,
     PenaltyState,
     SamplerFeatures,
@@ -143,7 +143,7 @@ class ModelRunner:
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens, decode_rows=max_seqs)
-        # Steps with groups of sequences behind a shared prefix (sgjax/shared_prefix.py) have their own
+        # Steps with groups of sequences behind a shared prefix (sgjax/executor/shared_prefix.py) have their own
         # programs, whose metadata describes up to max_prefix_groups groups, for backends that read each
         # prefix once: only for buckets of up to one token per sequence row (decode-heavy steps; larger
         # ones are prefill-heavy, where the GPU backend's prefill kernel serves them better). Separate

@@ -1,0 +1,1 @@
+"""`python -m sgjax.generate`: greedy generation from the command line."""

@@ -1,0 +1,1 @@
+"""What every layer may use: the device mesh, XLA flags, device memory queries, the compilation cache."""
