@@ -44,14 +44,15 @@ def long_key_schema(num_fields: int) -> dict:
 
 def run(engine: Engine, prompts: list[list[int]], params: list[dict]) -> dict:
     requests = [r for p, sp in zip(prompts, params) for r in engine.make_requests(input_ids=p, sampling_params=sp)]
-    steps, host, waited = engine.num_steps, engine.host_s.copy(), engine.device_wait_s
+    stats = engine.stats
+    steps, host, waited = stats.num_steps, stats.host_s.copy(), stats.device_wait_s
     t0 = time.perf_counter()
     asyncio.run(engine.run_to_end(requests))
     elapsed = time.perf_counter() - t0
     tokens = sum(len(r.output_ids) for r in requests)
-    num_steps = engine.num_steps - steps
-    host = {k: (engine.host_s[k] - host[k]) / num_steps * 1e3 for k in ("schedule", "enqueue", "process", "masks")}
-    host["wait"] = (engine.device_wait_s - waited) / num_steps * 1e3
+    num_steps = stats.num_steps - steps
+    host = {k: (stats.host_s[k] - host[k]) / num_steps * 1e3 for k in ("schedule", "enqueue", "process", "masks")}
+    host["wait"] = (stats.device_wait_s - waited) / num_steps * 1e3
     return dict(elapsed=elapsed, tokens=tokens, tps=tokens / elapsed, steps=num_steps, host=host,
                 lengths=[len(r.output_ids) for r in requests], texts=[r.text for r in requests],
                 ids=[list(r.output_ids) for r in requests])

@@ -31,8 +31,10 @@ from bench_one_batch import copy_bandwidth, matmul_params
 from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
 from sgjax.engine import Engine, detokenizer
 from sgjax.executor import model_runner
-from sgjax.engine.engine import HOST_BOUND_WAIT_S, StepRecord
-from sgjax.executor.model_runner import token_buckets
+from sgjax.engine.core import EngineCore
+from sgjax.engine.stats import HOST_BOUND_WAIT_S, StepRecord
+from sgjax.executor import buckets
+from sgjax.executor.buckets import token_buckets
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
 
@@ -47,28 +49,32 @@ def make_workload(args, vocab: int) -> workloads.Workload:
                                    output_len=args.output_len)
 
 
-class ProfiledEngine(Engine):
-    """The Engine with cProfile on its engine thread (--profile-host): where the host's time per step goes."""
+PROFILE = cProfile.Profile()
 
-    profile = cProfile.Profile()
 
-    def _loop(self) -> None:
-        self.profile.enable()
+def profile_engine_thread() -> None:
+    """cProfile on the engine thread (--profile-host): where the host's time per step goes."""
+    loop = EngineCore._loop
+
+    def profiled(self) -> None:
+        PROFILE.enable()
         try:
-            super()._loop()
+            loop(self)
         finally:
-            self.profile.disable()
+            PROFILE.disable()
+
+    EngineCore._loop = profiled
 
 
 def run(args, folder: str, disable_radix_cache: bool) -> dict:
     t0 = time.perf_counter()
     # The bucket grids the engine compiles (the engine has no option for them; here for A/B runs)
     model_runner.token_buckets = functools.partial(token_buckets, decode_step=args.decode_bucket_step)
-    model_runner.ROW_BUCKET_GROWTH = args.row_bucket_growth
-    model_runner.HALFWAY_ROW_BUCKETS = not args.no_halfway_row_buckets
-    model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
-    engine_class = ProfiledEngine if args.profile_host else Engine
-    engine = engine_class(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
+    buckets.ROW_BUCKET_GROWTH = args.row_bucket_growth
+    buckets.HALFWAY_ROW_BUCKETS = not args.no_halfway_row_buckets
+    if args.profile_host:
+        profile_engine_thread()
+    engine = Engine(folder, kernel_options={"greedy_head": not args.no_fused_greedy_head}, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
                           mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
                           num_pages=args.num_pages, schedule_policy=args.schedule_policy,
@@ -85,7 +91,7 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
         engine.radix.reset_stats()
     preemptions, shared_steps = engine.scheduler.num_preemptions, engine.runner.num_shared_prefix_steps
     before = engine.timings()
-    engine.step_log = []
+    engine.stats.step_log = []
     t0 = time.perf_counter()
     done = []
     for prompt, out_len in zip(work.prompts, work.output_lens):  # per-request lengths: one call each, async
@@ -102,16 +108,16 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
                  shared_steps=engine.runner.num_shared_prefix_steps - shared_steps,
                  hit_rate=engine.radix.hit_rate if engine.radix else 0.0,
                  device_wait=(after["device_wait_s"] - before["device_wait_s"]) / elapsed,
-                 backend=engine.attention_backend,
+                 backend=engine.kernels.backend,
                  pages=engine.allocator.num_usable, end=t0 + elapsed,
                  host={k: after["host_s"][k] - before["host_s"][k] for k in ("schedule", "enqueue", "process")},
-                 log=engine.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work,
+                 log=engine.stats.step_log, out_tokens=out_tokens, model=model_sizes(engine), work=work,
                  step_sizes=step_sizes(before, after),
                  detokenizer="none" if engine.tokenizer is None
                  else "stream" if detokenizer.stream_backend(engine.tokenizer) else "window")
     engine.shutdown()
     if args.profile_host:  # the whole run, warm-up included; the thread stopped, so its profile is complete
-        pstats.Stats(ProfiledEngine.profile).sort_stats("tottime").print_stats(30)
+        pstats.Stats(PROFILE).sort_stats("tottime").print_stats(30)
     del engine
     gc.collect()
     return stats
@@ -240,9 +246,9 @@ def main() -> None:
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
-    p.add_argument("--decode-bucket-step", type=int, default=model_runner.DECODE_BUCKET_STEP,
+    p.add_argument("--decode-bucket-step", type=int, default=buckets.DECODE_BUCKET_STEP,
                    help="token buckets for decode steps every this many rows (256: the coarser grid before session 12)")
-    p.add_argument("--row-bucket-growth", type=int, default=model_runner.ROW_BUCKET_GROWTH,
+    p.add_argument("--row-bucket-growth", type=int, default=buckets.ROW_BUCKET_GROWTH,
                    help="sampling row buckets grow by this factor from 64 (4: the coarser grid before session 12)")
     p.add_argument("--no-halfway-row-buckets", action="store_true",
                    help="sampling row buckets without the halfway points (the grid before session 22)")

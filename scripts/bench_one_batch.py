@@ -30,7 +30,6 @@ from sgjax.executor.greedy import make_step
 from sgjax.kernels import resolve_backend
 from sgjax.kernels.gpu import ragged_paged_attention
 from sgjax.platform.mesh import make_mesh
-from sgjax.models import layers
 from sgjax.models.loader import load_model
 from sgjax.models.presets import PRESETS, write_preset
 
@@ -81,18 +80,11 @@ def timed(fn, repeat: int) -> float:
 def engine_decode(args, folder: str, sizes: list[int]) -> None:
     """Decode ms per step in the running Engine at each batch size, against the HBM floor."""
     from sgjax.engine import Engine
-    from sgjax.executor import model_runner
 
-    model_runner.FUSED_GREEDY_HEAD = not args.no_fused_greedy_head
-    if args.skinny_matmul:  # one device: the kernel is not partitioned
-        if args.mesh != "1x1":
-            raise SystemExit("--skinny-matmul runs on a 1x1 mesh only")
-        layers.SKINNY_MATMUL = "gpu"
-    model_runner.FILTER_CUT_KERNEL = not args.no_filter_cut_kernel
-    layers.FUSED_NORM_MIN_ROWS = args.fused_norm_min_rows
     ragged_paged_attention.DECODE_KV_SPLITS = args.decode_kv_splits
     n_in, n_out = args.input_len, args.output_len
-    engine = Engine(folder, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
+    kernel_options = {"greedy_head": not args.no_fused_greedy_head, "filter_cut": not args.no_filter_cut_kernel}
+    engine = Engine(folder, kernel_options=kernel_options, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
                     context_length=n_in + n_out + args.page_size,
                     chunked_prefill_size=max(n_in, args.prefill_tokens),
                     mesh=args.mesh, attention_backend=args.attention_backend)
@@ -110,9 +102,9 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
     rng = np.random.default_rng(0)
     for bs in sizes:
         prompts = [rng.integers(0, engine.loaded.config.vocab_size, n_in).tolist() for _ in range(bs)]
-        engine.step_log = []
+        engine.stats.step_log = []
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": n_out, "ignore_eos": True, **sampling})
-        log = engine.step_log
+        log = engine.stats.step_log
         steady = [(a, b) for a, b in zip(log, log[1:]) if a.prefill_tokens == 0 and a.decodes == bs and b.decodes == bs]
         if not steady:
             print(f"{bs:>5} no step decoded all {bs} requests without a prompt chunk beside them (the first "
@@ -141,8 +133,6 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="with --engine: prompt tokens a step may prefill (so every request runs before the first ends)")
-    p.add_argument("--skinny-matmul", action="store_true",
-                   help="with --engine: steps of <= 16 tokens multiply through kernels/gpu/skinny_matmul where tuned")
     p.add_argument("--no-fused-greedy-head", action="store_true",
                    help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
     p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")
@@ -150,8 +140,6 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=-1, help="with --engine: top-k filter of sampled rows")
     p.add_argument("--no-filter-cut-kernel", action="store_true",
                    help="with --engine: top-k / top-p cuts by sorting the vocabulary (before session 25)")
-    p.add_argument("--fused-norm-min-rows", type=int, default=layers.FUSED_NORM_MIN_ROWS,
-                   help="with --engine: steps of fewer rows take XLA's add + norm instead of the fused kernel")
     p.add_argument("--decode-kv-splits", type=int, default=ragged_paged_attention.DECODE_KV_SPLITS,
                    help="with --engine: context splits of small decode batches in the attention kernel")
     args = p.parse_args()

@@ -33,7 +33,6 @@ from bench_offline import step_sizes
 
 from sgjax.config import args_from_cli, build_parser
 from sgjax.engine import Engine
-from sgjax.engine.engine_process import EngineClient
 from sgjax.server.app import make_app
 
 
@@ -44,11 +43,11 @@ def thread_cpu_s(thread) -> float:
 
 def engine_cpu_s(engine) -> float:
     """CPU seconds of the engine thread, or of the engine's child process (Linux: /proc/PID/stat)."""
-    if isinstance(engine, EngineClient):
-        with open(f"/proc/{engine._process.pid}/stat") as stat:
+    if not engine.in_process:
+        with open(f"/proc/{engine.core._process.pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    return thread_cpu_s(engine._thread)
+    return thread_cpu_s(engine.core._thread)
 
 
 def step_figures(before: dict, after: dict) -> str:
@@ -117,7 +116,7 @@ def main() -> None:
     ns = parser.parse_args()
     engine_args, server_args = args_from_cli(ns)
     server_args.log_level = "warning"
-    engine = EngineClient(engine_args) if server_args.engine_process else Engine(args=engine_args)
+    engine = Engine(args=engine_args, engine_process=server_args.engine_process)
     client_args = ["--backend", ns.backend, "--dataset", ns.dataset, "--num-prompts", str(ns.num_prompts),
                    "--input-len", str(ns.input_len), "--output-len", str(ns.output_len),
                    "--request-rate", ns.request_rate, "--max-concurrency", str(ns.num_prompts),

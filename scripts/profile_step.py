@@ -32,7 +32,7 @@ from sgjax.executor.batch import SeqChunk
 from sgjax.config import KV_CACHE_DTYPES
 from sgjax.constrained.bitmask import allow_all
 from sgjax.engine import Engine
-from sgjax.executor import model_runner
+from sgjax.executor import programs
 from sgjax.executor.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
@@ -96,13 +96,14 @@ def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], rep
     where the runner has the kernel, the fused greedy head (kernels/gpu/greedy_head.py). "sync": the
     device synchronised after each call (includes the dispatch); "queued": `repeat` calls back to back."""
     handle = runner.launch(prepared)
-    paths = [("xla", None)] + ([("fused", runner.head_kernel)] if runner.head_kernel else [])
+    head = runner.kernels.greedy_head
+    paths = [("xla", None)] + ([("fused", head)] if head is not None else [])
     print(f"{'sampling rows':>13} " + " ".join(f"{name + ' ' + how:>14}" for name, _ in paths
                                                for how in ("sync ms", "queued ms")))
     for n in rows:
         cells = []
         for _, kernel in paths:
-            program = jax.jit(functools.partial(model_runner._sample, softcap, kernel, None, SamplerFeatures(), n,
+            program = jax.jit(functools.partial(programs.sample_step, softcap, kernel, None, SamplerFeatures(), n,
                                                 runner.sampling_layout))
             call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats,
                                      runner.penalties, None, None, None)

@@ -29,8 +29,8 @@ from bench_offline import decode_kv_tokens, step_floor_s, timeline, workload_flo
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import SCHEDULE_POLICIES
-from sgjax.engine.engine import StepRecord
-from sgjax.executor.model_runner import bucket_for, token_buckets
+from sgjax.engine.stats import StepRecord
+from sgjax.executor.buckets import bucket_for, token_buckets
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler

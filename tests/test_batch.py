@@ -70,8 +70,8 @@ def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
                                                          (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300),
                                                          (16, 513, 1), (16, 584, 72), (16, 9192, 1000)])
 def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
-    from sgjax.executor.model_runner import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
-    from sgjax.executor.model_runner import LINEAR_BUCKET_STEP as step
+    from sgjax.executor.buckets import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
+    from sgjax.executor.buckets import LINEAR_BUCKET_STEP as step
 
     buckets = token_buckets(smallest, largest, decode_rows=decode_rows)
     assert buckets[0] == min(smallest, decode_rows or smallest) and buckets[-1] >= largest
@@ -97,7 +97,7 @@ def test_row_buckets_bound_the_padding(max_seqs):
     """Sampling rows: up to 256 rounded up to 64, 128 or 256 (on an H100 a 192-row bucket sampled slower
     than 256 rows); past 256, by less than half again (the LM head's matmul is compute-bound there and its
     time follows the rows); never past max_seqs."""
-    from sgjax.executor.model_runner import row_buckets
+    from sgjax.executor.buckets import row_buckets
 
     buckets = row_buckets(max_seqs)
     assert buckets == sorted(set(buckets)) and buckets[-1] == max_seqs

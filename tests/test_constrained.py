@@ -126,11 +126,11 @@ def test_jump_forward_same_tokens_in_fewer_steps(path):
     for jump in (True, False):
         engine = make_engine(path, disable_jump_forward=not jump, max_running_requests=16)
         try:
-            steps = engine.num_steps
+            steps = engine.stats.num_steps
             params = [{"json_schema": json.dumps(schema), "temperature": t, "seed": 3, "max_new_tokens": 250}
                       for schema in (LONG_KEYS, PRODUCT, MEDICAL_REPORT) for t in (0.0, 0.0, 1.0)]
             outs = [engine.generate(f"prompt {i}", p) for i, p in enumerate(params)]
-            runs[jump] = ([o["output_ids"] for o in outs], engine.num_steps - steps)
+            runs[jump] = ([o["output_ids"] for o in outs], engine.stats.num_steps - steps)
             check_pages_accounted(engine)
         finally:
             engine.shutdown()

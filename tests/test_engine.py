@@ -79,11 +79,11 @@ def test_staggered_requests_match_transformers(engine, llama):
 
     threads = []
     for wave in range(4):
-        steps = engine.num_steps
+        steps = engine.stats.num_steps
         for i in range(wave * 4, wave * 4 + 4):
             threads.append(threading.Thread(target=run, args=(i,)))
             threads[-1].start()
-        wait_until(lambda: engine.num_steps >= steps + 3 or all(r is not None for r in results[: wave * 4 + 4]))
+        wait_until(lambda: engine.stats.num_steps >= steps + 3 or all(r is not None for r in results[: wave * 4 + 4]))
     for t in threads:
         t.join()
     for i, (result, want) in enumerate(zip(results, expected)):
@@ -121,8 +121,9 @@ def test_outputs_identical_across_configurations(llama, overrides):
         results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": new_tokens})
         assert [r["output_ids"] for r in results] == expected
         if overrides.get("attention_backend") == "pallas_interpret":  # the fused add + norm and head ran, interpreted
-            assert engine.loaded.model.model.layers[0].norm_kernel == "interpret"
-            assert engine.runner.head_kernel == "interpret"
+            assert engine.kernels.add_rms_norm is not None
+            assert engine.loaded.model.model.layers[0].norm_kernel is engine.kernels.add_rms_norm
+            assert engine.runner.kernels.greedy_head is not None
         if "num_pages" in overrides and overrides["num_pages"] == 41:
             assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
         check_pages_accounted(engine)
@@ -211,17 +212,17 @@ def test_step_log_counts_every_token_run(engine):
     naive count says must run (uncached prompt tokens, then every output but the last), launches are in
     order, and every step's wait for its results is filled in."""
     prompts = [np.random.default_rng(40 + i).integers(0, 512, 20 + 7 * i).tolist() for i in range(3)]
-    steps_before = engine.num_steps
-    engine.step_log = []
+    steps_before = engine.stats.num_steps
+    engine.stats.step_log = []
     try:
         results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
-        log = engine.step_log
+        log = engine.stats.step_log
     finally:
-        engine.step_log = None
+        engine.stats.step_log = None
     want = sum(r["meta_info"]["prompt_tokens"] - r["meta_info"]["cached_tokens"] + r["meta_info"]["completion_tokens"]
                - 1 for r in results)
     assert sum(s.decodes + s.prefill_tokens for s in log) == want
-    assert len(log) == engine.num_steps - steps_before
+    assert len(log) == engine.stats.num_steps - steps_before
     assert all(a.launched <= b.launched for a, b in zip(log, log[1:]))
     assert all(s.waited >= 0 for s in log) and any(s.waited > 0 for s in log)
     assert all(s.kv_tokens > 0 for s in log)
@@ -287,7 +288,7 @@ def test_fused_greedy_head_logprobs_match_transformers(llama):
     (kernels/gpu/greedy_head.py): their tokens' logprobs too equal HF's log_softmax."""
     engine = make_engine(llama[0], attention_backend="pallas_interpret")
     try:
-        assert engine.runner.head_kernel == "interpret"
+        assert engine.runner.kernels.greedy_head is not None
         check_logprobs_match_transformers(engine, llama[1], llama[2][2])
     finally:
         engine.shutdown()
@@ -422,7 +423,7 @@ def test_abort_frees_pages(engine):
     asyncio.run(start_then_abort())
     wait_until_aborted_and_freed(engine)
     check_pages_accounted(engine)
-    assert engine._thread.is_alive()
+    assert engine.alive
     assert engine.generate("hi", GREEDY)["meta_info"]["completion_tokens"] == 12
 
 
@@ -567,11 +568,11 @@ def test_overlap_feeds_sampled_tokens_on_device(engine, monkeypatch):
     seen = []
     original = Request.chunk_tokens
     monkeypatch.setattr(Request, "chunk_tokens", lambda self, n: seen.append(original(self, n)) or seen[-1])
-    steps = engine.num_steps
+    steps = engine.stats.num_steps
     engine.generate(input_ids=[[1, 2, 3], [4, 5, 6, 7]], sampling_params={**GREEDY, "max_new_tokens": 10})
     decode_inputs = [t for chunk in seen for t in chunk if len(chunk) == 1]
     assert len(decode_inputs) == 18 and all(t < 0 for t in decode_inputs)
-    assert engine.num_steps - steps == 10  # no step is wasted on requests that are sure to finish
+    assert engine.stats.num_steps - steps == 10  # no step is wasted on requests that are sure to finish
 
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen2"])

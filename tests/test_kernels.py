@@ -12,7 +12,7 @@ from sgjax.kernels import reference
 from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
-from sgjax.kernels.metadata import plan_query_blocks, plan_two_size_query_blocks
+from sgjax.kernels.metadata import plan_query_blocks
 from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
 
 
@@ -94,9 +94,7 @@ def test_gpu_kernel_matches_reference(case, dtype, tolerance):
     variants = [dict(block_q=None), dict(kv_splits=3, min_blocks_per_split=1), dict(kv_splits=3),
                 dict(block_q=1), dict(block_q=1, kv_splits=3), dict(block_q=2, prefetch=0),
                 dict(block_q=2, prefetch=1), dict(block_q=1, prefetch=2), dict(kv_splits=3, prefetch=1),
-                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2),
-                # prompt chunks in larger blocks than decodes (two tile sizes in one kernel)
-                dict(block_q=2, large_block_q=8), dict(block_q=1, large_block_q=4, kv_splits=3, min_blocks_per_split=1)]
+                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2)]
     for variant in variants:
         got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **variant, **kwargs)
         assert got.shape == q.shape
@@ -236,8 +234,7 @@ def test_gpu_kernel_on_an_engine_like_decode_batch():
 
 def test_gpu_kernel_on_a_decode_sized_step_with_prompt_chunks():
     """Decodes and prompt chunks in a bucket of no more tokens than sequence rows (the engine's mixed
-    steps), the chunks in larger query blocks than the decodes' (two tile sizes in one kernel): the
-    reference's result."""
+    steps), two tokens a query block: the reference's result."""
     q, k_pages, v_pages, meta, total = random_case(7, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
                                                    q_lens=[1, 9, 1, 6, 1], cached=[90, 30, 300, 0, 17],
                                                    dtype=jnp.float32, extra_tokens=3, extra_seqs=20)
@@ -245,7 +242,7 @@ def test_gpu_kernel_on_a_decode_sized_step_with_prompt_chunks():
     kwargs = dict(scale=0.125)
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
     got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=1, block_q=2,
-                                            large_block_q=4, **kwargs)[:total]
+                                            **kwargs)[:total]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
@@ -266,30 +263,6 @@ def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q, full_dec
     got = [(int(b), int(t)) for b, t, ok in zip(seq, start, valid) if ok]
     assert got == want
     assert not valid[len(want):].any()
-    assert ((start >= 0) & (start < num_tokens)).all()
-
-
-@pytest.mark.parametrize("block_q,large_block_q", [(1, 4), (2, 16)])
-def test_two_size_query_blocks_match_a_naive_plan(block_q, large_block_q):
-    """Sequences with more than block_q new tokens are cut into blocks of large_block_q, the others into
-    blocks of block_q: every token of the included sequences once, the large ones marked, all within the
-    bound of block_q-token blocks."""
-    rng = np.random.default_rng(large_block_q)
-    q_lens = rng.choice([0, 1, 1, 1, 2, 3, 5, 17, 40], size=48)
-    include = rng.random(48) < 0.8
-    num_tokens = int(q_lens.sum()) + 7
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    want = []
-    for b in range(48):
-        size = large_block_q if q_lens[b] > block_q else block_q
-        if include[b]:
-            want += [(b, int(qsl[b]) + j, int(size == large_block_q)) for j in range(0, int(q_lens[b]), size)]
-    seq, start, valid, large = (np.asarray(x) for x in plan_two_size_query_blocks(
-        jnp.asarray(qsl), num_tokens, block_q, large_block_q, jnp.asarray(include)))
-    assert len(seq) == min(num_tokens, -(-num_tokens // block_q) + 48)
-    got = [(int(b), int(t), int(g)) for b, t, ok, g in zip(seq, start, valid, large) if ok]
-    assert got == want
-    assert not valid[len(want):].any() and not large[len(want):].any()
     assert ((start >= 0) & (start < num_tokens)).all()
 
 
@@ -356,10 +329,6 @@ def test_triton_kernels_lower_for_cuda():
     attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, **kwargs))
     text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_paged_attention" in text and "transpose" not in text
-    # two query block sizes in one kernel (a branch per tile size)
-    attend = jax.jit(lambda *args: gpu_kernel.ragged_paged_attention(*args, block_q=2, large_block_q=4, **kwargs))
-    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
-    assert "ragged_paged_attention" in text
 
 
 @pytest.mark.parametrize("rows,vocab,width,softcap,tiles", [
@@ -441,48 +410,3 @@ def test_ordered_key_keeps_the_order_of_floats():
     x = np.array([-np.inf, -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, 1.5, 3e38, np.inf], np.float32)
     keys = np.asarray(ordered_key(jnp.asarray(x))).astype(np.int64)
     assert (np.diff(keys)[:4] > 0).all() and keys[4] == keys[5] and (np.diff(keys)[5:] > 0).all()
-
-
-@pytest.mark.parametrize("rows,n,k,tiles", [
-    (1, 128, 256, dict(block_n=64, block_k=128)),
-    (5, 256, 512, dict(block_n=64, block_k=64, split_k=2)),
-    (16, 192, 448, dict(block_n=64, block_k=64, split_k=7)),  # K = 7 x 64, as Llama-3's down projection
-    (33, 128, 256, dict(block_n=32, block_k=128, split_k=2)),
-])
-def test_skinny_matmul_matches_float64(rows, n, k, tiles):
-    """The decode-sized product (Pallas interpreter) against numpy in float64, to bf16 output rounding."""
-    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul
-
-    x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
-    w = jax.random.normal(jax.random.key(n), (n, k), jnp.bfloat16)
-    got = skinny_matmul(x, w, interpret=True, **tiles)
-    expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
-
-
-def test_skinny_matmul_rejects_tiles_that_do_not_fit():
-    from sgjax.kernels.gpu.skinny_matmul import skinny_matmul
-
-    x, w = jnp.ones((4, 448), jnp.bfloat16), jnp.ones((128, 448), jnp.bfloat16)
-    with pytest.raises(ValueError, match="split 1 ways into powers of two"):
-        skinny_matmul(x, w, block_n=64, block_k=64, interpret=True)  # 448 is no power of two
-    with pytest.raises(ValueError, match="multiple of 96"):
-        skinny_matmul(x, w, block_n=96, block_k=64, split_k=7, interpret=True)
-    with pytest.raises(ValueError, match="M <= 64"):
-        skinny_matmul(jnp.ones((65, 448), jnp.bfloat16), w, block_n=64, block_k=64, split_k=7, interpret=True)
-
-
-def test_skinny_matmul_lowers_for_cuda_at_llama_shapes():
-    """Explicit tiles, and the tuned ones the model uses (tiles_for) for Llama-3-8B's projections."""
-    from sgjax.kernels.gpu.skinny_matmul import TUNED_TILES, skinny_matmul, tiles_for
-
-    assert TUNED_TILES and all(tiles_for(rows, *shape) for rows in (1, 16) for shape in TUNED_TILES)
-    assert tiles_for(17, *next(iter(TUNED_TILES))) is None and tiles_for(1, 4096, 4095) is None
-    for rows, (n, k), tiles in [(1, (6144, 4096), dict(split_k=2)), (16, (4096, 14336), dict(block_k=256, split_k=7)),
-                                (16, (128256, 4096), dict(block_n=128, num_warps=8)),
-                                *[(rows, shape, tiles_for(rows, *shape)) for rows in (1, 16) for shape in TUNED_TILES]]:
-        matmul = jax.jit(functools.partial(skinny_matmul, **tiles))
-        text = matmul.trace(jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)
-                            ).lower(lowering_platforms=("cuda",)).as_text()
-        assert "skinny_matmul" in text

@@ -67,30 +67,3 @@ def test_bf16_logits_close_to_transformers(tiny_models):
     ours = forward_logits(loaded, [prompt])[0]
     ref = hf_logits(hf_model, prompt)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 5e-2
-
-
-def test_skinny_matmul_path_matches_transformers(tiny_models, monkeypatch):
-    """With layers.SKINNY_MATMUL set, steps of <= 16 tokens multiply through kernels/gpu/skinny_matmul (here in
-    the Pallas interpreter) and still give transformers' logits; longer ones keep XLA's matmuls."""
-    from sgjax.kernels.gpu import skinny_matmul
-    from sgjax.models import layers
-
-    def any_tiles(rows, n, k):  # the tiny model's shapes are not in TUNED_TILES: the first tiling that fits
-        fits = (dict(block_n=16, block_k=16, split_k=split) for split in (1, 2, 4, 8, 7, 14))
-        return next(t for t in fits if skinny_matmul.supports(rows, n, k, **t))
-
-    calls = []
-    kernel = skinny_matmul.skinny_matmul
-    monkeypatch.setattr(skinny_matmul, "tiles_for", any_tiles)
-    monkeypatch.setattr(skinny_matmul, "skinny_matmul", lambda x, w, **kw: calls.append(x.shape) or kernel(x, w, **kw))
-    monkeypatch.setattr(layers, "SKINNY_MATMUL", "interpret")
-    path, hf_model = tiny_models("llama")
-    loaded = load_model(path, make_mesh("1x1"), dtype="float32")
-    for prompt in random_prompts(4)[:3]:  # 1, 5 and 19 tokens
-        calls.clear()
-        (ours,) = forward_logits(loaded, [prompt], page_size=4)
-        ref = hf_logits(hf_model, prompt)
-        rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-        assert rel < 1e-4, f"prompt of {len(prompt)}: relative error {rel:.2e}"
-        per_layer = 4  # q/k/v, o, gate/up, down
-        assert len(calls) == (per_layer * 3 if len(prompt) <= 16 else 0), (len(prompt), calls)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgjax import kernels
 from sgjax.executor.sampler import PenaltyState, SamplerFeatures, SamplingBatch, logit_bias_arrays, sample
 from sgjax.engine.sampling_params import SamplingParams
 
@@ -129,7 +130,8 @@ def test_the_filter_kernel_draws_the_tokens_the_sort_draws():
     features = SamplerFeatures.of(params)
     assert features.filtered and features.sampled
     penalties = PenaltyState.zeros(rows, vocab)
-    draws = {kernel: np.asarray(sample(jnp.asarray(logits), batch, penalties, None, features, None, kernel)[0])
-             for kernel in (None, "interpret")}
-    np.testing.assert_array_equal(draws["interpret"], draws[None])
-    assert len(set(draws[None].tolist())) > rows // 2  # real draws, not one token
+    kernel = kernels.select("pallas_interpret").top_k_top_p_keep
+    draws = {name: np.asarray(sample(jnp.asarray(logits), batch, penalties, None, features, None, keep)[0])
+             for name, keep in (("sort", None), ("kernel", kernel))}
+    np.testing.assert_array_equal(draws["kernel"], draws["sort"])
+    assert len(set(draws["sort"].tolist())) > rows // 2  # real draws, not one token

@@ -45,10 +45,11 @@ class TreeNode:
 class MatchResult:
     pages: np.ndarray  # int32 pages of the matched prefix, in order
     num_tokens: int  # matched tokens (a multiple of page_size)
-    last_node: TreeNode  # lock this while the prefix is in use
+    last_node: TreeNode | None  # lock this while the prefix is in use (None: nothing cached)
 
 
 class RadixCache:
+    shares_prefixes = True
     def __init__(self, allocator: PageAllocator):
         self.allocator = allocator
         self.page_size = allocator.page_size

@@ -6,8 +6,8 @@ ones; while that difference ends in U+FFFD (an incomplete byte sequence) it is h
 
 A fast (Rust-backed) tokenizer whose `decode` is its backend's decode does that in Rust
 (`tokenizers.decoders.DecodeStream`): one call a token instead of two Python-wrapped decodes, 3.6-6.6x
-cheaper on the engine thread, which detokenizes every running request's token each step
-(BENCHMARKS.md session 33). Other tokenizers take the same window method through `tokenizer.decode`;
+cheaper on the engine thread, which detokenizes every running request's token each step.
+Other tokenizers take the same window method through `tokenizer.decode`;
 where that decode cleans up spaces (WordPiece models), each window is cleaned up on its own, so a rule that
 spans two pieces ("don ' t" -> "don't") is missed.
 """

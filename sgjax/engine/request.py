@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import time
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     extra_key: Any = None  # requests with different extra keys never share cached prefixes
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
+    wire_id: int = -1  # the caller side's handle (GenerateRequest.wire_id), named in its TokenDeltas
     matcher: Any = None  # llguidance.LLMatcher of the request's constraint, advanced token by token
     # Without jump-forward: the forced tokens still to emit one step each, as computed after the last
     # freely sampled token (None: not computed since then).
@@ -56,9 +56,8 @@ class Request:
     admitted: bool = False
     finish_reason: dict | None = None
     text: str = ""
-    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    num_sent: int = 0  # output tokens already reported in TokenDeltas
     first_token_time: float | None = None
-    aborted: bool = False
 
     _page_cache: tuple[list[int], np.ndarray] | None = dataclasses.field(default=None, repr=False)
 

@@ -11,7 +11,7 @@ Policy, in order, each step:
    With `step_token_target` the budget is what the step's decodes leave of that many tokens (at
    least 0): prompts fill decode steps up to about the size where reading the weights and doing the
    matmuls take as long, instead of running in a few large prefill steps that advance each decode by
-   one token as slowly as they run (BENCHMARKS.md session 14).
+   one token as slowly as they run.
 2. Waiting requests, longest cached prefix first (`lpm`), in arrival order (`fcfs`), or longest
    remaining output (max_new_tokens) first (`lof`: the requests that need the most steps start first,
    so a batch's last steps are not a few long outputs decoding alone), while there is budget, a free
@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
+from sgjax.cache.no_prefix_cache import NoPrefixCache
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.engine.request import Request, Status
@@ -36,10 +37,11 @@ LPM_MAX_QUEUE = 128
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, radix: RadixCache | None, *, max_running_requests: int,
+    def __init__(self, allocator: PageAllocator, radix: RadixCache | NoPrefixCache | None, *, max_running_requests: int,
                  chunked_prefill_size: int, context_length: int, policy: str = "lpm",
                  round_up: Callable[[int], int] | None = None, step_token_target: int = 0):
-        self.allocator, self.radix = allocator, radix
+        self.allocator = allocator
+        self.radix = radix if radix is not None else NoPrefixCache()
         self.page_size = allocator.page_size
         self.max_running = max_running_requests
         self.prefill_budget = chunked_prefill_size
@@ -103,38 +105,35 @@ class Scheduler:
             if self._lof_order is None:
                 self._lof_order = sorted(self.waiting, key=lambda r: len(r.output_ids) - r.params.max_new_tokens)
             return [r for r in self._lof_order if r.status is Status.WAITING]
-        if self.policy == "fcfs" or self.radix is None or len(self.waiting) > LPM_MAX_QUEUE:
+        if self.policy == "fcfs" or not self.radix.shares_prefixes or len(self.waiting) > LPM_MAX_QUEUE:
             return list(self.waiting)
         match_len = {id(r): self.radix.match_prefix(r.key, r.extra_key, record=False).num_tokens
                      for r in self.waiting}
         return sorted(self.waiting, key=lambda r: -match_len[id(r)])  # stable: FCFS among equals
 
     def _sibling_prefilling(self, req: Request) -> bool:
-        return (self.radix is not None and req.group is not None
+        return (self.radix.shares_prefixes and req.group is not None
                 and any(r.group == req.group and r.num_computed < len(r.prompt_ids) - 1 for r in self.running))
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Move a waiting request to running with its cached prefix and pages for its first chunk."""
         fill = req.key
-        node, pages, cached = None, [], 0
-        if self.radix is not None:
-            m = self.radix.match_prefix(fill, req.extra_key, record=not req.admitted)
-            # At least the last token must run, to produce the logits of the next one. Penalised
-            # requests run every token, because the step counts tokens for the penalties.
-            cached = min(m.num_tokens, (len(fill) - 1) // self.page_size * self.page_size)
-            if req.params.uses_penalties:
-                cached = 0
-            if req.params.logprob_start_len >= 0:  # the step before each wanted prompt token must run
-                cached = min(cached, max(req.params.logprob_start_len - 1, 0) // self.page_size * self.page_size)
-            node, pages = m.last_node, m.pages[: cached // self.page_size].tolist()
-            self.radix.lock(node)
+        m = self.radix.match_prefix(fill, req.extra_key, record=not req.admitted)
+        # At least the last token must run, to produce the logits of the next one. Penalised
+        # requests run every token, because the step counts tokens for the penalties.
+        cached = min(m.num_tokens, (len(fill) - 1) // self.page_size * self.page_size)
+        if req.params.uses_penalties:
+            cached = 0
+        if req.params.logprob_start_len >= 0:  # the step before each wanted prompt token must run
+            cached = min(cached, max(req.params.logprob_start_len - 1, 0) // self.page_size * self.page_size)
+        node, pages = m.last_node, m.pages[: cached // self.page_size].tolist()
+        self.radix.lock(node)
         n = min(len(fill) - cached, budget)
         need = self.allocator.pages_for(cached + n) - len(pages)
-        if need > self.allocator.num_free and self.radix is not None:
+        if need > self.allocator.num_free:
             self.radix.evict((need - self.allocator.num_free) * self.page_size)
         if need > self.allocator.num_free:
-            if node is not None:
-                self.radix.unlock(node)
+            self.radix.unlock(node)
             return None
         self.waiting.remove(req)
         req.pages = pages + self.allocator.alloc(need).tolist()
@@ -151,7 +150,7 @@ class Scheduler:
         need = self.allocator.pages_for(req.num_computed + n) - len(req.pages)
         while need > self.allocator.num_free:
             short = (need - self.allocator.num_free) * self.page_size
-            if self.radix is not None and self.radix.evictable_tokens and self.radix.evict(short):
+            if self.radix.evictable_tokens and self.radix.evict(short):
                 continue
             victim = self.running[-1]
             self.preempt(victim)
@@ -165,7 +164,7 @@ class Scheduler:
     def cache_prefill(self, req: Request) -> None:
         """Share a running request's computed prompt with the radix tree right away, so requests
         with the same prefix that arrive meanwhile reuse its pages."""
-        if self.radix is None:
+        if not self.radix.shares_prefixes:
             return
         old = req.tree_node
         self._insert(req)
@@ -204,7 +203,7 @@ class Scheduler:
             self.running.remove(req)
             self.free_slots.append(req.slot)
             req.slot = -1
-        if self.radix is not None and req.tree_node is not None:
+        if req.tree_node is not None:
             self._insert(req)
             self.radix.unlock(req.tree_node)
         own = req.pages[req.num_tree_pages:]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sgjax.constrained.bitmask import apply_bitmask
-from sgjax.kernels.gpu import filter_cut
 
 TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
 MAX_LOGIT_BIAS = 300  # most logit_bias entries a request may give (the step's bias arrays are this wide)
@@ -148,7 +148,7 @@ def logit_bias_arrays(biases: list[dict[int, float] | None], rows: int) -> tuple
 
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None,
            features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True),
-           bias: tuple[jax.Array, jax.Array] | None = None, filter_kernel: str | None = None):
+           bias: tuple[jax.Array, jax.Array] | None = None, filter_kernel: Callable | None = None):
     """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
 
     Logprobs are of the model's distribution (before logit biases, grammar masks, penalties,
@@ -188,7 +188,7 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
     return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool, filter_kernel: str | None) -> jax.Array:
+def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool, filter_kernel: Callable | None) -> jax.Array:
     """Each row's draw from softmax(logits / T), restricted by its filters when `filtered`."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -200,20 +200,19 @@ def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool, filter_kernel: st
 
 
 def kept_by_filters(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
-                    kernel: str | None = None) -> jax.Array:
+                    kernel: Callable | None = None) -> jax.Array:
     """Which tokens each row's filters keep ([B, V] bool), from its scaled logits [B, V].
 
     A token is kept when fewer than top_k tokens score higher (top_k <= 0: no limit), the tokens scoring
     higher hold less than top_p of the probability (top_p 1: no limit), and its probability is at least
     min_p times the best's: what cutting the sorted row keeps, ties at the cut all kept, the best token
-    always. With a `kernel` ("gpu", or "interpret" for CPU tests) the top-k / top-p cut comes from
-    kernels/gpu/filter_cut.py, without the full-vocabulary sort (4.3 ms at 384 rows on an H100)."""
+    always. With a `kernel` (Kernels.top_k_top_p_keep) the top-k / top-p cut comes without the
+    full-vocabulary sort (4.3 ms at 384 rows on an H100)."""
     vocab = scaled.shape[-1]
-    if kernel:
+    if kernel is not None:
         probs = jax.nn.softmax(scaled, axis=-1)
-        cut = filter_cut.filter_cut(scaled, top_k, top_p, interpret=kernel == "interpret")
         above_min_p = probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True)
-        return (filter_cut.ordered_key(scaled) >= cut[:, None]) & above_min_p
+        return kernel(scaled, top_k, top_p) & above_min_p
     sorted_logits = -jnp.sort(-scaled, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     rank = jnp.arange(vocab)[None, :]

@@ -54,31 +54,11 @@ def token_positions(meta: AttentionMetadata, num_tokens: int) -> tuple[jax.Array
     return seq, pos
 
 
-def _blocks_per_seq(query_start_loc: jax.Array, block_q, include: jax.Array | None) -> jax.Array:
-    """Blocks of each sequence at `block_q` tokens a block (an int, or one per sequence)."""
+def _blocks_per_seq(query_start_loc: jax.Array, block_q: int, include: jax.Array | None) -> jax.Array:
+    """Blocks of each sequence at `block_q` tokens a block."""
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     blocks = (q_lens + block_q - 1) // block_q
     return blocks if include is None else jnp.where(include, blocks, 0)
-
-
-def _plan(query_start_loc: jax.Array, num_tokens: int, block_q: int, sizes, include: jax.Array | None,
-          max_blocks: int | None):
-    """(sequence, first token, valid) of blocks of `sizes` tokens (an int, or one per sequence, none
-    smaller than `block_q`), over a static bound on their number."""
-    num_seqs = query_start_loc.shape[0] - 1
-    blocks_per_seq = _blocks_per_seq(query_start_loc, sizes, include)
-    ends = jnp.cumsum(blocks_per_seq)
-    # Every block holds at least one token, so there are never more blocks than tokens; with larger
-    # blocks each sequence leaves at most one partial block. The kernels launch a program per block of
-    # this bound: a decode-sized bucket of 384 tokens and 512 rows at 2 tokens a block had 704, of which
-    # at most 384 can hold tokens.
-    num_blocks = max_blocks or min(num_tokens, -(-num_tokens // block_q) + num_seqs)
-    i = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
-    size = sizes if isinstance(sizes, int) else sizes[seq]
-    start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * size
-    valid = i < ends[-1]
-    return seq, jnp.where(valid, start, 0).astype(jnp.int32), valid.astype(jnp.int32)
 
 
 def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int, include: jax.Array | None = None,
@@ -90,20 +70,19 @@ def plan_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int,
     (`max_blocks` when the caller knows a tighter one). Blocks past the last are not valid and start
     at token 0, so a kernel's reads for them stay inside its query array.
     """
-    return _plan(query_start_loc, num_tokens, block_q, block_q, include, max_blocks)
-
-
-def plan_two_size_query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int, large_block_q: int,
-                               include: jax.Array | None = None):
-    """`plan_query_blocks` with two block sizes: sequences with more than `block_q` new tokens (prompt
-    chunks) in blocks of `large_block_q`, the others (decodes) in blocks of `block_q`, so that a chunk's
-    tokens walk their keys together instead of a few at a time. Returns (sequence, first token, valid,
-    large) of each block, over the bound of `block_q`-token blocks."""
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    sizes = jnp.where(q_lens > block_q, large_block_q, block_q).astype(jnp.int32)
-    seq, start, valid = _plan(query_start_loc, num_tokens, block_q, sizes, include, None)
-    large = (valid > 0) & (sizes[seq] == large_block_q) & (large_block_q != block_q)
-    return seq, start, valid, large.astype(jnp.int32)
+    num_seqs = query_start_loc.shape[0] - 1
+    blocks_per_seq = _blocks_per_seq(query_start_loc, block_q, include)
+    ends = jnp.cumsum(blocks_per_seq)
+    # Every block holds at least one token, so there are never more blocks than tokens; with larger
+    # blocks each sequence leaves at most one partial block. The kernels launch a program per block of
+    # this bound: a decode-sized bucket of 384 tokens and 512 rows at 2 tokens a block had 704, of which
+    # at most 384 can hold tokens.
+    num_blocks = max_blocks or min(num_tokens, -(-num_tokens // block_q) + num_seqs)
+    i = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), num_seqs - 1).astype(jnp.int32)
+    start = query_start_loc[seq] + (i - (ends[seq] - blocks_per_seq[seq])) * block_q
+    valid = i < ends[-1]
+    return seq, jnp.where(valid, start, 0).astype(jnp.int32), valid.astype(jnp.int32)
 
 
 def token_query_blocks(meta: AttentionMetadata, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:

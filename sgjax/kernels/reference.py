@@ -20,7 +20,7 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
 
     The slots are unique (a token's own; padding slots too), and saying so lets XLA's GPU scatter store
     elements plainly instead of updating them as if they could collide: 4.6x faster for 8192 tokens
-    of Llama-3-8B's K/V on an H100 (scripts/bench_kv_write.py, BENCHMARKS.md session 11)."""
+    of Llama-3-8B's K/V on an H100 (scripts/bench_kv_write.py)."""
     kvh, pages, page_size, d = k_pages.shape
     flat = (kvh, pages * page_size, d)
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from sgjax.kernels import AttentionMetadata
+from sgjax.kernels import AttentionMetadata, Kernels
 from sgjax.models.config import ModelConfig
 from sgjax.models.layers import Attention, GatedMLP, KVCache, RMSNorm
 from sgjax.models.llama import DecoderModel, LlamaForCausalLM
 
 
 class Gemma2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs,
-                 fused_norm: bool = True):  # unused: the sandwich norms have no fused kernel
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels, rngs: nnx.Rngs):
+        # kernels.add_rms_norm is not used: the sandwich norms leave no residual add to fuse
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=True)  # noqa: E731
         self.input_layernorm = norm()
-        self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)
+        self.self_attn = Attention(cfg, layer_idx, kernels, rngs)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
         self.mlp = GatedMLP(cfg, rngs)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgjax.kernels import AttentionMetadata, get_attention_backend, triton_kernel_mode
-from sgjax.kernels.gpu import add_rms_norm as fused_norm
-from sgjax.kernels.gpu import skinny_matmul as skinny
+from sgjax.kernels import AttentionMetadata, Kernels
 from sgjax.platform.mesh import TENSOR
 from sgjax.models.config import ModelConfig
 
@@ -28,32 +27,6 @@ ROW = (None, TENSOR)  # input features split over "tensor" (o, down); XLA adds t
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages, page_size, KVH, D]
 
-# Products of at most SKINNY_MATMUL_MAX_ROWS token rows through kernels/gpu/skinny_matmul.py: None (XLA's
-# matmuls, the default), "gpu", or "interpret" (tests). Read when the model is traced; one-device meshes only
-# (the kernel is not partitioned); only for the weight shapes in skinny.TUNED_TILES. Off: on an H200 it made the
-# engine's batch-1 step no faster (BENCHMARKS.md session 28).
-SKINNY_MATMUL: str | None = None
-SKINNY_MATMUL_MAX_ROWS = 16
-
-# Steps of fewer rows than this take the plain add + norm even where a fused kernel is given (A/B of
-# scripts/bench_one_batch.py --fused-norm-min-rows: XLA can fold a split-K matmul's partial sums into its
-# own norm fusion, not into the kernel).
-FUSED_NORM_MIN_ROWS = 0
-
-
-def skinny_product(x: jax.Array, w: jax.Array) -> jax.Array | None:
-    """x [..., K] @ w [*out, K] -> [..., *out] through the skinny kernel, or None where it does not apply."""
-    rows = math.prod(x.shape[:-1])
-    if SKINNY_MATMUL is None or rows > SKINNY_MATMUL_MAX_ROWS:
-        return None
-    w2 = w.reshape(-1, w.shape[-1])
-    tiles = skinny.tiles_for(rows, *w2.shape)
-    if tiles is None:
-        return None
-    y = skinny.skinny_matmul(x.reshape(rows, -1), w2, interpret=SKINNY_MATMUL == "interpret", **tiles)
-    return y.reshape(*x.shape[:-1], *w.shape[:-1])
-
-
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs):
         init = jax.random.normal(rngs.params(), (out_features, in_features), dtype) * (in_features**-0.5)
@@ -61,9 +34,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=(axes[0],)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = skinny_product(x, self.weight[...])
-        if y is None:
-            y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -88,9 +59,7 @@ class FusedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., *out_shape]."""
         w = self.weight[...]
-        y = skinny_product(x, w)
-        if y is None:
-            y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
+        y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -109,22 +78,17 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
     def add_and_norm(self, x: jax.Array, h: jax.Array | None,
-                     kernel: str | None = None) -> tuple[jax.Array, jax.Array]:
+                     kernel: Callable | None = None) -> tuple[jax.Array, jax.Array]:
         """(x + h, self(x + h)): the residual stream and its normalised rows (h None: nothing to add).
-        `kernel` ("gpu", or "interpret" for tests on the CPU) computes both in one pass
-        (kernels/gpu/add_rms_norm.py) where it can: Llama's norm on rows of a power-of-two width."""
+        `kernel` (Kernels.add_rms_norm) computes both in one pass where it has a tiling; only Llama's norm."""
         if h is None:
             return x, self(x)
-        if kernel and not self.offset and fused_norm.supports(x) and x.shape[0] >= FUSED_NORM_MIN_ROWS:
-            return fused_norm.add_rms_norm(x, h, self.weight[...], eps=self.eps, interpret=kernel == "interpret")
+        if kernel is not None and not self.offset:
+            fused = kernel(x, h, self.weight[...], self.eps)
+            if fused is not None:
+                return fused
         s = x + h
         return s, self(s)
-
-
-def norm_kernel_for(attention_backend: str, fused_norm: bool = True) -> str | None:
-    """Which fused add + norm kernel goes with an attention backend (kernels.triton_kernel_mode), or none
-    (plain jnp) when not `fused_norm`."""
-    return triton_kernel_mode(attention_backend) if fused_norm else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +123,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels, rngs: nnx.Rngs):
         h, d, dt = cfg.hidden_size, cfg.head_dim, cfg.jnp_dtype
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         if cfg.fuse_qkv:
@@ -187,7 +151,7 @@ class Attention(nnx.Module):
             sliding_window=cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None,
             softcap=cfg.attn_logit_softcap,
         )
-        self.attention_backend = attention_backend
+        self.attend = kernels.attention
 
     def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, hidden] -> q [T, heads, D], k and v [T, KV heads, D]."""
@@ -207,8 +171,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(*self.inv_freq_key)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        attend = get_attention_backend(self.attention_backend)
-        out, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], meta, **self.attention_kwargs)
+        out, k_pages, v_pages = self.attend(q, k, v, kv[0], kv[1], meta, **self.attention_kwargs)
         return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
 
 

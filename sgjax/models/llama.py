@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sgjax.kernels import AttentionMetadata
+from sgjax.kernels import REFERENCE, AttentionMetadata, Kernels
 from sgjax.models.config import ModelConfig
 from sgjax.models.layers import (
     COLUMN,
@@ -20,7 +20,6 @@ from sgjax.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
-    norm_kernel_for,
 )
 
 
@@ -29,13 +28,12 @@ class DecoderLayer(nnx.Module):
     first layer): the MLP's output is added by the next layer's input norm, or the final norm, so each
     residual add and the norm after it run as one pass where a kernel can (RMSNorm.add_and_norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention_backend: str, rngs: nnx.Rngs,
-                 fused_norm: bool = True):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
-        self.self_attn = Attention(cfg, layer_idx, attention_backend, rngs)
+        self.self_attn = Attention(cfg, layer_idx, kernels, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.mlp = GatedMLP(cfg, rngs)
-        self.norm_kernel = norm_kernel_for(attention_backend, fused_norm)
+        self.norm_kernel = kernels.add_rms_norm
 
     def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
         """-> (residual stream, the MLP output to add to it, kv)."""
@@ -49,13 +47,11 @@ class DecoderModel(nnx.Module):
     layer_class = DecoderLayer
     norm_offset = False  # Gemma's norms scale by (1 + w)
 
-    def __init__(self, cfg: ModelConfig, attention_backend: str, rngs: nnx.Rngs, fused_norm: bool = True):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.jnp_dtype, rngs)
-        self.layers = nnx.List(
-            [self.layer_class(cfg, i, attention_backend, rngs, fused_norm) for i in range(cfg.num_layers)]
-        )
+        self.layers = nnx.List([self.layer_class(cfg, i, kernels, rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, offset=self.norm_offset)
-        self.norm_kernel = norm_kernel_for(attention_backend, fused_norm)
+        self.norm_kernel = kernels.add_rms_norm
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
@@ -74,12 +70,10 @@ class LlamaForCausalLM(nnx.Module):
 
     model_class = DecoderModel
 
-    def __init__(self, cfg: ModelConfig, *, attention_backend: str = "reference", rngs: nnx.Rngs,
-                 fused_norm: bool = True):
-        """`fused_norm`: residual adds and norms in one kernel pass where the backend has one
-        (layers.norm_kernel_for)."""
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels = REFERENCE, rngs: nnx.Rngs):
+        """`kernels` (sgjax.kernels.select): the attention and fused norm the layers call."""
         self.config = cfg
-        self.model = self.model_class(cfg, attention_backend, rngs, fused_norm)
+        self.model = self.model_class(cfg, kernels, rngs)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:

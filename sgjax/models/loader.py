@@ -24,9 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from sgjax.platform.mesh import TENSOR, named_sharding
+from sgjax.kernels import REFERENCE, Kernels
 from sgjax.models.config import ModelConfig
 from sgjax.models.registry import get_model_class
+from sgjax.platform.mesh import TENSOR, named_sharding
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 SAFETENSORS_DTYPES = {
@@ -85,6 +86,7 @@ class LoadedModel:
     model: nnx.Module
     config: ModelConfig
     mesh: Mesh
+    kernels: Kernels = REFERENCE  # what the model calls; the runner's sampling uses the same choice
 
 
 def checkpoint_name(path: tuple) -> str:
@@ -98,20 +100,18 @@ def load_model(
     *,
     dtype: str | None = None,
     load_format: str = "auto",
-    attention_backend: str = "reference",
-    fused_norm: bool = True,
+    kernels: Kernels = REFERENCE,
     seed: int = 0,
 ) -> LoadedModel:
-    """Build the model named by `model_path/config.json` with weights on `mesh`; `fused_norm`: see
-    LlamaForCausalLM."""
+    """Build the model named by `model_path/config.json` with weights on `mesh`, calling `kernels`
+    (sgjax.kernels.select; the pure-jnp reference by default)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = ModelConfig.from_pretrained(model_path, dtype)
     cfg = dataclasses.replace(cfg, fuse_qkv=cfg.num_kv_heads % mesh.shape[TENSOR] == 0)
     model_class = get_model_class(cfg.architecture)
     graphdef, abstract_state = nnx.split(
-        nnx.eval_shape(lambda: model_class(cfg, attention_backend=attention_backend, fused_norm=fused_norm,
-                                         rngs=nnx.Rngs(0))))
+        nnx.eval_shape(lambda: model_class(cfg, kernels=kernels, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(abstract_state)
     shardings = [named_sharding(var.get_metadata().get("axes"), var.shape, mesh) for _, var in flat]
 
@@ -120,7 +120,7 @@ def load_model(
     else:
         values = _read_checkpoint(model_path, flat, shardings, cfg)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
-    return LoadedModel(nnx.merge(graphdef, state), cfg, mesh)
+    return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels)
 
 
 def _random_weights(flat, shardings, seed: int) -> list[jax.Array]:

@@ -4,7 +4,7 @@
 ("command buffers") and, by default, rewrites every graph node whose buffer addresses moved since the
 last run; a step's temporaries move every run, so the host spent ~5-6 ms enqueueing each step. With
 SKIP_TEMP the temporaries keep fixed virtual addresses (XLA switches to its VMM allocator): enqueueing
-takes ~2-4 ms (BENCHMARKS.md, sessions 5 and 6). Only for CUDA builds of jaxlib: a CPU build does not
+takes ~2-4 ms. Only for CUDA builds of jaxlib: a CPU build does not
 know the option.
 
 On by default; SGJAX_XLA_SKIP_TEMP=0 turns it off. The VMM allocator reports no memory limit, so the

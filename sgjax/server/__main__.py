@@ -8,14 +8,13 @@ from aiohttp import web
 
 from sgjax.config import args_from_cli, build_parser
 from sgjax.engine import Engine
-from sgjax.engine.engine_process import EngineClient
 from sgjax.server.app import make_app
 
 
 def main(argv: list[str] | None = None) -> None:
     engine_args, server_args = args_from_cli(build_parser(__doc__).parse_args(argv))
     logging.basicConfig(level=server_args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = EngineClient(engine_args) if server_args.engine_process else Engine(args=engine_args)
+    engine = Engine(args=engine_args, engine_process=server_args.engine_process)
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
                     access_log=None, print=lambda msg: logging.getLogger("sgjax.server").info(msg))

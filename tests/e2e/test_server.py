@@ -22,7 +22,6 @@ from aiohttp import web
 
 from sgjax.config import EngineArgs, ServerArgs
 from sgjax.engine import Engine
-from sgjax.engine.engine_process import EngineClient
 from sgjax.server.app import make_app
 from sgjax.server.keys import SERVER_ARGS
 from sgjax.testing import workloads
@@ -106,7 +105,7 @@ def setup(tiny_models, request):
     if request.param == "in-process":
         engine = Engine(path, **ENGINE_OPTIONS)
     else:
-        engine = EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
+        engine = Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True)
     server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL, enable_metrics=True)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 512, int(rng.integers(2, 40))).tolist() for _ in range(16)]
@@ -635,7 +634,7 @@ def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
     """When the engine's child process dies, the requests in flight end (aborted, naming the exit) instead of
     hanging, new ones are refused the same way, and /health answers 503."""
     path, _ = tiny_models("llama")
-    engine = EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
+    engine = Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True)
     server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
     try:
         assert get(server.url + "/health", key=None)[0] == 200
@@ -650,7 +649,7 @@ def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
                         "input_ids": [5, 6, 7], "stream": True,
                         "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}) as r:
                     async for _ in r.content:
-                        engine._process.kill()
+                        engine.core._process.kill()
                         break
                     return [line async for line in r.content if line.strip()]
 
@@ -672,7 +671,7 @@ def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
 def test_engine_process_that_cannot_start_says_why(tmp_path):
     """An engine process that fails while starting raises in the caller, with the child's error in it."""
     with pytest.raises(RuntimeError, match="the engine process failed to start:(.|\n)*config.json"):
-        EngineClient(EngineArgs(model_path=str(tmp_path), **ENGINE_OPTIONS))
+        Engine(args=EngineArgs(model_path=str(tmp_path), **ENGINE_OPTIONS), engine_process=True)
 
 
 def test_engine_client_whose_text_side_fails_stops_its_engine(tiny_models, monkeypatch):
@@ -687,6 +686,6 @@ def test_engine_client_whose_text_side_fails_stops_its_engine(tiny_models, monke
     monkeypatch.setattr(engine_process, "load_text_side", broken)
     before = set(child_pids(os.getpid()))
     with pytest.raises(ValueError, match="tokenizer files unreadable"):
-        EngineClient(EngineArgs(model_path=path, **ENGINE_OPTIONS))
+        Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True)
     engines = [pid for pid in set(child_pids(os.getpid())) - before if "spawn_main" in command_line(pid)]
     assert not [pid for pid in engines if running(pid)]

@@ -1,8 +1,8 @@
 """Residual add + RMSNorm in one pass, in Pallas (Triton lowering), for the GPU.
 
 XLA ran a decoder layer's residual add and the RMSNorm after it as two kernels, writing the sum and
-reading it back (~4.9 + 3.3 us each, twice a layer, on a 384-token step of Llama-3-8B on an H100:
-BENCHMARKS.md session 18). Here each program reads one row of both addends once and writes the
+reading it back (~4.9 + 3.3 us each, twice a layer, on a 384-token step of Llama-3-8B on an H100).
+Here each program reads one row of both addends once and writes the
 sum (the residual stream) and its normalised rows. The rounding follows `layers.RMSNorm` exactly, the
 definition the tests hold the kernel to: the sum rounded to the activations' dtype, its mean square in
 float32, the normalised rows rounded before the weight multiplies them.

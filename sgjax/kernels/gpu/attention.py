@@ -53,9 +53,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
         prefill_kernel = not interpret and mgpu_prefill_available()
     # Only a sequence with a query block of new tokens goes to the Mosaic kernel: a step can have one if
     # its bucket holds more tokens than sequences (decode steps do not: max_running_requests is always
-    # a bucket, model_runner.token_buckets) and at least a block's worth (a short prompt chunk in an
+    # a bucket, executor/buckets.py) and at least a block's worth (a short prompt chunk in an
     # engine with fewer rows than its smallest bucket cannot be long; the conditional below would only
-    # cost it idle time: BENCHMARKS.md session 11).
+    # cost it idle time).
     prefill_step = meta.kv_lens.shape[0] < num_tokens and num_tokens >= paged_prefill_mgpu.tokens_per_block(group)
     if meta.shared is not None and sliding_window is None:
         return shared_prefix_attention(q, k_pages, v_pages, meta, scale=scale, softcap=softcap, interpret=interpret)

@@ -3,7 +3,7 @@
 A row's top-k and top-p filters keep a token when fewer than top_k tokens score higher and those tokens
 hold less than top_p of the probability (`sampler.kept_by_filters` states the rule). Both conditions only
 loosen as the score rises, so the kept tokens are those at or above one cut. XLA found it by sorting each
-row: 1.1 ms at 64 rows of a 128256-entry vocabulary on an H100, 4.3 ms at 384 (BENCHMARKS.md session 25).
+row: 1.1 ms at 64 rows of a 128256-entry vocabulary on an H100, 4.3 ms at 384.
 
 Here the cut is found 4 bits at a time over the scores as ordered 32-bit keys (`ordered_key`), in 8
 passes. In each pass every program reads one chunk of one row and counts, for each of the 16 candidates

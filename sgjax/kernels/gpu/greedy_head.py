@@ -4,7 +4,7 @@ A greedy row needs only its best token and that token's logprob (its logit minus
 all logits). XLA computes them from the float32 logits [rows, vocab]: the head's matmul writes them,
 then reductions read them back (0.2 GB at 384 rows of a 128256-entry vocabulary). On an H100, calls
 queued back to back, that took 0.46 / 0.56 / 0.73 / 0.91 ms at 128 / 256 / 384 / 512 rows, against
-0.39 / 0.44 / 0.57 / 0.73 ms for the head's matmul alone (BENCHMARKS.md, session 24). Here each program
+0.39 / 0.44 / 0.57 / 0.73 ms for the head's matmul alone. Here each program
 computes one [block_m, block_v] tile of logits in registers and reduces it at once to per-row (max,
 first index of the max, sum of exp(logit - max)). Only those partials, [vocab / block_v, rows] each,
 reach memory; `greedy_from_head` combines them: 0.40 / 0.47 / 0.62 / 0.79 ms.
@@ -34,7 +34,7 @@ def supports(hidden: jax.Array, head: jax.Array, block_v: int, block_k: int) -> 
 def tiles_for(rows: int, vocab: int, width: int) -> dict | None:
     """greedy_from_head's tile arguments for `rows` rows, or None where no tile divides the shapes.
 
-    Timed on an H100 (Llama-3 head, 128256 x 4096 bf16; BENCHMARKS.md session 24): 64 rows a block up to
+    Timed on an H100 (Llama-3 head, 128256 x 4096 bf16): 64 rows a block up to
     64 rows, then 128; blocks of 128 vocabulary entries by 128 of the width up to 128 rows (memory-bound:
     fewer, longer loads), above that 256 entries by 64 at 8 warps (compute-bound: more reuse of each row
     block). Smaller vocabularies or widths halve the tile until it divides them (16 at least: Triton's dot)."""

@@ -262,8 +262,7 @@ def paged_prefill_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, met
     kernel's `query_rows`; rows of tokens it does not serve (padding; with `only_long`, short
     sequences) are left undefined.
 
-    Defaults from scripts/bench_attention.py on an H100 (4k causal prefill, Llama-3-8B heads; BENCHMARKS.md
-    session 7): 128 keys a block (64: 0.364 ms against 0.316), 2 slots (3 measured 0.312 before the
+    Defaults from scripts/bench_attention.py on an H100 (4k causal prefill, Llama-3-8B heads): 128 keys a block (64: 0.364 ms against 0.316), 2 slots (3 measured 0.312 before the
     output buffers took their SMEM), ping-pong and heavy blocks first (0.367 ms with neither, 0.340 /
     0.331 with one, 0.316 with both)."""
     num_tokens, num_heads, head_dim = q.shape

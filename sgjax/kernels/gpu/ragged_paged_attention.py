@@ -15,8 +15,6 @@ unnormalised partial output with its running max and sum, and a small jnp step c
 Larger decode-sized steps (no more tokens than sequences, unsplit) take 2 tokens a block and load each
 key block's page ids one block ahead. Blocks run longest walk first, each block's KV heads side by side,
 so that a long context does not run on alone after the rest of the grid has finished.
-Optionally (`large_block_q`, off by default) prompt chunks take larger query blocks than the decodes of
-the same step, two tile sizes in one kernel: their tokens then walk their keys together.
 
 Queries come as rows by KV head (`query_rows`) or, for power-of-two groups, as q [T, H, D] viewed as
 [T, KVH, G, D]: read in place, with the unsplit output written in the same layout (no layout passes
@@ -36,26 +34,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, plan_two_size_query_blocks
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks
 
 MASK_VALUE = -1e30
 DECODE_KV_SPLITS = 4  # context splits of small decode batches (see ragged_paged_attention_rows); A/B knob
 
 
-def _kernel(seq_ref, start_ref, valid_ref, *refs, block_q: int, large_block_q: int, **options):
-    """One program: query block `program_id(1)` of KV head `program_id(0)`. With `large_block_q` the next
-    input marks the blocks that are large (a prompt chunk's, see `plan_two_size_query_blocks`): those hold
-    `large_block_q` tokens, the others `block_q`. Triton's tiles are static, so each size is its own
-    branch of the kernel."""
+def _kernel(seq_ref, start_ref, valid_ref, *refs, **options):
+    """One program: query block `program_id(1)` of KV head `program_id(0)`, context split `program_id(2)`."""
     i = pl.program_id(1)
-    large_ref, refs = (refs[0], refs[1:]) if large_block_q else (None, refs)
-    # Program ids are read out here: the interpreter does not know them inside a branch.
-    serve = functools.partial(_serve_block, seq_ref[i], start_ref[i], valid_ref[i], pl.program_id(2), *refs,
-                              **options)
-    if large_block_q:
-        jax.lax.cond(large_ref[i] > 0, lambda: serve(block_q=large_block_q), lambda: serve(block_q=block_q))
-    else:
-        serve(block_q=block_q)
+    _serve_block(seq_ref[i], start_ref[i], valid_ref[i], pl.program_id(2), *refs, **options)
 
 
 def _serve_block(seq, t0, valid, split, kv_lens_ref, qsl_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
@@ -203,7 +191,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     group = num_heads // num_kv_heads
     # Power-of-two groups: the queries as they come, viewed by KV head (free): no layout pass before the
     # kernel, and an unsplit kernel writes the output in the same layout, so none after it either (~7 us a
-    # layer of a 384-token step, BENCHMARKS.md session 18). Padded groups go through the row layout.
+    # layer of a 384-token step). Padded groups go through the row layout.
     by_token = group == pl.next_power_of_2(group)
     queries = q.reshape(num_tokens, num_kv_heads, group, head_dim) if by_token else query_rows(q, num_kv_heads)
     out = ragged_paged_attention_rows(queries, k_pages, v_pages, meta, num_tokens=num_tokens, num_heads=num_heads,
@@ -216,15 +204,14 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 @functools.partial(jax.jit, static_argnames=("num_tokens", "num_heads", "scale", "sliding_window", "softcap",
                                              "block_q", "pages_per_block", "kv_splits", "min_blocks_per_split",
                                              "num_warps", "num_stages", "causal", "partials", "prefetch",
-                                             "large_block_q", "interpret"))
+                                             "interpret"))
 def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                                 *, num_tokens: int, num_heads: int, scale: float, sliding_window: int | None = None,
                                 softcap: float | None = None, block_q: int | None = None,
                                 pages_per_block: int | None = None, kv_splits: int | None = None,
                                 min_blocks_per_split: int = 2, num_warps: int = 4, num_stages: int = 1,
                                 include: jax.Array | None = None, causal: bool = True, partials: bool = False,
-                                prefetch: int | None = None, large_block_q: int = 0,
-                                interpret: bool = False):
+                                prefetch: int | None = None, interpret: bool = False):
     """The kernel on query rows (`query_rows`) -> output rows [KVH, >= T * G', D] in the same layout (rows of
     tokens it does not serve are zero). Queries may also come token-major, [T, KVH, G, D] with G a power of
     two (q [T, H, D] reshaped): the output is then [T, KVH, G, D] too, unless the context is split (the
@@ -234,23 +221,14 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     shared_prefix.py). `prefetch`: what of the next key block each iteration loads ahead (0 nothing, 1 its
     page ids, 2 its K/V; default 1 on unsplit decode-sized steps, else 0). `partials=True`: return the
     unnormalised softmax pieces instead, (out [KVH, S, R, D] float32, running max [KVH, S, R], sum [KVH,
-    S, R]) over the S context splits, for `combine_partials` to merge with others. `large_block_q` > block_q:
-    sequences with more than block_q new tokens (prompt chunks) take query blocks of that many tokens, in a
-    branch of the kernel of its own (`plan_two_size_query_blocks`).
-
-    Off by default, for now. On an H100 (BENCHMARKS.md session 21) 4 or 8 tokens a chunk block made the
-    ShareGPT-like mixed steps' attention up to 13% faster (a 194-token chunk after 700 cached: 0.164 ->
-    0.143 ms a layer) but cost decodes alone 2-4% (bf16; 15% for fp8 at 8 tokens), since the kernel holds
-    both branches. End to end the results disagreed: +0.9% (bf16, 8 tokens) and +0.5% (fp8, 4 tokens) on
-    by default, but -3% twice (bf16, 4 tokens) with separate programs for steps with and without chunks.
-    Not understood yet."""
+    S, R]) over the S context splits, for `combine_partials` to merge with others."""
     head_dim = q_rows.shape[-1]
     q_by_token = q_rows.ndim == 4
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     padded_group = pl.next_power_of_2(group)
     num_seqs = meta.kv_lens.shape[0]
-    # Defaults from scripts/bench_attention.py on an H100 (BENCHMARKS.md): decode batches one token per
+    # Defaults from scripts/bench_attention.py on an H100: decode batches one token per
     # block, 64 keys a step, 4 warps; prefill 64 query rows (16 tokens at G=4) by 64 keys, 4 warps. A
     # 4k causal prefill alone ran faster with 128 rows by 128 keys and 8 warps (0.597 against 0.652 ms),
     # but in the engine's mixed steps every decode sequence then fills a 32-token block: their prefill
@@ -263,19 +241,19 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     # bucket mostly holds fewer sequences: splitting it only from 32 tokens made a ShareGPT-like run 6%
     # slower, and capping the splits on the device by the real number of tokens made the full batch
     # slower still (0.285 ms: split programs at 3 pipeline stages walking the whole context).
-    # One pipeline stage everywhere (Triton's software pipelining off): session 9 timed num_stages=1
+    # One pipeline stage everywhere (Triton's software pipelining off): num_stages=1 was timed
     # against the earlier 4 (unsplit decode), 2 (split decode) and 3 (prefill) on an H100 and it won in
     # every case: batch 64 at 2k / 8k 0.257 -> 0.221 / 0.869 -> 0.783 ms, batch 256 at 512 0.253 ->
     # 0.223, engine-shaped batch 1 at 1k 0.029 -> 0.019 ms a layer, batch 16 at 2k 0.080 -> 0.064,
-    # a 4k causal prefill 0.661 -> 0.617 ms (BENCHMARKS.md, session 9).
-    # Session 15: unsplit decode-sized steps take 2 tokens a block (8 query rows at G'=4) and load the
+    # a 4k causal prefill 0.661 -> 0.617 ms.
+    # Unsplit decode-sized steps take 2 tokens a block (8 query rows at G'=4) and load the
     # next block's page ids ahead. Such steps carry prompt chunks under step_token_target, and one token
     # a block made each chunk token walk its context alone: 190 decodes + a 194-token chunk after 700
     # cached went 0.226 -> 0.182 ms a layer, with chunks of 150 and 44 0.178 -> 0.165, 384 decodes alone
     # 0.280 -> 0.277 (bench_attention --cases mixed). Four tokens a block cost pure decode 4%, loading
     # the next block's K/V ahead 2-10%, two KV heads a program 20-25%; running the longest walks first
-    # changed nothing (BENCHMARKS.md, session 15) while KV heads were the grid's slow axis. Session 17:
-    # longest walks first with the KV heads as the fast axis (below): the mixed cases 0.163 / 0.180 /
+    # changed nothing while KV heads were the grid's slow axis; with the KV heads as the fast axis
+    # (below) longest walks first took the mixed cases 0.163 / 0.180 /
     # 0.276 -> 0.135 / 0.165 / 0.237 ms a layer, batch 1 at 1k 0.075 -> 0.063, but uniform batch 256 at
     # 512 0.224 -> 0.235; end to end (ShareGPT-like, lof + 384) 16.73 -> 15.78 s.
     if q_by_token and q_rows.shape[:3] != (num_tokens, num_kv_heads, padded_group):
@@ -290,21 +268,14 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
         pages_per_block = max(1, 64 // page_size)
     if prefetch is None:
         prefetch = 1 if decode and kv_splits == 1 else 0
-    large_block_q = large_block_q if large_block_q > block_q else 0
-    rows = max(block_q, large_block_q) * padded_group
-    if large_block_q:
-        blocks = plan_two_size_query_blocks(meta.query_start_loc, num_tokens, block_q, large_block_q, include)
-        seq, start, valid, large = blocks
-        size = jnp.where(large > 0, large_block_q, block_q)
-    else:
-        blocks = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
-        seq, start, valid = blocks
-        size = block_q
+    rows = block_q * padded_group
+    blocks = plan_query_blocks(meta.query_start_loc, num_tokens, block_q, include)
+    seq, start, valid = blocks
     # Longest walks first, all KV heads of a block side by side (heads are the grid's fastest axis): a
     # program walking a long context alone then starts with the first wave instead of, for the last KV
     # heads, near the end of the grid, where it ran on after every other program had finished.
     q_end = meta.query_start_loc[seq + 1]
-    walk = jnp.where(valid > 0, meta.kv_lens[seq] - (q_end - jnp.minimum(start + size, q_end)), -1)
+    walk = jnp.where(valid > 0, meta.kv_lens[seq] - (q_end - jnp.minimum(start + block_q, q_end)), -1)
     order = jnp.argsort(-walk, stable=True)
     blocks = [x[order] for x in blocks]
 
@@ -314,7 +285,7 @@ def ragged_paged_attention_rows(q_rows: jax.Array, k_pages: jax.Array, v_pages: 
     full = lambda *shape: pl.BlockSpec(shape, lambda h, i, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda h, i, s: (h,) + (0,) * len(shape))  # noqa: E731
     per_split = lambda *shape: pl.BlockSpec((None, None, *shape), lambda h, i, s: (h, s) + (0,) * len(shape))  # noqa: E731
-    kernel = functools.partial(_kernel, block_q=block_q, large_block_q=large_block_q, group=group,
+    kernel = functools.partial(_kernel, block_q=block_q, group=group,
                                padded_group=padded_group,
                                pages_per_block=pages_per_block, scale=scale, window=sliding_window, softcap=softcap,
                                exact=q_rows.dtype == jnp.float32, kv_splits=kv_splits,

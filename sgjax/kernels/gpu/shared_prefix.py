@@ -2,8 +2,8 @@
 group of queries instead of once per sequence.
 
 Decoding many requests behind one long system prompt otherwise reads that prompt's K/V once per
-request every step (256 requests behind a 2048-token prompt: ~27 ms of an H100's bandwidth a step,
-BENCHMARKS.md). Here a step's attention is two calls of the Triton kernel and a merge:
+request every step (256 requests behind a 2048-token prompt: ~27 ms of an H100's bandwidth a step).
+Here a step's attention is two calls of the Triton kernel and a merge:
 1. the prefix: one "sequence" per group, whose queries are all its members' new tokens (contiguous in
    the batch) and whose keys are the shared pages, without a causal mask (every member's tokens come
    after the whole prefix); query blocks of several members share each K/V load;

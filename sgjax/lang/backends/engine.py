@@ -26,7 +26,7 @@ class EngineBackend(Backend):
     def stream(self, prompt, gen: Gen) -> Iterator[tuple[str, dict]]:
         self.no_images(prompt)
         for delta, req in self.engine.stream(prompt.text, gen.sampling_params()):
-            yield delta, (self.engine.result(req)["meta_info"] if req.finished else {})
+            yield delta, (req.result()["meta_info"] if req.finished else {})
 
     def select(self, prompt, choices: list[str]) -> tuple[int, dict]:
         """Mean logprob of each choice's tokens after the prompt, all choices in one batch."""

@@ -1,0 +1,301 @@
+"""EngineCore: the model, its KV cache and the scheduler loop on a background thread.
+
+It takes GenerateRequests and reports each step's progress as TokenDeltas, in one call of `on_updates` per
+step (on the engine thread). The Engine API sits in front of it in this process; in a child process
+(engine_process.py) the same core sends its deltas over a pipe.
+
+The loop: Scheduler.schedule -> ModelRunner.launch (forward) and .sample (on-device sampling; the next step
+is scheduled while it runs) -> ModelRunner.collect -> OutputProcessor (append the token, advance its grammar,
+detokenize, check stops). Constrained requests (regex, JSON schema, grammar, choices) carry an llguidance
+matcher. A step that samples for one launches its forward pass, then processes the previous step (whose
+tokens the masks depend on), fills the grammar bitmask while the forward pass runs, and only then launches
+its sampling. Text the grammar forces is appended at once (jump-forward) and runs as one chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from sgjax import kernels
+from sgjax.cache.kv_pool import KVPool, KVPoolConfig
+from sgjax.cache.no_prefix_cache import NoPrefixCache
+from sgjax.cache.page_allocator import PageAllocator, pages_for
+from sgjax.cache.pool_sizing import pages_from_memory
+from sgjax.cache.radix_cache import RadixCache
+from sgjax.config import KV_CACHE_DTYPES, EngineArgs
+from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
+from sgjax.engine.detokenizer import IncrementalDetokenizer
+from sgjax.engine.launch import LaunchedStep, StepLauncher
+from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
+from sgjax.engine.output_processor import OutputProcessor, delta_of
+from sgjax.engine.request import Request, Status
+from sgjax.engine.scheduler import Scheduler
+from sgjax.engine.stats import EngineStats
+from sgjax.engine.text_side import load_text_side
+from sgjax.executor.model_runner import ModelRunner
+from sgjax.models.loader import load_model
+from sgjax.platform.mesh import make_mesh
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, kernel_options: dict | None = None):
+        """`kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons."""
+        self.args = args
+        if args.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        # The fused residual add + norm made the ShareGPT-like run 0.5% faster with a bf16 pool but 3.5% slower
+        # with an fp8 one (four A/B pairs on one H100; the cause is not known): fp8 pools keep the plain add
+        # and norm.
+        self.kernels = kernels.select(args.attention_backend, args.page_size,
+                                      **{"fused_norm": not args.kv_cache_dtype.startswith("fp8"),
+                                         **(kernel_options or {})})
+        self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
+                                 load_format=args.load_format, kernels=self.kernels)
+        cfg = self.loaded.config
+        self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
+                                                                          cfg.vocab_size)
+        self.context_length = args.context_length or cfg.max_position_embeddings
+        ps = args.page_size
+        max_pages_per_seq = pages_for(self.context_length, ps)
+        kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
+        num_pages = args.num_pages or pages_from_memory(
+            KVPoolConfig.for_model(cfg, 2, ps, kv_dtype), self.loaded.mesh, args.mem_fraction_static,
+            cpu_pages=1 + args.max_running_requests * max_pages_per_seq)  # every request at full context
+        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype), self.loaded.mesh)
+        self.allocator = PageAllocator(num_pages, ps)
+        self.radix = NoPrefixCache() if args.disable_radix_cache else RadixCache(self.allocator)
+        prefill_budget = args.chunked_prefill_size or self.context_length
+        self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
+                                  max_pages_per_seq=max_pages_per_seq,
+                                  max_tokens=prefill_budget + args.max_running_requests,
+                                  min_bucket=args.min_token_bucket,
+                                  enable_prompt_logprobs=args.enable_prompt_logprobs,
+                                  max_prefix_groups=args.shared_prefix_groups
+                                  if self.kernels.reads_shared_prefixes else 0)
+        self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
+                                   chunked_prefill_size=prefill_budget, context_length=self.context_length,
+                                   policy=args.schedule_policy, step_token_target=args.step_token_target,
+                                   round_up=self.runner.bucket_for)
+        self.stats = EngineStats()
+        self.outputs = OutputProcessor(self.eos_token_ids, self.context_length, self._finish_running, self._progress)
+        self.launcher = StepLauncher(self.runner, self.scheduler, self.stats, args.max_running_requests)
+        # Called on the engine thread with each step's deltas (the Engine API routes them to its callers)
+        self.on_updates: Callable[[list[TokenDelta]], None] = lambda deltas: None
+        self._outbox: list[TokenDelta] = []
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopped = False
+        self._next_step: LaunchedStep | None = None  # launched, not yet processed; its sampling may wait for masks
+        self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
+        self._thread.start()
+
+    # ---- what callers use (any thread) -----------------------------------------------------------
+    @property
+    def config(self):
+        """The model's ModelConfig."""
+        return self.loaded.config
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (False after shutdown)."""
+        return self._thread.is_alive()
+
+    @property
+    def num_usable_pages(self) -> int:
+        return self.allocator.num_usable
+
+    def submit(self, message: GenerateRequest) -> bool:
+        """Queue a request for the engine thread."""
+        self._inbox.put(("add", message))
+        return True
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def flush_cache(self, timeout: float = 30.0) -> bool:
+        """Empty the radix cache (on the engine thread); False if requests are still running."""
+        done, result = threading.Event(), []
+        self._inbox.put(("flush", (done, result)))
+        done.wait(timeout)
+        return bool(result and result[0])
+
+    def load_stats(self) -> dict:
+        """What the server reports of the engine's load (/get_server_info, /metrics)."""
+        return dict(num_pages=self.allocator.num_usable, free_pages=self.allocator.num_free,
+                    num_running_requests=len(self.scheduler.running),
+                    num_queued_requests=len(self.scheduler.waiting),
+                    prefix_cache_hit_rate=self.radix.hit_rate if self.radix.shares_prefixes else None)
+
+    def timings(self) -> dict:
+        """The engine thread's counters so far (EngineStats.timings)."""
+        return self.stats.timings()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Launch step N+1, then process step N's results while the device runs N+1."""
+        in_flight = None
+        while not self._stopped:
+            try:
+                self._drain_inbox(block=in_flight is None and not self.scheduler.has_work())
+                if self._stopped:
+                    break
+                self._next_step = self.launcher.launch(in_flight) if self.scheduler.has_work() else None
+                if in_flight is not None:
+                    self.launcher.sample(in_flight)  # if launch did not
+                    self._process(in_flight)
+                in_flight, self._next_step = self._next_step, None
+                if in_flight is not None and in_flight.constrained:
+                    started = time.perf_counter()
+                    in_flight.bitmask = self._grammar_masks(in_flight)  # they needed step N's tokens
+                    self.stats.host_s["masks"] += time.perf_counter() - started
+                if self.args.disable_overlap_schedule and in_flight is not None:
+                    self.launcher.sample(in_flight)
+                    self._process(in_flight)
+                    in_flight = None
+            except Exception as e:  # keep serving: fail what was in flight, name the error
+                logger.exception("engine step failed")
+                in_flight = self._next_step = None
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self.scheduler.abort(req.rid)
+                    req.num_unknown = 0
+                    self._end(req, {"type": "abort", "message": f"engine error: {e}"})
+            self._flush_outbox()
+            if in_flight is None:
+                self.stats.idle()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item[0] == "add":
+                self._add(item[1])
+            elif item[0] == "flush":
+                done, result = item[1]
+                idle = not self.scheduler.has_work()
+                if idle:
+                    self.radix.reset()
+                result.append(idle)
+                done.set()
+            elif item[0] == "abort":
+                req = self.scheduler.abort(item[1])
+                if req is not None:
+                    self._end(req, {"type": "abort"})
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, message: GenerateRequest) -> None:
+        params = message.params
+        req = Request(rid=message.rid, prompt_ids=message.prompt_ids, params=params, seed=message.seed,
+                      group=message.group, wire_id=message.wire_id,
+                      detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                      if self.tokenizer is not None else None)
+        if params.constraint is not None:
+            try:
+                req.matcher = self.grammar.matcher(params.constraint)
+            except Exception as e:  # the caller compiled it already; should this one still fail, say so
+                self._outbox.append(Finished.aborted(message.wire_id, f"constraint: {e}"))
+                return
+        if params.max_new_tokens == 0 and params.logprob_start_len < 0:
+            self._end(req, {"type": "length", "length": 0})
+            return
+        if req.matcher is not None and not self.args.disable_jump_forward:
+            self._jump_forward(req)  # text the grammar forces from the start
+        if not req.finished:
+            self.scheduler.add(req)
+
+    def _grammar_masks(self, step: LaunchedStep) -> np.ndarray:
+        """Each constrained row of the step limited to what its grammar allows next."""
+        bitmask = allow_all(self.args.max_running_requests, self.loaded.config.vocab_size)
+        rows = []
+        for i in step.sampling_rows:
+            req = step.batch[i][0]
+            if req.matcher is None or req.finished:
+                continue
+            if self.args.disable_jump_forward:
+                # The tokens jump-forward would append after the last sampled one, one per step: the
+                # grammar is asked once per run of forced text, as jump-forward asks it.
+                if req.forced_queue is None:
+                    req.forced_queue = collections.deque(req.matcher.compute_ff_tokens())
+                if req.forced_queue:
+                    force_token(bitmask, i, req.forced_queue.popleft())
+                    continue
+                req.forced_queue = None  # this step samples freely; the next asks the grammar again
+            rows.append((req.matcher, i))
+        fill_rows(self.grammar.executor, rows, bitmask)
+        return bitmask
+
+    def _process(self, step: LaunchedStep) -> None:
+        """Bring a step's samples to the host and hand each token to the output processor."""
+        out, started = self.launcher.collect(step)
+        if step.targets is not None:
+            self.outputs.record_prompt_logprobs(step.batch, step.starts, step.targets, out)
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        for i in step.sampling_rows:
+            req = step.batch[i][0]
+            req.num_unknown -= 1
+            if req.finished:
+                continue  # it finished (or was aborted) while this step ran: the token is surplus
+            k = req.params.top_logprobs_num
+            top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())) if k else []
+            self.outputs.append_token(req, tokens[i], logprobs[i], top)
+            if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
+                self._jump_forward(req)
+        self.stats.host_s["process"] += time.perf_counter() - started
+
+    def _jump_forward(self, req: Request) -> None:
+        """Append the tokens the grammar forces next, so they run as one chunk instead of a step each.
+
+        If the request is also in the step launched after this one, that step's sample for it would be
+        the first forced token: the row is dropped from the step and the forced tokens run next.
+        """
+        forced = req.matcher.compute_ff_tokens()
+        if not forced:
+            return
+        if req.num_unknown:
+            nxt = self._next_step
+            assert nxt is not None and any(nxt.batch[i][0] is req for i in nxt.sampling_rows)
+            nxt.sampling_rows = [i for i in nxt.sampling_rows if nxt.batch[i][0] is not req]
+            req.num_unknown -= 1
+        for token in forced:
+            # Certain under the constraint: logprob 0 (the step never computed the model's own)
+            self.outputs.append_token(req, token, 0.0, [])
+            if req.finished:
+                break
+
+    # ---- a request's progress, reported once per step ---------------------------------------------
+    def _finish_running(self, req: Request, reason: dict, text: str) -> None:
+        self.scheduler.finish(req)
+        self._end(req, reason, text)
+
+    def _end(self, req: Request, reason: dict, text: str = "") -> None:
+        req.status, req.finish_reason = Status.FINISHED, reason
+        self._outbox.append(delta_of(req, text))
+
+    def _progress(self, req: Request, text: str) -> None:
+        self._outbox.append(delta_of(req, text))
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            deltas, self._outbox = self._outbox, []
+            try:
+                self.on_updates(deltas)
+            except Exception:
+                logger.exception("delivering a step's updates failed")

@@ -1,0 +1,121 @@
+"""StepLauncher: turns the scheduler's next batch into a launched step on the model runner, and collects it.
+
+A step's sampling is enqueued at once unless it waits for grammar masks; the previous step's waiting
+sampling is enqueued just before this step's forward pass, after the host work of scheduling, so the
+device goes from one to the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from sgjax.engine.output_processor import prompt_targets, wants_prompt_logprobs
+from sgjax.engine.request import Request
+from sgjax.engine.scheduler import Scheduler
+from sgjax.engine.stats import EngineStats, StepRecord
+from sgjax.executor.batch import SeqChunk
+from sgjax.executor.model_runner import ModelRunner
+from sgjax.executor.sampler import SamplerFeatures, SamplingBatch, logit_bias_arrays
+from sgjax.executor.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
+from sgjax.executor.step import StepHandle, StepOutput
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A launched step, as processing its results needs it."""
+
+    batch: list[tuple[Request, int]]
+    starts: list[int]  # each request's num_computed before the step
+    targets: list[list[int]] | None  # prompt-logprob targets per chunk
+    sampling_rows: list[int]  # rows whose sample is the request's next token
+    handle: StepHandle
+    constrained: bool  # sampling waits for grammar masks
+    bitmask: np.ndarray | None = None
+    bias: tuple[np.ndarray, np.ndarray] | None = None  # its rows' logit biases (sampler.logit_bias_arrays)
+    record: StepRecord | None = None  # its entry in EngineStats.step_log, if one is kept
+
+
+class StepLauncher:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, stats: EngineStats, max_rows: int):
+        self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
+
+    def launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
+        """Schedule and enqueue one step, and its sampling unless it waits for grammar masks."""
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return None
+        batch, prefix_groups = self._group_shared_prefixes(batch)
+        reqs = [r for r, _ in batch]
+        params = [r.params for r in reqs]
+        chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
+        sampling = SamplingBatch.build(
+            params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
+            [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], self.max_rows, self.runner.spare_slot)
+        targets = None
+        if any(wants_prompt_logprobs(r, n) for r, n in batch):
+            targets = [prompt_targets(r, n) for r, n in batch]
+        starts = [r.num_computed for r in reqs]
+        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
+        enqueued = time.perf_counter()
+        if previous is not None:
+            self.sample(previous)
+        # A penalised request starts from zero counts (they are recounted after a preemption: it caches no
+        # prefix, so its first chunk is its prompt's start).
+        fresh = [r.slot for r in reqs if r.num_computed == 0 and r.params.uses_penalties]
+        if fresh:
+            self.runner.clear_penalty_slots(fresh)
+        handle = self.runner.launch(prepared)
+        launched = time.perf_counter()
+        self.stats.host_s["enqueue"] += launched - enqueued
+        tokens = sum(n for _, n in batch)
+        record = self.stats.launched(started, tokens, sum(n == 1 for _, n in batch), prepared.kv_tokens)
+        sampling_rows = []
+        for i, (req, n) in enumerate(batch):
+            pending = req.num_pending
+            req.num_computed += n
+            if pending > 1:  # a prompt chunk
+                self.scheduler.cache_prefill(req)
+            if pending == n:  # the chunk reached the end: its last logits give a new token
+                req.num_unknown += 1
+                req.unknown_row = i
+                sampling_rows.append(i)
+        step = LaunchedStep(batch, starts, targets, sampling_rows, handle,
+                            constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
+        if any(batch[i][0].params.logit_bias for i in sampling_rows):
+            rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
+            step.bias = logit_bias_arrays([req.params.logit_bias if i in rows else None
+                                           for i, (req, _) in enumerate(batch)], self.max_rows)
+        now = time.perf_counter()
+        self.stats.host_s["schedule"] += (enqueued - started) + (now - launched)
+        if not step.constrained:
+            self.sample(step)
+            self.stats.host_s["enqueue"] += time.perf_counter() - now
+        return step
+
+    def sample(self, step: LaunchedStep) -> None:
+        """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""
+        if not step.handle.device_outputs and (not step.constrained or step.bitmask is not None):
+            self.runner.sample(step.handle, step.bitmask, step.bias)
+
+    def collect(self, step: LaunchedStep) -> tuple[StepOutput, float]:
+        """Wait for a step's results; they and the perf_counter when they arrived."""
+        waited = time.perf_counter()
+        out = self.runner.collect(step.handle)
+        arrived = time.perf_counter()
+        self.stats.collected(arrived - waited, step.record)
+        return out, arrived
+
+    def _group_shared_prefixes(self, batch: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[int]]:
+        """The batch reordered so requests whose cached pages begin alike are contiguous, and the sizes of
+        those leading groups (executor/shared_prefix.py), where the step can carry them."""
+        max_groups = self.runner.prefix_groups_for(sum(n for _, n in batch))
+        if not max_groups or len(batch) < 2:
+            return batch, []
+        keys = [req.pages[0] if req.num_tree_pages and req.num_computed >= MIN_SHARED_TOKENS else None
+                for req, _ in batch]
+        order, sizes = order_by_first_page(keys, max_groups)
+        return [batch[i] for i in order] if sizes else batch, sizes

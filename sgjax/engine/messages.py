@@ -1,0 +1,70 @@
+"""The typed messages between an engine's caller side (the Engine API, the server) and its core (the engine
+thread, in this process or a child process). Neither side reads the other's objects: a request goes in as a
+GenerateRequest, its progress comes back as TokenDeltas, the last of them Finished."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sgjax.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(slots=True)
+class GenerateRequest:
+    """One sequence to generate (a prompt with n samples is n of these, sharing `group`)."""
+
+    wire_id: int  # the caller side's handle, unique per engine
+    rid: str  # the request id users see (abort_request)
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
+
+
+@dataclasses.dataclass(slots=True)
+class TokenDelta:
+    """What one request gained in one step: its new text and tokens since the last delta."""
+
+    wire_id: int
+    text: str
+    output_ids: list[int]
+    output_logprobs: list[float]
+    output_top_logprobs: list[list[tuple[float, int]]]
+    first_token_time: float | None  # time.monotonic() of its first output token
+    cached_tokens: int  # prompt tokens found in the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+
+@dataclasses.dataclass(slots=True)
+class Finished(TokenDelta):
+    """A request's last delta: why it ended, and its prompt logprobs if it asked for them."""
+
+    finish_reason: dict = dataclasses.field(default_factory=dict)
+    # prompt position -> (logprob of that prompt token, top alternatives)
+    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return True
+
+    @classmethod
+    def aborted(cls, wire_id: int, message: str) -> "Finished":
+        """The delta that ends a request as aborted, with nothing gained."""
+        return cls(wire_id, "", [], [], [], None, 0, {"type": "abort", "message": message})
+
+
+@dataclasses.dataclass(slots=True)
+class Abort:
+    """Stop a request (by the id users see) and release its KV pages."""
+
+    rid: str
+
+
+@dataclasses.dataclass(slots=True)
+class Error:
+    """The engine process could not start (its traceback)."""
+
+    message: str

@@ -1,0 +1,64 @@
+"""RequestOutput: the caller side's view of one request, kept up to date from the engine's TokenDeltas.
+
+The server and the Engine API read these, never the engine's own Request (which lives on the engine thread,
+possibly in another process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from sgjax.engine.messages import Finished, TokenDelta
+from sgjax.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(eq=False)
+class RequestOutput:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int = 0  # of its random draws
+    group: str | None = None  # the n samples of one prompt share it
+    text: str = ""
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    # prompt position -> (logprob of that prompt token, top alternatives), when asked for
+    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] = dataclasses.field(default_factory=dict)
+    cached_tokens: int = 0
+    finish_reason: dict | None = None
+    finished: bool = False
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    def apply(self, delta: TokenDelta) -> None:
+        """Add what the request gained in a step."""
+        self.output_ids.extend(delta.output_ids)
+        self.output_logprobs.extend(delta.output_logprobs)
+        self.output_top_logprobs.extend(delta.output_top_logprobs)
+        self.text += delta.text
+        self.cached_tokens = delta.cached_tokens
+        if delta.first_token_time is not None:
+            self.first_token_time = delta.first_token_time
+        if isinstance(delta, Finished):
+            self.finished, self.finish_reason = True, delta.finish_reason
+            if delta.input_logprobs:
+                self.input_logprobs = delta.input_logprobs
+
+    def result(self) -> dict:
+        """The finished request as SGLang's native API returns it."""
+        meta = {"id": self.rid, "prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids),
+                "cached_tokens": self.cached_tokens, "finish_reason": self.finish_reason}
+        if self.params.logprobs:
+            meta["output_token_logprobs"] = list(zip(self.output_logprobs, self.output_ids))
+        if self.params.top_logprobs_num:
+            meta["output_top_logprobs"] = self.output_top_logprobs
+        start = self.params.logprob_start_len
+        if start >= 0:
+            positions = range(start, len(self.prompt_ids))
+            meta["input_token_logprobs"] = [(self.input_logprobs[q][0] if q in self.input_logprobs else None,
+                                             self.prompt_ids[q]) for q in positions]
+            if self.params.top_logprobs_num:
+                meta["input_top_logprobs"] = [self.input_logprobs[q][1] if q in self.input_logprobs else None
+                                              for q in positions]
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}

@@ -1,0 +1,100 @@
+"""RequestBuilder: prompts (text, chat messages or token ids) and sampling parameters into validated
+requests, on the caller's side of the engine: what is wrong with a request fails here, before the engine
+sees it."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from sgjax.cache.page_allocator import pages_for
+from sgjax.config import EngineArgs
+from sgjax.engine.outputs import RequestOutput
+from sgjax.engine.sampling_params import SamplingParams
+
+Prompt = str | list[dict]  # text, or chat messages
+
+
+class RequestBuilder:
+    def __init__(self, args: EngineArgs, tokenizer, grammar, vocab_size: int, context_length: int,
+                 num_usable_pages: int):
+        """`tokenizer` and `grammar` None: dummy weights, token ids only."""
+        self.args, self.tokenizer, self.grammar = args, tokenizer, grammar
+        self.vocab_size, self.context_length, self.num_usable_pages = vocab_size, context_length, num_usable_pages
+        self.seeds = np.random.default_rng(args.random_seed)  # for requests that give no seed
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt, with the BOS token unless the text already starts with it
+        (text rendered by a chat template)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the chat (and tool definitions) as the model's template renders them."""
+        extra = {"tools": tools} if tools else {}
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:
+        """Each prompt's token ids (text tokenized, chat messages through the template), and whether the
+        caller gave one prompt rather than a list."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        if input_ids is not None:
+            single = not input_ids or isinstance(input_ids[0], (int, np.integer))
+            return ([list(input_ids)] if single else [list(x) for x in input_ids]), single
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        items = [prompt] if single else list(prompt)
+        return [self._tokenize(p) for p in items], single
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            return self.apply_chat_template(prompt)
+        raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
+
+    def build(self, prompts: list[list[int]], params: SamplingParams,
+                       rid: str | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt and sample (n), validated (ValueError naming the problem)."""
+        if params.constraint is not None:
+            if self.grammar is None:
+                raise ValueError("constrained decoding needs the model's tokenizer (this engine has dummy weights)")
+            # Compiled here, so a bad constraint fails as a ValueError before it is sent (the core's copy of the
+            # grammar then comes from the compiler's cache in this process)
+            self.grammar.matcher(params.constraint)
+        outputs = []
+        for ids in prompts:
+            self._validate_prompt(ids, params)
+            base_seed = params.seed if params.seed is not None else int(self.seeds.integers(2**31))
+            group = uuid.uuid4().hex if params.n > 1 else None
+            for i in range(params.n):
+                name = rid if rid and len(prompts) * params.n == 1 else \
+                    f"{rid}-{len(outputs)}" if rid else uuid.uuid4().hex
+                outputs.append(RequestOutput(rid=name, prompt_ids=list(map(int, ids)), params=params,
+                                             seed=base_seed + i, group=group))
+        return outputs
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
+        if params.logprob_start_len >= 0 and not self.args.enable_prompt_logprobs:
+            raise ValueError("prompt logprobs (logprob_start_len >= 0) need an engine started with "
+                             "enable_prompt_logprobs=True")
+        longest = min(len(ids) + params.max_new_tokens, self.context_length)
+        pages = pages_for(longest, self.args.page_size)
+        if pages > self.num_usable_pages:
+            raise ValueError(f"a request of {longest} tokens needs {pages} KV pages; the pool has "
+                             f"{self.num_usable_pages}")

@@ -1,0 +1,46 @@
+"""What the model runner hands back and forth for one step: its packed host inputs, the handle of a launched
+step, and the results brought to the host."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from sgjax.executor.sampler import SamplerFeatures
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    ints: np.ndarray  # the step's int32 host arrays, packed (host_inputs.py): token ids, metadata, ...
+    floats: np.ndarray  # its float32 ones: sampling parameters
+    program: tuple[int, bool, bool]  # (token count it is padded to, with prompt logprobs, grouped)
+    features: SamplerFeatures
+    num_chunks: int
+    num_tokens: int
+    kv_tokens: int  # tokens of K/V its attention must read at least (contexts; a shared prefix once)
+
+
+@dataclasses.dataclass
+class StepHandle:
+    hidden: jax.Array  # [max_seqs, H]: each chunk's last hidden state (donated to the next forward pass)
+    ints: jax.Array  # the step's packed host arrays, in the resident buffers; sampling reads its parameters there
+    floats: jax.Array  # (both donated to the next forward pass)
+    features: SamplerFeatures
+    prompt_outputs: tuple  # with prompt targets: their logprobs and top alternatives
+    num_chunks: int
+    num_tokens: int
+    device_outputs: tuple = ()  # once sampled; still computing until collected
+
+
+@dataclasses.dataclass
+class StepOutput:
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32, of the sampled tokens
+    top_logprobs: np.ndarray  # [n, TOP_LOGPROBS] float32, best first
+    top_ids: np.ndarray  # [n, TOP_LOGPROBS] int32
+    # With prompt targets, per token of the flat batch:
+    prompt_logprobs: np.ndarray | None = None  # [T] float32: logprob of the token's target
+    prompt_top_logprobs: np.ndarray | None = None  # [T, TOP_LOGPROBS]
+    prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
