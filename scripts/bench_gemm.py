@@ -1,7 +1,7 @@
 """The model's matmuls alone, at the token counts the engine runs, against a square matmul's rate.
 
-Prefill steps ran their layer matmuls at ~80% of the rate an 8192^3 matmul reaches (BENCHMARKS.md,
-session 11). This times each projection of a Llama-shaped layer as the model computes it (weights in
+Prefill steps ran their layer matmuls at ~80% of the rate an 8192^3 matmul reaches (docs/benchmark-history.md,
+"where prefill goes"). This times each projection of a Llama-shaped layer as the model computes it (weights in
 Hugging Face's [out, in] layout, the fused q/k/v and gate/up stacks), the same with [in, out] weights,
 and the whole gated MLP (gate/up, SiLU x up, down), each jitted and queued back to back, so it shows
 whether the loss is in the matmul kernels XLA picks for these shapes or around them. With --sweep it
@@ -32,8 +32,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_attention import matmul_rate, median_time
-from bench_one_batch import copy_bandwidth
+from bench_common import Table, copy_bandwidth, matmul_rate, queued_call_s, run_header
 
 from sgjax.kernels.gpu import skinny_matmul as skinny
 
@@ -79,15 +78,16 @@ def run_layers(args) -> None:
     params = sum(int(np.prod(shape)) for shape in table.values())
     rate = matmul_rate()
     step = jax.jit(functools.partial(layers_without_attention, heads=args.heads, head_dim=args.head_dim))
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; square 8192^3 matmul {rate / 1e12:.0f} TFLOP/s; "
-          f"{args.stack} distinct layers a call")
-    print(f"{'tokens':>7} {'us a layer':>11} {'TFLOP/s':>8} {'of square':>9} {'us a token':>11}")
+    print(f"square 8192^3 matmul {rate / 1e12:.0f} TFLOP/s; {args.stack} distinct layers a call")
+    report = Table(("tokens", ">7"), ("us a layer", ">11.1f"), ("TFLOP/s", ">8.0f"), ("of square", ">9.1%"),
+                   ("us a token", ">11.3f"))
+    print(report.header())
     costs = []
     for t in args.tokens:
         x = jax.random.normal(jax.random.key(t), (t, args.hidden), jnp.bfloat16)
-        us = median_time(step, x, x, layers, repeat=10, rounds=5) / args.stack * 1e6
+        us = queued_call_s(step, x, x, layers, calls=10, rounds=5) / args.stack * 1e6
         flops = 2 * params * t
-        print(f"{t:>7} {us:>11.1f} {flops / us / 1e6:>8.0f} {flops / us / 1e6 / (rate / 1e12):>9.1%} {us / t:>11.3f}")
+        print(report.row(t, us, flops / us / 1e6, flops / us / 1e6 / (rate / 1e12), us / t))
         costs.append(f"{t}:{us:.1f}")
     print("--layer-costs " + ",".join(costs))
 
@@ -126,8 +126,10 @@ def run_skinny(args) -> None:
     """Decode-sized products x [T, K] @ w[N, K].T: XLA against the Pallas kernel's tilings, in % of the
     weight's bytes at the copy bandwidth. The kernel pads rows to 16, so its sweep runs once per padded count."""
     bandwidth = copy_bandwidth()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"{args.stack} distinct weights a call")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.stack} distinct weights a call")
+    report = Table(("tokens", ">7"), ("matmul", ">8"), ("N x K", ">13"), ("XLA us", ">8.1f"), ("of copy", ">8.1%"),
+                   ("tiles_for us", ">12.1f"), ("of copy", ">8.1%"), ("best us", ">8.1f"), ("of copy", ">8.1%"),
+                   ("best tiles", ""))
     table = {"q/k/v": ((args.heads + 2 * args.kv_heads) * args.head_dim, args.hidden),
              "o": (args.hidden, args.heads * args.head_dim), "gate/up": (2 * args.intermediate, args.hidden),
              "down": (args.hidden, args.intermediate), "lm head": (args.vocab, args.hidden)}
@@ -142,7 +144,7 @@ def run_skinny(args) -> None:
         def timer(x):
             def timed(matmul):
                 fn = jax.jit(lambda a, ws: [matmul(a, w) for w in ws])
-                return median_time(fn, x, weights, repeat=10, rounds=3) / stack
+                return queued_call_s(fn, x, weights, calls=10, rounds=3) / stack
             return timed
 
         best_at = best_by_shape[(n, k)] = {}
@@ -158,12 +160,10 @@ def run_skinny(args) -> None:
             if best_s < xla:
                 tuned.setdefault((n, k), []).append(t)
             ideal = n * k * 2 / bandwidth
-            results.append(f"{t:>7} {name:>8} {f'{n}x{k}':>13} {xla * 1e6:>8.1f} {ideal / xla:>8.1%} "
-                           f"{model_s * 1e6:>12.1f} {ideal / model_s:>8.1%} {best_s * 1e6:>8.1f} {ideal / best_s:>8.1%}"
-                           f"  {best_tiles}")
+            results.append(report.row(t, name, f"{n}x{k}", xla * 1e6, ideal / xla, model_s * 1e6, ideal / model_s,
+                                      best_s * 1e6, ideal / best_s, str(best_tiles)))
             print(results[-1], flush=True)
-    print(f"{'tokens':>7} {'matmul':>8} {'N x K':>13} {'XLA us':>8} {'of copy':>8} {'tiles_for us':>12} "
-          f"{'of copy':>8} {'best us':>8} {'of copy':>8}  best tiles")
+    print(report.header())
     print("\n".join(results))
     print("faster than XLA at every token count asked (TUNED_TILES candidates): " + "; ".join(
         f"{shape}: {[tiles for _, tiles in best_at_shape.values()]}" for shape, best_at_shape in best_by_shape.items()
@@ -173,9 +173,11 @@ def run_skinny(args) -> None:
 def run(args) -> None:
     key = jax.random.key(0)
     rate = matmul_rate()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"square 8192^3 matmul: {rate / 1e12:.0f} TFLOP/s")
-    print(f"{'tokens':>7} {'matmul':>8} {'layout':>9} {'us':>9} {'TFLOP/s':>8} {'of square':>9}")
+    report = Table(("tokens", ">7"), ("matmul", ">8"), ("layout", ">9"), ("us", ">9.1f"), ("TFLOP/s", ">8.0f"),
+                   ("of square", ">9.1%"))
+    print(report.header())
     table = shapes(args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim)
     for t in args.tokens:
         x = jax.random.normal(key, (t, args.hidden), jnp.bfloat16)
@@ -189,9 +191,8 @@ def run(args) -> None:
             w_t = jnp.asarray(w.reshape(out_size, k).T)
             plain = jax.jit(lambda a, b: a @ b)
             for layout, fn, weight in (("[out,in]", model, w), ("[in,out]", plain, w_t)):
-                s = median_time(fn, xin, weight, repeat=20, rounds=3)
-                print(f"{t:>7} {name:>8} {layout:>9} {s * 1e6:>9.1f} {flops / s / 1e12:>8.0f} "
-                      f"{flops / s / rate:>9.1%}")
+                s = queued_call_s(fn, xin, weight, calls=20, rounds=3)
+                print(report.row(t, name, layout, s * 1e6, flops / s / 1e12, flops / s / rate))
         gate_up = jax.random.normal(key, table["gate/up"], jnp.bfloat16)
         down = jax.random.normal(key, table["down"], jnp.bfloat16)
 
@@ -200,8 +201,8 @@ def run(args) -> None:
             return jnp.einsum("ti,oi->to", jax.nn.silu(y[:, 0]) * y[:, 1], d)
 
         flops = 2 * t * args.hidden * args.intermediate * 3
-        s = median_time(jax.jit(mlp), x, gate_up, down, repeat=20, rounds=3)
-        print(f"{t:>7} {'MLP':>8} {'model':>9} {s * 1e6:>9.1f} {flops / s / 1e12:>8.0f} {flops / s / rate:>9.1%}")
+        s = queued_call_s(jax.jit(mlp), x, gate_up, down, calls=20, rounds=3)
+        print(report.row(t, "MLP", "model", s * 1e6, flops / s / 1e12, flops / s / rate))
 
 
 def main() -> None:
@@ -221,6 +222,7 @@ def main() -> None:
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
     if not args.sweep:
+        print(run_header())
         (run_skinny if args.skinny else run_layers if args.layer else run)(args)
         return
     argv = [a for a in sys.argv[1:] if a != "--sweep"]

@@ -25,10 +25,12 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: Collection | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that carries its command-line help (and choices), so its flag is built from it."""
+           default_factory: Any = dataclasses.MISSING, none_means: str | None = None) -> Any:
+    """A dataclass field that carries its command-line help (and choices), so its flag is built from it.
+    `none_means`: what a default of None stands for, shown in the help as the default."""
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "choices": tuple(choices) if choices is not None else None})
+                             metadata={"help": help, "choices": tuple(choices) if choices is not None else None,
+                                       "none_means": none_means})
 
 
 @dataclasses.dataclass
@@ -36,7 +38,7 @@ class EngineArgs:
     model_path: str = option(help="folder of a Hugging Face checkpoint (config, weights, tokenizer)")
     mesh: str = option("1x1", help="device mesh DATAxTENSOR, e.g. 2x4 (or --tp / --dp)")
     dtype: str | None = option(None, choices=("float32", "bfloat16", "float16"),
-                               help="weights' and activations' dtype; default: the checkpoint's")
+                               help="weights' and activations' dtype", none_means="the checkpoint's")
     load_format: str = option("auto", choices=("auto", "safetensors", "dummy"),
                               help="dummy: random weights of the checkpoint's shapes, no files read")
     attention_backend: str = option(
@@ -45,10 +47,10 @@ class EngineArgs:
     page_size: int = option(16, help="tokens per KV page")
     kv_cache_dtype: str = option("auto", choices=tuple(KV_CACHE_DTYPES),
                                  help="KV pool dtype (auto: the model's; fp8_*: half the bytes, unscaled)")
-    num_pages: int | None = option(None, help="KV pool size in pages; default: from --mem-fraction-static")
+    num_pages: int | None = option(None, help="KV pool size in pages", none_means="from --mem-fraction-static")
     mem_fraction_static: float = option(0.85, help="share of device memory for the weights and the KV pool")
-    context_length: int | None = option(None, help="longest prompt + output; default: the model's "
-                                                   "max_position_embeddings")
+    context_length: int | None = option(None, help="longest prompt + output",
+                                        none_means="the model's max_position_embeddings")
     max_running_requests: int = option(32, help="decode batch size, also the compiled batch dimension")
     chunked_prefill_size: int = option(512, help="prompt tokens per step at most; 0: whole prompts")
     schedule_policy: str = option(
@@ -99,10 +101,12 @@ class EngineArgs:
 class ServerArgs:
     host: str = option("127.0.0.1", help="address the HTTP server listens on")
     port: int = option(30000, help="port the HTTP server listens on")
-    api_key: str | None = option(None, help='when set, every request needs "Authorization: Bearer <key>"')
-    served_model_name: str | None = option(None, help="model name the OpenAI API reports; default: the "
-                                                      "model folder's name")
-    chat_template: str | None = option(None, help="a Jinja template file overriding the tokenizer's")
+    api_key: str | None = option(None, help='when set, every request needs "Authorization: Bearer <key>"',
+                                 none_means="no key")
+    served_model_name: str | None = option(None, help="model name the OpenAI API reports",
+                                           none_means="the model folder's name")
+    chat_template: str | None = option(None, help="a Jinja template file overriding the tokenizer's",
+                                       none_means="the tokenizer's")
     log_level: str = option("info", help="logging level of the server's loggers")
     log_requests: bool = option(False, help="log each request")
     enable_metrics: bool = option(False, help="serve Prometheus metrics at /metrics")
@@ -121,7 +125,7 @@ def resolve_context_length(args_value: int | None, model_max: int) -> int:
     """The context length an engine runs with: the one asked for, else the model's max_position_embeddings.
 
     A value above the model's maximum is kept, not capped: checkpoints with RoPE scaling serve beyond the
-    length their config states, and tests and benchmarks rely on choosing it."""
+    length their config states, and tests and benchmark scripts rely on choosing it."""
     if args_value is not None and args_value < 0:
         raise ValueError(f"context_length must be positive; got {args_value}")
     return args_value or model_max
@@ -191,7 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             else:
                 parser.add_argument(flag, dest=dest, action="store_true", help=help_text)
         else:
-            shown = "" if default is None else " (default: %(default)s)"
+            none_means = f.metadata.get("none_means")
+            shown = " (default: %(default)s)" if default is not None else \
+                f" (default: {none_means.replace('%', '%%')})" if none_means else ""
             parser.add_argument(flag, dest=dest, type=kind, default=default, choices=f.metadata.get("choices"),
                                 help=help_text + shown)
 
