@@ -115,7 +115,7 @@ class ServerArgs:
         False, help="/generate streams only the new text and output ids in each event")
     # As SGLang splits its HTTP side from its scheduler: the HTTP side's Python stops sharing the engine
     # thread's GIL. On an H200 under 1000 streams it served ~8% more output tokens/s through /v1/completions,
-    # 28% through /generate (docs/benchmark-history.md, "engine in a child process").
+    # 28% through /generate (docs/benchmark-history.md, "the engine in a child process timed on a GPU").
     engine_process: bool = option(
         True, help="run the engine in a child process (sgjax/engine/engine_process.py), apart from the HTTP "
                    "server's Python; --no-engine-process keeps it in the server's process")
