@@ -85,7 +85,7 @@ def main() -> None:
     engine = Engine(args=engine_args_from_namespace(args, model_path=folder, load_format="dummy"))
     schema = json.dumps(long_key_schema(args.num_fields))
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 20000, args.prompt_len).tolist() for _ in range(args.num_requests)]
+    prompts = [rng.integers(100, min(20000, vocab), args.prompt_len).tolist() for _ in range(args.num_requests)]
     constrained = [{"json_schema": schema, "temperature": 0, "max_new_tokens": 1500}] * args.num_requests
 
     notes = json.dumps({"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"],

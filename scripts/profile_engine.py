@@ -209,7 +209,7 @@ def main() -> None:
         print(work.description)
     else:
         rng = np.random.default_rng(0)
-        requests = engine.make_requests(input_ids=[rng.integers(100, 20000, args.input_len).tolist()
+        requests = engine.make_requests(input_ids=[rng.integers(100, min(20000, vocab), args.input_len).tolist()
                                                    for _ in range(args.num_prompts)], sampling_params=params)
     engine.generate(input_ids=[requests[0].prompt_ids], sampling_params={"max_new_tokens": 4})  # warm-up
     done = threading.Event()

@@ -132,19 +132,19 @@ def resolve_context_length(args_value: int | None, model_max: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Flags from dataclass fields (generic: nothing below knows the fields above, except the mesh's --tp / --dp).
+# Flags from dataclass fields, for any dataclass whose fields are declared with `option`.
 
 T = TypeVar("T")
 
 
-def _flag_type(annotation: Any) -> tuple[type, bool]:
-    """(the type argparse converts a value to, whether None is allowed) of a field's annotation."""
+def _flag_type(annotation: Any) -> type:
+    """The type argparse converts a field's value to: the annotation's, `int` for `int | None`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(members) != 1:
             raise TypeError(f"no flag type for {annotation}: one type or one type | None")
-        return members[0], True
-    return annotation, False
+        return members[0]
+    return annotation
 
 
 def _chosen_fields(cls: type, only: Collection[str] | None, exclude: Collection[str]) -> list[dataclasses.Field]:
@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         dest = names.get(f.name, f.name)
         flag = "--" + dest.replace("_", "-")
         default = defaults.get(f.name, field_default(f))
-        kind, _ = _flag_type(hints[f.name])
+        kind = _flag_type(hints[f.name])
         help_text = f.metadata["help"].replace("%", "%%")
         if default is dataclasses.MISSING:
             parser.add_argument(flag, dest=dest, type=kind, required=True, help=help_text)
