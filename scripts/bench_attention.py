@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_one_batch import copy_bandwidth  # the corrected measure (session 27), as the other scripts use
+from bench_common import Table, copy_bandwidth, matmul_rate, queued_call_s, run_header
 
+from sgjax.config import add_engine_arguments
 from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu.attention import paged_attention
@@ -31,26 +31,6 @@ from sgjax.kernels.gpu.ragged_paged_attention import ragged_paged_attention
 from sgjax.executor.shared_prefix import order_by_first_page
 
 H, KVH, D = 32, 8, 128
-
-
-def median_time(fn, *args, repeat: int = 20, rounds: int = 5) -> float:
-    """Seconds per call: `repeat` calls queued back to back (so host dispatch hides behind the device),
-    the median of `rounds` such rounds."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeat):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / repeat)
-    return float(np.median(times))
-
-
-def matmul_rate() -> float:
-    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
-    return 2 * 8192**3 / median_time(jax.jit(lambda x, y: x @ y), a, b, repeat=10)
 
 
 def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int = 0, table_width: int = 0,
@@ -75,7 +55,7 @@ def paged_case(batch: int, q_len: int, context: int, page_size: int, seed: int =
 
 def mixed_case(decodes: int, chunks: list[tuple[int, int]], page_size: int, num_tokens: int, num_seqs: int,
                mean_context: float = 400, seed: int = 0, pool_pages: int = 0, contiguous: bool = False):
-    """A step as step_token_target schedules them (BENCHMARKS.md session 14): `decodes` one-token rows
+    """A step as step_token_target schedules them (prompt chunks inside decode steps): `decodes` one-token rows
     with log-normal contexts (sigma 0.8, 16-2048 tokens) and prompt chunks (new tokens, cached tokens),
     padded to `num_tokens` tokens and `num_seqs` rows. Pages are drawn at random from a pool of
     `pool_pages` (at least those needed), or laid out one sequence after another (`contiguous`).
@@ -120,18 +100,15 @@ def shared_prefix_case(groups: int, per_group: int, prefix: int, own: int, page_
 
 
 def kernel_config(cfg: str, scale: float):
-    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split[:prefetch[:large_block_q]]]]'
-    (0 = default; prefetch 1 = page ids, 2 = K/V, 3 = nothing; large_block_q: prompt chunks in blocks of
-    that many tokens, 0 = off) -> (label, jitted kernel)."""
-    bq, ppb, splits, warps, stages, min_blocks, prefetch, large = (int(x) for x in (cfg + ":0:0:0:0").split(":")[:8])
+    """'block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split[:prefetch]]]'
+    (0 = default; prefetch 1 = page ids, 2 = K/V, 3 = nothing) -> (label, jitted kernel)."""
+    bq, ppb, splits, warps, stages, min_blocks, prefetch = (int(x) for x in (cfg + ":0:0:0").split(":")[:7])
     kw = dict(block_q=bq or None, pages_per_block=ppb or None, kv_splits=splits or None, num_warps=warps or 4,
               num_stages=stages or 1, min_blocks_per_split=min_blocks or 2)
     if prefetch:
         kw["prefetch"] = prefetch % 3
-    if large:
-        kw["large_block_q"] = large
     fn = jax.jit(lambda q, k, v, m: ragged_paged_attention(q, k, v, m, scale=scale, **kw))
-    return (f"sgjax {cfg}" if any((bq, ppb, splits, warps, stages, prefetch, large)) else "sgjax defaults"), fn
+    return (f"sgjax {cfg}" if any((bq, ppb, splits, warps, stages, prefetch)) else "sgjax defaults"), fn
 
 
 def as_layers(fn, layers: int):
@@ -153,7 +130,7 @@ def rel_error(got, want) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--page-size", type=int, default=16)
+    add_engine_arguments(p, only=("page_size",))
     p.add_argument("--decode-configs", default="0:0:0:0,1:4:4:4:3,1:4:1:4:3,1:4:1:4:4,1:4:1:2:3,1:8:1:8:3",
                    help="block_q:pages_per_block:kv_splits:num_warps[:num_stages[:min_blocks_per_split]] for "
                    "decode (0 = the kernel's default)")
@@ -166,7 +143,7 @@ def main() -> None:
     p.add_argument("--cases", default="decode,engine,prefill,shared", help="which groups of cases to time")
     p.add_argument("--mixed-configs", default="0:0:0:0,1:0:0:4:0:0:3,0:0:2:4,0:8:0:4",
                    help="the same for steps of decodes and prompt chunks in a decode-sized bucket (the second: "
-                        "session 14's one token a block, nothing loaded ahead)")
+                        "one token a block, nothing loaded ahead, as decode-sized steps ran before 2-token blocks)")
     p.add_argument("--mixed-pool-pages", type=int, default=0,
                    help="KV pool pages the mixed cases draw their pages from at random (0: just those needed)")
     p.add_argument("--mixed-contiguous", action="store_true", help="mixed cases: each sequence's pages in a row")
@@ -177,9 +154,9 @@ def main() -> None:
     args = p.parse_args()
     cases = set(args.cases.split(","))
     ps = args.page_size
+    print(run_header())
     bw, peak = copy_bandwidth(), matmul_rate()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: copy {bw / 1e12:.2f} TB/s, "
-          f"bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    print(f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     scale = D**-0.5
     rows = []
 
@@ -203,7 +180,7 @@ def main() -> None:
         case = f"decode b{batch} ctx{context}" + (f" (table {width})" if width else "")
         for cfg in args.decode_configs.split(","):
             name, fn = kernel_config(cfg, scale)
-            t = median_time(fn, q, k, v, meta)
+            t = queued_call_s(fn, q, k, v, meta)
             rows.append((case, name, t, kv_bytes / t / bw, None))
         if width or k.dtype != q.dtype:
             continue  # JAX's kernel is timed on the plain bf16 cases
@@ -211,7 +188,7 @@ def main() -> None:
         lengths = meta.kv_lens
         fn = jax.jit(lambda q, k, v, t, n: jax_paged.paged_attention(q * scale, k, v, t, n, pages_per_compute_block=8))
         try:
-            t = median_time(fn, q, k, v, tables, lengths)
+            t = queued_call_s(fn, q, k, v, tables, lengths)
             want = fn(q, k, v, tables, lengths)
             err = rel_error(ragged_paged_attention(q, k, v, meta, scale=scale), want)
             rows.append((case, "jax pallas paged_attention", t, kv_bytes / t / bw, err))
@@ -230,7 +207,7 @@ def main() -> None:
         case = f"engine b{batch} ctx{context} (x{layers})"
         for cfg in args.small_decode_configs.split(","):
             name, fn = kernel_config(cfg, scale)
-            t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
+            t = queued_call_s(as_layers(fn, layers), q, k, v, meta, calls=5) / layers
             rows.append((case, name, t, kv_bytes / t / bw, None))
 
     # Steps as step_token_target makes them on a ShareGPT-like workload (bucket 384, 512 rows): ~190
@@ -250,7 +227,7 @@ def main() -> None:
             name, fn = kernel_config(cfg, scale)
             err = rel_error(fn(q, k, v, meta)[:decodes + sum(n for n, _ in chunks)],
                             want[:decodes + sum(n for n, _ in chunks)])
-            t = median_time(as_layers(fn, layers), q, k, v, meta, repeat=5) / layers
+            t = queued_call_s(as_layers(fn, layers), q, k, v, meta, calls=5) / layers
             rows.append((case, name, t, kv_bytes / t / bw, err))
 
     # Shared prefixes (the generated-shared-prefix workload's decode steps): 16 groups behind 2048-token
@@ -273,15 +250,16 @@ def main() -> None:
                   "cascade": rel_error(paged_attention(q, k, v, meta, scale=scale), plain)}
         for name, m in (("without cascade", plain_meta), ("cascade", meta)):
             fn = as_layers(jax.jit(lambda q, k, v, m: paged_attention(q, k, v, m, scale=scale)), layers)
-            t = median_time(fn, q, k, v, m, repeat=5) / layers
+            t = queued_call_s(fn, q, k, v, m, calls=5) / layers
             rows.append((case, name, t, needed / t / bw, errors[name]))
 
     if "prefill" in cases:
         rows += prefill_rows(args, ps, scale, peak)
 
-    print(f"\n{'case':<32} {'kernel':<30} {'ms':>8} {'of limit':>9} {'rel err':>8}")
+    table = Table(("case", "<32"), ("kernel", "<30"), ("ms", ">8.3f"), ("of limit", ">9.1%"), ("rel err", ">8"))
+    print("\n" + table.header())
     for case, name, t, frac, err in rows:
-        print(f"{case:<32} {name:<30} {t * 1e3:>8.3f} {frac:>8.1%} {'' if err is None else f'{err:.1e}':>8}")
+        print(table.row(case, name, t * 1e3, frac, "" if err is None else f"{err:.1e}"))
     print("limit: decode = KV bytes / copy bandwidth; prefill = causal FLOPs / bf16 matmul rate")
 
 
@@ -294,7 +272,7 @@ def prefill_rows(args, ps: int, scale: float, peak: float) -> list:
     for cfg in args.prefill_configs.split(","):
         name, fn = kernel_config(cfg, scale)
         try:
-            t = median_time(fn, q, k, v, meta, repeat=10)
+            t = queued_call_s(fn, q, k, v, meta, calls=10)
             rows.append(("prefill 4096", name, t, flops / t / peak, None))
         except Exception as e:
             print(f"prefill config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -303,12 +281,12 @@ def prefill_rows(args, ps: int, scale: float, peak: float) -> list:
         fn = jax.jit(functools.partial(paged_prefill_attention, scale=scale, pages_per_block=ppb, stages=stages,
                                        pingpong=bool(pingpong), heavy_first=bool(heavy)))
         try:
-            t = median_time(fn, q, k, v, meta, repeat=10)
+            t = queued_call_s(fn, q, k, v, meta, calls=10)
             rows.append(("prefill 4096", f"mosaic gpu {cfg}", t, flops / t / peak, None))
         except Exception as e:
             print(f"mosaic gpu config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
     fn = jax.jit(lambda q, k, v, m: paged_attention(q, k, v, m, scale=scale))
-    t = median_time(fn, q, k, v, meta, repeat=10)
+    t = queued_call_s(fn, q, k, v, meta, calls=10)
     rows.append(("prefill 4096", "sgjax GPU backend", t, flops / t / peak, None))
     dense_k = k[:, 1:].reshape(KVH, -1, D)[:, :T]  # contiguous copy for cuDNN (pages are permuted; timing only)
     dense_v = v[:, 1:].reshape(KVH, -1, D)[:, :T]
@@ -316,7 +294,7 @@ def prefill_rows(args, ps: int, scale: float, peak: float) -> list:
     fn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=scale, is_causal=True,
                                                                implementation="cudnn"))
     try:
-        t = median_time(fn, qb, kb, vb, repeat=10)
+        t = queued_call_s(fn, qb, kb, vb, calls=10)
         rows.append(("prefill 4096", "cudnn dot_product_attention", t, flops / t / peak, None))
     except Exception as e:
         print(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")

@@ -27,7 +27,9 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import Table, run_header
 
+from sgjax.config import add_engine_arguments, engine_args_from_namespace
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing.bench_tokenizer import train_bench_tokenizer
@@ -65,13 +67,12 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--num-fields", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--mesh", default="1x1")
-    p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--attention-backend", default="pallas")
+    add_engine_arguments(p, only=("mesh", "max_running_requests", "context_length", "attention_backend"),
+                         defaults={"max_running_requests": 64, "context_length": 2048})
     p.add_argument("--free-text-tokens", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5, help="runs of each mode; the median run is reported")
     args = p.parse_args()
+    print(run_header())
 
     folder = tempfile.mkdtemp()
     write_preset(args.model, folder)
@@ -82,11 +83,10 @@ def main() -> None:
                 shutil.copy(os.path.join(args.tokenizer, name), folder)
     else:
         train_bench_tokenizer(folder, vocab)
-    engine = Engine(folder, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
-                    context_length=args.context_length, attention_backend=args.attention_backend)
+    engine = Engine(args=engine_args_from_namespace(args, model_path=folder, load_format="dummy"))
     schema = json.dumps(long_key_schema(args.num_fields))
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 20000, args.prompt_len).tolist() for _ in range(args.num_requests)]
+    prompts = [rng.integers(100, min(20000, vocab), args.prompt_len).tolist() for _ in range(args.num_requests)]
     constrained = [{"json_schema": schema, "temperature": 0, "max_new_tokens": 1500}] * args.num_requests
 
     notes = json.dumps({"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"],
@@ -122,11 +122,13 @@ def main() -> None:
     print(f"valid JSON: {valid}/{args.num_requests}; requests with identical tokens jump-forward / step-by-step: "
           f"{same}/{args.num_requests} (bf16: a chunk and single decode steps may round differently)")
     phases = ("schedule", "enqueue", "process", "masks", "wait")
-    print(f"{'mode':14s} {'tokens':>8s} {'steps':>6s} {'seconds':>8s} {'tok/s':>9s} {'ms/step':>8s}  "
-          "engine thread ms/step: " + " ".join(f"{p:>8s}" for p in phases))
+    print(f"(the last {len(phases)} columns: the engine thread's ms a step by phase)")
+    table = Table(("mode", "14s"), ("tokens", "8d"), ("steps", "6d"), ("seconds", "8.2f"), ("tok/s", "9.0f"),
+                  ("ms/step", "8.2f"), *((phase, "8.2f") for phase in phases))
+    print(table.header())
     for name, r in results.items():
-        print(f"{name:14s} {r['tokens']:8d} {r['steps']:6d} {r['elapsed']:8.2f} {r['tps']:9.0f} "
-              f"{r['elapsed'] / r['steps'] * 1e3:8.2f}  {'':22s}" + " ".join(f"{r['host'][p]:8.2f}" for p in phases))
+        print(table.row(name, r["tokens"], r["steps"], r["elapsed"], r["tps"], r["elapsed"] / r["steps"] * 1e3,
+                        *(r["host"][phase] for phase in phases)))
     jf, sbs, fr = (results[k]["tps"] for k in ("jump-forward", "step-by-step", "free"))
     ft, ftf = (results[k]["tps"] for k in ("free-text", "free-text-free"))
     print(f"jump-forward speed-up (medians): {jf / sbs:.2f}x; constraint overhead (step-by-step vs free): "

@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 
+from bench_common import run_header
 from transformers import AutoTokenizer
 
 from sgjax.engine import detokenizer
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    print(run_header(device=False))
     folder = args.tokenizer or tempfile.mkdtemp()
     if not args.tokenizer:
         train_bench_tokenizer(folder)

@@ -15,15 +15,17 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_one_batch import copy_bandwidth, timed
+from bench_common import Table, copy_bandwidth, ratio_to_floor, run_header, synced_call_s
 
+from sgjax.config import add_engine_arguments
 from sgjax.executor.batch import PADDING_SLOT
 from sgjax.kernels.reference import write_kv
 from sgjax.models.presets import PRESETS
 
 
 def write_kv_without_promise(k_pages, v_pages, k, v, slot_mapping):
-    """The write as it was before (session 11): padding slots in the null page, no unique-slots promise."""
+    """The write without the promise that its slots are unique, padding slots in the null page: how the K/V write
+    was made before PADDING_SLOT, kept as the baseline the promise is measured against."""
     kvh, pages, page_size, d = k_pages.shape
     flat = (kvh, pages * page_size, d)
     k_pages = k_pages.reshape(flat).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
@@ -36,9 +38,10 @@ def main() -> None:
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
     p.add_argument("--tokens", default="64,1024,8192", help="tokens written per step (the first 90%% real)")
     p.add_argument("--pages", type=int, default=16384, help="pages in the pool")
-    p.add_argument("--page-size", type=int, default=16)
+    add_engine_arguments(p, only=("page_size",))
     p.add_argument("--repeat", type=int, default=20)
     args = p.parse_args()
+    print(run_header())
 
     cfg = PRESETS[args.model][1]
     kvh = cfg["num_key_value_heads"]
@@ -46,9 +49,10 @@ def main() -> None:
     dtype = jnp.dtype(cfg.get("dtype", "bfloat16"))
     shape = (kvh, args.pages, args.page_size, d)
     bandwidth = copy_bandwidth()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model}: pool {shape} {jnp.dtype(dtype).name}, "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'tokens':>7} {'variant':<26} {'us':>9} {'bytes floor us':>15} {'of floor':>9}")
+    print(f"{args.model}: pool {shape} {jnp.dtype(dtype).name}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    table = Table(("tokens", ">7"), ("variant", "<26"), ("us", ">9.1f"), ("bytes floor us", ">15.1f"),
+                  ("of floor", ">9.1%"))
+    print(table.header())
     rng = np.random.default_rng(0)
     for t in (int(x) for x in args.tokens.split(",")):
         real = max(1, t * 9 // 10)
@@ -67,10 +71,10 @@ def main() -> None:
 
             def call(step=step, pool=pool, slot_mapping=slot_mapping):
                 pool[:] = step(pool[0], pool[1], k, v, slot_mapping)
-                jax.block_until_ready(pool)
+                return pool
 
-            us = timed(call, args.repeat) * 1e6
-            print(f"{t:>7} {name:<26} {us:>9.1f} {floor_us:>15.1f} {floor_us / us:>9.1%}", flush=True)
+            us = synced_call_s(call, args.repeat) * 1e6
+            print(table.row(t, name, us, floor_us, ratio_to_floor(floor_us, us)), flush=True)
             del pool[:]
 
 

@@ -8,6 +8,8 @@ Workloads (sgjax/testing/workloads.py): `sharegpt` (log-normal lengths with Shar
     python scripts/bench_offline.py --dataset shared-prefix --compare-radix
     python scripts/bench_offline.py --schedule-policy lof --step-token-target 384 --max-running-requests 512
     python scripts/bench_offline.py --tokenizer DIR   # detokenize every token, as a server does
+
+With --kv-cache-dtype fp8_* the floors count the fp8 pool's bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +27,9 @@ import time
 
 import jax
 import numpy as np
-from bench_attention import matmul_rate
-from bench_one_batch import copy_bandwidth, matmul_params
+from bench_common import Table, copy_bandwidth, matmul_params, matmul_rate, ratio_to_floor, run_header, step_sizes
 
-from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
+from sgjax.config import add_engine_arguments, engine_args_from_namespace
 from sgjax.engine import Engine, detokenizer
 from sgjax.executor import model_runner
 from sgjax.engine.core import EngineCore
@@ -37,6 +38,12 @@ from sgjax.executor import buckets
 from sgjax.executor.buckets import token_buckets
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
+
+
+# The engine's options this benchmark offers; it sets the model folder and dummy weights itself.
+ENGINE_FLAGS = ("mesh", "max_running_requests", "chunked_prefill_size", "schedule_policy", "step_token_target",
+                "context_length", "mem_fraction_static", "min_token_bucket", "num_pages", "disable_overlap_schedule",
+                "attention_backend", "kv_cache_dtype")
 
 
 def make_workload(args, vocab: int) -> workloads.Workload:
@@ -74,14 +81,9 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
     buckets.HALFWAY_ROW_BUCKETS = not args.no_halfway_row_buckets
     if args.profile_host:
         profile_engine_thread()
-    engine = Engine(folder, kernel_options={"greedy_head": not args.no_fused_greedy_head}, load_format="dummy", mesh=args.mesh, max_running_requests=args.max_running_requests,
-                          chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
-                          mem_fraction_static=args.mem_fraction_static, min_token_bucket=args.min_token_bucket,
-                          num_pages=args.num_pages, schedule_policy=args.schedule_policy,
-                          step_token_target=args.step_token_target,
-                          disable_overlap_schedule=args.disable_overlap_schedule,
-                          attention_backend=args.attention_backend, disable_radix_cache=disable_radix_cache,
-                          kv_cache_dtype=args.kv_cache_dtype)
+    engine = Engine(args=engine_args_from_namespace(args, model_path=folder, load_format="dummy",
+                                                    disable_radix_cache=disable_radix_cache),
+                    kernel_options={"greedy_head": not args.no_fused_greedy_head})
     startup = time.perf_counter() - t0
     print(f"token buckets: {engine.runner.buckets}; sampling row buckets: {engine.runner.row_buckets}", flush=True)
     work = make_workload(args, engine.loaded.config.vocab_size)
@@ -124,14 +126,6 @@ def run(args, folder: str, disable_radix_cache: bool) -> dict:
 
 
 DECODE_BANDS = (1, 16, 64, 128, 192, 256, 512, 1 << 30)
-
-
-def step_sizes(before: dict, after: dict) -> str:
-    """Mean and standard deviation of the tokens of the steps between two Engine.timings()."""
-    steps = max(after["steps"] - before["steps"], 1)
-    mean = (after["step_tokens"] - before["step_tokens"]) / steps
-    var = (after["step_tokens_sq"] - before["step_tokens_sq"]) / steps - mean * mean
-    return f"{mean:.0f} +- {max(var, 0.0) ** 0.5:.0f} tokens a step"
 
 
 def model_sizes(engine) -> dict:
@@ -209,13 +203,14 @@ def timeline(log: list[StepRecord], end: float, floor=None) -> list[tuple]:
 def print_timeline(rows: list[tuple]) -> None:
     total = sum(r[2] for r in rows)
     with_floor = rows and rows[0][6] is not None
-    print(f"  {'step kind':<18} {'steps':>6} {'s':>7} {'share':>6} {'ms/step':>8} {'decode rows':>12} "
-          f"{'wait ms/step':>12} {'host-bound':>10}"
-          + (f" {'floor ms/step':>13} {'of floor':>8}" if with_floor else ""))
+    columns = [("step kind", "<18"), ("steps", ">6"), ("s", ">7.2f"), ("share", ">6.1%"), ("ms/step", ">8.2f"),
+               ("decode rows", ">12,"), ("wait ms/step", ">12.2f"), ("host-bound", ">10.0%")]
+    table = Table(*columns, *([("floor ms/step", ">13.2f"), ("of floor", ">8.1%")] if with_floor else []), indent="  ")
+    print(table.header())
     for kind, steps, seconds, decodes, waited, unwaited, floor in rows:
-        print(f"  {kind:<18} {steps:>6} {seconds:>7.2f} {seconds / total:>6.1%} {seconds / steps * 1e3:>8.2f} "
-              f"{decodes:>12,} {waited / steps * 1e3:>12.2f} {unwaited / steps:>10.0%}"
-              + (f" {floor / steps * 1e3:>13.2f} {floor / seconds:>8.1%}" if with_floor else ""))
+        cells = [kind, steps, seconds, seconds / total, seconds / steps * 1e3, decodes, waited / steps * 1e3,
+                 unwaited / steps]
+        print(table.row(*cells, *([floor / steps * 1e3, ratio_to_floor(floor, seconds)] if with_floor else [])))
     print(f"  (wait: the engine thread waiting for the step's results; host-bound: steps it waited less than "
           f"{HOST_BOUND_WAIT_S * 1e3:.1f} ms for" + ("; floor: kernels in sequence, as below" if with_floor else "")
           + ")")
@@ -234,35 +229,25 @@ def main() -> None:
     p.add_argument("--system-len", type=int, default=2048)
     p.add_argument("--question-len", type=int, default=128)
     p.add_argument("--compare-radix", action="store_true", help="run again with the radix cache disabled")
-    p.add_argument("--max-running-requests", type=int, default=1024)
-    p.add_argument("--chunked-prefill-size", type=int, default=8192)
-    p.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
-    p.add_argument("--step-token-target", type=int, default=0,
-                   help="prompt chunks fill a step up to this many tokens with its decodes (0: off)")
-    p.add_argument("--context-length", type=int, default=4096)
-    p.add_argument("--mem-fraction-static", type=float, default=0.9)
-    p.add_argument("--min-token-bucket", type=int, default=16)
-    p.add_argument("--num-pages", type=int, default=None, help="KV pool size (default: from free memory)")
-    p.add_argument("--mesh", default="1x1")
-    p.add_argument("--disable-overlap-schedule", action="store_true")
+    # An offline batch runs more requests at once than a server's default, in larger prefill chunks.
+    add_engine_arguments(p, only=ENGINE_FLAGS, defaults={"max_running_requests": 1024, "chunked_prefill_size": 8192,
+                                                         "context_length": 4096, "mem_fraction_static": 0.9})
     p.add_argument("--profile-host", action="store_true", help="cProfile the engine thread, print the top functions")
     p.add_argument("--decode-bucket-step", type=int, default=buckets.DECODE_BUCKET_STEP,
-                   help="token buckets for decode steps every this many rows (256: the coarser grid before session 12)")
+                   help="token buckets for decode steps every this many rows (256: the engine's earlier, coarser grid)")
     p.add_argument("--row-bucket-growth", type=int, default=buckets.ROW_BUCKET_GROWTH,
-                   help="sampling row buckets grow by this factor from 64 (4: the coarser grid before session 12)")
+                   help="sampling row buckets grow by this factor from 64 (4: the engine's earlier, coarser grid)")
     p.add_argument("--no-halfway-row-buckets", action="store_true",
-                   help="sampling row buckets without the halfway points (the grid before session 22)")
+                   help="sampling row buckets without the halfway points (the engine's earlier grid)")
     p.add_argument("--no-fused-greedy-head", action="store_true",
-                   help="greedy sampling through XLA's float32 logits, not the fused head kernel (before session 24)")
+                   help="greedy sampling through XLA's float32 logits, not the fused head kernel")
     p.add_argument("--tokenizer", default=None,
                    help="folder with a tokenizer (its vocabulary the model's): the engine then detokenizes every "
                         "token, as it does for a server; default none (token ids only)")
     p.add_argument("--window-detokenizer", action="store_true",
                    help="with --tokenizer: detokenize by Python decodes of a window, not the Rust stream")
-    p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-                   help="KV pool dtype (fp8_*: half the K/V bytes; the floors count the pool's bytes)")
     args = p.parse_args()
+    print(run_header())
 
     folder = write_preset(args.model, tempfile.mkdtemp())
     if args.tokenizer:
@@ -275,16 +260,16 @@ def main() -> None:
     if args.compare_radix:
         runs.append(("radix cache off", run(args, folder, True)))
     detok = runs[0][1]["detokenizer"]
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model} (dummy weights), "
-          f"attention {runs[0][1]['backend']}, overlap {'off' if args.disable_overlap_schedule else 'on'}, "
-          f"KV cache {args.kv_cache_dtype}, detokenizer {detok}")
+    print(f"\n{args.model} (dummy weights), attention {runs[0][1]['backend']}, "
+          f"overlap {'off' if args.disable_overlap_schedule else 'on'}, KV cache {args.kv_cache_dtype}, "
+          f"detokenizer {detok}")
     print(runs[0][1]["description"])
-    print(f"{'':<16} {'s':>7} {'out tok/s':>10} {'total tok/s':>12} {'steps':>6} {'ms/step':>8} {'preempt':>8} "
-          f"{'hit rate':>9} {'dev wait':>9}")
+    table = Table(("", "<16"), ("s", ">7.2f"), ("out tok/s", ">10,.0f"), ("total tok/s", ">12,.0f"), ("steps", ">6"),
+                  ("ms/step", ">8.2f"), ("preempt", ">8"), ("hit rate", ">9.1%"), ("dev wait", ">9.1%"))
+    print(table.header())
     for name, s in runs:
-        print(f"{name:<16} {s['elapsed']:>7.2f} {s['out_tps']:>10,.0f} {s['total_tps']:>12,.0f} {s['steps']:>6} "
-              f"{s['elapsed'] / max(s['steps'], 1) * 1e3:>8.2f} {s['preemptions']:>8} {s['hit_rate']:>9.1%} "
-              f"{s['device_wait']:>9.1%}")
+        print(table.row(name, s["elapsed"], s["out_tps"], s["total_tps"], s["steps"],
+                        s["elapsed"] / max(s["steps"], 1) * 1e3, s["preemptions"], s["hit_rate"], s["device_wait"]))
     print("dev wait: share of the run the engine thread waited for step results (near 0: the host is the "
           "bottleneck)")
     for name, s in runs:
@@ -309,12 +294,13 @@ def main() -> None:
         for name, s in runs:
             floor = step_floor_s(s["log"], s["model"], bandwidth, rate)
             print(f"  {name}: {floor:.2f} s for {len(s['log'])} steps ({s['out_tokens'] / floor:,.0f} out tok/s at "
-                  f"the floor); the run took {s['elapsed']:.2f} s = {floor / s['elapsed']:.1%} of the floor's speed")
+                  f"the floor); the run took {s['elapsed']:.2f} s = {ratio_to_floor(floor, s['elapsed']):.1%} of the "
+                  f"floor's speed")
         print("the same with each step's K/V read after its matmuls (kernels in sequence, as one GPU stream runs):")
         for name, s in runs:
             floor = step_floor_s(s["log"], s["model"], bandwidth, rate, in_sequence=True)
             print(f"  {name}: {floor:.2f} s ({s['out_tokens'] / floor:,.0f} out tok/s); the run = "
-                  f"{floor / s['elapsed']:.1%} of this floor's speed")
+                  f"{ratio_to_floor(floor, s['elapsed']):.1%} of this floor's speed")
         if args.dataset != "shared-prefix":
             s = runs[0][1]
             floor = workload_floor_s(s["work"], s["model"], bandwidth, rate)

@@ -20,12 +20,14 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from bench_common import (Table, copy_bandwidth, copy_bandwidth_one_call, matmul_params, ratio_to_floor, run_header,
+                          synced_call_s)
 from flax import nnx
 
-from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
+from sgjax.config import add_engine_arguments, engine_args_from_namespace, mesh_from_namespace
+from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.executor.greedy import make_step
 from sgjax.kernels import resolve_backend
 from sgjax.kernels.gpu import ragged_paged_attention
@@ -34,71 +36,27 @@ from sgjax.models.loader import load_model
 from sgjax.models.presets import PRESETS, write_preset
 
 
-def copy_bandwidth(nbytes: int = 4 << 30, calls: int = 10) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus written: the ceiling of every floor here.
-
-    32-bit words, copied back to back into the donated buffer and timed together. Until session 27 it was a
-    bf16 `a + 1` timed one call at a time, which XLA runs ~20% below the memory's rate and which counted each
-    call's launch and fresh output as copying: on an H200 2.8-2.9 TB/s, against 4.19 for this measure (4.18
-    in float32, 4.21-4.44 for a read-only sum; 3.32 for bf16 back to back), so every floor was too lenient."""
-    x = jnp.ones((nbytes // 4,), jnp.uint32)
-    copy = jax.jit(lambda a: a + 1, donate_argnums=0)  # a real read and write, in place
-    x = copy(x).block_until_ready()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            x = copy(x)
-        x.block_until_ready()
-        times.append((time.perf_counter() - t0) / calls)
-    return 2 * x.nbytes / min(times)
-
-
-def copy_bandwidth_one_call(nbytes: int = 4 << 30) -> float:
-    """The measure of sessions 1-26 (bf16, one call at a time, fresh output), printed beside the new one."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + 1)
-    return 2 * x.nbytes / timed(lambda: copy(x).block_until_ready(), repeat=10)
-
-
-def matmul_params(weights, vocab_size: int) -> int:
-    """Weights every prompt token is multiplied by: all but the input embedding (a row gather) and the LM
-    head (only each sequence's last token goes through it), i.e. the arrays without a vocabulary dim."""
-    return sum(x.size for x in weights if vocab_size not in x.shape)
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # compile + warm up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def engine_decode(args, folder: str, sizes: list[int]) -> None:
     """Decode ms per step in the running Engine at each batch size, against the HBM floor."""
     from sgjax.engine import Engine
 
     ragged_paged_attention.DECODE_KV_SPLITS = args.decode_kv_splits
     n_in, n_out = args.input_len, args.output_len
-    kernel_options = {"greedy_head": not args.no_fused_greedy_head, "filter_cut": not args.no_filter_cut_kernel}
-    engine = Engine(folder, kernel_options=kernel_options, load_format="dummy", max_running_requests=max(sizes), page_size=args.page_size,
-                    context_length=n_in + n_out + args.page_size,
-                    chunked_prefill_size=max(n_in, args.prefill_tokens),
-                    mesh=args.mesh, attention_backend=args.attention_backend)
+    engine = Engine(args=engine_args_from_namespace(
+        args, model_path=folder, load_format="dummy", max_running_requests=max(sizes),
+        context_length=n_in + n_out + args.page_size, chunked_prefill_size=max(n_in, args.prefill_tokens)),
+        kernel_options={"greedy_head": not args.no_fused_greedy_head, "filter_cut": not args.no_filter_cut_kernel})
     weight_bytes = sum(x.nbytes for x in engine.runner.weights)
     bytes_per_token = engine.runner.pool.config.bytes_per_page // args.page_size
     bandwidth = copy_bandwidth()
-    print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
-          f"{weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s "
-          f"({copy_bandwidth_one_call() / 1e12:.2f} by the one-call measure of sessions 1-26)")
+    print(f"{args.model} dummy weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+          f"({copy_bandwidth_one_call() / 1e12:.2f} by the older one-call measure)")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     how = "greedy" if args.temperature == 0 else ", ".join(f"{k} {v}" for k, v in sampling.items())
     print(f"\nengine decode steps, {n_in}-token prompts, {n_out} tokens each ({how}; context {n_in}-{n_in + n_out})")
-    print(f"{'batch':>5} {'step ms':>8} {'HBM floor ms':>12} {'floor/actual':>12} {'tokens/s':>9} {'steps':>6} "
-          f"{'wait ms':>8}")
+    table = Table(("batch", ">5"), ("step ms", ">8.2f"), ("HBM floor ms", ">12.2f"), ("floor/actual", ">12.1%"),
+                  ("tokens/s", ">9.0f"), ("steps", ">6"), ("wait ms", ">8.2f"))
+    print(table.header())
     rng = np.random.default_rng(0)
     for bs in sizes:
         prompts = [rng.integers(0, engine.loaded.config.vocab_size, n_in).tolist() for _ in range(bs)]
@@ -115,8 +73,8 @@ def engine_decode(args, folder: str, sizes: list[int]) -> None:
         wait_s = float(np.median([a.waited for a, _ in steady]))
         kv_bytes = bs * (n_in + n_out // 2) * bytes_per_token  # mean context over the decode
         floor = (weight_bytes + kv_bytes) / bandwidth
-        print(f"{bs:>5} {step_s * 1e3:>8.2f} {floor * 1e3:>12.2f} {floor / step_s:>12.1%} {bs / step_s:>9.0f} "
-              f"{len(steady):>6} {wait_s * 1e3:>8.2f}")
+        print(table.row(bs, step_s * 1e3, floor * 1e3, ratio_to_floor(floor, step_s), bs / step_s, len(steady),
+                        wait_s * 1e3))
     engine.shutdown()
 
 
@@ -125,31 +83,30 @@ def main() -> None:
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--mesh", default="1x1")
-    p.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
+    add_engine_arguments(p, only=("page_size", "mesh", "attention_backend"))
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--engine", action="store_true", help="measure decode in the serving Engine instead")
     p.add_argument("--output-len", type=int, default=256, help="with --engine: tokens decoded per request")
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="with --engine: prompt tokens a step may prefill (so every request runs before the first ends)")
     p.add_argument("--no-fused-greedy-head", action="store_true",
-                   help="with --engine: greedy sampling through XLA's float32 logits (before session 24)")
+                   help="with --engine: greedy sampling through XLA's float32 logits, not the fused head kernel")
     p.add_argument("--temperature", type=float, default=0.0, help="with --engine: sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --engine: nucleus filter of sampled rows")
     p.add_argument("--top-k", type=int, default=-1, help="with --engine: top-k filter of sampled rows")
     p.add_argument("--no-filter-cut-kernel", action="store_true",
-                   help="with --engine: top-k / top-p cuts by sorting the vocabulary (before session 25)")
+                   help="with --engine: top-k / top-p cuts by sorting the vocabulary, not the filter-cut kernel")
     p.add_argument("--decode-kv-splits", type=int, default=ragged_paged_attention.DECODE_KV_SPLITS,
                    help="with --engine: context splits of small decode batches in the attention kernel")
     args = p.parse_args()
+    print(run_header())
 
     folder = write_preset(args.model, tempfile.mkdtemp())
     if args.engine:
         engine_decode(args, folder, [int(b) for b in args.batch_sizes.split(",")])
         return
     t0 = time.perf_counter()
-    loaded = load_model(folder, make_mesh(args.mesh), load_format="dummy",
+    loaded = load_model(folder, make_mesh(mesh_from_namespace(args)), load_format="dummy",
                         attention_backend=resolve_backend(args.attention_backend, args.page_size))
     jax.block_until_ready(jax.tree.leaves(loaded.model))
     load_s = time.perf_counter() - t0
@@ -158,9 +115,8 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     bandwidth = copy_bandwidth()
     step = make_step(graphdef)
-    print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, {args.model} dummy weights "
-          f"{weight_bytes / 1e9:.2f} GB loaded in {load_s:.1f} s, copy bandwidth {bandwidth / 1e12:.2f} TB/s "
-          f"({copy_bandwidth_one_call() / 1e12:.2f} by the one-call measure of sessions 1-26)")
+    print(f"{args.model} dummy weights {weight_bytes / 1e9:.2f} GB loaded in {load_s:.1f} s, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s ({copy_bandwidth_one_call() / 1e12:.2f} by the older one-call measure)")
 
     ps, n_in = args.page_size, args.input_len
     rows = []
@@ -174,30 +130,31 @@ def main() -> None:
         def run_prefill():
             logits, pool.caches = step(state, pool.caches, prefill.input_ids, prefill.positions, prefill.meta,
                                        prefill.last_token_index)
-            logits.block_until_ready()
+            return logits
 
-        prefill_s = timed(run_prefill, args.repeat)
+        prefill_s = synced_call_s(run_prefill, args.repeat)
         decode = make_batch([SeqChunk([1], n_in, c.pages) for c in chunks], ps)
 
         def run_decode():
             logits, pool.caches = step(state, pool.caches, decode.input_ids, decode.positions, decode.meta,
                                        decode.last_token_index)
-            logits.block_until_ready()
+            return logits
 
-        decode_s = timed(run_decode, args.repeat)
+        decode_s = synced_call_s(run_decode, args.repeat)
         kv_bytes = bs * (n_in + 1) * pool.config.bytes_per_page // ps
         floor = (weight_bytes + kv_bytes) / bandwidth
         flops = 2 * matmul_params(jax.tree.leaves(state), cfg.vocab_size) * n_in  # layer matmuls only
         rows.append((bs, prefill_s * 1e3, flops / prefill_s / 1e12, decode_s * 1e3, floor * 1e3,
-                     floor / decode_s, bs / decode_s))
+                     ratio_to_floor(floor, decode_s), bs / decode_s))
         pool.caches = None  # free this batch's KV pool before the next is made
 
     print(f"\nprefill of {n_in} tokens (one sequence) and one decode step at context {n_in}, "
           f"attention backend {args.attention_backend}")
-    print(f"{'batch':>5} {'prefill ms':>10} {'prefill TFLOP/s':>15} {'decode ms':>9} {'HBM floor ms':>12} "
-          f"{'floor/actual':>12} {'tokens/s':>9}")
+    table = Table(("batch", ">5"), ("prefill ms", ">10.2f"), ("prefill TFLOP/s", ">15.1f"), ("decode ms", ">9.2f"),
+                  ("HBM floor ms", ">12.2f"), ("floor/actual", ">12.1%"), ("tokens/s", ">9.0f"))
+    print(table.header())
     for r in rows:
-        print(f"{r[0]:>5} {r[1]:>10.2f} {r[2]:>15.1f} {r[3]:>9.2f} {r[4]:>12.2f} {r[5]:>12.1%} {r[6]:>9.0f}")
+        print(table.row(*r))
 
 
 if __name__ == "__main__":

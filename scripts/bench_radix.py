@@ -16,9 +16,11 @@ import gc
 import time
 
 import numpy as np
+from bench_common import percentiles, run_header
 
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
+from sgjax.config import add_engine_arguments
 
 
 def main() -> None:
@@ -28,12 +30,13 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--num-prefixes", type=int, default=1000)
     p.add_argument("--max-prefix", type=int, default=4096)
-    p.add_argument("--page-size", type=int, default=16)
+    add_engine_arguments(p, only=("page_size",))
     p.add_argument("--num-queries", type=int, default=10_000)
     p.add_argument("--query-len", type=int, default=8192)
     p.add_argument("--evict-chunk", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    print(run_header(device=False))
 
     rng = np.random.default_rng(args.seed)
     ps = args.page_size
@@ -90,17 +93,19 @@ def main() -> None:
     evict_total = time.perf_counter() - t0
     assert alloc.num_free == alloc.num_usable, "eviction lost pages"
 
-    us = lambda a, q: np.percentile(a, q) * 1e6  # noqa: E731
+    insert_p50, insert_p99 = percentiles(insert_times, (50, 99), scale=1e6)
+    match_p50, match_p99 = percentiles(match_times, (50, 99), scale=1e6)
+    (evict_p50,) = percentiles(evict_times, (50,), scale=1e6)
     print(f"sequences {args.num_seqs}, inserted tokens {inserted_tokens / 1e6:.1f}M, tree tokens "
           f"{cached / 1e6:.1f}M, page size {ps}")
     print(f"insert: {args.num_seqs / insert_times.sum():,.0f} seq/s, "
-          f"{inserted_tokens / insert_times.sum() / 1e6:.1f}M tokens/s, p50 {us(insert_times, 50):.1f} us, "
-          f"p99 {us(insert_times, 99):.1f} us")
-    print(f"match ({args.query_len}-token numpy prompt): p50 {us(match_times, 50):.1f} us, p99 "
-          f"{us(match_times, 99):.1f} us, mean hit {hits / args.num_queries:.0f} tokens; "
+          f"{inserted_tokens / insert_times.sum() / 1e6:.1f}M tokens/s, p50 {insert_p50:.1f} us, "
+          f"p99 {insert_p99:.1f} us")
+    print(f"match ({args.query_len}-token numpy prompt): p50 {match_p50:.1f} us, p99 "
+          f"{match_p99:.1f} us, mean hit {hits / args.num_queries:.0f} tokens; "
           f"from a Python list: {list_match * 1e6:.1f} us")
     print(f"evict ({args.evict_chunk}-token calls): {cached / evict_total / 1e6:.1f}M tokens/s, p50 "
-          f"{us(np.array(evict_times), 50):.1f} us per call, {len(evict_times)} calls")
+          f"{evict_p50:.1f} us per call, {len(evict_times)} calls")
 
 
 if __name__ == "__main__":

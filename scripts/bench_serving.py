@@ -20,6 +20,7 @@ import urllib.request
 
 import aiohttp
 import numpy as np
+from bench_common import percentiles, run_header
 
 from sgjax.testing import workloads
 
@@ -101,6 +102,7 @@ def main() -> None:
                    help="POST /flush_cache first, so a repeated workload does not find its prompts in the radix cache")
     p.add_argument("--output-json", default=None, help="append the run's arguments and figures to this file")
     args = p.parse_args()
+    print(run_header(device=False))
 
     if args.backend == "openai" and args.model is None:
         request = urllib.request.Request(f"{args.base_url}/v1/models", headers=auth_headers(args))
@@ -159,7 +161,7 @@ def summarize(results: list[dict], work: workloads.Workload, elapsed: float) -> 
     e2e = [r["end"] - r["start"] for r in ok]
     for name, values in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl), ("E2E", e2e)):
         if len(values):
-            summary[name] = [float(v) for v in np.percentile(np.asarray(values) * 1e3, [50, 90, 99])]
+            summary[name] = percentiles(values, (50, 90, 99), scale=1e3)
     return summary
 
 

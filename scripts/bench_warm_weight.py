@@ -1,9 +1,9 @@
 """Would a batch-1 projection run faster if its weight were read into L2 just before it?
 
 A batch-1 decode step leaves HBM idle while latency-bound kernels run (attention, norms: ~0.8 ms a step of
-Llama-3-8B, BENCHMARKS.md session 28). The o projection's weight (32 MB) fits in an H100/H200's 50 MB L2,
-so programs added to the attention kernel could read it there first. This measures the two things that
-idea needs, over a stack of distinct weights (none in L2 from the call before):
+Llama-3-8B on an H200; docs/benchmark-history.md, "where a batch-1 step goes"). The o projection's weight
+(32 MB) fits in an H100/H200's 50 MB L2, so programs added to the attention kernel could read it there first.
+This measures the two things that idea needs, over a stack of distinct weights (none in L2 from the call before):
 - the projection (one row against a [N, K] weight, through XLA) with the weight cold, and right after a
   Pallas kernel read the whole weight (`touch`, loads marked evict_last): the difference is the most
   such a prefetch could save;
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from bench_common import Table, queued_call_s, run_header
 
 COLUMNS = 1024  # the weight is read as rows of this many elements
 TILE_ROWS = 16  # rows a program loads at once
@@ -94,15 +94,7 @@ def chains(programs: int, fraction: float, policy: str):
 
 def us_per_weight(fn, x, ws, calls: int = 20, repeats: int = 5) -> float:
     """Best of `repeats` runs of `calls` queued calls, per weight of the stack."""
-    fn(x, ws).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            y = fn(x, ws)
-        y.block_until_ready()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best / len(ws) * 1e6
+    return queued_call_s(fn, x, ws, calls=calls, rounds=repeats, summary=min) / len(ws) * 1e6
 
 
 def main() -> None:
@@ -112,6 +104,7 @@ def main() -> None:
     p.add_argument("--programs", default="64,128,256", help="programs of the touch kernel, one case each")
     p.add_argument("--fractions", default="1,0.5", help="parts of the weight touched, one case each")
     args = p.parse_args()
+    print(run_header())
 
     n, k = (int(v) for v in args.shape.split("x"))
     key = jax.random.PRNGKey(0)
@@ -122,19 +115,19 @@ def main() -> None:
     if abs(got - expected) > 1e-2 * max(1.0, abs(expected)):
         raise SystemExit(f"touch read {got}, the weight sums to {expected}")
     nbytes = n * k * 2
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: weight {n}x{k} bf16 ({nbytes / 1e6:.1f} MB), "
-          f"{args.weights} distinct; us per weight")
+    print(f"weight {n}x{k} bf16 ({nbytes / 1e6:.1f} MB), {args.weights} distinct; us per weight")
     cold = us_per_weight(chains(128, 1.0, "evict_last")[0], x, ws)
     print(f"projection, weight cold: {cold:.2f} us ({nbytes / cold / 1e6:.2f} TB/s)")
-    print(f"{'programs':>8} {'fraction':>8} {'policy':>12} {'touch':>7} {'touch TB/s':>10} {'proj after':>10} "
-          f"{'saved':>6}")
+    table = Table(("programs", ">8"), ("fraction", ">8"), ("policy", ">12"), ("touch", ">7.2f"),
+                  ("touch TB/s", ">10.2f"), ("proj after", ">10.2f"), ("saved", ">6.2f"))
+    print(table.header())
     cases = [(int(pr), float(f), "evict_last") for f in args.fractions.split(",") for pr in args.programs.split(",")]
     cases.append((128, 1.0, "evict_normal"))
     for programs, fraction, policy in cases:
         _, warm, touch_only = chains(programs, fraction, policy)
         both, alone = us_per_weight(warm, x, ws), us_per_weight(touch_only, x, ws)
-        print(f"{programs:>8} {fraction:>8} {policy:>12} {alone:>7.2f} {nbytes * fraction / alone / 1e6:>10.2f} "
-              f"{both - alone:>10.2f} {cold - (both - alone):>6.2f}")
+        print(table.row(programs, fraction, policy, alone, nbytes * fraction / alone / 1e6, both - alone,
+                        cold - (both - alone)))
 
 
 if __name__ == "__main__":

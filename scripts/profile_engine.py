@@ -13,7 +13,7 @@ coarse category (matmul, attention, sampling sort, ...).
 Known problem (2026-11-22, H100, JAX 0.11.2): with the trace running, the engine's steps failed with
 CUDA_ERROR_LAUNCH_FAILED in two of three runs, while the same workloads without the profiler ran
 clean; the figures of a run with such errors (printed before the summary) are not to be trusted.
-Session 4 saw the error text: "Failed to check stream capturing status", i.e. the trace collides with
+The error text, "Failed to check stream capturing status", says the trace collides with
 XLA's CUDA-graph command buffers; profile_step.py --trace (the forward pass alone) traces cleanly.
 Seen again 2026-11-23 (JAX 0.11.2) on the ShareGPT-like workload, in the sampling program. With
 command buffers off (the third command above) the trace ran clean: its kernel times hold, but the
@@ -36,8 +36,9 @@ import time
 
 import jax
 import numpy as np
+from bench_common import run_header
 
-from sgjax.config import KV_CACHE_DTYPES, SCHEDULE_POLICIES
+from sgjax.config import add_engine_arguments, engine_args_from_namespace
 from sgjax.engine import Engine
 from sgjax.models.presets import PRESETS, write_preset
 from sgjax.testing import workloads
@@ -173,13 +174,10 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--max-running-requests", type=int, default=128)
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--chunked-prefill-size", type=int, default=8192)
-    p.add_argument("--mem-fraction-static", type=float, default=0.9)
-    p.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
-    p.add_argument("--step-token-target", type=int, default=0)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    add_engine_arguments(p, only=("max_running_requests", "context_length", "chunked_prefill_size",
+                                  "mem_fraction_static", "schedule_policy", "step_token_target", "kv_cache_dtype"),
+                         defaults={"max_running_requests": 128, "context_length": 2048, "chunked_prefill_size": 8192,
+                                   "mem_fraction_static": 0.9})
     p.add_argument("--warmup-s", type=float, default=8.0, help="seconds of serving before the trace starts")
     p.add_argument("--trace-s", type=float, default=2.0)
     p.add_argument("--top", type=int, default=20, help="kernels to list by GPU time")
@@ -189,6 +187,7 @@ def main() -> None:
     p.add_argument("--constrained", action="store_true", help="64 requests under a long-key JSON schema")
     p.add_argument("--tokenizer", default=None, help="with --constrained: a tokenizer folder (default: train one)")
     args = p.parse_args()
+    print(run_header())
 
     folder = tempfile.mkdtemp()
     write_preset(args.model, folder)
@@ -202,10 +201,7 @@ def main() -> None:
         train_bench_tokenizer(folder, vocab)
         params = {"json_schema": json.dumps(long_key_schema(8)), "temperature": 0, "max_new_tokens": 1500}
         args.num_prompts = min(args.num_prompts, 64)
-    engine = Engine(folder, load_format="dummy", max_running_requests=args.max_running_requests,
-                    context_length=args.context_length, chunked_prefill_size=args.chunked_prefill_size,
-                    mem_fraction_static=args.mem_fraction_static, schedule_policy=args.schedule_policy,
-                    step_token_target=args.step_token_target, kv_cache_dtype=args.kv_cache_dtype)
+    engine = Engine(args=engine_args_from_namespace(args, model_path=folder, load_format="dummy"))
     if args.dataset == "sharegpt" and not args.constrained:
         work = workloads.sharegpt_like(args.num_prompts, vocab)
         requests = [r for prompt, out_len in zip(work.prompts, work.output_lens) for r in
@@ -213,7 +209,7 @@ def main() -> None:
         print(work.description)
     else:
         rng = np.random.default_rng(0)
-        requests = engine.make_requests(input_ids=[rng.integers(100, 20000, args.input_len).tolist()
+        requests = engine.make_requests(input_ids=[rng.integers(100, min(20000, vocab), args.input_len).tolist()
                                                    for _ in range(args.num_prompts)], sampling_params=params)
     engine.generate(input_ids=[requests[0].prompt_ids], sampling_params={"max_new_tokens": 4})  # warm-up
     done = threading.Event()
@@ -235,8 +231,8 @@ def main() -> None:
         time.sleep(length)
         window = (time.perf_counter() - t0) * 1e6
         jax.profiler.stop_trace()
-        header = (f"\n=== window {start:.1f}-{start + length:.1f} s: {jax.devices()[0].device_kind}, jax "
-                  f"{jax.__version__}, {args.model}, {running}-{len(engine.scheduler.running)} running requests")
+        header = (f"\n=== window {start:.1f}-{start + length:.1f} s: {args.model}, "
+                  f"{running}-{len(engine.scheduler.running)} running requests")
         traced.append((header, trace_dir, window))
     done.wait()
     print(f"workload done in {time.perf_counter() - started:.2f} s (traces included)")

@@ -1,13 +1,13 @@
 """Where the server's event-loop thread spends its CPU under load, with the engine in a child process (the
 default) or (with --no-engine-process) in this process.
 
-The HTTP handlers and the engine thread share one process and so one GIL: every microsecond the event loop
-spends on a streamed event is one the engine's host side may wait for (BENCHMARKS.md session 27: the server
-delivered 91% of the offline output tokens/s on an H200). This starts the Engine and the app in this
-process, drives them with bench_serving.py in a subprocess, and reports the CPU seconds of the event loop
-and of the engine thread, the output events the client received, the loop's CPU per event, and how long the
-requests took to reach the engine (first to last: a ramp-up the offline run does not have); with
---profile, a second run under cProfile lists the loop's top functions.
+With the engine in the server's process, the HTTP handlers and the engine thread share one GIL: every microsecond
+the event loop spends on a streamed event is one the engine's host side may wait for (that way the server delivered
+91% of the offline output tokens/s on an H200: docs/benchmark-history.md, "the server under load"). This starts
+the Engine and the app in this process, drives them with bench_serving.py in a subprocess, and reports the CPU
+seconds of the event loop and of the engine thread, the output events the client received, the loop's CPU per
+event, and how long the requests took to reach the engine (first to last: a ramp-up the offline run does not
+have); with --profile, a second run under cProfile lists the loop's top functions.
 
     python scripts/make_tiny_model.py /tmp/sgjax-tiny
     python scripts/profile_server.py --model-path /tmp/sgjax-tiny --attention-backend reference \\
@@ -29,7 +29,7 @@ import time
 
 import uvloop
 from aiohttp import web
-from bench_offline import step_sizes
+from bench_common import run_header, step_sizes
 
 from sgjax.config import args_from_cli, build_parser
 from sgjax.engine import Engine
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"])
     ns = parser.parse_args()
+    print(run_header())
     engine_args, server_args = args_from_cli(ns)
     server_args.log_level = "warning"
     engine = Engine(args=engine_args, engine_process=server_args.engine_process)

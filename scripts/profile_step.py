@@ -2,7 +2,7 @@
 
 Builds the Engine on dummy weights of a real shape, then drives its ModelRunner directly: decode
 batches of B sequences at context L through the forward pass and through every sampling variant,
-the device synchronised after each call (median of --repeat, bench_one_batch.timed), and the
+the device synchronised after each call (median of --repeat, bench_common.synced_call_s), and the
 host-side `prepare` of the same batch. Printed against the decode floor (weight bytes + KV bytes
 read / copy bandwidth measured in the same run). bench_offline.py's ms/step and "dev wait" then
 split a real run into device and host time. (A jax.profiler trace of the running engine failed
@@ -25,14 +25,14 @@ import tempfile
 import time
 
 import jax
-from bench_one_batch import copy_bandwidth, matmul_params, timed
+from bench_common import Table, copy_bandwidth, matmul_params, ratio_to_floor, run_header, synced_call_s
 from profile_engine import load_trace, summarise
 
-from sgjax.executor.batch import SeqChunk
-from sgjax.config import KV_CACHE_DTYPES
+from sgjax.config import add_engine_arguments, engine_args_from_namespace
 from sgjax.constrained.bitmask import allow_all
 from sgjax.engine import Engine
 from sgjax.executor import programs
+from sgjax.executor.batch import SeqChunk
 from sgjax.executor.sampler import SamplerFeatures, SamplingBatch
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.presets import PRESETS, write_preset
@@ -98,8 +98,9 @@ def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], rep
     handle = runner.launch(prepared)
     head = runner.kernels.greedy_head
     paths = [("xla", None)] + ([("fused", head)] if head is not None else [])
-    print(f"{'sampling rows':>13} " + " ".join(f"{name + ' ' + how:>14}" for name, _ in paths
-                                               for how in ("sync ms", "queued ms")))
+    table = Table(("sampling rows", ">13"), *((f"{name} {how}", ">14.3f") for name, _ in paths
+                                              for how in ("sync ms", "queued ms")))
+    print(table.header())
     for n in rows:
         cells = []
         for _, kernel in paths:
@@ -107,9 +108,9 @@ def sampling_curve(runner, softcap: float | None, prepared, rows: list[int], rep
                                                 runner.sampling_layout))
             call = functools.partial(program, runner.head, handle.hidden, handle.ints, handle.floats,
                                      runner.penalties, None, None, None)
-            cells.append(timed(lambda: jax.block_until_ready(call()), repeat) * 1e3)
-            cells.append(timed(lambda: jax.block_until_ready([call() for _ in range(repeat)]), 3) * 1e3 / repeat)
-        print(f"{n:>13} " + " ".join(f"{ms:>14.3f}" for ms in cells), flush=True)
+            cells.append(synced_call_s(call, repeat) * 1e3)
+            cells.append(synced_call_s(lambda: [call() for _ in range(repeat)], 3) * 1e3 / repeat)
+        print(table.row(n, *cells), flush=True)
 
 
 def dump_hlo(text: str, folder: str) -> None:
@@ -130,15 +131,15 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=1024, help="also time one prefill step of this many tokens")
     p.add_argument("--prefill-prompts", type=int, default=1,
                    help="split the prefill step's tokens into this many prompts (ShareGPT's steps: ~45 of ~200)")
-    p.add_argument("--context-length", type=int, default=2048)
-    p.add_argument("--mem-fraction-static", type=float, default=0.8)
+    add_engine_arguments(p, only=("context_length", "mem_fraction_static", "kv_cache_dtype"),
+                         defaults={"context_length": 2048, "mem_fraction_static": 0.8})
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--chunk", default=None, metavar="NEW:CACHED",
                    help="add a prompt chunk of NEW tokens after CACHED ones to every decode batch (the mixed "
                         "steps step_token_target makes; the batch size counts its decodes)")
+    # Not EngineArgs' flag: its default here is derived from the batch sizes, which the engine's field cannot say.
     p.add_argument("--max-running-requests", type=int, default=0,
                    help="the engine's (its sequence rows and buckets); default: the largest batch (+1 with --chunk)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--longest", type=int, default=0, metavar="CTX",
                    help="give the first decoding sequence CTX cached tokens (the long row a mixed step carries)")
     p.add_argument("--trace", action="store_true", help="also trace 5 forward passes per batch size with "
@@ -151,20 +152,21 @@ def main() -> None:
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write the prefill step's optimised HLO to DIR/prefill.hlo and count its matmul kernels")
     args = p.parse_args()
+    print(run_header())
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     chunk_new, chunk_cached = (int(x) for x in args.chunk.split(":")) if args.chunk else (0, 0)
     max_running = args.max_running_requests or max(sizes) + (chunk_new > 0)
     folder = write_preset(args.model, tempfile.mkdtemp())
-    engine = Engine(folder, load_format="dummy", max_running_requests=max_running, min_token_bucket=16,
-                    context_length=max(args.context_length, args.prefill + 16, chunk_new + chunk_cached + 16),
-                    chunked_prefill_size=max(args.prefill, chunk_new), mem_fraction_static=args.mem_fraction_static,
-                    kv_cache_dtype=args.kv_cache_dtype)
+    engine = Engine(args=engine_args_from_namespace(
+        args, model_path=folder, load_format="dummy", max_running_requests=max_running, min_token_bucket=16,
+        context_length=max(args.context_length, args.prefill + 16, chunk_new + chunk_cached + 16),
+        chunked_prefill_size=max(args.prefill, chunk_new)))
     runner, ps = engine.runner, engine.args.page_size
     weight_bytes = sum(x.nbytes for x in runner.weights)
     bandwidth = copy_bandwidth()
     vocab = engine.loaded.config.vocab_size
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.model}: weights {weight_bytes / 1e9:.2f} GB, "
+    print(f"{args.model}: weights {weight_bytes / 1e9:.2f} GB, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, max_running_requests {max_running}, KV cache "
           f"{args.kv_cache_dtype}" + (f", each batch + a {chunk_new}-token chunk after {chunk_cached}"
                                       if chunk_new else ""))
@@ -174,9 +176,9 @@ def main() -> None:
                 "top logprobs": (SamplingParams(temperature=0, top_logprobs_num=5), None),
                 "grammar mask": (SamplingParams(temperature=0), allow_all(max_running, vocab))}
     pages_each = -(-(args.context + 1) // ps)
-    header = f"{'batch':>5} {'prepare ms':>10} {'forward ms':>10} {'floor ms':>9} {'floor/fwd':>9} " + \
-        " ".join(f"{name + ' ms':>20}" for name in variants)
-    print(header)
+    table = Table(("batch", ">5"), ("prepare ms", ">10.2f"), ("forward ms", ">10.2f"), ("floor ms", ">9.2f"),
+                  ("floor/fwd", ">9.1%"), *((f"{name} ms", ">20.2f") for name in variants))
+    print(table.header())
     pool_pages = runner.pool.config.num_pages
     chunk_pages = -(-(chunk_new + chunk_cached) // ps)
     long_pages = -(-(args.longest + 1) // ps) if args.longest else 0
@@ -202,19 +204,20 @@ def main() -> None:
                                        max_running, runner.spare_slot)
 
         greedy = sampling_for(SamplingParams(temperature=0))
-        prepare_ms = timed(lambda: runner.prepare(chunks, greedy, SamplerFeatures()), args.repeat) * 1e3
+        # host work alone: waiting on its result would count the transfers it starts
+        prepare_ms = synced_call_s(lambda: runner.prepare(chunks, greedy, SamplerFeatures()), args.repeat,
+                                   sync=False) * 1e3
         prepared = runner.prepare(chunks, greedy, SamplerFeatures())
-        forward_ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
-        row = [b, prepare_ms, forward_ms, floor, floor / forward_ms]
+        forward_ms = synced_call_s(lambda: runner.launch(prepared).hidden, args.repeat) * 1e3
+        row = [b, prepare_ms, forward_ms, floor, ratio_to_floor(floor, forward_ms)]
         for params, mask in variants.values():
             # A step with these parameters, launched once: its sampling is then timed alone.
             handle = runner.launch(runner.prepare(chunks, sampling_for(params), SamplerFeatures()))
             sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
-            row.append(timed(lambda: jax.block_until_ready(sampler(
-                runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties, *runner.mask_args(mask))),
+            row.append(synced_call_s(lambda: sampler(
+                runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties, *runner.mask_args(mask)),
                 args.repeat) * 1e3)
-        print(f"{row[0]:>5} {row[1]:>10.2f} {row[2]:>10.2f} {row[3]:>9.2f} {row[4]:>9.1%} " +
-              " ".join(f"{x:>20.2f}" for x in row[5:]), flush=True)
+        print(table.row(*row), flush=True)
         host, wall = queued(runner, prepared)
         host_dev, wall_dev = queued(runner, on_device(prepared))
         loop_wall, loop_wait = in_a_loop(runner, prepared)
@@ -242,7 +245,7 @@ def main() -> None:
         sampling = SamplingBatch.build([SamplingParams(temperature=0)] * n, [0] * n, [0] * n, list(range(n)), lens,
                                        max_running, runner.spare_slot)
         prepared = runner.prepare(chunks, sampling, SamplerFeatures())
-        ms = timed(lambda: jax.block_until_ready(runner.launch(prepared).hidden), args.repeat) * 1e3
+        ms = synced_call_s(lambda: runner.launch(prepared).hidden, args.repeat) * 1e3
         if args.dump_hlo:
             dump_hlo(runner.compiled[prepared.program].as_text(), args.dump_hlo)
         params = matmul_params(runner.weights, vocab)

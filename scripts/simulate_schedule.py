@@ -24,11 +24,12 @@ import functools
 import time
 
 import numpy as np
+from bench_common import Table, run_header
 from bench_offline import decode_kv_tokens, step_floor_s, timeline, workload_floor_s
 
 from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
-from sgjax.config import SCHEDULE_POLICIES
+from sgjax.config import add_engine_arguments
 from sgjax.engine.stats import StepRecord
 from sgjax.executor.buckets import bucket_for, token_buckets
 from sgjax.engine.request import Request
@@ -130,17 +131,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--max-len", type=int, default=1024, help="longest prompt / output (sharegpt-like)")
-    p.add_argument("--policy", default="lpm", choices=SCHEDULE_POLICIES, help="EngineArgs.schedule_policy")
-    p.add_argument("--max-running-requests", type=int, default=1024)
-    p.add_argument("--chunked-prefill-size", type=int, default=8192)
-    p.add_argument("--step-token-target", type=int, default=0, help="the scheduler's (EngineArgs.step_token_target)")
-    p.add_argument("--context-length", type=int, default=4096)
-    p.add_argument("--num-pages", type=int, default=26_000, help="KV pool (an H100 at 0.9 of its memory: ~26k)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--min-token-bucket", type=int, default=16)
-    p.add_argument("--disable-radix-cache", action="store_true")
+    # bench_offline's engine options; the KV pool an H100 holds at 0.9 of its memory (~26k pages), as the
+    # simulation has no device to size it from. --policy is this script's older spelling of --schedule-policy.
+    add_engine_arguments(p, only=("schedule_policy", "max_running_requests", "chunked_prefill_size",
+                                  "step_token_target", "context_length", "num_pages", "page_size", "min_token_bucket",
+                                  "disable_radix_cache"),
+                         defaults={"max_running_requests": 1024, "chunked_prefill_size": 8192, "context_length": 4096,
+                                   "num_pages": 26_000},
+                         names={"schedule_policy": "policy"})
     p.add_argument("--bandwidth", type=float, default=2.6e12,
-                   help="bytes/s (an H100's bf16 copy rate as measured before session 27; its memory is faster)")
+                   help="bytes/s (an H100's bf16 copy rate by the older one-call measure; its memory is faster)")
     p.add_argument("--matmul-rate", type=float, default=750e12, help="bf16 FLOP/s (an H100's, measured)")
     p.add_argument("--layer-costs", type=parse_layer_costs, default=None,
                    help="tokens:us,... a layer besides attention (bench_gemm.py --layer): price the steps with them")
@@ -153,6 +153,7 @@ def main() -> None:
                         "default 0: all before the first step, as offline)")
     p.add_argument("--kv-bytes", type=int, default=2, choices=(1, 2), help="bytes a K/V element: 2 bf16, 1 fp8")
     args = p.parse_args()
+    print(run_header(device=False))
     args.model = dict(LLAMA_3_8B, kv_bytes_per_token=LLAMA_3_8B["kv_bytes_per_token"] // 2 * args.kv_bytes)
     args.attention_bandwidth = args.attention_bandwidth or args.bandwidth
 
@@ -164,9 +165,11 @@ def main() -> None:
     outs = sum(work.output_lens)
     print(f"{work.description}; policy {args.policy}, max running {args.max_running_requests}, chunked prefill "
           f"{args.chunked_prefill_size}, {args.num_pages} pages; simulated in {took:.1f} s")
-    print(f"{'step kind':>18} {'steps':>7} {'floor s':>8} {'share':>6} {'ms/step':>8} {'decode rows':>12}")
+    table = Table(("step kind", ">18"), ("steps", ">7"), ("floor s", "8.2f"), ("share", "6.1%"), ("ms/step", "8.2f"),
+                  ("decode rows", ">12,"))
+    print(table.header())
     for kind, steps, seconds, rows, *_ in timeline(log, end):
-        print(f"{kind:>18} {steps:>7} {seconds:8.2f} {seconds / end:6.1%} {seconds / steps * 1e3:8.2f} {rows:>12,}")
+        print(table.row(kind, steps, seconds, seconds / end, seconds / steps * 1e3, rows))
     floor = workload_floor_s(work, args.model, args.bandwidth, args.matmul_rate)
     sizes = np.array([r.decodes + r.prefill_tokens for r in log], np.float64)
     print(f"steps {len(log)} ({sizes.mean():.0f} +- {sizes.std():.0f} tokens a step), preemptions "

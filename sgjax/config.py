@@ -1,10 +1,20 @@
-"""EngineArgs: every knob of the engine in one dataclass, parsed once and passed down."""
+"""Every knob of the engine and the server, and the command lines built from them.
+
+A field's default, help text and choices are written once, on the dataclass field (`option`). The server,
+`python -m sgjax.generate` and the scripts build their flags from the fields (`add_arguments`,
+`add_engine_arguments`) and the dataclass back from the parsed flags (`from_namespace`,
+`engine_args_from_namespace`), so no default is written twice.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import types
+import typing
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
 
 SCHEDULE_POLICIES = ("lpm", "fcfs", "lof")
 # --kv-cache-dtype -> the KV pool's dtype (None: the model's). The fp8 formats halve the bytes each
@@ -14,41 +24,60 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "
                    "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: Collection | None = None,
+           default_factory: Any = dataclasses.MISSING, none_means: str | None = None) -> Any:
+    """A dataclass field that carries its command-line help (and choices), so its flag is built from it.
+    `none_means`: what a default of None stands for, shown in the help as the default."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"help": help, "choices": tuple(choices) if choices is not None else None,
+                                       "none_means": none_means})
+
+
 @dataclasses.dataclass
 class EngineArgs:
-    model_path: str
-    mesh: str = "1x1"  # DATAxTENSOR
-    dtype: str | None = None  # None: the checkpoint's dtype
-    load_format: str = "auto"  # auto | safetensors | dummy
-    attention_backend: str = "pallas"  # or "reference"; pallas falls back (warning) where it has no kernel
-    page_size: int = 16  # tokens per KV page
-    kv_cache_dtype: str = "auto"  # a key of KV_CACHE_DTYPES; auto: the model's dtype
-    num_pages: int | None = None  # KV pool size; None: from mem_fraction_static
-    mem_fraction_static: float = 0.85  # share of device memory for weights + KV pool
-    context_length: int | None = None  # None: the model's max_position_embeddings
-    max_running_requests: int = 32  # decode batch size, also the compiled batch dimension
-    chunked_prefill_size: int = 512  # prompt tokens per step at most; 0 = whole prompts
-    # lpm (longest prefix match first) | fcfs | lof (longest output first: for offline batches)
-    schedule_policy: str = "lpm"
-    # Prompt chunks fill a step up to this many tokens with its decodes (0: chunked_prefill_size alone
-    # limits them). Near the size where a step's matmuls take as long as reading the weights (~384 on an
-    # H100 for an 8B model), with `lof`, a batch's prefill runs inside its decode steps (scheduler.py).
-    step_token_target: int = 0
-    disable_radix_cache: bool = False
-    random_seed: int = 0
-    # JAX's persistent compilation cache, so a restart loads the compiled steps; "" disables it.
-    compilation_cache_dir: str = dataclasses.field(
-        default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "xla"))
-    # Smallest compiled token count (max_running_requests, if smaller, gets a bucket too); see token_buckets.
-    min_token_bucket: int = 16
-    enable_prompt_logprobs: bool = False  # also compile steps that return prompt-token logprobs
-    disable_overlap_schedule: bool = False  # wait for each step before scheduling the next
-    # Constrained decoding: text a grammar forces is appended in one step (jump-forward) instead of
-    # one decode step per token; the tokens are the same either way.
-    disable_jump_forward: bool = False
-    # Cascade attention: up to this many groups of a decode step's requests that share a cached prompt
-    # prefix read it once per group instead of once per request (GPU Pallas backend); 0 turns it off.
-    shared_prefix_groups: int = 32
+    model_path: str = option(help="folder of a Hugging Face checkpoint (config, weights, tokenizer)")
+    mesh: str = option("1x1", help="device mesh DATAxTENSOR, e.g. 2x4 (or --tp / --dp)")
+    dtype: str | None = option(None, choices=("float32", "bfloat16", "float16"),
+                               help="weights' and activations' dtype", none_means="the checkpoint's")
+    load_format: str = option("auto", choices=("auto", "safetensors", "dummy"),
+                              help="dummy: random weights of the checkpoint's shapes, no files read")
+    attention_backend: str = option(
+        "pallas", choices=("pallas", "reference"),
+        help="pallas: the platform's kernels, falling back (with a warning) where there is none; reference: plain jnp")
+    page_size: int = option(16, help="tokens per KV page")
+    kv_cache_dtype: str = option("auto", choices=tuple(KV_CACHE_DTYPES),
+                                 help="KV pool dtype (auto: the model's; fp8_*: half the bytes, unscaled)")
+    num_pages: int | None = option(None, help="KV pool size in pages", none_means="from --mem-fraction-static")
+    mem_fraction_static: float = option(0.85, help="share of device memory for the weights and the KV pool")
+    context_length: int | None = option(None, help="longest prompt + output",
+                                        none_means="the model's max_position_embeddings")
+    max_running_requests: int = option(32, help="decode batch size, also the compiled batch dimension")
+    chunked_prefill_size: int = option(512, help="prompt tokens per step at most; 0: whole prompts")
+    schedule_policy: str = option(
+        "lpm", choices=SCHEDULE_POLICIES,
+        help="lpm: longest prefix match first; fcfs; lof: longest output first (for offline batches)")
+    # Near the size where a step's matmuls take as long as reading the weights (~384 on an H100 for an 8B
+    # model), with `lof`, a batch's prefill runs inside its decode steps (engine/scheduler.py).
+    step_token_target: int = option(
+        0, help="prompt chunks fill a step up to this many tokens with its decodes (0: --chunked-prefill-size "
+                "alone limits them)")
+    disable_radix_cache: bool = option(False, help="no prefix cache: every prompt is computed whole")
+    random_seed: int = option(0, help="seed of the sampling of requests that bring none")
+    # A restart then loads the compiled steps instead of compiling them again.
+    compilation_cache_dir: str = option(
+        default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "xla"),
+        help="JAX's persistent compilation cache; '' disables it")
+    min_token_bucket: int = option(
+        16, help="smallest compiled token count (--max-running-requests, if smaller, gets a bucket too)")
+    enable_prompt_logprobs: bool = option(False, help="also compile steps that return prompt-token logprobs")
+    disable_overlap_schedule: bool = option(False, help="wait for each step before scheduling the next")
+    # The tokens are the same either way; jump-forward only saves the steps.
+    disable_jump_forward: bool = option(
+        False, help="constrained decoding: one decode step per forced token, instead of appending text a "
+                    "grammar forces in one step")
+    shared_prefix_groups: int = option(
+        32, help="cascade attention: up to this many groups of a decode step's requests that share a cached "
+                 "prefix read it once per group (GPU Pallas backend; 0: off)")
 
     def __post_init__(self):
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -70,83 +99,166 @@ class EngineArgs:
 
 @dataclasses.dataclass
 class ServerArgs:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None  # when set, every request needs "Authorization: Bearer <key>"
-    served_model_name: str | None = None  # None: the model folder's name
-    chat_template: str | None = None  # a Jinja template file overriding the tokenizer's
-    log_level: str = "info"
-    log_requests: bool = False
-    enable_metrics: bool = False  # Prometheus /metrics, as SGLang's --enable-metrics
-    # /generate streams each event's new text and output ids, not everything so far (SGLang's option of the
-    # same name): the cumulative form costs the server O(n) a token, O(n^2) a request.
-    incremental_streaming_output: bool = False
-    # The Engine in a child process (sgjax/engine/engine_process.py), as SGLang splits its HTTP side from its
-    # scheduler: the HTTP side's Python stops sharing the engine thread's GIL. On an H200 under 1000 streams
-    # it served ~8% more output tokens/s through /v1/completions, 28% through /generate (BENCHMARKS.md
-    # session 30); --no-engine-process keeps the engine in the server's process.
-    engine_process: bool = True
+    host: str = option("127.0.0.1", help="address the HTTP server listens on")
+    port: int = option(30000, help="port the HTTP server listens on")
+    api_key: str | None = option(None, help='when set, every request needs "Authorization: Bearer <key>"',
+                                 none_means="no key")
+    served_model_name: str | None = option(None, help="model name the OpenAI API reports",
+                                           none_means="the model folder's name")
+    chat_template: str | None = option(None, help="a Jinja template file overriding the tokenizer's",
+                                       none_means="the tokenizer's")
+    log_level: str = option("info", help="logging level of the server's loggers")
+    log_requests: bool = option(False, help="log each request")
+    enable_metrics: bool = option(False, help="serve Prometheus metrics at /metrics")
+    # The cumulative form costs the server O(n) a token, O(n^2) a request (SGLang has the option of the same name).
+    incremental_streaming_output: bool = option(
+        False, help="/generate streams only the new text and output ids in each event")
+    # As SGLang splits its HTTP side from its scheduler: the HTTP side's Python stops sharing the engine
+    # thread's GIL. On an H200 under 1000 streams it served ~8% more output tokens/s through /v1/completions,
+    # 28% through /generate (docs/benchmark-history.md, "the engine in a child process timed on a GPU").
+    engine_process: bool = option(
+        True, help="run the engine in a child process (sgjax/engine/engine_process.py), apart from the HTTP "
+                   "server's Python; --no-engine-process keeps it in the server's process")
+
+
+def resolve_context_length(args_value: int | None, model_max: int) -> int:
+    """The context length an engine runs with: the one asked for, else the model's max_position_embeddings.
+
+    A value above the model's maximum is kept, not capped: checkpoints with RoPE scaling serve beyond the
+    length their config states, and tests and benchmark scripts rely on choosing it."""
+    if args_value is not None and args_value < 0:
+        raise ValueError(f"context_length must be positive; got {args_value}")
+    return args_value or model_max
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags from dataclass fields, for any dataclass whose fields are declared with `option`.
+
+T = TypeVar("T")
+
+
+def _flag_type(annotation: Any) -> type:
+    """The type argparse converts a field's value to: the annotation's, `int` for `int | None`."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"no flag type for {annotation}: one type or one type | None")
+        return members[0]
+    return annotation
+
+
+def _chosen_fields(cls: type, only: Collection[str] | None, exclude: Collection[str]) -> list[dataclasses.Field]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = (set(only or ()) | set(exclude)) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    return [f for f in dataclasses.fields(cls) if (only is None or f.name in only) and f.name not in exclude]
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (its factory called), or dataclasses.MISSING when the field has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+                  only: Collection[str] | None = None, exclude: Collection[str] = (),
+                  defaults: Mapping[str, Any] | None = None, names: Mapping[str, str] | None = None) -> None:
+    """One flag per field of the dataclass `cls`: `--field-name`, its help and choices from the field's
+    metadata, its type from the annotation (`int | None` takes an int, default None); a bool is a switch
+    (`--flag`), or `--flag / --no-flag` where it defaults to True; a field without a default is required.
+
+    `only` / `exclude`: the fields to offer (default all). `defaults`: this parser's defaults where they differ
+    from the dataclass's (a benchmark's larger batch). `names`: a field's flag and namespace attribute under
+    another name in this parser (a script's older spelling)."""
+    defaults, names = dict(defaults or {}), dict(names or {})
+    fields = _chosen_fields(cls, only, exclude)
+    chosen = {f.name for f in fields}
+    if set(defaults) - chosen or set(names) - chosen:
+        raise ValueError(f"defaults / names for fields not offered: {sorted((set(defaults) | set(names)) - chosen)}")
+    hints = typing.get_type_hints(cls)
+    for f in fields:
+        if "help" not in f.metadata:
+            raise ValueError(f"{cls.__name__}.{f.name} has no help text: declare it with config.option")
+        dest = names.get(f.name, f.name)
+        flag = "--" + dest.replace("_", "-")
+        default = defaults.get(f.name, field_default(f))
+        kind = _flag_type(hints[f.name])
+        help_text = f.metadata["help"].replace("%", "%%")
+        if default is dataclasses.MISSING:
+            parser.add_argument(flag, dest=dest, type=kind, required=True, help=help_text)
+        elif kind is bool:
+            if default:
+                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=True,
+                                    help=help_text + " (default: on)")
+            else:
+                parser.add_argument(flag, dest=dest, action="store_true", help=help_text)
+        else:
+            none_means = f.metadata.get("none_means")
+            shown = " (default: %(default)s)" if default is not None else \
+                f" (default: {none_means.replace('%', '%%')})" if none_means else ""
+            parser.add_argument(flag, dest=dest, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=help_text + shown)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, *, names: Mapping[str, str] | None = None,
+                   **values: Any) -> T:
+    """The dataclass from parsed flags: each field from `values` if given there, else from `ns` where the
+    parser offered its flag, else the field's default. `names` as given to add_arguments."""
+    names = names or {}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dest = names.get(f.name, f.name)
+        if f.name in values:
+            kwargs[f.name] = values.pop(f.name)
+        elif hasattr(ns, dest):
+            kwargs[f.name] = getattr(ns, dest)
+    if values:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(values))}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine's and the server's command lines.
+
+def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
+                         only: Collection[str] | None = None, exclude: Collection[str] = (),
+                         defaults: Mapping[str, Any] | None = None, names: Mapping[str, str] | None = None) -> None:
+    """EngineArgs' flags (see add_arguments); with the mesh, SGLang's --tp/--tp-size and --dp/--dp-size,
+    which set it (read back by engine_args_from_namespace)."""
+    add_arguments(parser, EngineArgs, only=only, exclude=exclude, defaults=defaults, names=names)
+    if "mesh" in {f.name for f in _chosen_fields(EngineArgs, only, exclude)}:
+        parser.add_argument("--tp", "--tp-size", type=int, default=None, help="tensor-parallel size (sets the mesh)")
+        parser.add_argument("--dp", "--dp-size", type=int, default=None, help="data-parallel size (sets the mesh)")
+
+
+def mesh_from_namespace(ns: argparse.Namespace) -> str | None:
+    """The mesh the flags ask for: DATAxTENSOR from --dp / --tp when either is given, else --mesh
+    (None where the parser offered neither)."""
+    if getattr(ns, "tp", None) is not None or getattr(ns, "dp", None) is not None:
+        return f"{ns.dp or 1}x{ns.tp or 1}"
+    return getattr(ns, "mesh", None)
+
+
+def engine_args_from_namespace(ns: argparse.Namespace, *, names: Mapping[str, str] | None = None,
+                               **values: Any) -> EngineArgs:
+    """EngineArgs from flags built by add_engine_arguments; `values` set fields the script decides itself
+    (a preset's folder, dummy weights)."""
+    mesh = mesh_from_namespace(ns)
+    if mesh is not None and "mesh" not in values:
+        values["mesh"] = mesh
+    return from_namespace(EngineArgs, ns, names=names, **values)
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """One CLI for the server and the scripts: every EngineArgs and ServerArgs field, SGLang's spelling."""
+    """The server's command line: every EngineArgs and ServerArgs field, SGLang's spelling."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--mesh", default="1x1", help="DATAxTENSOR, e.g. 2x4")
-    parser.add_argument("--tp", "--tp-size", type=int, default=None, help="tensor-parallel size (sets the mesh)")
-    parser.add_argument("--dp", "--dp-size", type=int, default=None, help="data-parallel size (sets the mesh)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    parser.add_argument("--attention-backend", default="pallas", choices=["pallas", "reference"])
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-                        help="KV pool dtype (auto: the model's; fp8_*: half the bytes, unscaled)")
-    parser.add_argument("--mem-fraction-static", type=float, default=0.85)
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--max-running-requests", type=int, default=32)
-    parser.add_argument("--chunked-prefill-size", type=int, default=512)
-    parser.add_argument("--schedule-policy", default="lpm", choices=SCHEDULE_POLICIES)
-    parser.add_argument("--step-token-target", type=int, default=0)
-    parser.add_argument("--disable-radix-cache", action="store_true")
-    parser.add_argument("--disable-overlap-schedule", action="store_true")
-    parser.add_argument("--enable-prompt-logprobs", action="store_true")
-    parser.add_argument("--disable-jump-forward", action="store_true",
-                        help="constrained decoding: one decode step per forced token")
-    parser.add_argument("--shared-prefix-groups", type=int, default=32,
-                        help="cascade attention: groups of requests sharing a cached prefix read it once (0: off)")
-    parser.add_argument("--random-seed", type=int, default=0)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--chat-template", default=None)
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--log-requests", action="store_true")
-    parser.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
-    parser.add_argument("--incremental-streaming-output", action="store_true",
-                        help="/generate streams only the new text and output ids in each event")
-    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the engine in a child process, apart from the HTTP server's Python (default)")
+    add_engine_arguments(parser.add_argument_group("engine"))
+    add_arguments(parser.add_argument_group("server"), ServerArgs)
     return parser
 
 
 def args_from_cli(ns: argparse.Namespace) -> tuple[EngineArgs, ServerArgs]:
-    mesh = ns.mesh
-    if ns.tp is not None or ns.dp is not None:
-        mesh = f"{ns.dp or 1}x{ns.tp or 1}"
-    engine = EngineArgs(
-        model_path=ns.model_path, mesh=mesh, dtype=ns.dtype, load_format=ns.load_format,
-        attention_backend=ns.attention_backend, page_size=ns.page_size, kv_cache_dtype=ns.kv_cache_dtype,
-        mem_fraction_static=ns.mem_fraction_static, context_length=ns.context_length,
-        max_running_requests=ns.max_running_requests, chunked_prefill_size=ns.chunked_prefill_size,
-        schedule_policy=ns.schedule_policy, step_token_target=ns.step_token_target,
-        disable_radix_cache=ns.disable_radix_cache,
-        disable_overlap_schedule=ns.disable_overlap_schedule, enable_prompt_logprobs=ns.enable_prompt_logprobs,
-        disable_jump_forward=ns.disable_jump_forward, shared_prefix_groups=ns.shared_prefix_groups,
-        random_seed=ns.random_seed)
-    server = ServerArgs(host=ns.host, port=ns.port, api_key=ns.api_key, served_model_name=ns.served_model_name,
-                        chat_template=ns.chat_template, log_level=ns.log_level, log_requests=ns.log_requests,
-                        enable_metrics=ns.enable_metrics,
-                        incremental_streaming_output=ns.incremental_streaming_output,
-                        engine_process=ns.engine_process)
-    return engine, server
+    """(EngineArgs, ServerArgs) from build_parser's flags."""
+    return engine_args_from_namespace(ns), from_namespace(ServerArgs, ns)

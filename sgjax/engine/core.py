@@ -30,7 +30,7 @@ from sgjax.cache.no_prefix_cache import NoPrefixCache
 from sgjax.cache.page_allocator import PageAllocator, pages_for
 from sgjax.cache.pool_sizing import pages_from_memory
 from sgjax.cache.radix_cache import RadixCache
-from sgjax.config import KV_CACHE_DTYPES, EngineArgs
+from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.launch import LaunchedStep, StepLauncher
@@ -64,7 +64,7 @@ class EngineCore:
         cfg = self.loaded.config
         self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
                                                                           cfg.vocab_size)
-        self.context_length = args.context_length or cfg.max_position_embeddings
+        self.context_length = resolve_context_length(args.context_length, cfg.max_position_embeddings)
         ps = args.page_size
         max_pages_per_seq = pages_for(self.context_length, ps)
         kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
