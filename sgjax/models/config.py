@@ -60,7 +60,13 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype: str | None = None) -> "ModelConfig":
-        """Read `model_path/config.json`; `dtype` overrides the checkpoint's dtype."""
+        """Read `model_path/config.json`, or the metadata of the GGUF file `model_path` names (a .gguf file, or
+        a folder holding one and no safetensors); `dtype` overrides the checkpoint's dtype."""
+        from sgjax.models.gguf import find_gguf, gguf_model_config
+
+        gguf_file = find_gguf(model_path)
+        if gguf_file is not None:
+            return gguf_model_config(gguf_file, dtype)
         path = os.path.join(model_path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
