@@ -3,10 +3,13 @@ GGUF), and transformers reading one back (the oracle for what a GGUF file means)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
 import numpy as np
+import pytest
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType as T, GGUFWriter, get_tensor_name_map
 from gguf.quants import quantize
 
@@ -108,3 +111,18 @@ def transformers_from_gguf(path: str):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return model
+
+
+@contextlib.contextmanager
+def fast_transformers_gguf():
+    """Speed up transformers' GGUF reading without changing what it reads: it parses the file with gguf's
+    GGUFReader (three times for a tokenizer, config and weights), whose memmap views cost seconds for a 49k-token
+    vocabulary (sgjax's reader subclass avoids them), and rebuilds gguf's tensor-name table once per module."""
+    import gguf
+
+    from sgjax.models.gguf import FastGGUFReader
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", FastGGUFReader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        yield

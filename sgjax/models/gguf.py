@@ -41,7 +41,7 @@ FAMILIES = {
 _REQUIRED = object()
 
 
-class _Reader(GGUFReader):
+class FastGGUFReader(GGUFReader):
     """GGUFReader over a plain ndarray view of its memory map. The reader makes a few numpy views per metadata
     item (about 250k for a 49k-token vocabulary), and a view of an np.memmap runs memmap's Python
     __array_finalize__ each time: that alone took seconds."""
@@ -68,7 +68,7 @@ class GGUFFile:
         if head != MAGIC:
             raise ValueError(f"{path!r} is not a GGUF file: it starts with {head!r}, not {MAGIC!r}")
         try:
-            self._reader = _Reader(path)
+            self._reader = FastGGUFReader(path)
         except (ValueError, IndexError, KeyError, OverflowError) as e:
             raise ValueError(f"cannot read the GGUF header of {path!r} (truncated or corrupt file?): {e}") from e
         self.tensors = {t.name: t for t in self._reader.tensors}
@@ -98,15 +98,18 @@ class GGUFFile:
     def qtype(self, name: str) -> GGMLQuantizationType:
         return GGMLQuantizationType(int(self.tensors[name].tensor_type))
 
+    def raw(self, name: str) -> np.ndarray:
+        """A tensor's bytes as stored (uint8, a view of the memory map)."""
+        t = self.tensors[name]
+        return self._reader.data[t.data_offset:t.data_offset + t.n_bytes]
+
     def read(self, name: str) -> np.ndarray:
         """A tensor dequantized to float32, in its row-major shape."""
-        t = self.tensors[name]
         if self.qtype(name) not in SUPPORTED_TYPES:
             names = ", ".join(q.name for q in SUPPORTED_TYPES)
             raise ValueError(f"GGUF tensor {name!r} in {self.path!r} is quantized as {self.qtype(name).name}, "
                              f"which sgjax cannot dequantize (supported: {names})")
-        raw = self._reader.data[t.data_offset:t.data_offset + t.n_bytes]
-        return dequantize(raw, self.qtype(name), self.shape(name))
+        return dequantize(self.raw(name), self.qtype(name), self.shape(name))
 
 
 @functools.lru_cache(maxsize=4)
