@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 import pytest
-from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType as T, GGUFWriter, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, GGUFWriter, RopeScalingType, get_tensor_name_map
+from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}  # HF model_type -> GGUF
@@ -26,7 +27,8 @@ def llama3_rope_factors(cfg) -> np.ndarray:
     s = cfg.rope_parameters
     dim = cfg.head_dim
     freqs = 1.0 / (s["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    old, low, high, factor = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    old, factor = s["original_max_position_embeddings"], s["factor"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
     out = []
     for freq in freqs:
         wavelen = 2 * math.pi / freq
@@ -59,6 +61,9 @@ def write_gguf(path: str, hf_model, qtype: T = T.F32) -> str:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
+    if (cfg.rope_parameters or {}).get("rope_type") == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)

