@@ -1,4 +1,5 @@
-"""ModelConfig: the few numbers a decoder needs, read once from a Hugging Face config.json.
+"""ModelConfig: the few numbers a decoder needs, read once from a Hugging Face config.json (or from a GGUF
+file's metadata, through the HF config it implies: sgjax/models/gguf.py).
 
 transformers fills each family's defaults (Qwen2's qkv bias, Gemma 2's alternating windows), and
 we copy out only what the model code reads, so model code never touches an HF config object.
