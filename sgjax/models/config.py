@@ -1,4 +1,5 @@
-"""ModelConfig: the few numbers a decoder needs, read once from a Hugging Face config.json.
+"""ModelConfig: the few numbers a decoder needs, read once from a Hugging Face config.json (or from a GGUF
+file's metadata, through the HF config it implies: sgjax/models/gguf.py).
 
 transformers fills each family's defaults (Qwen2's qkv bias, Gemma 2's alternating windows), and
 we copy out only what the model code reads, so model code never touches an HF config object.
@@ -60,7 +61,13 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype: str | None = None) -> "ModelConfig":
-        """Read `model_path/config.json`; `dtype` overrides the checkpoint's dtype."""
+        """Read `model_path/config.json`, or the metadata of the GGUF file `model_path` names (a .gguf file, or
+        a folder holding one and no safetensors); `dtype` overrides the checkpoint's dtype."""
+        from sgjax.models.gguf import find_gguf, gguf_model_config
+
+        gguf_file = find_gguf(model_path)
+        if gguf_file is not None:
+            return gguf_model_config(gguf_file, dtype)
         path = os.path.join(model_path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in model folder {model_path!r}")

@@ -93,12 +93,16 @@ class RMSNorm(nnx.Module):
 
 @functools.lru_cache(maxsize=None)
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
-    """Inverse frequencies of RoPE, with linear or Llama 3.1 ("llama3") scaling."""
+    """Inverse frequencies of RoPE, with linear or Llama 3.1 ("llama3") scaling, or a divisor per frequency
+    ("freq_factors": how GGUF files store Llama 3.1's scaling)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if not scaling:
         return inv_freq.astype(np.float32)
     s = dict(scaling)
-    kind, factor = s.get("rope_type", s.get("type")), s["factor"]
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "freq_factors":
+        return (inv_freq / np.asarray(s["factors"], np.float64)).astype(np.float32)
+    factor = s["factor"]
     if kind == "linear":
         return (inv_freq / factor).astype(np.float32)
     # llama3: leave high frequencies, divide low ones by `factor`, interpolate between.

@@ -3,8 +3,10 @@
 Each parameter is built with `jax.make_array_from_callback`: every device receives only its own slice,
 read lazily from a memory map of the safetensors shard, so the whole model is never materialised on
 one device (nor, beyond the page cache, on the host). A fused projection (q/k/v, gate/up) is stacked
-on the host from the HF tensors it names, one layer at a time. `load_format="dummy"` instead makes random
-weights of the configured shapes on their devices, for benchmarks of real sizes with no files.
+on the host from the HF tensors it names, one layer at a time. A GGUF file (`load_format="gguf"`, chosen by
+"auto" for a .gguf path) goes the same way, each tensor dequantized whole on the host under its HF name
+(sgjax/models/gguf.py). `load_format="dummy"` instead makes random weights of the configured shapes on their
+devices, for benchmarks of real sizes with no files.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from tqdm.auto import tqdm
 
 from sgjax.kernels import REFERENCE, Kernels
 from sgjax.models.config import ModelConfig
+from sgjax.models.gguf import GGUFTensors, find_gguf, gguf_model_config
 from sgjax.models.registry import get_model_class
 from sgjax.platform.mesh import TENSOR, named_sharding
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -103,11 +106,19 @@ def load_model(
     kernels: Kernels = REFERENCE,
     seed: int = 0,
 ) -> LoadedModel:
-    """Build the model named by `model_path/config.json` with weights on `mesh`, calling `kernels`
-    (sgjax.kernels.select; the pure-jnp reference by default)."""
+    """Build the model named by `model_path` (a folder with config.json, or a GGUF file) with weights on
+    `mesh`, calling `kernels` (sgjax.kernels.select; the pure-jnp reference by default)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
-    cfg = ModelConfig.from_pretrained(model_path, dtype)
+    gguf_file = None
+    if load_format != "safetensors":
+        gguf_file = find_gguf(model_path, beside_safetensors=load_format == "gguf")
+    if load_format == "gguf" and gguf_file is None:
+        raise FileNotFoundError(f"load format 'gguf': {model_path!r} is not a .gguf file or a folder holding one")
+    if gguf_file is not None:
+        cfg = gguf_model_config(gguf_file, dtype)
+    else:
+        cfg = ModelConfig.from_pretrained(model_path, dtype)
     cfg = dataclasses.replace(cfg, fuse_qkv=cfg.num_kv_heads % mesh.shape[TENSOR] == 0)
     model_class = get_model_class(cfg.architecture)
     graphdef, abstract_state = nnx.split(
@@ -118,7 +129,8 @@ def load_model(
     if load_format == "dummy":
         values = _random_weights(flat, shardings, seed)
     else:
-        values = _read_checkpoint(model_path, flat, shardings, cfg)
+        tensors = GGUFTensors(gguf_file, cfg) if gguf_file is not None else CheckpointTensors(model_path)
+        values = _read_checkpoint(tensors, model_path, flat, shardings, cfg)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels)
 
@@ -148,8 +160,8 @@ def _init_fn(shape, dtype, sharding, kind):
     return jax.jit(init, out_shardings=sharding)
 
 
-def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.Array]:
-    tensors = CheckpointTensors(model_path)
+def _read_checkpoint(tensors: CheckpointTensors | GGUFTensors, model_path: str, flat, shardings,
+                     cfg: ModelConfig) -> list[jax.Array]:
     target = np.dtype(cfg.jnp_dtype)
     values = []
     for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
@@ -166,16 +178,18 @@ def _read_checkpoint(model_path, flat, shardings, cfg: ModelConfig) -> list[jax.
     return values
 
 
-def _tensor(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], model_path: str, cfg: ModelConfig):
-    """A checkpoint tensor (lazily read), checked to exist with the shape config.json implies."""
+def _tensor(tensors: CheckpointTensors | GGUFTensors, name: str, shape: tuple[int, ...], model_path: str,
+            cfg: ModelConfig):
+    """A checkpoint tensor (safetensors: lazily read), checked to exist with the shape the config implies."""
     if name not in tensors:
         raise KeyError(f"checkpoint in {model_path!r} has no tensor {name!r} (needed by {cfg.architecture})")
     if tensors.shape(name) != shape:
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tensors.shape(name)}; config.json implies {shape}")
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tensors.shape(name)}; "
+                         f"the config implies {shape}")
     return tensors.get(name)
 
 
-def _stacked(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], parts, axis: int,
+def _stacked(tensors: CheckpointTensors | GGUFTensors, name: str, shape: tuple[int, ...], parts, axis: int,
              model_path: str, cfg: ModelConfig) -> np.ndarray:
     """A fused parameter (e.g. `...self_attn.qkv_proj.weight`) from the HF tensors of its parts
     (`...self_attn.q_proj.weight`, ...): each reshaped to its slots of `axis`, concatenated along it,
@@ -192,10 +206,15 @@ def _stacked(tensors: CheckpointTensors, name: str, shape: tuple[int, ...], part
 
 
 def load_tokenizer(model_path: str):
-    """The checkpoint's Hugging Face tokenizer, with a clear error when its files are missing."""
+    """The checkpoint's Hugging Face tokenizer, with a clear error when its files are missing. For a GGUF file,
+    transformers builds it (and its chat template) from the file's metadata."""
     import transformers
 
+    gguf_file = find_gguf(model_path)
     try:
+        if gguf_file is not None:
+            folder, name = os.path.split(os.path.abspath(gguf_file))
+            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         return transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise FileNotFoundError(f"cannot load a tokenizer from {model_path!r}: {e}") from e
