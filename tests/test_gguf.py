@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 
-from sgjax.engine.frontend import load_text_side
+from sgjax.engine.text_side import load_text_side
 from sgjax.executor.greedy import forward_logits, greedy_generate
 from sgjax.models.config import ModelConfig
 from sgjax.models.default_model import default_model_path
