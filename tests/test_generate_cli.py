@@ -31,3 +31,13 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_models):
     together = greedy_generate(loaded, prompts, 12, page_size=4)
     alone = [greedy_generate(loaded, [p], 12, page_size=4)[0] for p in prompts]
     assert together == alone
+
+
+def test_main_job_answers_a_chat_question_with_the_bundled_model():
+    """README's main command: no --model-path runs the bundled SmolLM2-135M-Instruct, whose greedy answer names
+    the capital (its tokens equal transformers' on the same file: tests/test_gguf.py)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sgjax.generate", "--chat", "What is the capital of France?", "--max-new-tokens", "12"],
+        capture_output=True, text=True, check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+    ).stdout
+    assert out.startswith("'What is the capital of France?' -> ") and "Paris" in out, out

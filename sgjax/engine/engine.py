@@ -9,6 +9,7 @@ blocking calls, an asyncio queue for async ones, run on the caller's event loop)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -20,6 +21,7 @@ from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.outputs import RequestOutput
 from sgjax.engine.request_builder import Prompt, RequestBuilder
 from sgjax.engine.sampling_params import SamplingParams
+from sgjax.models.default_model import default_model_path, model_name
 
 logger = logging.getLogger(__name__)
 Callback = Callable[[RequestOutput, str, bool], None]  # (request, new text, finished)
@@ -32,6 +34,9 @@ class Engine:
         default: its Python then does not share the engine thread's GIL). `kernel_options`: keywords for
         sgjax.kernels.select, to turn single kernels off in comparisons (in this process only)."""
         self.args = args or EngineArgs(model_path=model_path, **kwargs)
+        if self.args.model_path is None:  # the bundled default model
+            self.args = dataclasses.replace(self.args, model_path=default_model_path())
+        self.model_name = model_name(self.args.model_path)
         if engine_process:
             from sgjax.engine.engine_process import EngineProcess
 

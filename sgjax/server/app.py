@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 import uuid
 
@@ -116,7 +115,7 @@ async def metrics(request: web.Request) -> web.Response:
 def make_app(engine, server_args: ServerArgs) -> web.Application:
     """The HTTP application over a running Engine."""
     if server_args.served_model_name is None:
-        server_args.served_model_name = os.path.basename(os.path.normpath(engine.args.model_path))
+        server_args.served_model_name = engine.model_name
     if server_args.chat_template:
         with open(server_args.chat_template) as f:
             engine.tokenizer.chat_template = f.read()
