@@ -32,7 +32,8 @@ def test_the_server_keeps_its_flags_and_spellings():
     for flag in ("--tp", "--tp-size", "--dp", "--dp-size", "--engine-process", "--no-engine-process",
                  "--disable-radix-cache", "--kv-cache-dtype", "--schedule-policy", "--api-key"):
         assert flag in flags, flag
-    assert flags["--model-path"].required
+    # optional: without it the server runs the bundled default model
+    assert not flags["--model-path"].required and flags["--model-path"].default is None
     assert flags["--schedule-policy"].choices == ("lpm", "fcfs", "lof")
     assert flags["--dtype"].choices == ("float32", "bfloat16", "float16")
 
