@@ -66,11 +66,12 @@ GRID = [
 ]
 
 
-def grid_case_and_reference(case, dtype):
-    """A GRID case's inputs, the attention options it names, and the reference's output (float32)."""
+def grid_case_and_reference(case, dtype, **extra):
+    """A GRID case's inputs, the attention options it names, and the reference's output (float32).
+    `extra`: random_case's padding (extra_tokens, extra_seqs), where not its defaults."""
     heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
     inputs = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                         page_size=page_size, q_lens=q_lens, cached=cached, dtype=dtype)
+                         page_size=page_size, q_lens=q_lens, cached=cached, dtype=dtype, **extra)
     q, k_pages, v_pages, meta, total = inputs
     kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
     want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
@@ -153,20 +154,23 @@ def test_write_kv_into_an_fp8_pool_rounds_and_saturates():
     assert not got[[0, 1, 3, 4]].any()
 
 
-# The Mosaic GPU prefill kernel in its interpreter (~15 s a call): bf16 only (wgmma), no window or
-# soft-cap (those configurations use the Triton kernel), K/V blocks of 64 keys or more.
+# The Mosaic GPU prefill kernel in its interpreter: bf16 only (wgmma), no window or soft-cap (those
+# configurations use the Triton kernel), K/V blocks of 64 keys or more. The interpreter takes seconds a
+# program (KV head x query block) whatever its work, so these cases have one KV head and no padding
+# sequences; test_gpu_backend_splits_a_step_between_its_two_kernels runs the kernel on two KV heads.
 MGPU_CASES = [
     # (heads, kv heads, head_dim, page_size, q_lens, cached), pages_per_block, ping-pong and heavy blocks first
-    ((8, 2, 64, 16, [37, 1], [200, 40]), 4, True),  # 4 K/V blocks, 2 slots: slots reused; warpgroup 1 walks further
-    ((8, 2, 64, 16, [37, 1], [200, 40]), 4, False),
-    ((2, 2, 128, 16, [70, 1, 20], [0, 33, 16]), None, True),  # no GQA: 64 tokens a warpgroup (8 heads took 400 s)
-    ((14, 2, 64, 64, [1, 12, 1], [30, 4, 0]), None, True),  # 7 heads per KV head, padded to 8
+    ((4, 1, 64, 16, [37, 1], [200, 40]), 4, True),  # 4 K/V blocks, 2 slots: slots reused; warpgroup 1 walks further
+    ((4, 1, 64, 16, [37, 1], [200, 40]), 4, False),
+    ((1, 1, 128, 16, [70, 1, 20], [0, 33, 16]), None, True),  # no GQA: 64 tokens a warpgroup
+    ((7, 1, 64, 64, [1, 12, 1], [30, 4, 0]), None, True),  # 7 heads per KV head, padded to 8
 ]
 
 
 @pytest.mark.parametrize("case,pages_per_block,tuned", MGPU_CASES)
 def test_mgpu_prefill_kernel_matches_reference(case, pages_per_block, tuned):
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case + (None, None), jnp.bfloat16)
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case + (None, None), jnp.bfloat16,
+                                                                               extra_seqs=0)
     got = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=kwargs["scale"], interpret=True,
                                                      pages_per_block=pages_per_block, pingpong=tuned,
                                                      heavy_first=tuned)
