@@ -105,15 +105,15 @@ def test_staggered_requests_match_transformers(engine, llama):
     # prompt chunks of a few tokens squeezed into the decode steps
     dict(schedule_policy="lof", step_token_target=12),
     dict(attention_backend="pallas_interpret"),
-    dict(attention_backend="pallas_tpu_interpret"),
+    dict(attention_backend="pallas_tpu_interpret", page_size=16, num_pages=100),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
         "preemption-no-overlap", "lof-step-target", "pallas-kernel", "tpu-kernel"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     if overrides.get("attention_backend") == "pallas_tpu_interpret":
-        # The TPU interpreter simulates every DMA (~30 s a request here): 6 requests still mix prompt
-        # chunks (51 and 42 tokens in 32-token chunks) with decodes, in the same steps; 6 tokens each
-        # (greedy: the first 6 of HF's 12).
+        # The TPU interpreter simulates every DMA (one a page: hence pages of 16 tokens): 6 requests still
+        # mix prompt chunks (51 and 42 tokens in 32-token chunks) with decodes, in the same steps; 6 tokens
+        # each (greedy: the first 6 of HF's 12).
         prompts, expected = prompts[:6], [want[:6] for want in expected[:6]]
     engine = make_engine(path, **overrides)
     try:

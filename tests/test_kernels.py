@@ -1,4 +1,5 @@
-"""Pallas kernels against kernels/reference.py (the definition), in interpret mode on the CPU."""
+"""Kernels against their definitions in interpret mode on the CPU: the K/V write, fp8 pools, query-block
+plans, the fused add + norm, the greedy head, the top-k / top-p cut; lowering for CUDA."""
 
 import functools
 
@@ -7,35 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu import paged_prefill_mgpu
 from sgjax.kernels.gpu import ragged_paged_attention as gpu_kernel
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
 from sgjax.kernels.metadata import plan_query_blocks
 from sgjax.kernels.tpu import ragged_paged_attention as tpu_kernel
-
-
-def random_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, q_lens, cached, dtype, extra_tokens=5,
-                extra_seqs=2):
-    """A mixed batch: each sequence has `cached` tokens in the pool and `q_len` new ones; padded with
-    `extra_tokens` tokens and `extra_seqs` empty sequences."""
-    rng = np.random.default_rng(seed)
-    pages_each = [-(-(c + n) // page_size) for c, n in zip(cached, q_lens)]
-    num_pages = 1 + sum(pages_each) + 3
-    order = rng.permutation(np.arange(1, num_pages))  # scattered pages, as after some serving
-    chunks, at = [], 0
-    for c, n, p in zip(cached, q_lens, pages_each):
-        chunks.append(SeqChunk(rng.integers(0, 100, n).tolist(), c, order[at:at + p].tolist()))
-        at += p
-    total = sum(q_lens)
-    batch = make_batch(chunks, page_size, num_tokens=total + extra_tokens, num_seqs=len(chunks) + extra_seqs)
-    meta = jax.tree.map(jnp.asarray, batch.meta)
-    shape = (num_kv_heads, num_pages, page_size, head_dim)
-    k_pages = jnp.asarray(rng.standard_normal(shape), dtype)
-    v_pages = jnp.asarray(rng.standard_normal(shape), dtype)
-    q = jnp.asarray(rng.standard_normal((total + extra_tokens, num_heads, head_dim)), dtype)
-    return q, k_pages, v_pages, meta, total
+from tests.kernel_cases import GRID, grid_case_and_reference, random_case, relative_error
 
 
 def test_write_kv_writes_each_token_in_its_slot_and_drops_padding():
@@ -53,70 +32,6 @@ def test_write_kv_writes_each_token_in_its_slot_and_drops_padding():
         want = np.asarray(pages).reshape(2, -1, 8).copy()
         want[:, slots[:total]] = np.asarray(x)[:total].swapaxes(0, 1)
         np.testing.assert_array_equal(np.asarray(new).reshape(2, -1, 8), want)
-
-
-GRID = [
-    # (heads, kv heads, head_dim, page_size, q_lens, cached, window, softcap)
-    (8, 2, 64, 16, [1, 1, 1, 1], [5, 40, 17, 100], None, None),  # decodes
-    (8, 8, 128, 16, [37, 1, 20, 1], [0, 33, 16, 7], None, None),  # mixed prefill + decode, no GQA
-    (4, 1, 256, 32, [9, 50], [64, 3], 8, 30.0),  # Gemma-2-like: window and soft-cap
-    (16, 4, 128, 128, [3, 130, 1], [200, 0, 257], 64, None),  # large pages, window
-    (8, 2, 64, 64, [70], [0], None, 5.0),  # one long prefill chunk
-    (14, 2, 64, 16, [1, 12, 1], [30, 4, 0], None, None),  # 7 heads per KV head (Qwen2.5-7B): padded to 8
-]
-
-
-def grid_case_and_reference(case, dtype, **extra):
-    """A GRID case's inputs, the attention options it names, and the reference's output (float32).
-    `extra`: random_case's padding (extra_tokens, extra_seqs), where not its defaults."""
-    heads, kv_heads, head_dim, page_size, q_lens, cached, window, softcap = case
-    inputs = random_case(len(q_lens) + head_dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                         page_size=page_size, q_lens=q_lens, cached=cached, dtype=dtype, **extra)
-    q, k_pages, v_pages, meta, total = inputs
-    kwargs = dict(scale=head_dim**-0.5, sliding_window=window, softcap=softcap)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total].astype(jnp.float32)
-    return inputs, kwargs, want
-
-
-def relative_error(got, want) -> float:
-    got = got.astype(jnp.float32)
-    assert np.isfinite(np.asarray(got)).all()
-    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-
-
-@pytest.mark.parametrize("case", GRID)
-@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
-def test_gpu_kernel_matches_reference(case, dtype, tolerance):
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
-    # the default; the context split three ways (flash decoding), into blocks of any length or >= 2;
-    # one token per query block (what batches with no more tokens than sequences use), whole or split;
-    # two tokens a block (decode-sized steps with prompt chunks); the next block's page ids or K/V loaded
-    # ahead (none, page ids, K/V), with and without splits
-    variants = [dict(block_q=None), dict(kv_splits=3, min_blocks_per_split=1), dict(kv_splits=3),
-                dict(block_q=1), dict(block_q=1, kv_splits=3), dict(block_q=2, prefetch=0),
-                dict(block_q=2, prefetch=1), dict(block_q=1, prefetch=2), dict(kv_splits=3, prefetch=1),
-                dict(block_q=2, kv_splits=3, min_blocks_per_split=1, prefetch=2)]
-    for variant in variants:
-        got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **variant, **kwargs)
-        assert got.shape == q.shape
-        rel = relative_error(got[:total], want)
-        assert rel < tolerance, f"{variant}: relative error {rel:.2e}"
-
-
-@pytest.mark.parametrize("case", GRID)
-@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)])
-def test_tpu_kernel_matches_reference(case, dtype, tolerance):
-    """The TPU kernel in the TPU interpreter (its DMAs, semaphores and SMEM scalars simulated)."""
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
-    # the default; one token per query block (decode batches); small query blocks walking one page at
-    # a time (many double-buffered K/V blocks per program)
-    for block_q, pages_per_block in ((None, None), (1, None), (4, 1)):
-        got = tpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
-                                                pages_per_block=pages_per_block, **kwargs)
-        assert got.shape == q.shape
-        assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
-        rel = relative_error(got[:total], want)
-        assert rel < tolerance, f"block_q={block_q}, pages_per_block={pages_per_block}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
@@ -152,102 +67,6 @@ def test_write_kv_into_an_fp8_pool_rounds_and_saturates():
     np.testing.assert_array_equal(got[[2, 5]], want)
     assert got[[2, 5]].tolist()[0][2:] == [448.0, -448.0]
     assert not got[[0, 1, 3, 4]].any()
-
-
-# The Mosaic GPU prefill kernel in its interpreter: bf16 only (wgmma), no window or soft-cap (those
-# configurations use the Triton kernel), K/V blocks of 64 keys or more. The interpreter takes seconds a
-# program (KV head x query block) whatever its work, so these cases have one KV head and no padding
-# sequences; test_gpu_backend_splits_a_step_between_its_two_kernels runs the kernel on two KV heads.
-MGPU_CASES = [
-    # (heads, kv heads, head_dim, page_size, q_lens, cached), pages_per_block, ping-pong and heavy blocks first
-    ((4, 1, 64, 16, [37, 1], [200, 40]), 4, True),  # 4 K/V blocks, 2 slots: slots reused; warpgroup 1 walks further
-    ((4, 1, 64, 16, [37, 1], [200, 40]), 4, False),
-    ((1, 1, 128, 16, [70, 1, 20], [0, 33, 16]), None, True),  # no GQA: 64 tokens a warpgroup
-    ((7, 1, 64, 64, [1, 12, 1], [30, 4, 0]), None, True),  # 7 heads per KV head, padded to 8
-]
-
-
-@pytest.mark.parametrize("case,pages_per_block,tuned", MGPU_CASES)
-def test_mgpu_prefill_kernel_matches_reference(case, pages_per_block, tuned):
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case + (None, None), jnp.bfloat16,
-                                                                               extra_seqs=0)
-    got = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=kwargs["scale"], interpret=True,
-                                                     pages_per_block=pages_per_block, pingpong=tuned,
-                                                     heavy_first=tuned)
-    assert got.shape == q.shape
-    assert relative_error(got[:total], want) < 1e-2
-
-
-def test_gpu_backend_splits_a_step_between_its_two_kernels():
-    """Long chunks to the Mosaic GPU kernel, decodes and short chunks to the Triton kernel (both in their
-    interpreters): together they give the reference's output, and neither writes the other's tokens."""
-    q_lens, cached = [40, 1, 10, 1, 33], [5, 60, 0, 7, 100]  # long chunks: >= 32 tokens at 4 heads a KV head
-    case = (8, 2, 64, 16, q_lens, cached, None, None)
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, jnp.bfloat16)
-    got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
-    assert relative_error(got[:total], want) < 1e-2
-    long = np.repeat(np.asarray(q_lens) >= 32, q_lens)
-    only_long = paged_prefill_mgpu.paged_prefill_attention(q, k_pages, v_pages, meta, scale=kwargs["scale"],
-                                                           only_long=True, interpret=True)
-    assert not np.asarray(only_long[:total][~long].astype(jnp.float32)).any()
-    assert relative_error(only_long[:total][long], want[long]) < 1e-2
-
-    # no short sequence with tokens: the backend skips the Triton kernel
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference((8, 2, 64, 16, [33], [40], None, None),
-                                                                               jnp.bfloat16)
-    got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
-    assert relative_error(got[:total], want) < 1e-2
-    assert not np.asarray(got[total:]).any(), "padding tokens get zeros"
-
-
-def test_gpu_backend_lowers_for_cuda_with_the_mosaic_gpu_kernel():
-    """The real (not interpreted) Mosaic GPU kernel, with wgmma, TMA and its SMEM layouts, lowered for
-    CUDA on the CPU: lowering errors of the installed JAX surface here instead of only on a device."""
-    case = (32, 8, 128, 16, [300, 129, 1], [0, 500, 40], None, None)
-    (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
-    attend = jax.jit(lambda *args: gpu_attention(*args, prefill_kernel=True, **kwargs))
-    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text.lower()
-
-
-def test_gpu_backend_keeps_buckets_below_a_block_on_the_triton_kernel():
-    """A step whose token bucket is smaller than a Mosaic query block (here 15 tokens for 3 sequence rows,
-    as a short prompt chunk in an engine with few rows) can have no long sequence: it runs the Triton
-    kernel alone, without the conditional that picks kernels (lowered for CUDA on the CPU)."""
-    case = (32, 8, 128, 16, [10], [40], None, None)
-    (q, k_pages, v_pages, meta, _), kwargs, _ = grid_case_and_reference(case, jnp.bfloat16)
-    assert q.shape[0] > meta.kv_lens.shape[0] and q.shape[0] < paged_prefill_mgpu.tokens_per_block(4)
-    attend = jax.jit(lambda *args: gpu_attention(*args, prefill_kernel=True, **kwargs))
-    text = attend.trace(q, k_pages, v_pages, meta).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" not in text.lower()
-    assert "stablehlo.case" not in text and "stablehlo.if" not in text
-
-
-def test_gpu_kernel_on_an_engine_like_decode_batch():
-    """A few decodes in a batch padded to many more sequences than tokens (as the engine pads to
-    max_running_requests): the default takes the small decode path (one token a block, the context
-    split)."""
-    q, k_pages, v_pages, meta, total = random_case(3, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
-                                                   q_lens=[1, 1, 1], cached=[90, 3, 300], dtype=jnp.float32,
-                                                   extra_tokens=13, extra_seqs=29)
-    kwargs = dict(scale=0.125)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
-    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, **kwargs)[:total]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
-
-
-def test_gpu_kernel_on_a_decode_sized_step_with_prompt_chunks():
-    """Decodes and prompt chunks in a bucket of no more tokens than sequence rows (the engine's mixed
-    steps), two tokens a query block: the reference's result."""
-    q, k_pages, v_pages, meta, total = random_case(7, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
-                                                   q_lens=[1, 9, 1, 6, 1], cached=[90, 30, 300, 0, 17],
-                                                   dtype=jnp.float32, extra_tokens=3, extra_seqs=20)
-    assert q.shape[0] <= meta.kv_lens.shape[0]
-    kwargs = dict(scale=0.125)
-    want = reference.ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs)[:total]
-    got = gpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, kv_splits=1, block_q=2,
-                                            **kwargs)[:total]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_q", [1, 2, 16])

@@ -12,7 +12,7 @@ from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.kernels import reference
 from sgjax.kernels.gpu.attention import paged_attention as gpu_attention
 from sgjax.executor.shared_prefix import MIN_SHARED_TOKENS, order_by_first_page
-from tests.test_kernels import relative_error
+from tests.kernel_cases import relative_error
 
 
 def naive_shared_pages(chunks: list[SeqChunk], sizes: list[int], page_size: int) -> list[int]:
