@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sgjax.kernels import REFERENCE, Kernels
 from sgjax.models.config import ModelConfig
 from sgjax.models.gguf import GGUFTensors, find_gguf, gguf_model_config
+from sgjax.models.gguf_tokenizer import UnsupportedGGUFTokenizer, tokenizer_from_gguf
 from sgjax.models.registry import get_model_class
 from sgjax.platform.mesh import TENSOR, named_sharding
 
@@ -207,14 +208,19 @@ def _stacked(tensors: CheckpointTensors | GGUFTensors, name: str, shape: tuple[i
 
 def load_tokenizer(model_path: str):
     """The checkpoint's Hugging Face tokenizer, with a clear error when its files are missing. For a GGUF file,
-    transformers builds it (and its chat template) from the file's metadata."""
+    the tokenizer (and its chat template) is built from the file's metadata (sgjax/models/gguf_tokenizer.py)."""
     import transformers
 
     gguf_file = find_gguf(model_path)
     try:
         if gguf_file is not None:
-            folder, name = os.path.split(os.path.abspath(gguf_file))
-            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            try:
+                return tokenizer_from_gguf(gguf_file)
+            except UnsupportedGGUFTokenizer:
+                # Sentencepiece vocabularies ("llama", e.g. TinyLlama) and unlisted pre-tokenizers: transformers
+                # builds those (slower, and it imports torch), rather than sgjax guessing at their details.
+                folder, name = os.path.split(os.path.abspath(gguf_file))
+                return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         return transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, KeyError) as e:
         raise FileNotFoundError(f"cannot load a tokenizer from {model_path!r}: {e}") from e
