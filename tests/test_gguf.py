@@ -185,17 +185,27 @@ def test_smollm2_real_blocks_match_gguf_package(smollm2):
         np.testing.assert_array_equal(f.read(name), expected, err_msg=name)
 
 
+CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+                  "List three uses of a paperclip, briefly."]
+
+
 def test_smollm2_chat_matches_transformers(smollm2):
-    """Greedy tokens for a chat prompt equal transformers' on the same file (both fp32), and say Paris."""
+    """Greedy tokens for chat prompts equal transformers' on the same file (both fp32, 32 tokens each, all
+    prompts in one batch on our side), the first step's logits agree closely, and the answer says Paris."""
     path, (tokenizer, eos_token_ids, _), theirs = smollm2
     assert [tokenizer.convert_ids_to_tokens(i) for i in eos_token_ids] == ["<|im_end|>"]
     assert "<|im_start|>" in tokenizer.chat_template
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         add_generation_prompt=True, tokenize=False)
-    prompt = tokenizer.encode(text)
-    ours = greedy_generate(load_model(path, make_mesh("1x1"), dtype="float32"), [prompt], 12)[0]
-    assert ours == hf_greedy_cached(theirs, prompt, 12)
-    assert "Paris" in tokenizer.decode(ours)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                              add_generation_prompt=True, tokenize=False))
+               for q in CHAT_QUESTIONS]
+    loaded = load_model(path, make_mesh("1x1"), dtype="float32")
+    ours = greedy_generate(loaded, prompts, 32)
+    for prompt, got in zip(prompts, ours):
+        assert got == hf_greedy_cached(theirs, prompt, 32), tokenizer.decode(prompt)
+    assert "Paris" in tokenizer.decode(ours[0])
+    first = forward_logits(loaded, prompts[:1])[0][-1]
+    want = hf_logits(theirs, prompts[0])[-1]
+    assert relative_error(first, want) < 1e-4
 
 
 # Bad input: each error names the problem.
