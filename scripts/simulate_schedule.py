@@ -31,7 +31,7 @@ from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import add_engine_arguments
 from sgjax.engine.stats import StepRecord
-from sgjax.executor.buckets import bucket_for, token_buckets
+from sgjax.executor.buckets import ACCELERATOR, bucket_for, token_buckets
 from sgjax.engine.request import Request
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.engine.scheduler import Scheduler
@@ -44,8 +44,8 @@ LLAMA_3_8B = dict(weight_bytes=2 * (8_030_261_248 - 128_256 * 4096), layer_param
 
 
 def padded_tokens(args):
-    """A step's token count -> the bucket the engine's ModelRunner pads it to."""
-    buckets = token_buckets(args.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
+    """A step's token count -> the bucket the engine's ModelRunner pads it to (on an accelerator)."""
+    buckets = token_buckets(args.min_token_bucket or ACCELERATOR.min_token_bucket, args.chunked_prefill_size + args.max_running_requests,
                             decode_rows=args.max_running_requests)
     return functools.partial(bucket_for, buckets)
 

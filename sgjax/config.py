@@ -44,13 +44,16 @@ class EngineArgs:
     load_format: str = option("auto", choices=("auto", "safetensors", "dummy"),
                               help="dummy: random weights of the checkpoint's shapes, no files read")
     attention_backend: str = option(
-        "pallas", choices=("pallas", "reference"),
-        help="pallas: the platform's kernels, falling back (with a warning) where there is none; reference: plain jnp")
+        "pallas", choices=("pallas", "cpu", "reference"),
+        help="pallas: the platform's kernels (the CPU's: cpu), falling back (with a warning) where there is none; "
+             "reference: plain jnp reading the whole page table, the definition the kernels are tested against")
     page_size: int = option(16, help="tokens per KV page")
     kv_cache_dtype: str = option("auto", choices=tuple(KV_CACHE_DTYPES),
                                  help="KV pool dtype (auto: the model's; fp8_*: half the bytes, unscaled)")
     num_pages: int | None = option(None, help="KV pool size in pages", none_means="from --mem-fraction-static")
-    mem_fraction_static: float = option(0.85, help="share of device memory for the weights and the KV pool")
+    mem_fraction_static: float | None = option(
+        None, help="share of device memory for the weights and the KV pool; on a CPU, share of the host's available "
+                   "memory for the KV pool", none_means="0.85; 0.3 on a CPU")
     context_length: int | None = option(None, help="longest prompt + output",
                                         none_means="the model's max_position_embeddings")
     max_running_requests: int = option(32, help="decode batch size, also the compiled batch dimension")
@@ -69,8 +72,14 @@ class EngineArgs:
     compilation_cache_dir: str = option(
         default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "sgjax", "xla"),
         help="JAX's persistent compilation cache; '' disables it")
-    min_token_bucket: int = option(
-        16, help="smallest compiled token count (--max-running-requests, if smaller, gets a bucket too)")
+    min_token_bucket: int | None = option(
+        None, help="smallest compiled token count (--max-running-requests, if smaller, gets a bucket too)",
+        none_means="16 on an accelerator, 1 on a CPU")
+    shape_policy: str = option(
+        "auto", choices=("auto", "accelerator", "cpu"),
+        help="the step shapes compiled, and when: accelerator: tokens from 16 and sampled rows from 64, all "
+             "compiled at start-up; cpu: both from 1, each compiled at its first step (into the compilation "
+             "cache); auto: the platform's")
     enable_prompt_logprobs: bool = option(False, help="also compile steps that return prompt-token logprobs")
     disable_overlap_schedule: bool = option(False, help="wait for each step before scheduling the next")
     # The tokens are the same either way; jump-forward only saves the steps.
@@ -89,13 +98,15 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.step_token_target < 0:
             raise ValueError("step_token_target must be >= 0 (0 turns it off)")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be at least 2 (one is the reserved null page); got {self.num_pages}")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be at least 1")
         if self.chunked_prefill_size < 0:
             raise ValueError("chunked_prefill_size must be >= 0 (0 disables chunking)")
         if self.shared_prefix_groups < 0:
             raise ValueError("shared_prefix_groups must be >= 0 (0 disables cascade attention)")
-        if not 0 < self.mem_fraction_static < 1:
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError("mem_fraction_static must be between 0 and 1")
 
 

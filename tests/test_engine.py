@@ -64,7 +64,8 @@ def llama(tiny_models):
 
 @pytest.fixture(scope="module")
 def engine(llama):
-    e = make_engine(llama[0], enable_prompt_logprobs=True)
+    # Every shape compiled at start-up, as on an accelerator (test_serving_never_compiles)
+    e = make_engine(llama[0], enable_prompt_logprobs=True, shape_policy="accelerator")
     yield e
     e.shutdown()
 
@@ -106,8 +107,11 @@ def test_staggered_requests_match_transformers(engine, llama):
     dict(schedule_policy="lof", step_token_target=12),
     dict(attention_backend="pallas_interpret"),
     dict(attention_backend="pallas_tpu_interpret", page_size=16, num_pages=100),
+    # the CPU's kernels (attention walking key blocks, fused projections as flat matmuls), its shape policy
+    # (tokens and rows from 1, compiled at first use) and a pool sized from the host's memory
+    dict(attention_backend="pallas", num_pages=None, context_length=128),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
-        "preemption-no-overlap", "lof-step-target", "pallas-kernel", "tpu-kernel"])
+        "preemption-no-overlap", "lof-step-target", "pallas-kernel", "tpu-kernel", "cpu-kernels"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
     if overrides.get("attention_backend") == "pallas_tpu_interpret":
@@ -124,6 +128,9 @@ def test_outputs_identical_across_configurations(llama, overrides):
             assert engine.kernels.add_rms_norm is not None
             assert engine.loaded.model.model.layers[0].norm_kernel is engine.kernels.add_rms_norm
             assert engine.runner.kernels.greedy_head is not None
+        if overrides.get("attention_backend") == "pallas":
+            assert engine.kernels.backend == "cpu" and engine.kernels.flat_matmuls and engine.runner.lazy
+            assert engine.runner.buckets[0] == 1 and engine.runner.row_buckets[0] == 1
         if "num_pages" in overrides and overrides["num_pages"] == 41:
             assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
         check_pages_accounted(engine)
@@ -184,7 +191,7 @@ def test_sampling_row_buckets_give_the_same_tokens(llama):
     """With 72 slots, sampling is compiled for 64 and for 72 rows: steps of a few sequences and of 70
     give HF's greedy tokens, and a seeded sample is the same alone as in a batch of 70."""
     path, hf_model, _, _ = llama
-    engine = make_engine(path, max_running_requests=72, num_pages=2000)
+    engine = make_engine(path, max_running_requests=72, num_pages=2000, shape_policy="accelerator")
     try:
         assert engine.runner.row_buckets == [64, 72]
         prompts = mixed_prompts(70, seed=5)

@@ -89,12 +89,13 @@ def test_query_blocks_match_a_naive_plan_and_stay_in_the_batch(block_q, full_dec
     assert ((start >= 0) & (start < num_tokens)).all()
 
 
-def test_pallas_backend_falls_back_with_a_warning_on_cpu(caplog):
-    from sgjax.kernels import resolve_backend
+def test_pallas_backend_is_the_cpu_attention_on_a_cpu(caplog):
+    from sgjax.kernels import cpu, resolve_backend, select
 
     with caplog.at_level("WARNING"):
-        assert resolve_backend("pallas") == "reference"
-    assert "no Pallas attention kernel for platform 'cpu'" in caplog.text
+        assert resolve_backend("pallas") == "cpu"
+    assert not caplog.text
+    assert select("pallas").attention is cpu.attention
     assert resolve_backend("reference") == "reference"
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash")

@@ -109,3 +109,18 @@ def test_bad_mesh_and_load_format(tiny_models):
         make_mesh("2x8")
     with pytest.raises(ValueError, match="load format"):
         load_model(path, make_mesh("1x1"), load_format="pickle")
+
+
+def test_weights_are_float32_on_a_cpu_unless_asked(llama_copy, caplog):
+    """A bf16 checkpoint loads in float32 on a CPU (XLA's CPU bf16 matmuls are slow); an asked-for bf16 is kept,
+    with a warning saying why it is slow."""
+    cfg_path = os.path.join(llama_copy, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    json.dump(cfg, open(cfg_path, "w"))
+    loaded = load_model(llama_copy, make_mesh("1x1"), load_format="dummy")
+    assert loaded.config.dtype == "float32"
+    assert {w.dtype for w in jax.tree.leaves(loaded.model)} <= {np.dtype("float32")}
+    with caplog.at_level("WARNING"):
+        loaded = load_model(llama_copy, make_mesh("1x1"), dtype="bfloat16", load_format="dummy")
+    assert loaded.config.dtype == "bfloat16" and "slower than in float32" in caplog.text

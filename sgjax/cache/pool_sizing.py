@@ -1,4 +1,5 @@
-"""How many KV pages fit on the device: mem_fraction_static of its memory, less what is in use (the weights)."""
+"""How many KV pages fit on the device: mem_fraction_static of its memory, less what is in use (the weights);
+on a CPU a share of the host's available memory."""
 
 from __future__ import annotations
 
@@ -6,14 +7,27 @@ import jax
 from jax.sharding import Mesh
 
 from sgjax.cache.kv_pool import KVPoolConfig
-from sgjax.platform.device_memory import cuda_memory_info, xla_memory_limit
+from sgjax.platform.device_memory import cuda_memory_info, host_available_bytes, xla_memory_limit
 from sgjax.platform.mesh import TENSOR
 
 
-def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: float, cpu_pages: int) -> int:
-    """Pages that fit in `mem_fraction_static` of device memory after the weights; `cpu_pages` on a CPU, which
-    reports no memory limit."""
+DEFAULT_MEM_FRACTION = 0.85
+# On a CPU the pool shares the host's memory with everything else the user runs: a smaller share by default.
+CPU_MEM_FRACTION = 0.3
+
+
+def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: float | None, useful_pages: int) -> int:
+    """Pages that fit in `mem_fraction_static` of device memory after the weights (0.85 by default); on a CPU,
+    in that share of the host's available memory (CPU_MEM_FRACTION by default), at most `useful_pages` (every
+    running request at full context: the host's memory is everyone's)."""
     device = jax.devices()[0]
+    if device.platform == "cpu":
+        fraction = CPU_MEM_FRACTION if mem_fraction_static is None else mem_fraction_static
+        available = host_available_bytes()
+        if available is None:
+            return useful_pages
+        return min(useful_pages, int(available * fraction // pool_cfg.bytes_per_page))
+    fraction = DEFAULT_MEM_FRACTION if mem_fraction_static is None else mem_fraction_static
     stats = device.memory_stats() or {}
     if "bytes_limit" not in stats and device.platform == "gpu":
         # XLA's VMM allocator (SKIP_TEMP command buffers) reports no limit: ask the driver
@@ -22,14 +36,22 @@ def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: f
             free, total = info
             stats = {"bytes_limit": xla_memory_limit(total), "bytes_in_use": total - free}
     if "bytes_limit" not in stats:
-        if device.platform != "cpu":
-            raise ValueError(f"{device.device_kind} reports no memory limit: give num_pages (--num-pages)")
-        return cpu_pages
+        raise ValueError(f"{device.device_kind} reports no memory limit: give num_pages (--num-pages)")
     tensor = mesh.shape[TENSOR]
     per_device = pool_cfg.bytes_per_page // (tensor if pool_cfg.num_kv_heads % tensor == 0 else 1)
-    free = stats["bytes_limit"] * mem_fraction_static - stats["bytes_in_use"]
+    free = stats["bytes_limit"] * fraction - stats["bytes_in_use"]
     pages = int(free // per_device)
     if pages < 2:
         raise ValueError(f"no device memory left for the KV pool ({free / 2**30:.1f} GiB free after weights); "
                          "raise mem_fraction_static or use a larger mesh")
     return pages
+
+
+def check_pool_fits(num_pages: int, context_length: int, page_size: int, bytes_per_page: int) -> None:
+    """A clear error when the pool cannot hold one request of the context length (the null page aside)."""
+    need = -(-context_length // page_size) + 1
+    if num_pages < need:
+        gib = num_pages * bytes_per_page / 2**30
+        raise ValueError(f"the KV pool fits {num_pages} pages of {page_size} tokens ({gib:.2f} GiB); one request of the "
+                         f"context length ({context_length} tokens) needs {need}: lower --context-length, or raise "
+                         "--mem-fraction-static, or give --num-pages")

@@ -28,7 +28,7 @@ from sgjax import kernels
 from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.no_prefix_cache import NoPrefixCache
 from sgjax.cache.page_allocator import PageAllocator, pages_for
-from sgjax.cache.pool_sizing import pages_from_memory
+from sgjax.cache.pool_sizing import check_pool_fits, pages_from_memory
 from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
@@ -40,6 +40,7 @@ from sgjax.engine.request import Request, Status
 from sgjax.engine.scheduler import Scheduler
 from sgjax.engine.stats import EngineStats
 from sgjax.engine.text_side import load_text_side
+from sgjax.executor.buckets import shape_policy
 from sgjax.executor.model_runner import ModelRunner
 from sgjax.models.loader import load_model
 from sgjax.platform.mesh import make_mesh
@@ -53,6 +54,9 @@ class EngineCore:
         self.args = args
         if args.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+            # Every program, not only those that took JAX's default second to compile: on a CPU the sampling
+            # variants compile in less, and would otherwise be compiled again at every start.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         # The fused residual add + norm made the ShareGPT-like run 0.5% faster with a bf16 pool but 3.5% slower
         # with an fp8 one (four A/B pairs on one H100; the cause is not known): fp8 pools keep the plain add
         # and norm.
@@ -68,17 +72,22 @@ class EngineCore:
         ps = args.page_size
         max_pages_per_seq = pages_for(self.context_length, ps)
         kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
-        num_pages = args.num_pages or pages_from_memory(
-            KVPoolConfig.for_model(cfg, 2, ps, kv_dtype), self.loaded.mesh, args.mem_fraction_static,
-            cpu_pages=1 + args.max_running_requests * max_pages_per_seq)  # every request at full context
+        num_pages = args.num_pages
+        if num_pages is None:  # a pool asked for by size may be small on purpose: longer requests get an error each
+            page_cfg = KVPoolConfig.for_model(cfg, 2, ps, kv_dtype)
+            num_pages = pages_from_memory(page_cfg, self.loaded.mesh, args.mem_fraction_static,
+                                          useful_pages=1 + args.max_running_requests * max_pages_per_seq)
+            check_pool_fits(num_pages, self.context_length, ps, page_cfg.bytes_per_page)
         pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype), self.loaded.mesh)
         self.allocator = PageAllocator(num_pages, ps)
         self.radix = NoPrefixCache() if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length
+        shapes = shape_policy(args.shape_policy, jax.default_backend())
         self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
-                                  min_bucket=args.min_token_bucket,
+                                  min_bucket=args.min_token_bucket or shapes.min_token_bucket,
+                                  min_row_bucket=shapes.min_row_bucket, lazy=shapes.lazy,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs,
                                   max_prefix_groups=args.shared_prefix_groups
                                   if self.kernels.reads_shared_prefixes else 0)

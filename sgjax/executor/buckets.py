@@ -6,6 +6,8 @@ compiles and how much padding a step carries.
 
 from __future__ import annotations
 
+import dataclasses
+
 LINEAR_BUCKET_STEP = 256
 DECODE_BUCKET_STEP = 128
 BUCKET_GROWTH = 1.25
@@ -53,17 +55,18 @@ def bucket_for(buckets: list[int], num_tokens: int) -> int:
     raise ValueError(f"step of {num_tokens} tokens exceeds the largest compiled bucket {buckets[-1]}")
 
 
-def row_buckets(max_seqs: int) -> list[int]:
-    """Row counts to compile sampling for: 64, 128, 256, then each power of two and the point halfway to
-    the next (384, 512, 768, 1024, 1536, ...) below max_seqs, then max_seqs.
+def row_buckets(max_seqs: int, smallest: int = SMALLEST_ROW_BUCKET) -> list[int]:
+    """Row counts to compile sampling for: `smallest` (64), then doublings up to 256, then each power of two
+    and the point halfway to the next (384, 512, 768, 1024, 1536, ...) below max_seqs, then max_seqs.
 
     Sampling computes logits over the whole vocabulary per row: at 1024 running requests that is
     ~2.5 ms a step on an H100 even when only a few requests are left, while up to
     64 rows cost about what one does (reading the LM head dominates). From 256 rows on the LM head's
     matmul is compute-bound, and its time follows the padded rows (greedy sampling of 256 / 384 / 512
     rows: 0.80 / 0.99 / 1.21 ms), hence the halfway buckets there; below, a
-    192-row bucket was slower than 256 rows (0.87 ms)."""
-    buckets, rows = [], SMALLEST_ROW_BUCKET
+    192-row bucket was slower than 256 rows (0.87 ms). On a CPU the head's matmul is compute-bound from one
+    row on, so there the buckets start at 1 (`smallest`)."""
+    buckets, rows = [], smallest
     while rows < max_seqs:
         buckets.append(rows)
         halfway = rows * 3 // 2
@@ -71,3 +74,33 @@ def row_buckets(max_seqs: int) -> list[int]:
             buckets.append(halfway)
         rows *= ROW_BUCKET_GROWTH
     return buckets + [max_seqs]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapePolicy:
+    """Which shapes a platform compiles steps for, and when."""
+
+    min_token_bucket: int
+    min_row_bucket: int
+    lazy: bool  # compile a shape at its first step, not at start-up
+
+
+# On an accelerator a step of 16 tokens or 64 sampled rows costs what one does (reading the weights
+# dominates), and every shape is compiled before serving. On a CPU matmuls are compute-bound from one
+# row (a batch-1 decode padded to 16 tokens did 16x the work), and compiling every shape of a 30-layer
+# model took 43 s on 2 cores: shapes start at 1 and compile at their first use, into JAX's persistent
+# cache, which serves them at the next start.
+ACCELERATOR = ShapePolicy(min_token_bucket=16, min_row_bucket=SMALLEST_ROW_BUCKET, lazy=False)
+CPU = ShapePolicy(min_token_bucket=1, min_row_bucket=1, lazy=True)
+
+
+SHAPE_POLICIES = {"accelerator": ACCELERATOR, "cpu": CPU}
+
+
+def shape_policy(name: str, platform: str) -> ShapePolicy:
+    """The ShapePolicy called `name` ("auto": the platform's, "cpu" or "accelerator")."""
+    if name == "auto":
+        return CPU if platform == "cpu" else ACCELERATOR
+    if name not in SHAPE_POLICIES:
+        raise ValueError(f"unknown shape policy {name!r}; choose from auto, {', '.join(SHAPE_POLICIES)}")
+    return SHAPE_POLICIES[name]

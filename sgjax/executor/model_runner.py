@@ -10,8 +10,8 @@ next bucket (token_buckets). A step's host arrays go to the device packed in two
 (host_inputs.py), padded to one size for all programs, sampling parameters first: the forward pass and
 sampling both read them from the same device buffers. All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
-compilation. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them
-in place; a small program clears the penalty counts of penalised requests as they are admitted.
+compilation; on a CPU (`lazy`, executor/buckets.py: ShapePolicy) each is compiled at its first step
+instead. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them in place; a small program clears the penalty counts of penalised requests as they are admitted.
 
 The forward pass's only fresh output is written into a donated buffer (the previous step's hidden
 rows, already consumed by its sampling): XLA runs a step as CUDA graphs and re-records every graph
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import allow_all
 from sgjax.executor.batch import SeqChunk, make_batch
-from sgjax.executor.buckets import bucket_for, row_buckets, token_buckets
+from sgjax.executor.buckets import SMALLEST_ROW_BUCKET, bucket_for, row_buckets, token_buckets
 from sgjax.executor.host_inputs import PackedLayout, pack
 from sgjax.executor.programs import forward, sample_step
 from sgjax.executor.sampler import (
@@ -64,13 +64,18 @@ CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
-                 max_tokens: int, min_bucket: int = 16, enable_prompt_logprobs: bool = False,
-                 max_prefix_groups: int = 0):
+                 max_tokens: int, min_bucket: int = 16, min_row_bucket: int = SMALLEST_ROW_BUCKET,
+                 lazy: bool = False, enable_prompt_logprobs: bool = False, max_prefix_groups: int = 0):
         """With the model's kernels (LoadedModel.kernels, sgjax.kernels.select), where it has them, sampling of all-greedy rows
         computes the LM head, argmax and logsumexp in one kernel instead of writing float32 logits and
         reading them back, and sampled rows with top-k / top-p filters find their cut without sorting the
-        vocabulary."""
+        vocabulary.
+
+        `lazy`: compile each program at its first step instead of all at start-up (a CPU's choice, where
+        compiling every shape of a 30-layer model took 43 s on 2 cores; JAX's persistent cache then serves a
+        restart)."""
         self.pool = pool
+        self.lazy = lazy
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
         self.buckets = token_buckets(min_bucket, max_tokens, decode_rows=max_seqs)
@@ -99,6 +104,7 @@ class ModelRunner:
         keys = [(t, False, False) for t in self.buckets]
         keys += [(t, False, True) for t in self.buckets if self.prefix_groups_for(t)]
         keys += [(t, True, False) for t in self.buckets if enable_prompt_logprobs]
+        self.program_keys = keys
         # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program and padded
         # to one size for all (sampling reads its parameters from the front of any program's buffers),
         # written into one of STAGING_BUFFERS preallocated pairs in turn (not allocated per step: at 1024
@@ -131,36 +137,47 @@ class ModelRunner:
         self._resident = tuple(jnp.zeros(n + 1, dtype, device=replicated) for n, dtype in zip(most, (np.int32,
                                                                                                   np.float32)))
         resident = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for x in self._resident)
-        self.compiled = {}
-        lowered = {}
-        for key in tqdm(keys, desc="compiling steps", unit="program"):
+        self.compiled, self.sampler = {}, {}
+
+        def compile_forward(key):
             step = jax.jit(functools.partial(forward, model_def, key[1], self.layouts[key], replicated),
                            donate_argnums=(1, 2, 3, 4), keep_unused=True)  # the hidden buffer is only written
-            lowered[key] = step.lower(self.weights, pool.caches, self.penalties, hidden, resident, *inputs,
-                                         self.prev_tokens)
-            self.compiled[key] = lowered[key].compile()
+            lowered = step.lower(self.weights, pool.caches, self.penalties, hidden, resident, *inputs, self.prev_tokens)
+            self.compiled[key] = lowered.compile()
+            return lowered
+
+        self._compile_forward = compile_forward
         # Sampling takes the penalty counts as they come out of the forward pass (shapes and shardings).
         # (From the lowered shapes and compiled shardings: the compiled out_info fails on programs with
         # host callbacks, as the TPU interpreter's.)
         first = keys[0]
         _, _, penalties, _ = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
-            lowered[first].out_info, self.compiled[first].output_shardings)
+            compile_forward(first).out_info, self.compiled[first].output_shardings)
         all_allowed, no_bias = allow_all(max_seqs, loaded.config.vocab_size), logit_bias_arrays([], max_seqs)
         mask, *bias = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (all_allowed, *no_bias))
-        self.row_buckets = row_buckets(max_seqs)
-        variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
-        self.sampler = {
-            (features, rows): jax.jit(functools.partial(sample_step, loaded.config.final_logit_softcap,
-                                                        self.kernels.greedy_head, self.kernels.top_k_top_p_keep,
-                                                        features, rows,
-                                                        self.sampling_layout)).lower(
+        self.row_buckets = row_buckets(max_seqs, min_row_bucket)
+
+        def compile_sampler(features, rows):
+            self.sampler[features, rows] = jax.jit(functools.partial(
+                sample_step, loaded.config.final_logit_softcap, self.kernels.greedy_head,
+                self.kernels.top_k_top_p_keep, features, rows, self.sampling_layout)).lower(
                 self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
-            for features, rows in tqdm(variants, desc="compiling sampling", unit="variant")}
+
+        self._compile_sampler = compile_sampler
+        masked_variant = (SamplerFeatures(masked=True), self.row_buckets[0])
+        compile_sampler(*masked_variant)
+        if not lazy:
+            for key in tqdm(keys[1:], desc="compiling steps", unit="program", initial=1, total=len(keys)):
+                compile_forward(key)
+            variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
+            for variant in tqdm(variants, desc="compiling sampling", unit="variant"):
+                if variant != masked_variant:
+                    compile_sampler(*variant)
         # The masked variant's defaults, kept on the device (placed as that variant takes them): a step with
         # a grammar but no biases, or biases but no grammar, sends only what it has (at 1024 rows and a
         # 128k vocabulary the bias arrays are 2.4 MB, an allow-all mask 16 MB).
-        masked = next(program for (features, _), program in self.sampler.items() if features.masked)
+        masked = self.sampler[masked_variant]
         mask_sharding, *bias_shardings = masked.input_shardings[0][-3:]
         self._allow_all = jax.device_put(all_allowed, mask_sharding)
         self._no_bias = tuple(jax.device_put(x, s) for x, s in zip(no_bias, bias_shardings))
@@ -220,7 +237,7 @@ class ModelRunner:
             kv_tokens -= int(shared.sum() - shared[firsts].sum()) * self.page_size
         targets = np.full(num_tokens, -1, np.int32)
         if with_prompt:
-            if key not in self.compiled:
+            if key not in self.layouts:
                 raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
@@ -234,6 +251,8 @@ class ModelRunner:
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
         ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
+        if step.program not in self.compiled:  # lazy: its first step
+            self._compile_forward(step.program)
         (hidden, *prompt_out), self.pool.caches, self.penalties, self._resident = self.compiled[step.program](
             self.weights, self.pool.caches, self.penalties, self._hidden, self._resident, ints, floats,
             self.prev_tokens)
@@ -278,7 +297,10 @@ class ModelRunner:
 
     def sampler_for(self, features: SamplerFeatures, num_rows: int):
         """The compiled sampling program for a step of `num_rows` sequences."""
-        return self.sampler[features, next(r for r in self.row_buckets if r >= num_rows)]
+        variant = (features, next(r for r in self.row_buckets if r >= num_rows))
+        if variant not in self.sampler:  # lazy: its first step
+            self._compile_sampler(*variant)
+        return self.sampler[variant]
 
     @staticmethod
     def collect(handle: StepHandle) -> StepOutput:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from sgjax import kernels
 from sgjax.config import add_engine_arguments, mesh_from_namespace
 from sgjax.engine.text_side import load_text_side
 from sgjax.executor.greedy import greedy_generate
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(e))
 
     loaded = load_model(args.model_path, make_mesh(mesh_from_namespace(args)), dtype=args.dtype,
-                        load_format=args.load_format)
+                        load_format=args.load_format, kernels=kernels.select("pallas", args.page_size))
     tokenizer, eos_token_ids, _ = load_text_side(args.model_path, args.load_format, loaded.config.vocab_size)
     if tokenizer is None:
         parser.error(f"{args.model_path} has no tokenizer")

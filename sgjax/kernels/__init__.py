@@ -6,11 +6,11 @@ sliding_window, softcap) -> (out, k_pages, v_pages)`: it writes this step's K/V 
 Steps whose metadata groups sequences behind shared prefixes (`meta.shared`) are only planned for
 backends that read such a prefix once (`reads_shared_prefixes`: the GPU kernels); the others ignore it.
 
-- "pallas": the Pallas kernels for the platform (GPU: kernels/gpu, where Hopper GPUs serve long prefill
-  chunks with a Mosaic GPU kernel and the rest with a Triton one; TPU: kernels/tpu); where there is none
-  (CPU) `resolve_backend` falls back to "reference" with a warning. With the GPU kernels on a lone GPU, the
-  fused residual add + RMSNorm, the greedy LM head (head matmul, argmax and logsumexp in one kernel) and
-  the top-k / top-p cut (no vocabulary sort) run as Triton kernels too.
+- "pallas": the kernels for the platform (GPU: kernels/gpu, where Hopper GPUs serve long prefill
+  chunks with a Mosaic GPU kernel and the rest with a Triton one; TPU: kernels/tpu; CPU: "cpu"). With
+  the GPU kernels on a lone GPU, the fused residual add + RMSNorm, the greedy LM head (head matmul, argmax
+  and logsumexp in one kernel) and the top-k / top-p cut (no vocabulary sort) run as Triton kernels too.
+- "cpu": kernels/cpu.py, jnp whose cost follows the step's longest sequence, not the context length.
 - "reference": kernels/reference.py, pure jnp; the definition the kernels are tested against.
 - "pallas_interpret" / "pallas_tpu_interpret": the GPU (Triton) / TPU kernel in Pallas' interpreters, so
   CPU tests can run them inside the engine (the Mosaic GPU interpreter is too slow for whole engine runs:
@@ -26,10 +26,10 @@ from typing import Callable
 
 import jax
 
-from sgjax.kernels import reference
+from sgjax.kernels import cpu, reference
 from sgjax.kernels.metadata import AttentionMetadata
 
-BACKENDS = ("pallas", "reference", "pallas_interpret", "pallas_tpu_interpret")
+BACKENDS = ("pallas", "cpu", "reference", "pallas_interpret", "pallas_tpu_interpret")
 KERNEL_PLATFORMS = ("gpu", "tpu")
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def resolve_backend(name: str, page_size: int | None = None) -> str:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
     if name == "pallas":
         platform = jax.default_backend()
+        if platform == "cpu":
+            return "cpu"
         if platform not in KERNEL_PLATFORMS:
             logger.warning("no Pallas attention kernel for platform %r yet; using the reference attention", platform)
             return "reference"
@@ -87,6 +89,10 @@ class Kernels:
     greedy_head: Callable | None = None
     # (scaled [B, V], top_k, top_p) -> [B, V] bool: tokens the top-k / top-p cut keeps, without sorting the vocabulary
     top_k_top_p_keep: Callable | None = None
+    # Fused projections ([*out, in] weights) as one 2-D matmul over the flattened weight: XLA's CPU dot otherwise
+    # copied each such weight into a transposed layout at every call (most of a decode step's time on a CPU).
+    # Off elsewhere: a weight split over "tensor" along a later axis than its first could not stay split.
+    flat_matmuls: bool = False
 
 
 def select(backend: str = "reference", page_size: int | None = None, *, fused_norm: bool = True,
@@ -105,6 +111,7 @@ def select(backend: str = "reference", page_size: int | None = None, *, fused_no
         add_rms_norm=functools.partial(_fused_add_rms_norm, interpret=interpret) if mode and fused_norm else None,
         greedy_head=functools.partial(_greedy_head, interpret=interpret) if mode and greedy_head else None,
         top_k_top_p_keep=functools.partial(_top_k_top_p_keep, interpret=interpret) if mode and filter_cut else None,
+        flat_matmuls=name == "cpu",
     )
 
 
@@ -139,6 +146,8 @@ def get_attention_backend(name: str) -> Callable:
     """The attention function of backend `name`."""
     if name == "reference":
         return reference.attention
+    if name == "cpu":
+        return cpu.attention
     if name == "pallas":
         return functools.partial(_paged_kernel_attention, platform=jax.default_backend(), interpret=False)
     if name == "pallas_interpret":

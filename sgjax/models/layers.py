@@ -48,18 +48,22 @@ class FusedLinear(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], parts: tuple[tuple[str, int], ...],
-                 part_axis: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs):
+                 part_axis: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs, flat: bool = False):
         if sum(n for _, n in parts) != out_shape[part_axis]:
             raise ValueError(f"parts {parts} do not fill axis {part_axis} of {out_shape}")
         meta = dict(checkpoint_parts=parts, checkpoint_axis=part_axis)
         init = jax.random.normal(rngs.params(), (*out_shape, in_features), dtype) * (in_features**-0.5)
         self.weight = nnx.Param(init.astype(dtype), axes=(*axes, None), **meta)
         self.bias = nnx.Param(jnp.zeros(out_shape, dtype), axes=tuple(axes), **meta) if bias else None
+        self.flat = flat
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., *out_shape]."""
         w = self.weight[...]
-        y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
+        if self.flat:  # Kernels.flat_matmuls
+            y = jnp.einsum("...i,oi->...o", x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:-1])
+        else:
+            y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -136,7 +140,8 @@ class Attention(nnx.Module):
             group = cfg.num_heads // cfg.num_kv_heads
             self.qkv_proj = FusedLinear(h, (cfg.num_kv_heads, group + 2, d),
                                         (("q_proj", group), ("k_proj", 1), ("v_proj", 1)), part_axis=1,
-                                        bias=cfg.qkv_bias, axes=(TENSOR, None, None), dtype=dt, rngs=rngs)
+                                        bias=cfg.qkv_bias, axes=(TENSOR, None, None), dtype=dt, rngs=rngs,
+                                        flat=kernels.flat_matmuls)
             self.q_proj = self.k_proj = self.v_proj = None
         else:  # "tensor" does not divide the KV heads: q stays split by column, k and v replicated
             self.qkv_proj = None
@@ -190,12 +195,12 @@ class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU for Gemma; gate and up as one [2, I, hidden]
     matmul, split over "tensor" along I."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, flat: bool = False):
         h, i, dt, b = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype, cfg.mlp_bias
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
         self.gate_up_proj = FusedLinear(h, (2, i), (("gate_proj", 1), ("up_proj", 1)), part_axis=0, bias=b,
-                                        axes=(None, TENSOR), dtype=dt, rngs=rngs)
+                                        axes=(None, TENSOR), dtype=dt, rngs=rngs, flat=flat)
         self.down_proj = Linear(i, h, bias=b, axes=ROW, dtype=dt, rngs=rngs)
         self.hidden_act = cfg.hidden_act
 

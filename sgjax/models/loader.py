@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import struct
@@ -98,6 +99,14 @@ def checkpoint_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+logger = logging.getLogger(__name__)
+
+# XLA's CPU matmuls in bfloat16 ran 8-12x slower than in float32 (a decode step of SmolLM2-135M: 2.7 against
+# 31.8 tokens/s, scripts/bench_cpu.py), and converting bf16 weights to float32 inside the step cost as much: on a
+# CPU the weights are float32 unless a dtype is asked for.
+CPU_DTYPE = "float32"
+
+
 def load_model(
     model_path: str,
     mesh: Mesh,
@@ -108,7 +117,13 @@ def load_model(
     seed: int = 0,
 ) -> LoadedModel:
     """Build the model named by `model_path` (a folder with config.json, or a GGUF file) with weights on
-    `mesh`, calling `kernels` (sgjax.kernels.select; the pure-jnp reference by default)."""
+    `mesh`, calling `kernels` (sgjax.kernels.select; the pure-jnp reference by default). `dtype` None: the
+    checkpoint's, except on a CPU (CPU_DTYPE)."""
+    if dtype is None and mesh.devices.flat[0].platform == "cpu":
+        dtype = CPU_DTYPE
+    elif dtype in ("bfloat16", "float16") and mesh.devices.flat[0].platform == "cpu":
+        logger.warning("%s on a CPU: XLA's CPU matmuls in %s ran ~10x slower than in float32 (the CPU's default)",
+                       dtype, dtype)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     gguf_file = None

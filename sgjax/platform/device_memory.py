@@ -44,3 +44,15 @@ def cuda_memory_info(ordinal: int) -> tuple[int, int] | None:
     finally:
         lib.cuDevicePrimaryCtxRelease_v2(device)
     return free.value, total.value
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can still give without swapping (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
