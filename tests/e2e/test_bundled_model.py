@@ -11,7 +11,7 @@ import pytest
 
 import sgjax as sgl
 from sgjax.models.default_model import SERVED_NAME
-from tests.e2e.test_server import get, post, wait_until
+from tests.e2e.test_server import post, wait_until_healthy
 
 QUESTION = "What is the capital of France?"
 
@@ -26,16 +26,8 @@ def server():
                             env={"JAX_PLATFORMS": "cpu", "PATH": ""}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        try:
-            return get(url + "/health", key=None)[0] == 200
-        except OSError:
-            return False
-
     try:
-        wait_until(healthy, timeout=300)
+        wait_until_healthy(proc, url, timeout=300)
         yield url
     finally:
         proc.terminate()

@@ -559,15 +559,7 @@ def test_server_command_line_starts_and_serves(tiny_models, extra):
                                  "PATH": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-
-        def healthy():
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                return get(url + "/health", key=None)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout=120)
+        wait_until_healthy(proc, url, timeout=120)
         status, body = post(url + "/v1/completions", {"model": "q", "prompt": "Hello", "max_tokens": 3}, key=None)
         assert status == 200 and body["usage"]["completion_tokens"] == 3
         assert json.loads(get(url + "/get_server_info", key=None)[1])["mesh"] == "1x2"
@@ -580,6 +572,18 @@ def test_server_command_line_starts_and_serves(tiny_models, extra):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def wait_until_healthy(proc, url: str, timeout: float) -> None:
+    """Wait for a server process's /health; fail with its output if it exits first."""
+    def healthy():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        try:
+            return get(url + "/health", key=None)[0] == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=timeout)
 
 
 def child_pids(parent: int) -> list[int]:
