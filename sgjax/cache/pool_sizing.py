@@ -7,6 +7,7 @@ import jax
 from jax.sharding import Mesh
 
 from sgjax.cache.kv_pool import KVPoolConfig
+from sgjax.cache.page_allocator import pages_for
 from sgjax.platform.device_memory import cuda_memory_info, host_available_bytes, xla_memory_limit
 from sgjax.platform.mesh import TENSOR
 
@@ -49,7 +50,7 @@ def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: f
 
 def check_pool_fits(num_pages: int, context_length: int, page_size: int, bytes_per_page: int) -> None:
     """A clear error when the pool cannot hold one request of the context length (the null page aside)."""
-    need = -(-context_length // page_size) + 1
+    need = pages_for(context_length, page_size) + 1
     if num_pages < need:
         gib = num_pages * bytes_per_page / 2**30
         raise ValueError(f"the KV pool fits {num_pages} pages of {page_size} tokens ({gib:.2f} GiB); one request of the "

@@ -15,6 +15,7 @@ its sampling. Text the grammar forces is appended at once (jump-forward) and run
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -83,11 +84,12 @@ class EngineCore:
         self.radix = NoPrefixCache() if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length
         shapes = shape_policy(args.shape_policy, jax.default_backend())
+        if args.min_token_bucket:
+            shapes = dataclasses.replace(shapes, min_token_bucket=args.min_token_bucket)
         self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
                                   max_pages_per_seq=max_pages_per_seq,
                                   max_tokens=prefill_budget + args.max_running_requests,
-                                  min_bucket=args.min_token_bucket or shapes.min_token_bucket,
-                                  min_row_bucket=shapes.min_row_bucket, lazy=shapes.lazy,
+                                  shapes=shapes,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs,
                                   max_prefix_groups=args.shared_prefix_groups
                                   if self.kernels.reads_shared_prefixes else 0)

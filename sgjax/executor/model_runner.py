@@ -10,8 +10,9 @@ next bucket (token_buckets). A step's host arrays go to the device packed in two
 (host_inputs.py), padded to one size for all programs, sampling parameters first: the forward pass and
 sampling both read them from the same device buffers. All programs are compiled ahead of time
 (`jit(...).lower(...).compile()`), so serving calls only compiled executables and can never trigger a
-compilation; on a CPU (`lazy`, executor/buckets.py: ShapePolicy) each is compiled at its first step
-instead. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them in place; a small program clears the penalty counts of penalised requests as they are admitted.
+compilation; on a CPU (ShapePolicy.lazy, executor/buckets.py) each is compiled at its first step
+instead. The KV pool and the penalty counts are donated to the forward pass, so XLA updates them in place;
+a small program clears the penalty counts of penalised requests as they are admitted.
 
 The forward pass's only fresh output is written into a donated buffer (the previous step's hidden
 rows, already consumed by its sampling): XLA runs a step as CUDA graphs and re-records every graph
@@ -44,11 +45,10 @@ from tqdm.auto import tqdm
 from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import allow_all
 from sgjax.executor.batch import SeqChunk, make_batch
-from sgjax.executor.buckets import SMALLEST_ROW_BUCKET, bucket_for, row_buckets, token_buckets
+from sgjax.executor.buckets import ACCELERATOR, ShapePolicy, bucket_for, row_buckets, token_buckets
 from sgjax.executor.host_inputs import PackedLayout, pack
 from sgjax.executor.programs import forward, sample_step
 from sgjax.executor.sampler import (
-    TOP_LOGPROBS,
     PenaltyState,
     SamplerFeatures,
     SamplingBatch,
@@ -64,21 +64,21 @@ CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
-                 max_tokens: int, min_bucket: int = 16, min_row_bucket: int = SMALLEST_ROW_BUCKET,
-                 lazy: bool = False, enable_prompt_logprobs: bool = False, max_prefix_groups: int = 0):
+                 max_tokens: int, shapes: ShapePolicy = ACCELERATOR, enable_prompt_logprobs: bool = False,
+                 max_prefix_groups: int = 0):
         """With the model's kernels (LoadedModel.kernels, sgjax.kernels.select), where it has them, sampling of all-greedy rows
         computes the LM head, argmax and logsumexp in one kernel instead of writing float32 logits and
         reading them back, and sampled rows with top-k / top-p filters find their cut without sorting the
         vocabulary.
 
-        `lazy`: compile each program at its first step instead of all at start-up (a CPU's choice, where
-        compiling every shape of a 30-layer model took 43 s on 2 cores; JAX's persistent cache then serves a
-        restart)."""
+        `shapes`: the smallest token and row buckets, and whether each program is compiled at its first step
+        instead of all at start-up (a CPU's choice, where compiling every shape of a 30-layer model took 43 s on
+        2 cores; JAX's persistent cache then serves a restart)."""
         self.pool = pool
-        self.lazy = lazy
+        self.shapes = shapes
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
-        self.buckets = token_buckets(min_bucket, max_tokens, decode_rows=max_seqs)
+        self.buckets = token_buckets(shapes.min_token_bucket, max_tokens, decode_rows=max_seqs)
         # Steps with groups of sequences behind a shared prefix (sgjax/executor/shared_prefix.py) have their own
         # programs, whose metadata describes up to max_prefix_groups groups, for backends that read each
         # prefix once: only for buckets of up to one token per sequence row (decode-heavy steps; larger
@@ -156,7 +156,7 @@ class ModelRunner:
             compile_forward(first).out_info, self.compiled[first].output_shardings)
         all_allowed, no_bias = allow_all(max_seqs, loaded.config.vocab_size), logit_bias_arrays([], max_seqs)
         mask, *bias = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (all_allowed, *no_bias))
-        self.row_buckets = row_buckets(max_seqs, min_row_bucket)
+        self.row_buckets = row_buckets(max_seqs, shapes.min_row_bucket)
 
         def compile_sampler(features, rows):
             self.sampler[features, rows] = jax.jit(functools.partial(
@@ -167,7 +167,7 @@ class ModelRunner:
         self._compile_sampler = compile_sampler
         masked_variant = (SamplerFeatures(masked=True), self.row_buckets[0])
         compile_sampler(*masked_variant)
-        if not lazy:
+        if not shapes.lazy:
             for key in tqdm(keys[1:], desc="compiling steps", unit="program", initial=1, total=len(keys)):
                 compile_forward(key)
             variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
@@ -305,15 +305,4 @@ class ModelRunner:
     @staticmethod
     def collect(handle: StepHandle) -> StepOutput:
         """Wait for a launched step and bring its results to the host."""
-        n, (packed, *prompt_out) = handle.num_chunks, handle.device_outputs
-        packed = np.asarray(packed)[:n]
-        if packed.shape[1] > 2:
-            k = (packed.shape[1] - 2) // 2  # TOP_LOGPROBS, or the vocabulary if smaller
-            top_logprobs, top_ids = packed[:, 2:2 + k].view(np.float32), packed[:, 2 + k:]
-        else:  # the step's sampling did not compute them
-            top_logprobs, top_ids = np.zeros((n, TOP_LOGPROBS), np.float32), np.zeros((n, TOP_LOGPROBS), np.int32)
-        result = StepOutput(packed[:, 0], packed[:, 1].view(np.float32), top_logprobs, top_ids)
-        if prompt_out:
-            result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
-                np.asarray(x)[: handle.num_tokens] for x in prompt_out)
-        return result
+        return StepOutput.of(handle)

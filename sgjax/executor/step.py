@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from sgjax.executor.sampler import SamplerFeatures
+from sgjax.executor.sampler import TOP_LOGPROBS, SamplerFeatures
 
 
 @dataclasses.dataclass
@@ -44,3 +44,19 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None  # [T] float32: logprob of the token's target
     prompt_top_logprobs: np.ndarray | None = None  # [T, TOP_LOGPROBS]
     prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
+
+    @classmethod
+    def of(cls, handle: StepHandle) -> "StepOutput":
+        """A launched step's results, waited for and brought to the host (sampling packs them in one array)."""
+        n, (packed, *prompt_out) = handle.num_chunks, handle.device_outputs
+        packed = np.asarray(packed)[:n]
+        if packed.shape[1] > 2:
+            k = (packed.shape[1] - 2) // 2  # TOP_LOGPROBS, or the vocabulary if smaller
+            top_logprobs, top_ids = packed[:, 2:2 + k].view(np.float32), packed[:, 2 + k:]
+        else:  # the step's sampling did not compute them
+            top_logprobs, top_ids = np.zeros((n, TOP_LOGPROBS), np.float32), np.zeros((n, TOP_LOGPROBS), np.int32)
+        result = cls(packed[:, 0], packed[:, 1].view(np.float32), top_logprobs, top_ids)
+        if prompt_out:
+            result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
+                np.asarray(x)[: handle.num_tokens] for x in prompt_out)
+        return result

@@ -119,9 +119,10 @@ def load_model(
     """Build the model named by `model_path` (a folder with config.json, or a GGUF file) with weights on
     `mesh`, calling `kernels` (sgjax.kernels.select; the pure-jnp reference by default). `dtype` None: the
     checkpoint's, except on a CPU (CPU_DTYPE)."""
-    if dtype is None and mesh.devices.flat[0].platform == "cpu":
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    if dtype is None and on_cpu:
         dtype = CPU_DTYPE
-    elif dtype in ("bfloat16", "float16") and mesh.devices.flat[0].platform == "cpu":
+    elif dtype in ("bfloat16", "float16") and on_cpu:
         logger.warning("%s on a CPU: XLA's CPU matmuls in %s ran ~10x slower than in float32 (the CPU's default)",
                        dtype, dtype)
     if load_format not in LOAD_FORMATS:
