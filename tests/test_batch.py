@@ -66,14 +66,14 @@ def test_make_batch_refuses_a_page_outside_the_pool(bad_page):
     make_batch([SeqChunk([1, 2], 0, [8])], 4, pool_pages=9)
 
 
-@pytest.mark.parametrize("smallest,largest,decode_rows", [(16, 2304, 0), (64, 4096, 32), (512, 1500, 0), (16, 8, 0),
-                                                         (16, 8448, 256), (16, 9216, 1024), (16, 1200, 300),
-                                                         (16, 513, 1), (16, 584, 72), (16, 9192, 1000)])
-def test_token_buckets_bound_the_padding(smallest, largest, decode_rows):
+@pytest.mark.parametrize("smallest,largest,decode_rows,step", [
+    (16, 2304, 0, 256), (64, 4096, 32, 256), (512, 1500, 0, 256), (16, 8, 0, 256), (16, 8448, 256, 256),
+    (16, 9216, 1024, 256), (16, 1200, 300, 256), (16, 513, 1, 256), (16, 584, 72, 256), (16, 9192, 1000, 256),
+    (1, 8224, 32, 32), (1, 1040, 16, 32)])  # the CPU's ShapePolicy: from 1 token, 32 apart
+def test_token_buckets_bound_the_padding(smallest, largest, decode_rows, step):
     from sgjax.executor.buckets import BUCKET_GROWTH, DECODE_BUCKET_STEP, token_buckets
-    from sgjax.executor.buckets import LINEAR_BUCKET_STEP as step
 
-    buckets = token_buckets(smallest, largest, decode_rows=decode_rows)
+    buckets = token_buckets(smallest, largest, step, decode_rows=decode_rows)
     assert buckets[0] == min(smallest, decode_rows or smallest) and buckets[-1] >= largest
     assert buckets == sorted(set(buckets))
     assert len(buckets) == 1 or buckets[-2] < largest  # no bucket beyond the first that fits

@@ -13,15 +13,21 @@ GiB = 1 << 30
 POOL = KVPoolConfig(num_pages=2, page_size=16, num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16")
 
 
-@pytest.mark.parametrize("available,fraction,useful,want", [
-    (8 * GiB, None, 10**6, int(8 * GiB * pool_sizing.CPU_MEM_FRACTION) // (2 * 30 * 16 * 3 * 64 * 2)),
-    (8 * GiB, 0.5, 10**6, 4 * GiB // (2 * 30 * 16 * 3 * 64 * 2)),
-    (8 * GiB, 0.5, 1000, 1000),  # capped: more than every request at full context would sit unused
-    (None, 0.5, 1234, 1234),  # the host does not say: every request at full context
+PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 2
+
+
+@pytest.mark.parametrize("available,fraction,useful,context,want", [
+    (8 * GiB, None, 10**6, 10**5, int(8 * GiB * pool_sizing.CPU_MEM_FRACTION) // PAGE_BYTES),
+    # by default at most CPU_POOL_CONTEXTS requests at full context (and the null page)
+    (8 * GiB, None, 10**6, 512, 1 + pool_sizing.CPU_POOL_CONTEXTS * 512),
+    (8 * GiB, 0.5, 10**6, 512, 4 * GiB // PAGE_BYTES),  # a share asked for is taken whole
+    (8 * GiB, 0.5, 1000, 512, 1000),  # capped: more than every request at full context would sit unused
+    (None, 0.5, 1234, 512, 1234),  # the host does not say: every request at full context
 ])
-def test_cpu_pool_is_a_share_of_available_host_memory(monkeypatch, available, fraction, useful, want):
+def test_cpu_pool_is_a_share_of_available_host_memory(monkeypatch, available, fraction, useful, context, want):
     monkeypatch.setattr(pool_sizing, "host_available_bytes", lambda: available)
-    assert pool_sizing.pages_from_memory(POOL, make_mesh("1x1"), fraction, useful_pages=useful) == want
+    assert pool_sizing.pages_from_memory(POOL, make_mesh("1x1"), fraction, useful_pages=useful,
+                                         context_pages=context) == want
 
 
 @pytest.mark.parametrize("num_pages", ["0", "-3", "1"])

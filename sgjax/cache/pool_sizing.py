@@ -15,15 +15,26 @@ from sgjax.platform.mesh import TENSOR
 DEFAULT_MEM_FRACTION = 0.85
 # On a CPU the pool shares the host's memory with everything else the user runs: a smaller share by default.
 CPU_MEM_FRACTION = 0.3
+# ... and by default at most this many requests at full context. The pool's shape is part of every step
+# program's key in the persistent compilation cache, so a size read off the host's free memory changed from
+# one start to the next and missed the cache; and the pool is zeroed at start (6 GB took 3-10 s on 2 cores).
+# Two contexts of a small model are ~16k tokens: more than a CPU decodes concurrently at a useful speed.
+CPU_POOL_CONTEXTS = 2
 
 
-def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: float | None, useful_pages: int) -> int:
+def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: float | None, useful_pages: int,
+                      context_pages: int) -> int:
     """Pages that fit in `mem_fraction_static` of device memory after the weights (0.85 by default); on a CPU,
-    in that share of the host's available memory (CPU_MEM_FRACTION by default), at most `useful_pages` (every
-    running request at full context: the host's memory is everyone's)."""
+    in that share of the host's available memory, at most `useful_pages` (every running request at full
+    context: the host's memory is everyone's); with no share given, CPU_MEM_FRACTION of it and at most
+    CPU_POOL_CONTEXTS times `context_pages` (one request at full context)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
-        fraction = CPU_MEM_FRACTION if mem_fraction_static is None else mem_fraction_static
+        if mem_fraction_static is None:
+            fraction = CPU_MEM_FRACTION
+            useful_pages = min(useful_pages, 1 + CPU_POOL_CONTEXTS * context_pages)
+        else:
+            fraction = mem_fraction_static
         available = host_available_bytes()
         if available is None:
             return useful_pages

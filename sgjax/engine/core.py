@@ -77,7 +77,8 @@ class EngineCore:
         if num_pages is None:  # a pool asked for by size may be small on purpose: longer requests get an error each
             page_cfg = KVPoolConfig.for_model(cfg, 2, ps, kv_dtype)
             num_pages = pages_from_memory(page_cfg, self.loaded.mesh, args.mem_fraction_static,
-                                          useful_pages=1 + args.max_running_requests * max_pages_per_seq)
+                                          useful_pages=1 + args.max_running_requests * max_pages_per_seq,
+                                          context_pages=max_pages_per_seq)
             check_pool_fits(num_pages, self.context_length, ps, page_cfg.bytes_per_page)
         pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype), self.loaded.mesh)
         self.allocator = PageAllocator(num_pages, ps)

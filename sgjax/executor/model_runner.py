@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,8 @@ from sgjax.executor.step import PreparedStep, StepHandle, StepOutput
 from sgjax.kernels.metadata import AttentionMetadata, SharedPrefixes
 from sgjax.models.loader import LoadedModel
 
+logger = logging.getLogger(__name__)
+
 STAGING_BUFFERS = 4  # host buffers a step's inputs are packed into, used in turn (ModelRunner.prepare)
 CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 
@@ -78,7 +82,7 @@ class ModelRunner:
         self.shapes = shapes
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
-        self.buckets = token_buckets(shapes.min_token_bucket, max_tokens, decode_rows=max_seqs)
+        self.buckets = token_buckets(shapes.min_token_bucket, max_tokens, shapes.token_step, decode_rows=max_seqs)
         # Steps with groups of sequences behind a shared prefix (sgjax/executor/shared_prefix.py) have their own
         # programs, whose metadata describes up to max_prefix_groups groups, for backends that read each
         # prefix once: only for buckets of up to one token per sequence row (decode-heavy steps; larger
@@ -151,6 +155,8 @@ class ModelRunner:
         # (From the lowered shapes and compiled shardings: the compiled out_info fails on programs with
         # host callbacks, as the TPU interpreter's.)
         first = keys[0]
+        # On a CPU the start compiles only these two programs; the bar says what the wait is.
+        first_programs = tqdm(total=2, desc="compiling the first step programs", unit="program", disable=not shapes.lazy)
         _, _, penalties, _ = jax.tree.map(
             lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
             compile_forward(first).out_info, self.compiled[first].output_shardings)
@@ -165,8 +171,11 @@ class ModelRunner:
                 self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
 
         self._compile_sampler = compile_sampler
+        first_programs.update()
         masked_variant = (SamplerFeatures(masked=True), self.row_buckets[0])
         compile_sampler(*masked_variant)
+        first_programs.update()
+        first_programs.close()
         if not shapes.lazy:
             for key in tqdm(keys[1:], desc="compiling steps", unit="program", initial=1, total=len(keys)):
                 compile_forward(key)
@@ -252,7 +261,7 @@ class ModelRunner:
         token the sampled next token."""
         ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
         if step.program not in self.compiled:  # lazy: its first step
-            self._compile_forward(step.program)
+            self._compile_lazily(f"the forward pass of {step.program[0]} tokens", self._compile_forward, step.program)
         (hidden, *prompt_out), self.pool.caches, self.penalties, self._resident = self.compiled[step.program](
             self.weights, self.pool.caches, self.penalties, self._hidden, self._resident, ints, floats,
             self.prev_tokens)
@@ -295,11 +304,19 @@ class ModelRunner:
             return (None,) * 3
         return (self._allow_all if bitmask is None else bitmask, *(bias or self._no_bias))
 
+    @staticmethod
+    def _compile_lazily(what: str, compile_fn, *key) -> None:
+        """Compile a program at its first step, saying so: the step waits for it (seconds on a CPU, unless
+        JAX's persistent cache has it from an earlier start)."""
+        started = time.perf_counter()
+        compile_fn(*key)
+        logger.info("compiled %s at its first step in %.1f s", what, time.perf_counter() - started)
+
     def sampler_for(self, features: SamplerFeatures, num_rows: int):
         """The compiled sampling program for a step of `num_rows` sequences."""
         variant = (features, next(r for r in self.row_buckets if r >= num_rows))
         if variant not in self.sampler:  # lazy: its first step
-            self._compile_sampler(*variant)
+            self._compile_lazily(f"sampling of {variant[1]} rows ({variant[0]})", self._compile_sampler, *variant)
         return self.sampler[variant]
 
     @staticmethod

@@ -5,73 +5,124 @@ context length) however short its sequences are (at SmolLM2's 8192-token context
 8192 keys a token where it had 30). Here the keys are walked in blocks of BLOCK_KEYS, with an online
 softmax (flash attention's running max and sum), for only as many blocks as the step's longest sequence
 needs: the loop's trip count is computed on the device, so one compiled program serves every length.
+
+Queries go in blocks of one sequence's consecutive tokens, which read their sequence's keys once: a
+200-token prompt gathered its keys 200 times when every token read its own (the gather and the copies
+around it took most of a prefill step's attention). A decode token is a block of its own, so a step of
+decodes only runs with one-token blocks and a step with a prompt chunk with QUERY_BLOCK-token blocks (its
+decode rows then compute scores for QUERY_BLOCK queries of which one is real: cheap beside the chunk).
+Everything stays in KV-head-major order ([KVH, blocks, ...], the pool's own) so the loop has no
+transposes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from sgjax.kernels.metadata import AttentionMetadata, token_positions
+from sgjax.kernels.metadata import AttentionMetadata, plan_query_blocks, token_query_blocks
 from sgjax.kernels.reference import write_kv
 
-BLOCK_KEYS = 128  # keys a loop iteration reads per token: ~a few hundred KB of K/V for a small model's batch
+BLOCK_KEYS = 128  # keys a loop iteration reads per query block: ~a few hundred KB of K/V for a small model
+QUERY_BLOCK = 16  # queries a block of a prompt chunk: enough rows for a matmul, little waste at a chunk's end
 NEG_INF = -1e30  # finite, so a row with nothing visible yet (padding, or a block past its end) stays NaN-free
 
 
-def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
-                           scale: float, sliding_window: int | None = None,
-                           softcap: float | None = None) -> jax.Array:
-    """Causal attention of q [T, H, D] over the paged K/V of each token's sequence -> [T, H, D]; padding
-    tokens (after query_start_loc[-1]) get zeros."""
+def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, block_q: int, *,
+                   scale: float, sliding_window: int | None, softcap: float | None) -> jax.Array:
+    """Attention with queries in blocks of `block_q` tokens of one sequence each -> [T, H, D] float32."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     block_pages = max(1, BLOCK_KEYS // page_size)
     block = block_pages * page_size
-    seq, pos = token_positions(meta, num_tokens)
-    valid = jnp.arange(num_tokens) < meta.query_start_loc[-1]
+    qsl = meta.query_start_loc
+    num_seqs = meta.kv_lens.shape[0]
+    bound = min(num_tokens, -(-num_tokens // block_q) + num_seqs)
+    seq, start, valid = plan_query_blocks(qsl, num_tokens, block_q, max_blocks=bound)
+    valid = valid.astype(bool)
+    q_lens = qsl[1:] - qsl[:-1]
+    count = jnp.where(valid, jnp.minimum(qsl[seq + 1] - start, block_q), 0)  # real queries of each block
+    first_pos = meta.kv_lens[seq] - q_lens[seq] + (start - qsl[seq])
+    place = jnp.arange(block_q, dtype=jnp.int32)
+    pos = first_pos[:, None] + place[None, :]  # [NB, QB]
+    real = place[None, :] < count[:, None]
     kv_len = jnp.where(valid, meta.kv_lens[seq], 0)
-    # Padded to whole blocks with the null page (masked: past every kv_len).
+
+    tok = jnp.clip(start[:, None] + place[None, :], 0, num_tokens - 1)
+    qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    qb = qg[tok].transpose(2, 0, 1, 3, 4)  # [KVH, NB, QB, G, D]
+
     page_table = meta.page_table
     pad = -page_table.shape[1] % block_pages
-    if pad:
+    if pad:  # whole blocks, padded with the null page (masked: past every kv_len)
         page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
-    token_pages = page_table[seq]  # [T, pages]
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
-    first = jnp.zeros((num_tokens,), jnp.int32)
-    if sliding_window is not None:  # blocks wholly before every token's window hold nothing it sees
-        first = jnp.maximum(pos - sliding_window + 1, 0)
-    first_block = jnp.min(jnp.where(valid, first, jnp.iinfo(jnp.int32).max)) // block
-    num_blocks = (jnp.max(kv_len) + block - 1) // block
+    block_table = page_table[seq]  # [NB, pages]
+    lowest = jnp.zeros_like(pos)
+    if sliding_window is not None:  # key blocks wholly before every query's window hold nothing it sees
+        lowest = jnp.maximum(pos - sliding_window + 1, 0)
+    first_key_block = jnp.min(jnp.where(real, lowest, jnp.iinfo(jnp.int32).max)) // block
+    num_key_blocks = (jnp.max(kv_len) + block - 1) // block
 
-    def attend_block(i, carry):
+    def attend_key_block(i, carry):
         running_max, running_sum, acc = carry
-        pages = jax.lax.dynamic_slice_in_dim(token_pages, i * block_pages, block_pages, axis=1)  # [T, bp]
-        k = k_pages[:, pages].reshape(num_kv_heads, num_tokens, block, head_dim)
-        v = v_pages[:, pages].reshape(num_kv_heads, num_tokens, block, head_dim)
-        scores = jnp.einsum("tkgd,ktld->tkgl", qg, k.astype(jnp.float32))
+        pages = jax.lax.dynamic_slice_in_dim(block_table, i * block_pages, block_pages, axis=1)  # [NB, bp]
+        k = k_pages[:, pages].reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
+        scores = jnp.einsum("kbqgd,kbld->kbqgl", qb, k)
         if softcap is not None:
             scores = softcap * jnp.tanh(scores / softcap)
-        key_pos = i * block + jnp.arange(block, dtype=jnp.int32)[None, :]
-        visible = (key_pos <= pos[:, None]) & (key_pos < kv_len[:, None])
+        key_pos = i * block + jnp.arange(block, dtype=jnp.int32)
+        visible = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
         if sliding_window is not None:
-            visible &= pos[:, None] - key_pos < sliding_window
-        visible = visible[:, None, None, :]
+            visible &= pos[:, :, None] - key_pos[None, None, :] < sliding_window
+        visible = visible[None, :, :, None, :]  # [1, NB, QB, 1, keys]
         scores = jnp.where(visible, scores, NEG_INF)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
         correction = jnp.exp(running_max - new_max)
         probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
         running_sum = running_sum * correction + probs.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgl,ktld->tkgd", probs, v.astype(jnp.float32))
+        acc = acc * correction[..., None] + jnp.einsum("kbqgl,kbld->kbqgd", probs, v)
         return new_max, running_sum, acc
 
-    shape = (num_tokens, num_kv_heads, group)
+    shape = (num_kv_heads, bound, block_q, group)
     init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(first_block, num_blocks, attend_block, init)
-    out = acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    _, total, acc = jax.lax.fori_loop(first_key_block, num_key_blocks, attend_key_block, init)
+    out_blocks = acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]  # [KVH, NB, QB, G, D]
+
+    token_block, token_place = token_query_blocks(meta, num_tokens, block_q)
+    out = out_blocks[:, jnp.clip(token_block, 0, bound - 1), token_place]  # [KVH, T, G, D]
+    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
+    return jnp.where((jnp.arange(num_tokens) < qsl[-1])[:, None, None], out, 0.0)
+
+
+# A nested jit: the model calls this once a layer with the same shapes, and tracing it once instead of for
+# every layer took seconds off each step program's trace (which a start with a warm compilation cache still
+# pays for every program).
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap"))
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                           scale: float, sliding_window: int | None = None,
+                           softcap: float | None = None) -> jax.Array:
+    """Causal attention of q [T, H, D] over the paged K/V of each token's sequence -> [T, H, D]; padding
+    tokens (after query_start_loc[-1]) get zeros."""
+    num_tokens = q.shape[0]
+    kwargs = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap}
+
+    def one_token_blocks(q):
+        return _attend_blocks(q, k_pages, v_pages, meta, 1, **kwargs)
+
+    if num_tokens <= 1 or QUERY_BLOCK <= 1:
+        return one_token_blocks(q).astype(q.dtype)
+
+    def query_blocks(q):
+        return _attend_blocks(q, k_pages, v_pages, meta, min(QUERY_BLOCK, num_tokens), **kwargs)
+
+    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+    # On a CPU a cond runs one branch: a step of decodes pays nothing for the prompt path.
+    return jax.lax.cond(jnp.max(q_lens) <= 1, one_token_blocks, query_blocks, q).astype(q.dtype)
 
 
 def attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, **kwargs):
