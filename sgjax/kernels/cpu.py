@@ -69,8 +69,11 @@ def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: A
     def attend_key_block(i, carry):
         running_max, running_sum, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(block_table, i * block_pages, block_pages, axis=1)  # [NB, bp]
-        k = k_pages[:, pages].reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
+        # The barrier keeps the conversion on the gathered block: XLA otherwise moved it onto the pool and
+        # hoisted it out of the loop, converting a bfloat16 pool whole at every layer (20 ms each for SmolLM2).
+        k, v = jax.lax.optimization_barrier((k_pages[:, pages], v_pages[:, pages]))
+        k = k.reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
+        v = v.reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
         scores = jnp.einsum("kbqgd,kbld->kbqgl", qb, k)
         if softcap is not None:
             scores = softcap * jnp.tanh(scores / softcap)
