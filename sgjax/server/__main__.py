@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from sgjax.config import args_from_cli, build_parser
+from sgjax.config_sources import describe
 from sgjax.engine import Engine
 from sgjax.models.default_model import default_model_path
 from sgjax.server.app import make_app
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             parser.error(str(e))
     logging.basicConfig(level=server_args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sgjax.server").info("configuration: %s", describe(engine_args, server_args))
     engine = Engine(args=engine_args, engine_process=server_args.engine_process)
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
