@@ -138,6 +138,16 @@ class ServerArgs:
                    "server's Python; --no-engine-process keeps it in the server's process")
 
 
+@dataclasses.dataclass
+class MultiHostArgs:
+    """Several hosts running one model (sgjax/platform/distributed.py)."""
+    num_hosts: int = option(1, help="hosts that run the model together; 0: JAX detects them (a TPU pod slice)")
+    host_rank: int | None = option(None, help="this host's rank, 0 .. num_hosts-1 (host 0 runs the coordinator)",
+                                   none_means="single host, or detected")
+    coordinator: str | None = option(None, help="host 0's address and a free port for JAX's coordinator, "
+                                                "e.g. 10.0.0.2:8476", none_means="single host, or detected")
+
+
 def resolve_context_length(args_value: int | None, model_max: int) -> int:
     """The context length an engine runs with: the one asked for, else the model's max_position_embeddings.
 
@@ -219,7 +229,7 @@ class _ConfigFile(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
         self.sources: dict[str, _FlagSource] = {}  # by dest, filled by add_arguments
         # Any field of the project's dataclasses may be in a file shared by several CLIs; other keys are typos.
-        self.known = {f.name for cls in (EngineArgs, ServerArgs) for f in dataclasses.fields(cls)}
+        self.known = {f.name for cls in (EngineArgs, ServerArgs, MultiHostArgs) for f in dataclasses.fields(cls)}
 
     def values(self, path: str, dests: Collection[str]) -> dict[str, Any]:
         """The file's options among `dests` that no environment variable sets, converted."""
@@ -362,6 +372,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     try:
         add_engine_arguments(parser.add_argument_group("engine"))
         add_arguments(parser.add_argument_group("server"), ServerArgs)
+        add_arguments(parser.add_argument_group("multi-host"), MultiHostArgs)
     except ConfigError as e:
         parser.error(str(e))
     return parser
