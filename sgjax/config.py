@@ -3,7 +3,9 @@
 A field's default, help text and choices are written once, on the dataclass field (`option`). The server,
 `python -m sgjax.generate` and the scripts build their flags from the fields (`add_arguments`,
 `add_engine_arguments`) and the dataclass back from the parsed flags (`from_namespace`,
-`engine_args_from_namespace`), so no default is written twice.
+`engine_args_from_namespace`), so no default is written twice. Every such flag can also come from an
+`SGJAX_<FLAG>` environment variable or a `--config` YAML file (flags > environment > file > defaults;
+sgjax/config_sources.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import types
 import typing
 from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
+
+from sgjax.config_sources import CONFIG_ENV, ConfigError, convert, from_environment, load_config_file
 
 SCHEDULE_POLICIES = ("lpm", "fcfs", "lof")
 # --kv-cache-dtype -> the KV pool's dtype (None: the model's). The fp8 formats halve the bytes each
@@ -134,6 +138,16 @@ class ServerArgs:
                    "server's Python; --no-engine-process keeps it in the server's process")
 
 
+@dataclasses.dataclass
+class MultiHostArgs:
+    """Several hosts running one model (sgjax/platform/distributed.py)."""
+    num_hosts: int = option(1, help="hosts that run the model together; 0: JAX detects them (a TPU pod slice)")
+    host_rank: int | None = option(None, help="this host's rank, 0 .. num_hosts-1 (host 0 runs the coordinator)",
+                                   none_means="single host, or detected")
+    coordinator: str | None = option(None, help="host 0's address and a free port for JAX's coordinator, "
+                                                "e.g. 10.0.0.2:8476", none_means="single host, or detected")
+
+
 def resolve_context_length(args_value: int | None, model_max: int) -> int:
     """The context length an engine runs with: the one asked for, else the model's max_position_embeddings.
 
@@ -175,12 +189,88 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default
 
 
+# argparse records nothing of which flags a command line gave; these note it in the namespace, so a --config
+# file read after a flag does not overwrite it.
+GIVEN = "_flags_given"
+
+
+class _NoteGiven(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not hasattr(namespace, GIVEN):
+            setattr(namespace, GIVEN, set())
+        getattr(namespace, GIVEN).add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Store(_NoteGiven, argparse._StoreAction):
+    pass
+
+
+class _StoreTrue(_NoteGiven, argparse._StoreTrueAction):
+    pass
+
+
+class _Switch(_NoteGiven, argparse.BooleanOptionalAction):
+    pass
+
+
+@dataclasses.dataclass
+class _FlagSource:
+    kind: type
+    choices: Collection | None
+    from_env: bool  # SGJAX_<FLAG> set: a config file does not change it
+
+
+class _ConfigFile(argparse.Action):
+    """--config FILE: options from a YAML file, for the flags this command line neither gave before it nor
+    found in the environment (flags after it are applied after it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.sources: dict[str, _FlagSource] = {}  # by dest, filled by add_arguments
+        # Any field of the project's dataclasses may be in a file shared by several CLIs; other keys are typos.
+        self.known = {f.name for cls in (EngineArgs, ServerArgs, MultiHostArgs) for f in dataclasses.fields(cls)}
+
+    def values(self, path: str, dests: Collection[str]) -> dict[str, Any]:
+        """The file's options among `dests` that no environment variable sets, converted."""
+        options = load_config_file(path)
+        unknown = set(options) - self.known
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown option {', '.join(sorted(unknown))}")
+        return {name: convert(value, self.sources[name].kind, self.sources[name].choices, f"{path}: {name}")
+                for name, value in options.items() if name in dests and not self.sources[name].from_env}
+
+    def __call__(self, parser, namespace, path, option_string=None):
+        given = getattr(namespace, GIVEN, set())
+        try:
+            options = self.values(path, set(self.sources) - given)
+        except ConfigError as e:
+            parser.error(str(e))
+        for dest, value in options.items():
+            setattr(namespace, dest, value)
+
+
+def _config_action(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> _ConfigFile:
+    """The parser's --config flag, added with its first dataclass flags."""
+    action = parser._option_string_actions.get("--config")
+    if action is None:
+        action = parser.add_argument("--config", action=_ConfigFile, metavar="FILE",
+                                     help=f"a YAML file of option: value (also {CONFIG_ENV}); flags and "
+                                          "SGJAX_<FLAG> environment variables win over it")
+    if not isinstance(action, _ConfigFile):
+        raise ValueError("--config is taken by another flag")
+    return action
+
+
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                   only: Collection[str] | None = None, exclude: Collection[str] = (),
                   defaults: Mapping[str, Any] | None = None, names: Mapping[str, str] | None = None) -> None:
     """One flag per field of the dataclass `cls`: `--field-name`, its help and choices from the field's
     metadata, its type from the annotation (`int | None` takes an int, default None); a bool is a switch
     (`--flag`), or `--flag / --no-flag` where it defaults to True; a field without a default is required.
+    A flag's default comes from SGJAX_<FLAG_NAME> where that is set, else from the file of SGJAX_CONFIG, else
+    from `defaults` or the field (ConfigError, a ValueError, for a value the flag would refuse); the parser
+    also gets --config FILE.
 
     `only` / `exclude`: the fields to offer (default all). `defaults`: this parser's defaults where they differ
     from the dataclass's (a benchmark's larger batch). `names`: a field's flag and namespace attribute under
@@ -191,28 +281,40 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     if set(defaults) - chosen or set(names) - chosen:
         raise ValueError(f"defaults / names for fields not offered: {sorted((set(defaults) | set(names)) - chosen)}")
     hints = typing.get_type_hints(cls)
-    for f in fields:
+    config = _config_action(parser)
+    by_dest = {names.get(f.name, f.name): f for f in fields}
+    config.known |= set(by_dest)
+    base = {dest: defaults.get(f.name, field_default(f)) for dest, f in by_dest.items()}
+    resolved = dict(base)
+    for dest, f in by_dest.items():
+        kind, choices = _flag_type(hints[f.name]), f.metadata.get("choices")
+        in_env, value = from_environment(dest, kind, choices)
+        config.sources[dest] = _FlagSource(kind, choices, in_env)
+        if in_env:
+            resolved[dest] = value
+    if os.environ.get(CONFIG_ENV):
+        resolved.update(config.values(os.environ[CONFIG_ENV], by_dest))
+    for dest, f in by_dest.items():
         if "help" not in f.metadata:
             raise ValueError(f"{cls.__name__}.{f.name} has no help text: declare it with config.option")
-        dest = names.get(f.name, f.name)
         flag = "--" + dest.replace("_", "-")
-        default = defaults.get(f.name, field_default(f))
+        default = resolved[dest]
         kind = _flag_type(hints[f.name])
         help_text = f.metadata["help"].replace("%", "%%")
         if default is dataclasses.MISSING:
-            parser.add_argument(flag, dest=dest, type=kind, required=True, help=help_text)
+            parser.add_argument(flag, dest=dest, action=_Store, type=kind, required=True, help=help_text)
         elif kind is bool:
-            if default:
-                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=True,
-                                    help=help_text + " (default: on)")
+            if base[dest] or default:  # --no-flag, also where only the environment or a file turned it on
+                parser.add_argument(flag, dest=dest, action=_Switch, default=default,
+                                    help=help_text + f" (default: {'on' if default else 'off'})")
             else:
-                parser.add_argument(flag, dest=dest, action="store_true", help=help_text)
+                parser.add_argument(flag, dest=dest, action=_StoreTrue, help=help_text)
         else:
             none_means = f.metadata.get("none_means")
             shown = " (default: %(default)s)" if default is not None else \
                 f" (default: {none_means.replace('%', '%%')})" if none_means else ""
-            parser.add_argument(flag, dest=dest, type=kind, default=default, choices=f.metadata.get("choices"),
-                                help=help_text + shown)
+            parser.add_argument(flag, dest=dest, action=_Store, type=kind, default=default,
+                                choices=f.metadata.get("choices"), help=help_text + shown)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, *, names: Mapping[str, str] | None = None,
@@ -267,8 +369,12 @@ def engine_args_from_namespace(ns: argparse.Namespace, *, names: Mapping[str, st
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The server's command line: every EngineArgs and ServerArgs field, SGLang's spelling."""
     parser = argparse.ArgumentParser(description=description)
-    add_engine_arguments(parser.add_argument_group("engine"))
-    add_arguments(parser.add_argument_group("server"), ServerArgs)
+    try:
+        add_engine_arguments(parser.add_argument_group("engine"))
+        add_arguments(parser.add_argument_group("server"), ServerArgs)
+        add_arguments(parser.add_argument_group("multi-host"), MultiHostArgs)
+    except ConfigError as e:
+        parser.error(str(e))
     return parser
 
 

@@ -57,7 +57,7 @@ def test_a_script_overrides_defaults_and_picks_a_subset():
     add_engine_arguments(parser, only=("max_running_requests", "schedule_policy", "disable_overlap_schedule"),
                          defaults={"max_running_requests": 1024})
     assert set(flags_of(parser)) == {"-h", "--help", "--max-running-requests", "--schedule-policy",
-                                     "--disable-overlap-schedule"}
+                                     "--disable-overlap-schedule", "--config"}
     args = engine_args_from_namespace(parser.parse_args([]), model_path="folder", load_format="dummy")
     assert args == EngineArgs(model_path="folder", load_format="dummy", max_running_requests=1024)
     args = engine_args_from_namespace(parser.parse_args(["--max-running-requests", "8", "--schedule-policy", "lof"]),

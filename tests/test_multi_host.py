@@ -1,0 +1,88 @@
+"""Several hosts, one model: the flags and SGJAX_* variables that become jax.distributed.initialize's arguments,
+and two local processes of 2 CPU devices each (gloo between them) running `python -m sgjax.generate` on one
+1x4 mesh (tensor-parallel across the hosts), whose greedy tokens equal one process's. (4 devices each, as a
+real host has, cost ~7 s more here for the same code path.)"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sgjax.config import MultiHostArgs, build_parser, from_namespace
+from sgjax.executor.greedy import greedy_generate
+from sgjax.models.loader import load_model, load_tokenizer
+from sgjax.platform import distributed
+from sgjax.platform.distributed import HostGroup
+from sgjax.platform.mesh import make_mesh
+
+PROMPT = "Hello, my name is"
+
+
+def test_explicit_hosts_become_initialize_arguments(monkeypatch):
+    monkeypatch.setenv("SGJAX_NUM_HOSTS", "4")
+    monkeypatch.setenv("SGJAX_HOST_RANK", "3")
+    monkeypatch.setenv("SGJAX_COORDINATOR", "sgjax-0.sgjax:8476")
+    hosts = from_namespace(MultiHostArgs, build_parser().parse_args([]))
+    group = distributed.host_group(hosts.num_hosts, hosts.host_rank, hosts.coordinator)
+    assert group == HostGroup("sgjax-0.sgjax:8476", 4, 3)
+    calls = []
+    distributed.initialize(group, init=lambda **kwargs: calls.append(kwargs))
+    assert calls == [{"coordinator_address": "sgjax-0.sgjax:8476", "num_processes": 4, "process_id": 3}]
+
+
+def test_one_host_initializes_nothing_and_zero_hosts_lets_jax_detect():
+    assert distributed.host_group(1, None, None) is None
+    calls = []
+    distributed.initialize(None, init=lambda **kwargs: calls.append(kwargs))
+    assert calls == []
+    # a TPU pod slice: JAX reads the coordinator, host count and rank from the TPU VM's metadata
+    assert distributed.host_group(0, None, None) == HostGroup(None, None, None)
+
+
+@pytest.mark.parametrize("hosts, expected", [
+    ((2, None, "h:1"), "need the coordinator's address"),
+    ((2, 1, None), "need the coordinator's address"),
+    ((2, 2, "h:1"), "host_rank must be in 0 .. 1"),
+    ((2, 0, "h"), "must be host:port"),
+    ((1, 1, None), "host_rank 1 with a single host"),
+    ((-1, None, None), "num_hosts must be >= 0"),
+])
+def test_inconsistent_hosts_are_refused(hosts, expected):
+    with pytest.raises(ValueError, match=expected):
+        distributed.host_group(*hosts)
+
+
+def test_the_server_refuses_to_serve_across_hosts(capsys):
+    from sgjax.server.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--num-hosts", "2", "--host-rank", "0", "--coordinator", "127.0.0.1:1"])
+    assert "across several hosts is not implemented yet" in capsys.readouterr().err
+
+
+def test_two_hosts_generate_the_tokens_of_one(tiny_models):
+    path, _ = tiny_models("llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    hosts = [subprocess.Popen([sys.executable, "-m", "sgjax.generate", "--model-path", path, "--prompt", PROMPT,
+                               "--max-new-tokens", "6", "--dtype", "float32", "--mesh", "1x4", "--num-hosts", "2",
+                               "--host-rank", str(rank), "--coordinator", f"127.0.0.1:{port}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        # the reference while the hosts start: one process, one device (sharding changes no greedy token)
+        tokenizer = load_tokenizer(path)
+        ids = greedy_generate(load_model(path, make_mesh("1x1"), dtype="float32"), [tokenizer.encode(PROMPT)], 6)[0]
+        outputs = [host.communicate(timeout=120) for host in hosts]
+    finally:
+        for host in hosts:
+            host.kill()
+    assert [host.returncode for host in hosts] == [0, 0], [err[-2000:] for _, err in outputs]
+    printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for out, _ in outputs]
+    assert printed[0] == [f"{PROMPT!r} -> {tokenizer.decode(ids)!r}"]
+    assert printed[1] == []  # host 1 computed the same and printed nothing
