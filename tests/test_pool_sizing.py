@@ -18,8 +18,9 @@ PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 2
 
 @pytest.mark.parametrize("available,fraction,useful,context,want", [
     (8 * GiB, None, 10**6, 10**5, int(8 * GiB * pool_sizing.CPU_MEM_FRACTION) // PAGE_BYTES),
-    # by default at most CPU_POOL_CONTEXTS requests at full context (and the null page)
-    (8 * GiB, None, 10**6, 512, 1 + pool_sizing.CPU_POOL_CONTEXTS * 512),
+    # by default at most CPU_POOL_BYTES, or CPU_POOL_CONTEXTS requests at full context if more (and the null page)
+    (8 * GiB, None, 10**6, 512, 1 + pool_sizing.CPU_POOL_BYTES // PAGE_BYTES),
+    (8 * GiB, None, 10**6, 2000, 1 + pool_sizing.CPU_POOL_CONTEXTS * 2000),
     (8 * GiB, 0.5, 10**6, 512, 4 * GiB // PAGE_BYTES),  # a share asked for is taken whole
     (8 * GiB, 0.5, 1000, 512, 1000),  # capped: more than every request at full context would sit unused
     (None, 0.5, 1234, 512, 1234),  # the host does not say: every request at full context

@@ -15,10 +15,11 @@ from sgjax.platform.mesh import TENSOR
 DEFAULT_MEM_FRACTION = 0.85
 # On a CPU the pool shares the host's memory with everything else the user runs: a smaller share by default.
 CPU_MEM_FRACTION = 0.3
-# ... and by default at most this many requests at full context. The pool's shape is part of every step
-# program's key in the persistent compilation cache, so a size read off the host's free memory changed from
-# one start to the next and missed the cache; and the pool is zeroed at start (6 GB took 3-10 s on 2 cores).
-# Two contexts of a small model are ~16k tokens: more than a CPU decodes concurrently at a useful speed.
+# ... and by default at most CPU_POOL_BYTES, or two requests at full context where that is more. The pool's
+# shape is part of every step program's key in the persistent compilation cache, so a size read off the host's
+# free memory changed from one start to the next and missed the cache; and the pool is zeroed at start (6 GB
+# took 3-10 s on 2 cores). 1 GiB holds ~23k tokens of SmolLM2 in float32: more than a CPU decodes at once.
+CPU_POOL_BYTES = 1 << 30
 CPU_POOL_CONTEXTS = 2
 
 
@@ -27,12 +28,13 @@ def pages_from_memory(pool_cfg: KVPoolConfig, mesh: Mesh, mem_fraction_static: f
     """Pages that fit in `mem_fraction_static` of device memory after the weights (0.85 by default); on a CPU,
     in that share of the host's available memory, at most `useful_pages` (every running request at full
     context: the host's memory is everyone's); with no share given, CPU_MEM_FRACTION of it and at most
-    CPU_POOL_CONTEXTS times `context_pages` (one request at full context)."""
+    CPU_POOL_BYTES or CPU_POOL_CONTEXTS times `context_pages` (one request at full context), the larger."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         if mem_fraction_static is None:
             fraction = CPU_MEM_FRACTION
-            useful_pages = min(useful_pages, 1 + CPU_POOL_CONTEXTS * context_pages)
+            useful_pages = min(useful_pages, 1 + max(CPU_POOL_BYTES // pool_cfg.bytes_per_page,
+                                                     CPU_POOL_CONTEXTS * context_pages))
         else:
             fraction = mem_fraction_static
         available = host_available_bytes()
