@@ -86,22 +86,22 @@ class Engine:
             outputs = list(self._by_rid.get(rid, ()))
         if not outputs:
             self.core.abort(rid)  # an id of one sample ("rid-1"), or a request already gone
-        for output in outputs:
-            self._abort_output(output)
+        self.abort_requests(outputs)
 
     def abort_all(self) -> None:
         """Abort every unfinished request."""
         with self._rid_lock:
             outputs = [o for group in self._by_rid.values() for o in group]
-        for output in outputs + [entry[0] for entry in list(self._live.values())]:
-            self._abort_output(output)
+        self.abort_requests(outputs + [entry[0] for entry in list(self._live.values())])
 
-    def _abort_output(self, output: RequestOutput) -> None:
-        if output.submitted:
-            self.core.abort(output.rid)
-        elif not output.finished:
-            output.apply(Finished.aborted(-1, "aborted before it started"))
-            self._release(output)
+    def abort_requests(self, outputs: list[RequestOutput]) -> None:
+        """Abort these requests (from make_requests), submitted or not."""
+        for output in outputs:
+            if output.submitted:
+                self.core.abort(output.rid)
+            elif not output.finished:
+                output.apply(Finished.aborted(-1, "aborted before it started"))
+                self._release(output)
 
     def shutdown(self) -> None:
         self.core.shutdown()
@@ -172,7 +172,7 @@ class Engine:
                     return
         finally:
             if not outputs[0].finished:
-                self.abort(outputs[0].rid)
+                self.abort_requests(outputs[:1])
 
     async def run_requests(self, outputs: list[RequestOutput]) -> AsyncIterator[tuple[int, str, RequestOutput, bool]]:
         """Submit requests; yield (index, text delta, request, finished) as they progress. Leaving the loop
@@ -212,7 +212,7 @@ class Engine:
         finally:
             for output in outputs:
                 if not output.finished:
-                    self.abort(output.rid)  # the caller stopped listening
+                    self.abort_requests([output])  # the caller stopped listening
 
     async def run_to_end(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Submit requests and wait until all have finished."""
@@ -234,7 +234,7 @@ class Engine:
     def make_requests(self, prompt: Prompt | list[Prompt] | None = None,
                       sampling_params: SamplingParams | dict | None = None,
                       input_ids: list[int] | list[list[int]] | None = None,
-                      rid: str | None = None) -> list[RequestOutput]:
+                      rid: str | list[str] | None = None) -> list[RequestOutput]:
         """Tokenize and validate: one request per prompt and sample (n). Raises ValueError naming the problem."""
         prompts, _ = self.requests.prompts(prompt, input_ids)
         params = sampling_params if isinstance(sampling_params, SamplingParams) else \
@@ -306,7 +306,7 @@ class Engine:
                     output.apply(delta)  # the request still records how it ended
                     if not delta.finished:
                         logger.warning("request %s: its caller is gone; aborting it", output.rid)
-                        self.abort(output.rid)
+                        self.abort_requests([output])
 
     def _apply(self, items: list) -> None:
         """Bring each RequestOutput up to date, then call its caller back (on the caller's loop)."""
@@ -320,7 +320,7 @@ class Engine:
             except Exception:
                 logger.exception("request %s: its callback failed; aborting it", output.rid)
                 if not delta.finished:
-                    self.abort(output.rid)
+                    self.abort_requests([output])
 
     def _fail_all(self, message: str) -> None:
         """End every request in flight as aborted (the engine process died)."""

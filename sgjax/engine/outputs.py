@@ -59,7 +59,7 @@ class RequestOutput:
         if self.params.top_logprobs_num:
             meta["output_top_logprobs"] = self.output_top_logprobs
         start = self.params.logprob_start_len
-        if start >= 0:
+        if start >= 0 and self.finished:  # the prompt's logprobs come with the request's end
             positions = range(start, len(self.prompt_ids))
             meta["input_token_logprobs"] = [(self.input_logprobs[q][0] if q in self.input_logprobs else None,
                                              self.prompt_ids[q]) for q in positions]
