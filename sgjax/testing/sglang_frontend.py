@@ -23,7 +23,7 @@ def import_sglang():
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"sglang is not installed: {INSTALL} (README's test command does)")
     if importlib.util.find_spec("triton") is None:
-        path = f"{list(spec.submodule_search_locations)[0]}/_platform_stubs.py"
+        path = f"{next(iter(spec.submodule_search_locations))}/_platform_stubs.py"
         stub_spec = importlib.util.spec_from_file_location("sglang_platform_stubs", path)
         stubs = importlib.util.module_from_spec(stub_spec)
         sys.modules[stub_spec.name] = stubs  # its dataclasses look their module up there

@@ -307,7 +307,7 @@ def test_running_rid_reused_gets_400_and_the_running_request_goes_on(setup):
 
 
 def test_abort_by_rid_aborts_every_sample_and_abort_all_every_request(setup):
-    engine, server, _, _ = setup
+    _, server, _, _ = setup
 
     async def scenario():
         async with aiohttp.ClientSession() as session:
@@ -364,7 +364,7 @@ def test_openai_echo_logprobs_with_max_tokens_0_on_a_default_server(setup):
 
 
 def test_openai_chat_logprobs_and_n_with_seed(setup):
-    engine, server, _, _ = setup
+    _, server, _, _ = setup
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     messages = [{"role": "user", "content": "Hi"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
