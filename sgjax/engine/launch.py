@@ -88,9 +88,11 @@ class StepLauncher:
                 sampling_rows.append(i)
         step = LaunchedStep(batch, starts, targets, sampling_rows, handle,
                             constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
-        biases = {i: self._bias(batch[i][0]) for i in sampling_rows}  # a chunk that does not end its prompt samples nothing
-        if any(biases.values()):
-            step.bias = logit_bias_arrays([biases.get(i) for i in range(len(batch))], self.max_rows)
+        if any(batch[i][0].params.logit_bias or batch[i][0].params.min_new_tokens for i in sampling_rows):
+            rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
+            biases = [self._bias(req) if i in rows else None for i, (req, _) in enumerate(batch)]
+            if any(biases):
+                step.bias = logit_bias_arrays(biases, self.max_rows)
         now = time.perf_counter()
         self.stats.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
