@@ -84,7 +84,8 @@ class EngineArgs:
         help="the step shapes compiled, and when: accelerator: tokens from 16 and sampled rows from 64, all "
              "compiled at start-up; cpu: both from 1, each compiled at its first step (into the compilation "
              "cache); auto: the platform's")
-    enable_prompt_logprobs: bool = option(False, help="also compile steps that return prompt-token logprobs")
+    enable_prompt_logprobs: bool = option(
+        False, help="compile the steps that return prompt-token logprobs at start-up (else each at its first use)")
     disable_overlap_schedule: bool = option(False, help="wait for each step before scheduling the next")
     # The tokens are the same either way; jump-forward only saves the steps.
     disable_jump_forward: bool = option(

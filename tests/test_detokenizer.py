@@ -134,3 +134,27 @@ def test_a_sequence_the_stream_rejects_goes_on_by_windows(byte_fallback):
     with windows_only():
         windows, _ = run(byte_fallback, ids, skip=False)
     assert deltas == windows
+
+
+class SpacedSpecials:
+    """A slow-style tokenizer (no Rust backend) whose decode spaces special tokens unless told not to, as
+    transformers' Python tokenizers do."""
+
+    special = {0: "<s>", 1: "</s>"}
+    bos_token_id, eos_token_id = 0, 1
+
+    def decode(self, ids, skip_special_tokens=False, spaces_between_special_tokens=True):
+        pieces = [("" if skip_special_tokens else self.special[i]) if i in self.special else "ab"[i % 2]
+                  for i in ids]
+        return (" " if spaces_between_special_tokens else "").join(p for p in pieces if p)
+
+
+@pytest.mark.parametrize("spaces", [True, False])
+def test_spaces_between_special_tokens_reach_the_tokenizers_decode(spaces):
+    ids = [0, 2, 3, 1, 2]
+    detok = IncrementalDetokenizer(SpacedSpecials(), skip_special_tokens=False, spaces_between_special_tokens=spaces)
+    for token in ids:
+        detok.add(token)
+    detok.flush()
+    assert detok.text == SpacedSpecials().decode(ids, spaces_between_special_tokens=spaces)
+    assert (" " in detok.text) == spaces

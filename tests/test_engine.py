@@ -559,12 +559,22 @@ def test_prompt_logprobs_match_transformers(engine, llama, start):
         assert [i for _, i in result["meta_info"]["input_top_logprobs"][q - start]] == ids.tolist()
 
 
-def test_prompt_logprobs_need_the_engine_option(llama):
-    engine = make_engine(llama[0])
+def test_prompt_logprobs_without_the_engine_option_compile_at_first_use(llama):
+    """enable_prompt_logprobs only moves their programs' compiles to start-up: without it a prompt-logprob
+    request compiles its step then, and gets transformers' logprobs."""
+    _, hf_model, prompts, _ = llama
+    engine = make_engine(llama[0], shape_policy="accelerator")
     try:
-        with pytest.raises(ValueError, match="enable_prompt_logprobs"):
-            engine.generate(input_ids=[1, 2, 3], sampling_params={**GREEDY, "logprob_start_len": 0})
-        assert engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["meta_info"]["completion_tokens"] == 12
+        assert not any(key[1] for key in engine.runner.compiled)  # none compiled at start-up
+        prompt = next(p for p in prompts if len(p) > 8)
+        result = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "logprob_start_len": 0})
+        assert any(key[1] for key in engine.runner.compiled)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].double(), -1)
+        got = result["meta_info"]["input_token_logprobs"]
+        assert got[0] == (None, prompt[0])
+        assert [lp for lp, _ in got[1:]] == pytest.approx(
+            [float(ref[q - 1, prompt[q]]) for q in range(1, len(prompt))], abs=1e-4)
     finally:
         engine.shutdown()
 

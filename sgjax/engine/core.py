@@ -100,7 +100,8 @@ class EngineCore:
                                    round_up=self.runner.bucket_for)
         self.stats = EngineStats()
         self.outputs = OutputProcessor(self.eos_token_ids, self.context_length, self._finish_running, self._progress)
-        self.launcher = StepLauncher(self.runner, self.scheduler, self.stats, args.max_running_requests)
+        self.launcher = StepLauncher(self.runner, self.scheduler, self.stats, args.max_running_requests,
+                                     self.eos_token_ids)
         # Called on the engine thread with each step's deltas (the Engine API routes them to its callers)
         self.on_updates: Callable[[list[TokenDelta]], None] = lambda deltas: None
         self._outbox: list[TokenDelta] = []
@@ -217,7 +218,8 @@ class EngineCore:
         params = message.params
         req = Request(rid=message.rid, prompt_ids=message.prompt_ids, params=params, seed=message.seed,
                       group=message.group, wire_id=message.wire_id,
-                      detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                      detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                                         params.spaces_between_special_tokens)
                       if self.tokenizer is not None else None)
         if params.constraint is not None:
             try:

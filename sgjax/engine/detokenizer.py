@@ -50,9 +50,12 @@ def stream_backend(tokenizer):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True):
+        """`spaces_between_special_tokens` goes to `tokenizer.decode`, as SGLang passes it: slow tokenizers put a
+        space around special tokens kept in the text; fast ones (and so the Rust stream) never do."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.decode_options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start: decoded for context only
         self.read_offset = 0  # tokens before this are already in `text`
@@ -63,7 +66,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, **self.decode_options)
+        except TypeError:  # a decode without the option: it never spaces special tokens
+            self.decode_options = {}
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (possibly empty)."""

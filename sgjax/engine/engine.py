@@ -55,6 +55,10 @@ class Engine:
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []  # run where callbacks run (metrics)
         self._ids = itertools.count()
         self._live: dict[int, tuple[RequestOutput, Callback, asyncio.AbstractEventLoop | None]] = {}
+        # The caller's request ids and their unfinished requests, made or submitted: an id names one running
+        # request at a time, and aborting it aborts all its samples and prompts.
+        self._by_rid: dict[str, list[RequestOutput]] = {}
+        self._rid_lock = threading.Lock()
         self.core.on_updates = self._route
 
     # ---- the engine's state -----------------------------------------------------------------------
@@ -76,7 +80,28 @@ class Engine:
         return self.core.flush_cache()
 
     def abort(self, rid: str) -> None:
-        self.core.abort(rid)
+        """Abort the request of this id (all its samples and prompts); requests made but not yet submitted
+        end as aborted here."""
+        with self._rid_lock:
+            outputs = list(self._by_rid.get(rid, ()))
+        if not outputs:
+            self.core.abort(rid)  # an id of one sample ("rid-1"), or a request already gone
+        self.abort_requests(outputs)
+
+    def abort_all(self) -> None:
+        """Abort every unfinished request."""
+        with self._rid_lock:
+            outputs = [o for group in self._by_rid.values() for o in group]
+        self.abort_requests(outputs + [entry[0] for entry in list(self._live.values())])
+
+    def abort_requests(self, outputs: list[RequestOutput]) -> None:
+        """Abort these requests (from make_requests), submitted or not."""
+        for output in outputs:
+            if output.submitted:
+                self.core.abort(output.rid)
+            elif not output.finished:
+                output.apply(Finished.aborted(-1, "aborted before it started"))
+                self._release(output)
 
     def shutdown(self) -> None:
         self.core.shutdown()
@@ -147,7 +172,7 @@ class Engine:
                     return
         finally:
             if not outputs[0].finished:
-                self.abort(outputs[0].rid)
+                self.abort_requests(outputs[:1])
 
     async def run_requests(self, outputs: list[RequestOutput]) -> AsyncIterator[tuple[int, str, RequestOutput, bool]]:
         """Submit requests; yield (index, text delta, request, finished) as they progress. Leaving the loop
@@ -187,7 +212,7 @@ class Engine:
         finally:
             for output in outputs:
                 if not output.finished:
-                    self.abort(output.rid)  # the caller stopped listening
+                    self.abort_requests([output])  # the caller stopped listening
 
     async def run_to_end(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Submit requests and wait until all have finished."""
@@ -209,13 +234,37 @@ class Engine:
     def make_requests(self, prompt: Prompt | list[Prompt] | None = None,
                       sampling_params: SamplingParams | dict | None = None,
                       input_ids: list[int] | list[list[int]] | None = None,
-                      rid: str | None = None) -> list[RequestOutput]:
+                      rid: str | list[str] | None = None) -> list[RequestOutput]:
         """Tokenize and validate: one request per prompt and sample (n). Raises ValueError naming the problem."""
         prompts, _ = self.requests.prompts(prompt, input_ids)
         params = sampling_params if isinstance(sampling_params, SamplingParams) else \
             SamplingParams.from_dict(sampling_params)
         params.validate()
-        return self.requests.build(prompts, params, rid)
+        outputs = self.requests.build(prompts, params, rid)
+        self._register(outputs)
+        return outputs
+
+    def _register(self, outputs: list[RequestOutput]) -> None:
+        """Claim the outputs' request ids; ValueError if one names a request still running."""
+        with self._rid_lock:
+            names = {o.user_rid for o in outputs if o.user_rid is not None}
+            taken = sorted(names & self._by_rid.keys())
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already running; give each running request its own rid")
+            for output in outputs:
+                if output.user_rid is not None:
+                    self._by_rid.setdefault(output.user_rid, []).append(output)
+
+    def _release(self, output: RequestOutput) -> None:
+        """A finished request's id is free again once all requests under it have finished."""
+        if output.user_rid is None:
+            return
+        with self._rid_lock:
+            group = self._by_rid.get(output.user_rid)
+            if group is not None and output in group:
+                group.remove(output)
+                if not group:
+                    del self._by_rid[output.user_rid]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text prompt (RequestBuilder.tokenize)."""
@@ -232,6 +281,7 @@ class Engine:
         """Send a request to the core; `callback` runs on `loop` if given, else on the thread that delivers."""
         wire_id = next(self._ids)
         self._live[wire_id] = (output, callback, loop)
+        output.submitted = True
         message = GenerateRequest(wire_id, output.rid, output.prompt_ids, output.params, output.seed, output.group)
         if not self.core.submit(message):
             self._route([Finished.aborted(wire_id, "the engine process is not running")])
@@ -243,6 +293,8 @@ class Engine:
             entry = self._live.pop(delta.wire_id, None) if delta.finished else self._live.get(delta.wire_id)
             if entry is not None:
                 by_loop.setdefault(entry[2], []).append((entry, delta))
+                if delta.finished:
+                    self._release(entry[0])
         for loop, items in by_loop.items():
             if loop is None:
                 self._apply(items)
@@ -254,7 +306,7 @@ class Engine:
                     output.apply(delta)  # the request still records how it ended
                     if not delta.finished:
                         logger.warning("request %s: its caller is gone; aborting it", output.rid)
-                        self.abort(output.rid)
+                        self.abort_requests([output])
 
     def _apply(self, items: list) -> None:
         """Bring each RequestOutput up to date, then call its caller back (on the caller's loop)."""
@@ -268,7 +320,7 @@ class Engine:
             except Exception:
                 logger.exception("request %s: its callback failed; aborting it", output.rid)
                 if not delta.finished:
-                    self.abort(output.rid)
+                    self.abort_requests([output])
 
     def _fail_all(self, message: str) -> None:
         """End every request in flight as aborted (the engine process died)."""

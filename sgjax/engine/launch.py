@@ -39,8 +39,11 @@ class LaunchedStep:
 
 
 class StepLauncher:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, stats: EngineStats, max_rows: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, stats: EngineStats, max_rows: int,
+                 eos_token_ids: set[int] = frozenset()):
+        """`eos_token_ids`: what min_new_tokens bans until a request has that many tokens."""
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
+        self.eos_token_ids = eos_token_ids
 
     def launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule and enqueue one step, and its sampling unless it waits for grammar masks."""
@@ -85,16 +88,26 @@ class StepLauncher:
                 sampling_rows.append(i)
         step = LaunchedStep(batch, starts, targets, sampling_rows, handle,
                             constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
-        if any(batch[i][0].params.logit_bias for i in sampling_rows):
+        if any(batch[i][0].params.logit_bias or batch[i][0].params.min_new_tokens for i in sampling_rows):
             rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
-            step.bias = logit_bias_arrays([req.params.logit_bias if i in rows else None
-                                           for i, (req, _) in enumerate(batch)], self.max_rows)
+            biases = [self._bias(req) if i in rows else None for i, (req, _) in enumerate(batch)]
+            if any(biases):
+                step.bias = logit_bias_arrays(biases, self.max_rows)
         now = time.perf_counter()
         self.stats.host_s["schedule"] += (enqueued - started) + (now - launched)
         if not step.constrained:
             self.sample(step)
             self.stats.host_s["enqueue"] += time.perf_counter() - now
         return step
+
+    def _bias(self, req: Request) -> dict[int, float] | None:
+        """The logit biases of the request's next token: its logit_bias, and while it has fewer than
+        min_new_tokens tokens, EOS and its stop tokens banned (SGLang's min_new_tokens)."""
+        p = req.params
+        if len(req.output_ids) + req.num_unknown - 1 >= p.min_new_tokens:  # num_unknown counts this token
+            return p.logit_bias
+        banned = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        return {**(p.logit_bias or {}), **dict.fromkeys(banned, float("-inf"))}
 
     def sample(self, step: LaunchedStep) -> None:
         """Enqueue a step's sampling, once (a constrained step's once its masks are computed)."""

@@ -34,8 +34,8 @@ class OutputProcessor:
             req.output_top_logprobs.append(top)
         finish = None
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
-            finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output
-        elif req.detokenizer is not None:
+            finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output...
+        if req.detokenizer is not None and (finish is None or p.no_stop_trim):  # ...unless no_stop_trim
             req.detokenizer.add(token)
         if req.matcher is not None and finish is None:
             finish = advance_grammar(req, token)
@@ -49,8 +49,10 @@ class OutputProcessor:
             # Only the newly decoded tail can complete a stop string.
             at = text.find(stop, max(0, len(req.text) - len(stop)))
             if at != -1:
-                text, finish = text[:at], {"type": "stop", "matched": stop}
+                text, finish = text[:at + len(stop) * p.no_stop_trim], {"type": "stop", "matched": stop}
                 break
+        if finish is None and p.stop_regex is not None and len(text) > req.regex_checked:
+            finish = match_stop_regex(req, text)
         if finish is None:
             # Hold back what could still turn out to be the start of a stop string.
             hold = max((len(s) - 1 for s in p.stop_strings), default=0)
@@ -75,6 +77,20 @@ class OutputProcessor:
                     # the chunk's i-th token predicts the prompt token at position start + i + 1
                     req.input_logprobs[start + i + 1] = (float(out.prompt_logprobs[row]), top)
             offset += n
+
+
+REGEX_WINDOW = 1024  # characters before the new text that a stop_regex match may start in
+
+
+def match_stop_regex(req: Request, text: str) -> dict | None:
+    """SGLang's stop_regex: the request ends once its text matches a pattern, which stays in the text (the finish
+    reason names the pattern). Searched from shortly before the new text, so a long output costs no more per
+    token than a short one."""
+    start, req.regex_checked = max(0, req.regex_checked - REGEX_WINDOW), len(text)
+    for pattern in req.params.stop_patterns:
+        if pattern.search(text, start):
+            return {"type": "stop", "matched": pattern.pattern}
+    return None
 
 
 def advance_grammar(req: Request, token: int) -> dict | None:

@@ -30,6 +30,9 @@ class RequestOutput:
     finished: bool = False
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    finish_time: float | None = None
+    user_rid: str | None = None  # the rid the caller gave (shared by a prompt's n samples), if any
+    submitted: bool = False  # sent to the engine's core
 
     def apply(self, delta: TokenDelta) -> None:
         """Add what the request gained in a step."""
@@ -41,20 +44,22 @@ class RequestOutput:
         if delta.first_token_time is not None:
             self.first_token_time = delta.first_token_time
         if isinstance(delta, Finished):
-            self.finished, self.finish_reason = True, delta.finish_reason
+            self.finished, self.finish_reason, self.finish_time = True, delta.finish_reason, time.monotonic()
             if delta.input_logprobs:
                 self.input_logprobs = delta.input_logprobs
 
     def result(self) -> dict:
         """The finished request as SGLang's native API returns it."""
-        meta = {"id": self.rid, "prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids),
-                "cached_tokens": self.cached_tokens, "finish_reason": self.finish_reason}
+        meta = {"id": self.rid, "finish_reason": self.finish_reason, "prompt_tokens": len(self.prompt_ids),
+                "completion_tokens": len(self.output_ids), "cached_tokens": self.cached_tokens}
+        if self.finished:
+            meta["e2e_latency"] = self.finish_time - self.arrival_time
         if self.params.logprobs:
             meta["output_token_logprobs"] = list(zip(self.output_logprobs, self.output_ids))
         if self.params.top_logprobs_num:
             meta["output_top_logprobs"] = self.output_top_logprobs
         start = self.params.logprob_start_len
-        if start >= 0:
+        if start >= 0 and self.finished:  # the prompt's logprobs come with the request's end
             positions = range(start, len(self.prompt_ids))
             meta["input_token_logprobs"] = [(self.input_logprobs[q][0] if q in self.input_logprobs else None,
                                              self.prompt_ids[q]) for q in positions]

@@ -56,6 +56,7 @@ class Request:
     admitted: bool = False
     finish_reason: dict | None = None
     text: str = ""
+    regex_checked: int = 0  # characters of text already searched for a stop_regex match
     num_sent: int = 0  # output tokens already reported in TokenDeltas
     first_token_time: float | None = None
 

@@ -60,8 +60,11 @@ class RequestBuilder:
         raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
 
     def build(self, prompts: list[list[int]], params: SamplingParams,
-                       rid: str | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt and sample (n), validated (ValueError naming the problem)."""
+              rid: str | list[str] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt and sample (n), validated (ValueError naming the problem). `rid`: the
+        caller's id of the whole request, or one per prompt; samples and prompts under one id get suffixes."""
+        if isinstance(rid, list) and len(rid) != len(prompts):
+            raise ValueError(f"rid has {len(rid)} ids for {len(prompts)} prompts")
         if params.constraint is not None:
             if self.grammar is None:
                 raise ValueError("constrained decoding needs the model's tokenizer (this engine has dummy weights)")
@@ -69,15 +72,19 @@ class RequestBuilder:
             # grammar then comes from the compiler's cache in this process)
             self.grammar.matcher(params.constraint)
         outputs = []
-        for ids in prompts:
+        for k, ids in enumerate(prompts):
             self._validate_prompt(ids, params)
             base_seed = params.seed if params.seed is not None else int(self.seeds.integers(2**31))
             group = uuid.uuid4().hex if params.n > 1 else None
+            user_rid = rid[k] if isinstance(rid, list) else rid
             for i in range(params.n):
-                name = rid if rid and len(prompts) * params.n == 1 else \
-                    f"{rid}-{len(outputs)}" if rid else uuid.uuid4().hex
+                if isinstance(rid, list):
+                    name = user_rid if params.n == 1 else f"{user_rid}-{i}"
+                else:
+                    name = rid if rid and len(prompts) * params.n == 1 else \
+                        f"{rid}-{len(outputs)}" if rid else uuid.uuid4().hex
                 outputs.append(RequestOutput(rid=name, prompt_ids=list(map(int, ids)), params=params,
-                                             seed=base_seed + i, group=group))
+                                             seed=base_seed + i, group=group, user_rid=user_rid))
         return outputs
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -90,9 +97,6 @@ class RequestBuilder:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
-        if params.logprob_start_len >= 0 and not self.args.enable_prompt_logprobs:
-            raise ValueError("prompt logprobs (logprob_start_len >= 0) need an engine started with "
-                             "enable_prompt_logprobs=True")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)
         pages = pages_for(longest, self.args.page_size)
         if pages > self.num_usable_pages:

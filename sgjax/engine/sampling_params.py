@@ -1,11 +1,30 @@
-"""Per-request sampling parameters, validated once when the request arrives."""
+"""Per-request sampling parameters, validated once when the request arrives.
+
+The names and meanings are SGLang's (`python/sglang/srt/sampling/sampling_params.py`), so SGLang's clients send
+theirs unchanged; a parameter sgjax cannot honour is rejected by name, never silently dropped.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 from sgjax.constrained.grammar import Constraint
 from sgjax.executor.sampler import MAX_LOGIT_BIAS, TOP_LOGPROBS
+
+UNTIL_CONTEXT_END = 2**31 - 1  # max_new_tokens null: generate until the context is full
+# SGLang's parameters that sgjax rejects when set, and why
+NOT_SUPPORTED = {
+    "structural_tag": "structural_tag is not supported; constrain the output with json_schema, regex or ebnf",
+    "beam_width": "beam search (beam_width) is not supported",
+    "watermark": "watermarking is not supported",
+}
+# SGLang's parameters that are accepted and have nothing to do here: custom_params feeds a custom logit
+# processor (which /generate rejects), stream_interval batches stream events (sgjax sends one a step).
+ACCEPTED_AND_UNUSED = {"custom_params": dict, "stream_interval": int}
+# Room kept in a row's logit-bias arrays for the EOS ids that min_new_tokens bans
+EOS_BIAS_ROOM = 16
 
 
 @dataclasses.dataclass
@@ -19,10 +38,14 @@ class SamplingParams:
     presence_penalty: float = 0.0  # minus this if the token occurred in the output so far
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of seen tokens
     seed: int | None = None  # None: drawn from the engine's random_seed stream
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # the output ends before the first of these strings (see no_stop_trim)
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None  # the output ends once its text matches one (the match kept)
+    min_new_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are out
+    no_stop_trim: bool = False  # keep the matched stop string (and a stop token's text) in the output
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # passed to the tokenizer's decode (slow tokenizers use it)
     n: int = 1
     logprobs: bool = False  # return the chosen tokens' logprobs
     top_logprobs_num: int = 0  # and this many most likely alternatives per token
@@ -38,13 +61,34 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
+        """Parameters as a client sends them (SGLang's names; null means the default, as in SGLang)."""
         d = dict(d or {})
+        for name, reason in NOT_SUPPORTED.items():
+            if d.pop(name, None) is not None:
+                raise ValueError(reason)
+        for name, kind in ACCEPTED_AND_UNUSED.items():
+            value = d.pop(name, None)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be {'an object' if kind is dict else 'an integer'}; got {value!r}")
+        seed = d.pop("sampling_seed", None)  # SGLang's name for the seed
+        if seed is not None:
+            if d.get("seed") is not None and d["seed"] != seed:
+                raise ValueError("sampling_seed and seed are the same parameter; give one")
+            d["seed"] = seed
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
-        params = cls(**d)
+        if "max_new_tokens" in d and d["max_new_tokens"] is None:
+            d["max_new_tokens"] = UNTIL_CONTEXT_END
+        params = cls(**{k: v for k, v in d.items() if v is not None})
         params.validate()
         return params
+
+    @property
+    def stop_patterns(self) -> list[re.Pattern]:
+        if self.stop_regex is None:
+            return []
+        return [compiled(p) for p in ([self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex)]
 
     @property
     def stop_strings(self) -> list[str]:
@@ -91,8 +135,18 @@ class SamplingParams:
              "stop must be a non-empty string or a list of them")
         need(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list) and all(
             isinstance(t, int) for t in self.stop_token_ids)), "stop_token_ids must be a list of integers")
-        for name in ("ignore_eos", "skip_special_tokens", "logprobs"):
+        for name in ("ignore_eos", "skip_special_tokens", "logprobs", "no_stop_trim", "spaces_between_special_tokens"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
+        need(isinstance(self.min_new_tokens, int) and not isinstance(self.min_new_tokens, bool)
+             and self.min_new_tokens >= 0, f"min_new_tokens must be a non-negative integer; got {self.min_new_tokens!r}")
+        patterns = [self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex or []
+        need(isinstance(patterns, list) and all(isinstance(p, str) and p for p in patterns),
+             "stop_regex must be a non-empty string or a list of them")
+        for pattern in patterns:
+            try:
+                compiled(pattern)
+            except re.error as e:
+                raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: {e}") from None
         self.constraint  # raises ValueError for several constraints or a malformed one
         if self.logit_bias is not None:
             need(isinstance(self.logit_bias, dict), "logit_bias must be an object of token id: bias")
@@ -110,3 +164,14 @@ class SamplingParams:
                      f"logit_bias values must be numbers in [-100, 100]; got {value!r} for token {token_id}")
                 bias[token_id] = float(value)
             self.logit_bias = bias or None
+        if self.min_new_tokens:
+            banned = len(self.logit_bias or ()) + len(self.stop_token_ids or ())
+            need(banned <= MAX_LOGIT_BIAS - EOS_BIAS_ROOM,
+                 f"min_new_tokens with logit_bias and stop_token_ids: at most {MAX_LOGIT_BIAS - EOS_BIAS_ROOM} "
+                 f"entries together; got {banned}")
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(pattern: str) -> re.Pattern:
+    """A stop_regex pattern, compiled once per process."""
+    return re.compile(pattern)

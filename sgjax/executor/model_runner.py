@@ -106,13 +106,14 @@ class ModelRunner:
             self.head = self.head.astype(jnp.float32)
         self.penalties = PenaltyState.zeros(max_seqs, loaded.config.vocab_size)
         self.prev_tokens = jax.numpy.zeros((max_seqs,), np.int32)  # the last launched step's samples
-        # Steps that return prompt logprobs compute logits for every token, so they are separate
-        # programs, compiled only when enabled.
+        # Steps that return prompt logprobs compute logits for every token, so they are separate programs:
+        # compiled at start-up with enable_prompt_logprobs, else each at its first step (a loglikelihood
+        # request then waits for its compile once; a server that never sees one compiles none).
         # Program keys: (bucket, with prompt logprobs, grouped).
         keys = [(t, False, False) for t in self.buckets]
         keys += [(t, False, True) for t in self.buckets if self.prefix_groups_for(t)]
-        keys += [(t, True, False) for t in self.buckets if enable_prompt_logprobs]
-        self.program_keys = keys
+        keys += [(t, True, False) for t in self.buckets]
+        self.program_keys = [k for k in keys if enable_prompt_logprobs or not k[1]]  # compiled at start-up
         # A step's host arrays travel packed in two buffers (host_inputs.py), laid out per program and padded
         # to one size for all (sampling reads its parameters from the front of any program's buffers),
         # written into one of STAGING_BUFFERS preallocated pairs in turn (not allocated per step: at 1024
@@ -181,7 +182,8 @@ class ModelRunner:
         first_programs.update()
         first_programs.close()
         if not shapes.lazy:
-            for key in tqdm(keys[1:], desc="compiling steps", unit="program", initial=1, total=len(keys)):
+            for key in tqdm(self.program_keys[1:], desc="compiling steps", unit="program", initial=1,
+                            total=len(self.program_keys)):
                 compile_forward(key)
             variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
             for variant in tqdm(variants, desc="compiling sampling", unit="variant"):
@@ -250,8 +252,6 @@ class ModelRunner:
             kv_tokens -= int(shared.sum() - shared[firsts].sum()) * self.page_size
         targets = np.full(num_tokens, -1, np.int32)
         if with_prompt:
-            if key not in self.layouts:
-                raise ValueError("prompt logprobs are not enabled in this engine (enable_prompt_logprobs)")
             flat = [t for per_chunk in prompt_targets for t in per_chunk]
             targets[: len(flat)] = flat
         staging = self._staging[self._next_staging]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -55,9 +56,7 @@ async def handle_request(request: web.Request, handler):
         logger.exception("request %s failed", request[REQUEST_ID])
         return ApiError(f"internal error: {e}", status=500, type_="server_error").response()
     finally:
-        for req in request.get(ENGINE_REQUESTS, ()):
-            if not req.finished:
-                request.app[ENGINE].abort(req.rid)
+        request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
 
@@ -80,7 +79,9 @@ async def model_info(request: web.Request) -> web.Response:
     return web.json_response({"model_path": engine.args.model_path, "tokenizer_path": engine.args.model_path,
                               "is_generation": True, "served_model_name": args.served_model_name,
                               "architecture": engine.config.architecture,
+                              "architectures": [engine.config.architecture],
                               "context_length": engine.context_length,
+                              "has_image_understanding": False, "has_audio_understanding": False,
                               # for sgjax.lang.RuntimeEndpoint: the text around each role's messages
                               "role_markers": role_markers(engine.tokenizer)})
 
@@ -90,6 +91,9 @@ async def server_info(request: web.Request) -> web.Response:
     info = {**dataclasses.asdict(engine.args), **dataclasses.asdict(request.app[SERVER_ARGS])}
     info.pop("api_key", None)
     info.update(engine.load_stats())
+    # SGLang's names: how many tokens the KV pool holds, and the server's version (sgjax's)
+    info["max_total_num_tokens"] = engine.num_usable_pages * engine.args.page_size
+    info["version"] = importlib.metadata.version("sgjax")
     return web.json_response(info)
 
 
@@ -100,10 +104,16 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 
 async def abort_request(request: web.Request) -> web.Response:
+    """SGLang's /abort_request: {rid} aborts that request (all its samples), {abort_all: true} every one."""
     body = await read_json(request)
-    rid = body.get("rid")
-    if not isinstance(rid, str):
-        raise ApiError("rid must be a string", param="rid")
+    rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
+    if not isinstance(abort_all, bool):
+        raise ApiError("abort_all must be true or false", param="abort_all")
+    if abort_all:
+        request.app[ENGINE].abort_all()
+        return web.Response(text="")
+    if not isinstance(rid, str) or not rid:
+        raise ApiError("rid must be a non-empty string (or abort_all true)", param="rid")
     request.app[ENGINE].abort(rid)
     return web.Response(text="")
 
@@ -123,11 +133,17 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
-    app.router.add_get("/get_model_info", model_info)
-    app.router.add_get("/get_server_info", server_info)
+    for path in ("/get_model_info", "/model_info"):  # SGLang's old and new names
+        app.router.add_get(path, model_info)
+    for path in ("/get_server_info", "/server_info"):
+        app.router.add_get(path, server_info)
+    app.router.add_get("/flush_cache", flush_cache)
     app.router.add_post("/flush_cache", flush_cache)
     app.router.add_post("/abort_request", abort_request)
     app.router.add_post("/generate", native_api.generate)
+    for prefix in ("", "/v1"):
+        app.router.add_post(prefix + "/tokenize", native_api.tokenize)
+        app.router.add_post(prefix + "/detokenize", native_api.detokenize)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)

@@ -1,4 +1,5 @@
-"""SGLang's native API: POST /generate, with the same request and response shapes as SGLang's server."""
+"""SGLang's native API: POST /generate, /tokenize and /detokenize, with the same request and response shapes as
+SGLang's server, so its clients (its frontend language's RuntimeEndpoint among them) work unchanged."""
 
 from __future__ import annotations
 
@@ -7,8 +8,55 @@ import json
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, REQUEST_ID, SERVER_ARGS
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
+
+# /generate's fields that sgjax reads
+FIELDS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
+          "top_logprobs_num", "return_text_in_logprobs"}
+# SGLang's fields with nothing to do here: logging and routing hints of its own deployment
+IGNORED = {"log_metrics", "data_parallel_rank", "priority", "modalities", "background", "routing_key"}
+# SGLang's fields that sgjax cannot honour: a request that sets one gets a 400 saying why
+MODALITIES = {"image_data": "images", "video_data": "videos", "audio_data": "audio"}
+NOT_SUPPORTED = {
+    "input_embeds": "input_embeds is not supported; send text or input_ids",
+    "token_ids_logprob": "token_ids_logprob is not supported; use top_logprobs_num",
+    "return_hidden_states": "return_hidden_states is not supported",
+    "lora_path": "LoRA adapters are not supported",
+    "lora_id": "LoRA adapters are not supported",
+    "session_params": "sessions are not supported",
+    "custom_logit_processor": "custom logit processors are not supported",
+    "bootstrap_host": "prefill/decode disaggregation is not supported",
+    "bootstrap_port": "prefill/decode disaggregation is not supported",
+    "bootstrap_room": "prefill/decode disaggregation is not supported",
+}
+# meta_info's output-side lists, sent as increments by --incremental-streaming-output (as SGLang does)
+INCREMENTAL_KEYS = ("output_token_logprobs", "output_top_logprobs")
+
+
+def check_fields(body: dict, model_name: str) -> None:
+    """400 for fields sgjax cannot honour (named, with why) and for fields SGLang does not have."""
+    for name, what in MODALITIES.items():
+        if body.get(name) not in (None, [], ""):
+            raise ApiError(f"{name}: this model ({model_name}) takes no {what}; it is a text-only model", param=name)
+    for name, reason in NOT_SUPPORTED.items():
+        if body.get(name) not in (None, False, [], ""):
+            raise ApiError(reason, param=name)
+    unknown = set(body) - FIELDS - IGNORED - set(MODALITIES) - set(NOT_SUPPORTED)
+    require(not unknown, f"unknown fields: {sorted(unknown)}")
+
+
+def one_value(body: dict, name: str, default, kind):
+    """A per-request option that SGLang also takes as a list (one per prompt): sgjax needs one value for all."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, list):
+        require(len(set(map(json.dumps, value))) <= 1, f"{name} must be the same for every prompt of a batch", name)
+        value = value[0] if value else default
+    require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+            f"{name} must be {'true or false' if kind is bool else 'an integer'}", name)
+    return value
 
 
 def sampling_dict(body: dict) -> dict:
@@ -16,13 +64,25 @@ def sampling_dict(body: dict) -> dict:
     params = body.get("sampling_params") or {}
     require(isinstance(params, dict), "sampling_params must be an object", "sampling_params")
     params = dict(params)  # regex / json_schema / ebnf / choices pass through to SamplingParams
-    if body.get("return_logprob"):
+    if one_value(body, "return_logprob", False, bool):
         params["logprobs"] = True
-        params["top_logprobs_num"] = body.get("top_logprobs_num", 0)
-        start = body.get("logprob_start_len", -1)
-        require(isinstance(start, int), "logprob_start_len must be an integer", "logprob_start_len")
-        params["logprob_start_len"] = start
+        params["top_logprobs_num"] = one_value(body, "top_logprobs_num", 0, int)
+        params["logprob_start_len"] = one_value(body, "logprob_start_len", -1, int)
     return params
+
+
+def request_ids(body: dict, request: web.Request, num_prompts: int, batched: bool) -> str | list[str]:
+    """The rid as given (a string, or one per prompt of a batch), else this HTTP request's id."""
+    rid = body.get("rid")
+    if rid is None:
+        return request[REQUEST_ID]
+    if isinstance(rid, list):
+        require(batched and len(rid) == num_prompts and all(isinstance(r, str) and r for r in rid)
+                and len(set(rid)) == len(rid), "rid must be a string, or for a batch one distinct string per prompt",
+                "rid")
+        return rid
+    require(isinstance(rid, str) and rid, "rid must be a non-empty string", "rid")
+    return rid
 
 
 def logprob_entries(tokenizer, pairs, with_text: bool) -> list:
@@ -33,7 +93,7 @@ def logprob_entries(tokenizer, pairs, with_text: bool) -> list:
 def native_result(engine, req, body: dict) -> dict:
     out = engine.result(req)
     meta = out["meta_info"]
-    with_text = bool(body.get("return_text_in_logprobs"))
+    with_text = bool(one_value(body, "return_text_in_logprobs", False, bool))
     for key in ("output_token_logprobs", "input_token_logprobs"):
         if key in meta:
             meta[key] = logprob_entries(engine.tokenizer, meta[key], with_text)
@@ -46,6 +106,7 @@ def native_result(engine, req, body: dict) -> dict:
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await read_json(request)
+    check_fields(body, request.app[SERVER_ARGS].served_model_name)
     text, input_ids = body.get("text"), body.get("input_ids")
     require((text is None) != (input_ids is None), "give exactly one of text and input_ids")
     if text is not None:
@@ -55,13 +116,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
         ok = isinstance(input_ids, list) and (all(isinstance(t, int) for t in input_ids) or all(
             isinstance(x, list) and all(isinstance(t, int) for t in x) for x in input_ids))
         require(ok, "input_ids must be a list of integers or a list of such lists", "input_ids")
-    batched = isinstance(text, list) or (input_ids and isinstance(input_ids[0], list))
-    rid = body.get("rid", request[REQUEST_ID])
-    require(isinstance(rid, str) and rid, "rid must be a non-empty string", "rid")
+    batched = isinstance(text, list) or bool(input_ids and isinstance(input_ids[0], list))
+    num_prompts = len(text if text is not None else input_ids) if batched else 1
+    rid = request_ids(body, request, num_prompts, batched)
     try:
         requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=rid)
     except ValueError as e:
         raise ApiError(str(e)) from None
+    request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
     if body.get("stream"):
         response = await open_event_stream(request)
         incremental = request.app[SERVER_ARGS].incremental_streaming_output
@@ -69,11 +131,17 @@ async def generate(request: web.Request) -> web.StreamResponse:
         async for i, delta, req, finished in run(request, requests):
             text_so_far[i] += delta
             chunk = native_result(engine, req, body)
+            meta = chunk["meta_info"]
             if not finished:  # the engine thread may have finished it since this update
-                chunk["meta_info"]["finish_reason"] = None
+                meta["finish_reason"] = None
+                meta.pop("e2e_latency", None)
             if incremental:
                 chunk["text"], ids = delta, chunk["output_ids"]
-                chunk["output_ids"], ids_sent[i] = ids[ids_sent[i]:], len(ids)
+                chunk["output_ids"] = ids[ids_sent[i]:]
+                for key in INCREMENTAL_KEYS:
+                    if key in meta:
+                        meta[key] = meta[key][ids_sent[i]:]
+                ids_sent[i] = len(ids)
             else:
                 chunk["text"] = text_so_far[i]  # SGLang streams the text so far
             chunk["index"] = i
@@ -83,3 +151,39 @@ async def generate(request: web.Request) -> web.StreamResponse:
     await run_to_end(request, requests)
     results = [native_result(engine, r, body) for r in requests]
     return web.json_response(results if batched or len(results) > 1 else results[0], dumps=json.dumps)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """SGLang's /tokenize: {prompt: text or texts, add_special_tokens} -> {tokens, count, max_model_len}."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    prompt = body.get("prompt")
+    single = isinstance(prompt, str)
+    require(single or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)),
+            "prompt must be a string or a list of strings", "prompt")
+    special = body.get("add_special_tokens", True)
+    require(isinstance(special, bool), "add_special_tokens must be true or false", "add_special_tokens")
+    require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
+    tokens = [engine.tokenizer.encode(p, add_special_tokens=special) for p in ([prompt] if single else prompt)]
+    counts = [len(t) for t in tokens]
+    return web.json_response({"tokens": tokens[0] if single else tokens, "count": counts[0] if single else counts,
+                              "max_model_len": engine.context_length})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """SGLang's /detokenize: {tokens: ids or lists of ids, skip_special_tokens} -> {text}."""
+    engine = request.app[ENGINE]
+    body = await read_json(request)
+    tokens = body.get("tokens")
+    single = isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+    require(single or (isinstance(tokens, list) and all(
+        isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in tokens)),
+        "tokens must be a list of token ids or a list of such lists", "tokens")
+    skip = body.get("skip_special_tokens", True)
+    require(isinstance(skip, bool), "skip_special_tokens must be true or false", "skip_special_tokens")
+    require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
+    vocab = engine.config.vocab_size
+    lists = [tokens] if single else tokens
+    require(all(0 <= t < vocab for ids in lists for t in ids), f"token ids must be in [0, {vocab})", "tokens")
+    texts = [engine.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists]
+    return web.json_response({"text": texts[0] if single else texts})

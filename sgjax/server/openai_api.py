@@ -8,7 +8,7 @@ from aiohttp import web
 
 from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
@@ -96,9 +96,11 @@ def finish_reason(req) -> str:
 
 def make_requests(request: web.Request, prompt, params: dict, input_ids=None):
     try:
-        return request.app[ENGINE].make_requests(prompt, params, input_ids, rid=request[REQUEST_ID])
+        requests = request.app[ENGINE].make_requests(prompt, params, input_ids, rid=request[REQUEST_ID])
     except ValueError as e:
         raise ApiError(str(e)) from None
+    request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
+    return requests
 
 
 # ---- /v1/completions -----------------------------------------------------------------------

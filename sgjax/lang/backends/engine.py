@@ -1,5 +1,4 @@
-"""In-process backend: an Engine in this Python process (start it with enable_prompt_logprobs=True
-for select)."""
+"""In-process backend: an Engine in this Python process."""
 
 from __future__ import annotations
 
@@ -31,8 +30,6 @@ class EngineBackend(Backend):
     def select(self, prompt, choices: list[str]) -> tuple[int, dict]:
         """Mean logprob of each choice's tokens after the prompt, all choices in one batch."""
         self.no_images(prompt)
-        if not self.engine.args.enable_prompt_logprobs:
-            raise ValueError("select needs an engine started with enable_prompt_logprobs=True")
         prefix = self.engine.tokenize(prompt.text)
         requests, starts = [], []
         for choice in choices:

@@ -1,0 +1,379 @@
+"""Stock clients against an sgjax server started with default flags, on a tiny model: SGLang's own frontend
+language (PyPI `sglang`, `sgl.RuntimeEndpoint`), SGLang's native API field by field, and the official openai
+client. Oracles: sgjax's own frontend on the same server (the same programs must give the same greedy text),
+transformers (prompt logprobs), the tokenizer (stop positions, /tokenize), and what each parameter means."""
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import numpy as np
+import openai
+import pytest
+import torch
+
+import sgjax as sgjax_lang
+from sgjax.engine import Engine
+from sgjax.testing.sglang_frontend import import_sglang
+from tests.e2e.test_server import LiveServer, get, post
+
+sgl = import_sglang()
+from sglang.lang.chat_template import ChatTemplate, register_chat_template  # noqa: E402
+
+MODEL = "tiny"
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+# The tiny model's chat template (tiny_models.CHAT_TEMPLATE) as SGLang's frontend describes one
+register_chat_template(ChatTemplate(name="sgjax-tiny", default_system_prompt=None, role_prefix_and_suffix={
+    "system": ("<|system|>", "<|end|>"), "user": ("<|user|>", "<|end|>"), "assistant": ("<|assistant|>", "<|end|>")}))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    path, hf_model = tiny_models("llama")
+    # Default flags: prompt logprobs (select, echo) must work without enable_prompt_logprobs
+    engine = Engine(path, dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=64,
+                    num_pages=600)
+    assert not engine.args.enable_prompt_logprobs
+    server = LiveServer(engine, served_model_name=MODEL)
+    backends = {"sglang": sgl.RuntimeEndpoint(server.url, chat_template_name="sgjax-tiny"),
+                "sgjax": sgjax_lang.RuntimeEndpoint(server.url)}
+    yield engine, server, hf_model, backends
+    server.stop()
+    engine.shutdown()
+
+
+def generate(server, body) -> tuple[int, dict]:
+    return post(server.url + "/generate", body, key=None)
+
+
+def greedy_ids(server, prompt: str, n: int = 12) -> list[int]:
+    status, body = generate(server, {"text": prompt, "sampling_params": {**GREEDY, "max_new_tokens": n}})
+    assert status == 200
+    return body["output_ids"]
+
+
+# ---- SGLang's frontend and sgjax's give the same text ----------------------------------------------------
+
+def programs(lang):
+    """The same programs written against either frontend (`lang`: the sglang or sgjax module)."""
+
+    @lang.function
+    def gens(s, topic):
+        s += "Topic: " + topic + "\n"
+        s += "A:" + lang.gen("a", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
+        s += "B:" + lang.gen("b", max_tokens=12, temperature=0, stop=["e", "\n"]) + "\n"
+        s += "C:" + lang.gen("c", max_tokens=8, temperature=0, regex=r"[0-9]{3}")
+
+    @lang.function
+    def choose(s):
+        s += "My favourite thing is " + lang.select("thing", choices=["cats", "dogs", "the quick brown fox"])
+
+    @lang.function
+    def branches(s):
+        s += "Hello, my name is" + lang.gen("name", max_tokens=3, temperature=0, ignore_eos=True)
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f" and {i}:"
+        forks += lang.gen("more", max_tokens=4, temperature=0, ignore_eos=True)
+        return [f["more"] for f in forks]
+
+    @lang.function
+    def chat(s, question):
+        s += lang.user(question)
+        s += lang.assistant(lang.gen("answer", max_tokens=6, temperature=0, ignore_eos=True))
+
+    return gens, choose, branches, chat
+
+
+SGLANG, SGJAX = programs(sgl), programs(sgjax_lang)
+
+
+def test_gen_with_stop_regex_and_max_tokens_matches_sgjax_frontend(setup):
+    _, _, _, backends = setup
+    theirs = SGLANG[0].run(topic="radix trees", backend=backends["sglang"])
+    ours = SGJAX[0].run(topic="radix trees", backend=backends["sgjax"])
+    assert theirs.text() == ours.text()
+    assert re.fullmatch(r"[0-9]{3}", theirs["c"]) and "e" not in theirs["b"] and "\n" not in theirs["b"]
+    assert theirs.get_meta_info("a")["completion_tokens"] == 6
+
+
+def test_select_against_a_default_server_matches_sgjax_frontend(setup):
+    _, _, _, backends = setup
+    theirs = SGLANG[1].run(backend=backends["sglang"])
+    ours = SGJAX[1].run(backend=backends["sgjax"])
+    assert theirs["thing"] == ours["thing"]
+    # SGLang's client drops the token it re-scores for token healing; sgjax's scores the choice's tokens: the
+    # same choice wins, the scores are of different spans.
+    assert len(theirs.get_meta_info("thing")["normalized_prompt_logprobs"]) == 3
+
+
+def test_fork_run_batch_and_chat_roles_match_sgjax_frontend(setup):
+    _, _, _, backends = setup
+    assert SGLANG[2].run(backend=backends["sglang"]).ret_value == SGJAX[2].run(backend=backends["sgjax"]).ret_value
+    questions = [{"question": f"question {i}?"} for i in range(6)]
+    theirs = SGLANG[3].run_batch(questions, backend=backends["sglang"], num_threads=3)
+    ours = SGJAX[3].run_batch(questions, backend=backends["sgjax"], num_threads=3)
+    assert [s.text() for s in theirs] == [s.text() for s in ours]
+    assert theirs[0].text().startswith("<|user|>question 0?<|end|><|assistant|>")
+
+
+def test_streaming_with_logprobs_through_sglang_frontend(setup):
+    engine, _, _, backends = setup
+
+    @sgl.function
+    def stream_me(s):
+        s += "Once upon a time" + sgl.gen("story", max_tokens=10, temperature=0, ignore_eos=True,
+                                          return_logprob=True, return_text_in_logprobs=True)
+
+    state = stream_me.run(backend=backends["sglang"], stream=True)
+    pieces = list(state.text_iter("story"))
+    state.sync()
+    meta = state.get_meta_info("story")
+    assert "".join(pieces) == state["story"] and len(pieces) > 1
+    ids = [t for _, t, _ in meta["output_token_logprobs"]]
+    assert len(ids) == 10 and engine.tokenizer.decode(ids) == state["story"]
+    assert all(lp <= 0 and text == engine.tokenizer.decode([t]) for lp, t, text in meta["output_token_logprobs"])
+    assert meta["finish_reason"]["type"] == "length" and meta["e2e_latency"] > 0
+
+
+# ---- each sampling parameter means what it means in SGLang ------------------------------------------
+
+def test_min_new_tokens_delays_eos_that_logit_bias_forces(setup):
+    engine, server, _, _ = setup
+    eos = engine.tokenizer.eos_token_id
+    forced = {"temperature": 0, "max_new_tokens": 20, "logit_bias": {str(eos): 100}}
+    _, body = generate(server, {"text": "Hello", "sampling_params": forced})
+    assert body["output_ids"] == [eos] and body["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+    _, body = generate(server, {"text": "Hello", "sampling_params": {**forced, "min_new_tokens": 5}})
+    assert len(body["output_ids"]) == 6 and eos not in body["output_ids"][:5] and body["output_ids"][5] == eos
+    # a stop token is held back the same way
+    token = greedy_ids(server, "Hello", 1)[0]
+    stop = {"temperature": 0, "max_new_tokens": 20, "logit_bias": {str(token): 100}, "stop_token_ids": [token]}
+    _, body = generate(server, {"text": "Hello", "sampling_params": {**stop, "min_new_tokens": 3}})
+    assert body["output_ids"][3:] == [token] and token not in body["output_ids"][:3]
+
+
+def test_stop_regex_ends_where_the_text_first_matches(setup):
+    engine, server, _, _ = setup
+    ids = greedy_ids(server, "The quick brown")
+    full = engine.tokenizer.decode(ids)
+    pattern = re.escape(full[len(full) // 2:len(full) // 2 + 2])
+    cut = next(k for k in range(1, len(ids) + 1) if re.search(pattern, engine.tokenizer.decode(ids[:k])))
+    _, body = generate(server, {"text": "The quick brown", "sampling_params": {**GREEDY, "max_new_tokens": 12,
+                                                                                "stop_regex": [pattern]}})
+    assert body["output_ids"] == ids[:cut] and body["text"] == engine.tokenizer.decode(ids[:cut])
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+
+
+def test_no_stop_trim_keeps_the_stop_string(setup):
+    engine, server, _, _ = setup
+    full = engine.tokenizer.decode(greedy_ids(server, "Hello, my name"))
+    stop = full[3:5]
+    at = full.index(stop)
+    params = {**GREEDY, "max_new_tokens": 12, "stop": stop}
+    _, trimmed = generate(server, {"text": "Hello, my name", "sampling_params": params})
+    _, kept = generate(server, {"text": "Hello, my name", "sampling_params": {**params, "no_stop_trim": True}})
+    assert trimmed["text"] == full[:at] and kept["text"] == full[:at + len(stop)]
+    assert kept["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+
+
+def test_sampling_seed_is_seed(setup):
+    _, server, _, _ = setup
+    sampled = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True}
+    outs = [generate(server, {"text": "Hi", "sampling_params": {**sampled, **extra}})[1]["output_ids"]
+            for extra in ({"sampling_seed": 7}, {"seed": 7}, {"sampling_seed": 8})]
+    assert outs[0] == outs[1] != outs[2]
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"structural_tag": '{"structures": []}'}, "structural_tag"),
+    ({"beam_width": 2}, "beam_width"),
+    ({"custom_params": 3}, "custom_params"),
+    ({"min_new_tokens": -1}, "min_new_tokens"),
+    ({"stop_regex": "("}, "stop_regex"),
+    ({"sampling_seed": 1, "seed": 2}, "sampling_seed"),
+    ({"bogus": 1}, "unknown sampling parameters"),
+])
+def test_unsupported_or_bad_sampling_params_get_400_naming_them(setup, params, needle):
+    _, server, _, _ = setup
+    status, body = generate(server, {"text": "Hi", "sampling_params": params})
+    assert status == 400 and needle in body["error"]["message"]
+
+
+def test_null_params_take_sglang_defaults_and_custom_params_are_accepted(setup):
+    _, server, _, _ = setup
+    status, body = generate(server, {"text": "Hi", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0, "top_k": None, "stop_regex": None, "structural_tag": None,
+        "custom_params": {"note": 1}, "spaces_between_special_tokens": False, "stream_interval": 2}})
+    assert status == 200 and body["meta_info"]["completion_tokens"] == 4
+
+
+# ---- /generate's fields, meta_info, request ids -------------------------------------------------------
+
+def test_meta_info_has_sglang_fields_streamed_and_not(setup):
+    engine, server, _, _ = setup
+    body = {"text": "Hello", "sampling_params": GREEDY, "return_logprob": True, "top_logprobs_num": 2,
+            "return_text_in_logprobs": True, "logprob_start_len": 0}
+    status, whole = generate(server, body)
+    meta = whole["meta_info"]
+    assert status == 200 and {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                              "e2e_latency", "input_token_logprobs", "output_token_logprobs",
+                              "input_top_logprobs", "output_top_logprobs"} <= set(meta)
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == engine.tokenize("Hello")
+    assert meta["input_token_logprobs"][0][0] is None  # the first prompt token has no logprob
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+
+    async def stream():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/generate", json={**body, "stream": True}) as r:
+                return [json.loads(line[6:]) async for line in r.content if line.startswith(b"data: {")]
+
+    events = asyncio.run(stream())
+    for event in events[:-1]:
+        assert event["meta_info"]["finish_reason"] is None and "e2e_latency" not in event["meta_info"]
+        assert len(event["meta_info"]["output_token_logprobs"]) == len(event["output_ids"])  # cumulative
+    assert events[-1]["output_ids"] == whole["output_ids"] and events[-1]["text"] == whole["text"]
+    streamed = events[-1]["meta_info"]["output_token_logprobs"]
+    assert [e[1:] for e in streamed] == [e[1:] for e in meta["output_token_logprobs"]]
+    assert [e[0] for e in streamed] == pytest.approx([e[0] for e in meta["output_token_logprobs"]], abs=1e-5)
+
+
+@pytest.mark.parametrize("field", ["image_data", "video_data", "audio_data"])
+def test_multimodal_input_on_a_text_model_gets_400(setup, field):
+    _, server, _, _ = setup
+    status, body = generate(server, {"text": "What is in the picture?", field: "data:image/png;base64,AAAA"})
+    assert status == 400 and "takes no" in body["error"]["message"] and body["error"]["param"] == field
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"text": "Hi", "token_ids_logprob": [1, 2]}, "token_ids_logprob"),
+    ({"text": "Hi", "lora_path": "x"}, "LoRA"),
+    ({"text": "Hi", "made_up": 1}, "unknown fields"),
+    ({"text": ["a", "b"], "rid": ["same", "same"]}, "rid"),
+    ({"text": "Hi", "return_logprob": [True, False]}, "return_logprob"),
+])
+def test_generate_fields_sgjax_cannot_honour_get_400(setup, body, needle):
+    _, server, _, _ = setup
+    status, reply = generate(server, body)
+    assert status == 400 and needle in reply["error"]["message"]
+
+
+def test_batch_with_a_rid_per_prompt(setup):
+    _, server, _, _ = setup
+    status, body = generate(server, {"text": ["a", "b"], "rid": ["first", "second"], "sampling_params": GREEDY})
+    assert status == 200 and [b["meta_info"]["id"] for b in body] == ["first", "second"]
+
+
+async def open_stream(session, server, rid, **extra):
+    """A long streaming request, started: the response, once its first event is in."""
+    r = await session.post(server.url + "/generate", json={
+        "text": "Tell me everything", "rid": rid, "stream": True,
+        "sampling_params": {"max_new_tokens": 300, "ignore_eos": True, **extra}})
+    assert r.status == 200
+    await r.content.readline()
+    return r
+
+
+async def last_events(r) -> list[dict]:
+    """Each sample's last event of a stream."""
+    last = {}
+    async for line in r.content:
+        if line.startswith(b"data: {"):
+            event = json.loads(line[6:])
+            last[event["index"]] = event
+    return [last[i] for i in sorted(last)]
+
+
+def test_running_rid_reused_gets_400_and_the_running_request_goes_on(setup):
+    _, server, _, _ = setup
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            first = await open_stream(session, server, "dup")
+            async with session.post(server.url + "/generate", json={"text": "x", "rid": "dup"}) as r:
+                status, error = r.status, await r.json()
+            line = await first.content.readline()
+            while not line.startswith(b"data: {"):
+                line = await first.content.readline()
+            still_running = json.loads(line[6:])["meta_info"]["finish_reason"] is None
+            await session.post(server.url + "/abort_request", json={"rid": "dup"})
+            return status, error, still_running, await last_events(first)
+
+    status, error, still_running, ends = asyncio.run(scenario())
+    assert status == 400 and "already running" in error["error"]["message"]
+    assert still_running and ends[0]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert generate(server, {"text": "x", "rid": "dup", "sampling_params": {"max_new_tokens": 1}})[0] == 200
+
+
+def test_abort_by_rid_aborts_every_sample_and_abort_all_every_request(setup):
+    _, server, _, _ = setup
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            many = await open_stream(session, server, "many", n=3, temperature=1.0)
+            await session.post(server.url + "/abort_request", json={"rid": "many"})
+            samples = await last_events(many)
+            a, b = await open_stream(session, server, "a"), await open_stream(session, server, "b")
+            await session.post(server.url + "/abort_request", json={"abort_all": True})
+            return samples, await last_events(a) + await last_events(b)
+
+    samples, others = asyncio.run(scenario())
+    assert len(samples) == 3 and all(s["meta_info"]["finish_reason"]["type"] == "abort" for s in samples)
+    assert all(e["meta_info"]["finish_reason"]["type"] == "abort" for e in others)
+    assert all(e["meta_info"]["completion_tokens"] < 300 for e in samples + others)
+
+
+# ---- native routes -------------------------------------------------------------------------------
+
+def test_native_routes(setup):
+    engine, server, _, _ = setup
+    status, body = post(server.url + "/tokenize", {"prompt": "Hello world"}, key=None)
+    assert status == 200 and body["tokens"] == engine.tokenizer.encode("Hello world")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.context_length
+    status, back = post(server.url + "/detokenize", {"tokens": body["tokens"]}, key=None)
+    assert back["text"] == "Hello world"
+    status, batch = post(server.url + "/v1/tokenize", {"prompt": ["a", "b"], "add_special_tokens": False}, key=None)
+    assert batch["tokens"] == [engine.tokenizer.encode(t, add_special_tokens=False) for t in "ab"]
+    for path in ("/get_server_info", "/server_info"):
+        info = json.loads(get(server.url + path, key=None)[1])
+        assert info["max_total_num_tokens"] == engine.num_usable_pages * engine.args.page_size
+        assert info["version"] == "0.1.0"
+    for path in ("/get_model_info", "/model_info"):
+        info = json.loads(get(server.url + path, key=None)[1])
+        assert info["model_path"] == engine.args.model_path and info["has_image_understanding"] is False
+    assert get(server.url + "/flush_cache", key=None)[0] == 200
+    assert get(server.url + "/health", key=None)[0] == 200 and get(server.url + "/health_generate", key=None)[0] == 200
+    assert json.loads(get(server.url + "/v1/models", key=None)[1])["data"][0]["id"] == MODEL
+    assert post(server.url + "/detokenize", {"tokens": [10**6]}, key=None)[0] == 400
+
+
+# ---- the official openai client on a default server ------------------------------------------------
+
+def test_openai_echo_logprobs_with_max_tokens_0_on_a_default_server(setup):
+    engine, server, hf_model, _ = setup
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    ids = engine.tokenize(prompt)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1)
+    got = r.choices[0].logprobs.token_logprobs
+    assert r.choices[0].text == prompt and got[0] is None
+    np.testing.assert_allclose(got[1:], [float(ref[q - 1, ids[q]]) for q in range(1, len(ids))], atol=1e-4)
+
+
+def test_openai_chat_logprobs_and_n_with_seed(setup):
+    _, server, _, _ = setup
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+    runs = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, n=2, seed=11,
+                                           temperature=1.0) for _ in range(2)]
+    texts = [[c.message.content for c in run.choices] for run in runs]
+    assert texts[0] == texts[1] and len(texts[0]) == 2
