@@ -40,9 +40,9 @@ def hf_continuation(engine, hf_model, text: str, n: int) -> str:
 
 
 @sgl.function
-def qa(s, question, n=6):
+def qa(s, question, length=6):  # not `n`: run(n=...) is a sampling argument, as in SGLang
     s += "Q: " + question + "\nA:"
-    s += sgl.gen("answer", max_tokens=n, ignore_eos=True)
+    s += sgl.gen("answer", max_tokens=length, ignore_eos=True)
 
 
 def test_gen_matches_transformers(setup, backend):
@@ -128,17 +128,17 @@ def test_fork_branches_share_the_prefix(setup, backend):
 def test_run_batch_of_64_programs(setup, backend):
     engine, _, _, _ = setup
     questions = [f"question number {i}?" for i in range(64)]
-    states = qa.run_batch([{"question": q, "n": 4} for q in questions], backend=backend, num_threads=16)
+    states = qa.run_batch([{"question": q, "length": 4} for q in questions], backend=backend, num_threads=16)
     expected = engine.generate([f"Q: {q}\nA:" for q in questions],
                                {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
     assert [s["answer"] for s in states] == [e["text"] for e in expected]
 
 
 def test_streaming_text_iter(setup, backend):
-    state = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    state = qa.run(question="Stream it", length=8, backend=backend, stream=True)
     pieces = list(state.text_iter())
     assert "".join(pieces) == state.sync().text() and len(pieces) > 2
-    again = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    again = qa.run(question="Stream it", length=8, backend=backend, stream=True)
     assert "".join(again.text_iter("answer")) == state["answer"]
 
 
