@@ -12,7 +12,8 @@ import warnings
 from sgjax.lang.global_config import global_config
 from sgjax.lang.primitives import Gen
 
-# The text a gen with `dtype` may produce (the trailing space or newline lets the model end the value)
+# The text a gen with `dtype` may produce (a number's trailing space or newline is a stop string, so the
+# model can end it and the value leaves it out)
 DTYPE_REGEX = {
     int: r"[-+]?[0-9]+[ \n]*",
     float: r"[-+]?[0-9]*\.?[0-9]+[ \n]*",
@@ -60,6 +61,9 @@ def resolve(gen: Gen, defaults: SamplingDefaults) -> Gen:
         if gen.regex is not None:
             warnings.warn(f"gen {gen.name!r} has both dtype and regex; the dtype's regex is used", stacklevel=2)
         filled["regex"] = DTYPE_REGEX[dtype]
+        if dtype in (int, float):  # a number ends at a space or newline, which the value leaves out
+            stop = filled.get("stop", gen.stop)
+            filled["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + [" ", "\n"]
     resolved = dataclasses.replace(gen, **filled)
     if resolved.n != 1:
         raise ValueError(f"gen {gen.name!r}: n={resolved.n} is not supported in a program; fork the state "
