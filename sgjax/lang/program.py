@@ -14,14 +14,12 @@ import warnings
 
 from sgjax.lang.api import backend_of
 from sgjax.lang.global_config import global_config
-from sgjax.lang.sampling import SAMPLING_ARGS, SamplingDefaults
+from sgjax.lang.sampling import SamplingDefaults
 from sgjax.lang.state import ProgramState
 
 
 def _defaults(sampling: dict) -> SamplingDefaults:
-    unknown = set(sampling) - SAMPLING_ARGS
-    if unknown:  # unreachable through run(): its **kwargs are the program's arguments
-        raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
+    """run()'s sampling arguments; None leaves a field at its default."""
     return SamplingDefaults(**{k: v for k, v in sampling.items() if v is not None})
 
 
