@@ -11,7 +11,7 @@ import torch
 
 import sgjax as sgl
 from sgjax.engine import Engine
-from sgjax.lang.backends.base import Backend
+from sgjax.lang.backends.base import Backend, choice_start
 from sgjax.lang.primitives import Gen
 from tests.e2e.test_server import LiveServer
 from tests.hf_oracle import hf_greedy
@@ -40,9 +40,9 @@ def hf_continuation(engine, hf_model, text: str, n: int) -> str:
 
 
 @sgl.function
-def qa(s, question, n=6):
+def qa(s, question, length=6):  # not `n`: run(n=...) is a sampling argument, as in SGLang
     s += "Q: " + question + "\nA:"
-    s += sgl.gen("answer", max_tokens=n, ignore_eos=True)
+    s += sgl.gen("answer", max_tokens=length, ignore_eos=True)
 
 
 def test_gen_matches_transformers(setup, backend):
@@ -128,17 +128,17 @@ def test_fork_branches_share_the_prefix(setup, backend):
 def test_run_batch_of_64_programs(setup, backend):
     engine, _, _, _ = setup
     questions = [f"question number {i}?" for i in range(64)]
-    states = qa.run_batch([{"question": q, "n": 4} for q in questions], backend=backend, num_threads=16)
+    states = qa.run_batch([{"question": q, "length": 4} for q in questions], backend=backend, num_threads=16)
     expected = engine.generate([f"Q: {q}\nA:" for q in questions],
                                {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
     assert [s["answer"] for s in states] == [e["text"] for e in expected]
 
 
 def test_streaming_text_iter(setup, backend):
-    state = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    state = qa.run(question="Stream it", length=8, backend=backend, stream=True)
     pieces = list(state.text_iter())
     assert "".join(pieces) == state.sync().text() and len(pieces) > 2
-    again = qa.run(question="Stream it", n=8, backend=backend, stream=True)
+    again = qa.run(question="Stream it", length=8, backend=backend, stream=True)
     assert "".join(again.text_iter("answer")) == state["answer"]
 
 
@@ -329,3 +329,90 @@ def test_api_speculative_execution_reuses_one_call():
     state = profile.run(backend=backend)
     assert (state["name"], state["age"], state["job"]) == (" Bob", " 40", " cook")
     assert [c[0] for c in backend.calls] == ["Name:", "Name: Bob\nAge:"]
+
+
+# ---- SGLang's frontend API: run defaults, dtype, choices methods, streaming meta, errors --------------
+
+def test_run_sampling_defaults_and_dtype_in_process(setup, backend):
+    engine, _, hf_model, _ = setup
+
+    @sgl.function
+    def answer_then_count(s):
+        s += "Q: why?\nA:" + sgl.gen("a") + "\nN: " + sgl.gen_int("k")
+
+    state = answer_then_count.run(backend=backend, max_new_tokens=4, ignore_eos=True)
+    assert state["a"] == hf_continuation(engine, hf_model, "Q: why?\nA:", 4)  # run()'s defaults reached the gen
+    assert re.fullmatch(r"[-+]?[0-9]+\s*", state["k"]) and state.get_meta_info("k")["completion_tokens"] <= 4
+
+
+def hf_token_logprobs(hf_model, ids: list[int], start: int) -> list[float]:
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    return [float(logprobs[q - 1, ids[q]]) for q in range(max(start, 1), len(ids))]
+
+
+def test_choices_methods_match_transformers(setup, backend):
+    engine, _, hf_model, _ = setup
+    prefix, choices = "The colour is ", ["red", "green apple", "blue sky"]
+    cond, uncond = [], []
+    for c in choices:
+        ids = engine.tokenize(prefix + c)
+        start = choice_start(engine.tokenize(prefix), ids)
+        cond.append(hf_token_logprobs(hf_model, ids, start))
+        uncond.append([0.0] + hf_token_logprobs(hf_model, ids[start:], 1))
+
+    for method in (sgl.greedy_token_selection, sgl.unconditional_likelihood_normalized):
+        @sgl.function
+        def pick(s):
+            s += prefix + sgl.select("c", choices, choices_method=method)
+
+        state = pick.run(backend=backend)
+        assert state["c"] == choices[method.pick(cond, uncond)[0]]
+        flat = [e[0] for tokens in state.get_meta_info("c")["input_token_logprobs"] for e in tokens]
+        np.testing.assert_allclose(flat, [v for lp in cond for v in lp], atol=1e-4)
+
+
+def test_greedy_token_selection_decides_at_the_first_differing_token():
+    # means: 0 -> -1.5, 1 -> -1.0; greedy looks at token 0 first (-1 > -2), then compares the rest
+    index, meta = sgl.greedy_token_selection.pick([[-1.0, -2.0], [-2.0, 0.0], [-1.0, -3.0]])
+    assert index == 0 and meta["greedy_logprob_matrix"][0] == [-1.0, -2.0]
+    assert sgl.token_length_normalized.pick([[-1.0, -2.0], [-2.0, 0.0]])[0] == 1
+    assert sgl.greedy_token_selection.pick([[-1.0], [-1.0, -0.5]])[0] == 1  # the short one continues at its mean
+
+
+def test_streaming_meta_data_async_in_process(setup):
+    engine, _, hf_model, backends = setup
+
+    @sgl.function
+    def story(s):
+        s += "Once" + sgl.gen("story", max_tokens=6, ignore_eos=True, return_logprob=True)
+
+    async def read(state):
+        return [piece async for piece in state.text_async_iter("story", return_meta_data=True)]
+
+    import asyncio
+
+    state = story.run(backend=backends["engine"], stream=True)
+    pieces = asyncio.run(read(state))
+    counts = [len(meta["output_token_logprobs"]) for _, meta in pieces]
+    assert "".join(t for t, _ in pieces) == state["story"] and counts == sorted(counts) and counts[-1] <= 6
+    ids = [tok for _, tok, _ in state.get_meta_info("story")["output_token_logprobs"]]
+    assert ids == hf_greedy(hf_model, engine.tokenize("Once"), 6)
+
+
+def test_unsupported_requests_get_named_errors(setup, openai_backend):
+    @sgl.function
+    def cut(s):
+        s += "Hi" + sgl.gen("x", max_tokens=2, stop_regex="[0-9]")
+
+    with pytest.raises(ValueError, match="stop_regex.*not supported by OpenAI"):
+        cut.run(backend=openai_backend)
+    with pytest.raises(NotImplementedError, match="video"):
+        sgl.video("clip.mp4", 4)
+
+    @sgl.function
+    def many(s, k):
+        s += "Hi" + sgl.gen("x", max_tokens=2, n=k)
+
+    states = many.run_batch([(1,), (2,)], backend=setup[3]["engine"])
+    assert states[0].error() is None and "fork" in str(states[1].error())

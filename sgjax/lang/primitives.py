@@ -1,12 +1,16 @@
-"""The expressions a program adds to its state: text, gen, select, image, and role markers.
+"""The expressions a program adds to its state: text, gen, select, image, role markers, variable scopes.
 
-They are plain data; ProgramState (state.py) executes them against a backend.
+They are plain data; ProgramState (state.py) executes them against a backend. Signatures follow SGLang's
+frontend (`sglang.lang.api`), so programs port by changing the import.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
+
+from sgjax.lang.choices import ChoicesMethod, token_length_normalized
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,35 +37,37 @@ class Seq(list):
 
 @dataclasses.dataclass
 class Gen(Expr):
-    name: str | None
-    max_tokens: int = 128
+    """A generation call. A field left None takes the value run()/run_batch() give (sampling.py)."""
+    name: str | None = None
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    n: int | None = None
     stop: str | list[str] | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    ignore_eos: bool = False
-    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    ignore_eos: bool | None = None
+    return_logprob: bool | None = None
+    logprob_start_len: int | None = None
+    top_logprobs_num: int | None = None
+    return_text_in_logprobs: bool | None = None
+    dtype: type | str | None = None  # int, float, str or bool: constrains the text to look like one
     regex: str | None = None
     json_schema: str | dict | None = None
-    choices: list[str] | None = None  # generated under a choices constraint (select picks by logprob)
-
-    def sampling_params(self) -> dict:
-        """The engine's SamplingParams fields for this call."""
-        params = {"max_new_tokens": self.max_tokens, "stop": self.stop, "temperature": self.temperature,
-                  "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                  "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
-                  "ignore_eos": self.ignore_eos, "seed": self.seed, "regex": self.regex,
-                  "json_schema": self.json_schema, "choices": self.choices}
-        return {k: v for k, v in params.items() if v is not None}
+    seed: int | None = None  # sgjax's addition: a seeded sample is reproducible
 
 
 @dataclasses.dataclass
 class Select(Expr):
     name: str | None
     choices: list[str]
+    temperature: float = 0.0
+    choices_method: ChoicesMethod = token_length_normalized
 
 
 @dataclasses.dataclass
@@ -80,21 +86,79 @@ class RoleEnd(Expr):
     role: str
 
 
-def gen(name: str | None = None, max_tokens: int = 128, stop: str | list[str] | None = None,
-        temperature: float = 0.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
-        frequency_penalty: float = 0.0, presence_penalty: float = 0.0, ignore_eos: bool = False,
-        seed: int | None = None, regex: str | None = None, json_schema: str | dict | None = None,
-        choices: list[str] | None = None) -> Gen:
-    """Generate text into variable `name` (greedy by default, as SGLang's frontend)."""
-    return Gen(name, max_tokens, stop, temperature, top_p, top_k, min_p, frequency_penalty, presence_penalty,
-               ignore_eos, seed, regex, json_schema, choices)
+@dataclasses.dataclass
+class VarScopeBegin(Expr):
+    name: str
 
 
-def select(name: str | None = None, choices: list[str] | None = None) -> Select:
-    """Append the choice the model finds most likely (mean token logprob), stored in `name`."""
+@dataclasses.dataclass
+class VarScopeEnd(Expr):
+    name: str
+
+
+@dataclasses.dataclass
+class SeparateReasoning(Expr):
+    """Split the named gens' text into `<name>_reasoning_content` and the answer (the model's think tags)."""
+    names: list[str]
+    model_type: str | None
+
+
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
+        n: int | None = None, stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+        stop_regex: str | list[str] | None = None, temperature: float | None = None, top_p: float | None = None,
+        top_k: int | None = None, min_p: float | None = None, frequency_penalty: float | None = None,
+        presence_penalty: float | None = None, ignore_eos: bool | None = None, return_logprob: bool | None = None,
+        logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool | None = None, dtype: type | str | None = None,
+        choices: list[str] | None = None, choices_method: ChoicesMethod | None = None, regex: str | None = None,
+        json_schema: str | dict | None = None, seed: int | None = None) -> Gen | Select:
+    """Generate text into variable `name`; with `choices`, a select among them (as SGLang's gen)."""
+    if choices:
+        return select(name, choices, 0.0 if temperature is None else temperature,
+                      choices_method or token_length_normalized)
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"regex {regex!r} does not compile: {e}") from None
+    return Gen(name, max_tokens, min_tokens, n, stop, stop_token_ids, stop_regex, temperature, top_p, top_k, min_p,
+               frequency_penalty, presence_penalty, ignore_eos, return_logprob, logprob_start_len, top_logprobs_num,
+               return_text_in_logprobs, dtype, regex, json_schema, seed)
+
+
+def _typed_gen(dtype: type):
+    def typed(name: str | None = None, max_tokens: int | None = None, n: int | None = None,
+              stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+              stop_regex: str | list[str] | None = None, temperature: float | None = None,
+              top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+              frequency_penalty: float | None = None, presence_penalty: float | None = None,
+              ignore_eos: bool | None = None, return_logprob: bool | None = None,
+              logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+              return_text_in_logprobs: bool | None = None) -> Gen:
+        return Gen(name, max_tokens, None, n, stop, stop_token_ids, stop_regex, temperature, top_p, top_k, min_p,
+                   frequency_penalty, presence_penalty, ignore_eos, return_logprob, logprob_start_len,
+                   top_logprobs_num, return_text_in_logprobs, dtype)
+
+    typed.__name__ = f"gen_{'int' if dtype is int else 'string'}"
+    typed.__doc__ = f"gen(..., dtype={dtype.__name__}): the text of {'an integer' if dtype is int else 'a quoted string'}."
+    return typed
+
+
+gen_int = _typed_gen(int)
+gen_string = _typed_gen(str)
+
+
+def select(name: str | None = None, choices: list[str] | None = None, temperature: float = 0.0,
+           choices_method: ChoicesMethod = token_length_normalized) -> Select:
+    """Append the choice the model finds most likely (by `choices_method`), stored in `name`."""
     if not choices or not all(isinstance(c, str) for c in choices):
         raise ValueError("select needs a non-empty list of strings as choices")
-    return Select(name, list(choices))
+    if temperature > 1e-5:
+        raise ValueError(f"select scores its choices by logprob; temperature must be 0, got {temperature}")
+    if not isinstance(choices_method, ChoicesMethod):
+        raise ValueError("choices_method must be sgl.token_length_normalized, sgl.greedy_token_selection or "
+                         "sgl.unconditional_likelihood_normalized")
+    return Select(name, list(choices), temperature, choices_method)
 
 
 def image(source: str | bytes) -> Image:
@@ -121,6 +185,29 @@ def image(source: str | bytes) -> Image:
     except Exception as e:
         raise ValueError(f"not a readable image: {e}") from None
     return Image(data, f"image/{fmt.lower()}")
+
+
+def video(path: str, num_frames: int) -> Expr:
+    """Video input: not supported yet by any sgjax backend."""
+    raise NotImplementedError(f"sgl.video({path!r}, {num_frames}): sgjax serves no video model yet; pass frames "
+                              "as sgl.image(...) to a vision model instead")
+
+
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> Seq:
+    """Run expr, then move each of its gens' reasoning (the think block) to `<name>_reasoning_content`."""
+    names = []
+
+    def collect(e):
+        if isinstance(e, (Gen, Select)):
+            if not e.name:
+                raise ValueError("separate_reasoning needs a named gen (its reasoning goes to <name>_reasoning_content)")
+            names.append(e.name)
+        elif isinstance(e, list):
+            for x in e:
+                collect(x)
+
+    collect(expr)
+    return Seq([expr, SeparateReasoning(names, model_type)])
 
 
 def _role(role: str, *content: Any) -> Seq:

@@ -6,6 +6,9 @@ Python control flow can read `s["name"]` on the next line. `s.fork(n)` copies th
 branches that run their additions in parallel threads; their prompts share the text before the fork,
 which the server's radix cache holds once.
 
+A program run with stream=True records each piece of text as it is appended (with its gen's meta
+information so far); text_iter / text_async_iter read them, any number of times, while the program runs.
+
 API speculative execution (`@function(num_api_spec_tokens=N)` with an OpenAI-style backend): a gen
 asks for N tokens without its stop string; the text after the stop is kept, and the constant text and
 gens that follow are matched against it instead of calling the API again.
@@ -13,14 +16,17 @@ gens that follow are matched against it instead of calling the API again.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
-from sgjax.lang.primitives import Gen, Image, RoleBegin, RoleEnd, Select, Seq
+from sgjax.lang.primitives import (Gen, Image, RoleBegin, RoleEnd, Select, SeparateReasoning, Seq, VarScopeBegin,
+                                   VarScopeEnd, assistant, system, user)
+from sgjax.lang.sampling import SamplingDefaults, resolve
 
 
 @dataclasses.dataclass
@@ -32,8 +38,10 @@ class Prompt:
 
 
 class ProgramState:
-    def __init__(self, backend, *, num_api_spec_tokens: int | None = None, stream: bool = False):
+    def __init__(self, backend, *, defaults: SamplingDefaults | None = None, num_api_spec_tokens: int | None = None,
+                 stream: bool = False):
         self.backend = backend
+        self._defaults = defaults or SamplingDefaults()
         self._text = ""
         self._vars: dict[str, object] = {}
         self._meta: dict[str, dict] = {}
@@ -41,10 +49,14 @@ class ProgramState:
         self._role: str | None = None
         self._role_start = 0
         self._images: list[Image] = []
+        self._scopes: dict[str, int] = {}  # open var_scope -> where its text starts
+        self._fork_start = 0  # where a fork branch's own text starts
         self._spec_tokens = num_api_spec_tokens
         self._spec = ""  # generated text not yet matched by the program
         self._spec_meta: dict = {}  # the meta information of the call that produced it
-        self._stream: queue.Queue | None = queue.Queue() if stream else None
+        self._stream = stream
+        self._chunks: list[tuple[str, str | None, dict | None]] = []  # (text, variable, its meta so far)
+        self._changed = threading.Condition()
         self._done = threading.Event()
         self._error: BaseException | None = None
         self.ret_value = None  # what the program function returned
@@ -60,19 +72,29 @@ class ProgramState:
             out.append({"role": self._role, "content": self._text[self._role_start:]})
         return out
 
-    def __getitem__(self, name: str):
-        if name not in self._vars and self._stream is not None:
-            self.sync()  # a streamed program may still be producing it
+    def get_var(self, name: str):
+        if name not in self._vars and self._stream:
+            self._done.wait()  # a streamed program may still be producing it
         if name not in self._vars:
+            if self._error is not None:
+                raise RuntimeError(f"variable {name!r} was not set: the program failed") from self._error
             raise KeyError(f"no variable {name!r}; the program set {sorted(self._vars)}")
         return self._vars[name]
+
+    def set_var(self, name: str, value) -> None:
+        self._vars[name] = value
+
+    __getitem__ = get_var
+    __setitem__ = set_var
 
     def __contains__(self, name: str) -> bool:
         return name in self._vars
 
-    def get_meta_info(self, name: str) -> dict:
-        """The backend's meta information of the gen or select that set `name` (tokens, cached tokens...)."""
-        return self._meta[name]
+    def get_meta_info(self, name: str) -> dict | None:
+        """The backend's meta information of the gen or select that set `name` (tokens, logprobs...)."""
+        if name not in self._meta and self._stream:
+            self._done.wait()
+        return self._meta.get(name)
 
     def sync(self) -> "ProgramState":
         """Wait for a program started with stream=True to end (re-raising its error)."""
@@ -81,37 +103,101 @@ class ProgramState:
             raise self._error
         return self
 
-    def text_iter(self, var_name: str | None = None) -> Iterator[str]:
-        """The text as it is produced (only variable `var_name`'s, if given); needs run(stream=True)."""
-        if self._stream is None:
-            raise ValueError("text_iter needs a program run with stream=True")
+    def error(self) -> BaseException | None:
+        """The exception the program ended with (after waiting for it to end), or None."""
+        self._done.wait()
+        return self._error
+
+    def text_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> Iterator:
+        """The text as it is produced (only variable `var_name`'s, if given); with return_meta_data,
+        (text, meta information of its gen so far) pairs. Without stream=True: the whole text at once."""
+        if not self._stream:
+            text = self._text if var_name is None else self.get_var(var_name)
+            yield (text, self.get_meta_info(var_name) if var_name else None) if return_meta_data else text
+            return
+        seen = 0
         while True:
-            item = self._stream.get()
-            if item is None:
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._chunks) > seen or self._done.is_set())
+                new, finished = self._chunks[seen:], self._done.is_set()
+            seen += len(new)
+            for text, var, meta in new:
+                if var_name is None or var == var_name:
+                    yield (text, meta) if return_meta_data else text
+            if finished and seen == len(self._chunks):
                 break
-            text, name = item
-            if var_name is None or name == var_name:
-                yield text
         if self._error is not None:
             raise self._error
 
+    async def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> AsyncIterator:
+        """text_iter for asyncio: waits in an executor thread, never blocking the event loop."""
+        pieces, end = self.text_iter(var_name, return_meta_data), object()
+        loop = asyncio.get_running_loop()
+        while (item := await loop.run_in_executor(None, next, pieces, end)) is not end:
+            yield item
+
+    # ---- roles and scopes as methods, as SGLang's state has them ----------------------------
+    def _role_scope(self, make, expr):
+        if expr is not None:
+            self += make(expr)
+            return None
+        return self._open_role(make)
+
+    @contextlib.contextmanager
+    def _open_role(self, make):
+        begin, end = make()[0], make()[-1]
+        self += begin
+        yield
+        self += end
+
+    def system(self, expr=None):
+        """s.system(expr) adds a system message; `with s.system():` wraps what is added inside."""
+        return self._role_scope(system, expr)
+
+    def user(self, expr=None):
+        return self._role_scope(user, expr)
+
+    def assistant(self, expr=None):
+        return self._role_scope(assistant, expr)
+
+    @contextlib.contextmanager
+    def var_scope(self, name: str):
+        """`with s.var_scope("x"):` sets variable x to the text added inside."""
+        self += VarScopeBegin(name)
+        yield
+        self += VarScopeEnd(name)
+
     # ---- executing ---------------------------------------------------------------------------
     def __iadd__(self, expr) -> "ProgramState":
+        if expr is None:
+            raise ValueError("cannot add None to a program state")
         self._execute(expr)
         return self
 
-    def fork(self, n: int) -> "ForkGroup":
-        """n copies of this state; `forks += expr` runs expr on all of them in parallel."""
-        if n < 1:
-            raise ValueError("fork needs n >= 1")
-        return ForkGroup(self._copy() for _ in range(n))
+    def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> "ForkGroup":
+        """size copies of this state; `forks += expr` runs expr on all of them in parallel."""
+        if size < 1:
+            raise ValueError("fork needs size >= 1")
+        if position_ids_offset is not None:
+            raise ValueError("fork's position_ids_offset is not supported by sgjax")
+        return ForkGroup((self._copy() for _ in range(int(size))), self)
+
+    @contextlib.contextmanager
+    def copy(self):
+        """`with s.copy() as t:` a branch whose new variables join back into s (as lists) at the end."""
+        group = self.fork(1)
+        try:
+            yield group[0]
+        finally:
+            group.join()
 
     def _copy(self) -> "ProgramState":
-        twin = ProgramState(self.backend, num_api_spec_tokens=self._spec_tokens)
+        twin = ProgramState(self.backend, defaults=self._defaults, num_api_spec_tokens=self._spec_tokens)
         for attr in ("_text", "_role", "_role_start", "_spec", "_spec_meta"):
             setattr(twin, attr, getattr(self, attr))
-        twin._vars, twin._meta = dict(self._vars), dict(self._meta)
+        twin._vars, twin._meta, twin._scopes = dict(self._vars), dict(self._meta), dict(self._scopes)
         twin._messages, twin._images = copy.deepcopy(self._messages), list(self._images)
+        twin._fork_start = len(self._text)
         return twin
 
     def _execute(self, expr) -> None:
@@ -142,16 +228,27 @@ class ProgramState:
                                    "images": self._images})
             self._role, self._images = None, []
             self._append(self.backend.role_markers[expr.role][1])
+        elif isinstance(expr, VarScopeBegin):
+            self._scopes[expr.name] = len(self._text)
+        elif isinstance(expr, VarScopeEnd):
+            if expr.name not in self._scopes:
+                raise ValueError(f"var_scope {expr.name!r} ended without beginning")
+            self._vars[expr.name] = self._text[self._scopes.pop(expr.name):]
+        elif isinstance(expr, SeparateReasoning):
+            for name in expr.names:
+                self._separate_reasoning(name)
         else:
             raise TypeError(f"cannot add {type(expr).__name__} to a program state")
 
-    def _append(self, text: str, var: str | None = None, spec_checked: bool = False) -> None:
+    def _append(self, text: str, var: str | None = None, meta: dict | None = None, spec_checked: bool = False) -> None:
         if not spec_checked and var is None and self._spec:
             # Constant text: consume it from the speculated text, or drop the speculation.
             self._spec = self._spec[len(text):] if self._spec.startswith(text) else ""
         self._text += text
-        if self._stream is not None and text:
-            self._stream.put((text, var))
+        if self._stream and text:
+            with self._changed:
+                self._chunks.append((text, var, meta))
+                self._changed.notify_all()
 
     def _prompt(self) -> Prompt:
         messages = [dict(m) for m in self._messages]
@@ -164,14 +261,18 @@ class ProgramState:
             self._vars[name] = value
             self._meta[name] = meta
 
-    def _gen(self, gen: Gen) -> None:
+    def _gen(self, expr: Gen) -> None:
+        gen = resolve(expr, self._defaults)
+        self.backend.check(gen)
         if self._spec_tokens and getattr(self.backend, "supports_speculation", False):
             return self._gen_speculative(gen)
-        if self._stream is not None:
-            pieces, meta = [], {}
+        if self._stream:
+            pieces = []
             for delta, meta in self.backend.stream(self._prompt(), gen):
                 pieces.append(delta)
-                self._append(delta, var=gen.name or "")
+                if gen.name is not None:
+                    self._meta[gen.name] = meta
+                self._append(delta, var=gen.name or "", meta=meta)
             self._set(gen.name, "".join(pieces), meta)
             return
         text, meta = self.backend.generate(self._prompt(), gen)
@@ -195,28 +296,71 @@ class ProgramState:
 
     def _select(self, sel: Select) -> None:
         self._spec = ""
-        index, meta = self.backend.select(self._prompt(), sel.choices)
-        self._append(sel.choices[index], var=sel.name or "")
+        index, meta = self.backend.select(self._prompt(), sel)
+        self._append(sel.choices[index], var=sel.name or "", meta=meta)
         self._set(sel.name, sel.choices[index], meta)
 
+    def _separate_reasoning(self, name: str) -> None:
+        """Move the think block of variable `name` to `<name>_reasoning_content`, in the text too."""
+        full = self._vars[name]
+        head, sep, answer = full.partition("</think>")
+        if not sep:
+            self._vars[f"{name}_reasoning_content"] = ""
+            return
+        reasoning = head.split("<think>", 1)[-1].strip()
+        answer = answer.lstrip()
+        at = self._text.rfind(full)
+        if at >= 0:
+            self._text = self._text[:at] + answer + self._text[at + len(full):]
+        self._vars[name], self._vars[f"{name}_reasoning_content"] = answer, reasoning
+
     def _finish(self, error: BaseException | None = None) -> None:
-        self._error = error
-        self._done.set()
-        if self._stream is not None:
-            self._stream.put(None)
+        with self._changed:
+            self._error = error
+            self._done.set()
+            self._changed.notify_all()
 
     def __repr__(self) -> str:
         return f"ProgramState({self._text!r})"
 
 
 class ForkGroup(list):
-    """Branches of a fork: `forks += expr` runs expr on every branch at once."""
+    """Branches of a fork: `forks += expr` runs expr on every branch at once; `forks += lambda i: ...` or a
+    list gives each branch its own expression."""
+
+    def __init__(self, branches, parent: ProgramState | None = None):
+        super().__init__(branches)
+        self.parent = parent
 
     def __iadd__(self, expr) -> "ForkGroup":
+        if callable(expr):
+            exprs = [expr(i) for i in range(len(self))]
+        elif isinstance(expr, (list, tuple)) and not isinstance(expr, Seq):
+            if len(expr) != len(self):
+                raise ValueError(f"{len(expr)} expressions for {len(self)} fork branches")
+            exprs = list(expr)
+        else:
+            exprs = [expr] * len(self)
         if len(self) == 1:
-            self[0] += expr
+            self[0] += exprs[0]
             return self
         with concurrent.futures.ThreadPoolExecutor(len(self)) as pool:
-            for future in [pool.submit(branch._execute, expr) for branch in self]:
+            for future in [pool.submit(branch._execute, e) for branch, e in zip(self, exprs)]:
                 future.result()
         return self
+
+    def join(self, mode: str = "gather_variable") -> None:
+        """Bring the branches back into the state they forked from: their new variables as lists
+        ("gather_variable"), or their new text appended in order ("concate_and_append")."""
+        if self.parent is None:
+            raise ValueError("join needs the fork group of a state (s.fork(n))")
+        if mode == "gather_variable":
+            before = set(self.parent._vars)
+            for branch in self:
+                for name in branch._vars.keys() - before:
+                    self.parent._vars.setdefault(name, []).append(branch._vars[name])
+        elif mode == "concate_and_append":
+            for branch in self:
+                self.parent._append(branch._text[branch._fork_start:])
+        else:
+            raise ValueError(f"join mode must be 'gather_variable' or 'concate_and_append'; got {mode!r}")

@@ -83,7 +83,33 @@ def programs(lang):
         s += lang.user(question)
         s += lang.assistant(lang.gen("answer", max_tokens=6, temperature=0, ignore_eos=True))
 
-    return gens, choose, branches, chat
+    @lang.function
+    def typed(s, name):
+        # no max_tokens / temperature here: run()'s sampling arguments fill them in
+        s += "Name: " + name + "\nAge: " + lang.gen("age", dtype=int, max_tokens=3) + "\n"
+        s += "Height: " + lang.gen("height", dtype=float) + "\nTall: " + lang.gen("tall", dtype=bool) + "\n"
+        s += "Count: " + lang.gen_int("count") + "\nCity: " + lang.gen_string("city", max_tokens=4) + "\n"
+        s += "Record: " + lang.gen("record", max_tokens=24, json_schema=json.dumps({
+            "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"],
+            "additionalProperties": False}))
+
+    @lang.function
+    def scoped(s, question):
+        with s.var_scope("turn"):
+            s.user(question)
+            with s.assistant():
+                s += lang.gen("answer", max_tokens=4, ignore_eos=True)
+        s += lang.user("Which?") + lang.assistant(lang.gen("pick", choices=["yes", "no", "maybe later"],
+                                                           choices_method=lang.greedy_token_selection))
+        forks = s.fork(2)
+        forks += lambda i: f"Option {i}:" + lang.gen("option", max_tokens=3, ignore_eos=True)
+        forks.join()
+
+    @lang.function
+    def told(s, topic):
+        s += "Tell me about " + topic + ":" + lang.gen("story", return_logprob=True, return_text_in_logprobs=True)
+
+    return gens, choose, branches, chat, typed, scoped, told
 
 
 SGLANG, SGJAX = programs(sgl), programs(sgjax_lang)
@@ -116,6 +142,62 @@ def test_fork_run_batch_and_chat_roles_match_sgjax_frontend(setup):
     ours = SGJAX[3].run_batch(questions, backend=backends["sgjax"], num_threads=3)
     assert [s.text() for s in theirs] == [s.text() for s in ours]
     assert theirs[0].text().startswith("<|user|>question 0?<|end|><|assistant|>")
+
+
+def test_dtype_gens_and_run_sampling_defaults_match_sglang_frontend(setup):
+    engine, _, _, backends = setup
+    defaults = {"temperature": 0, "max_new_tokens": 5}
+    theirs = SGLANG[4].run(name="Ann", backend=backends["sglang"], **defaults)
+    ours = SGJAX[4].run(name="Ann", backend=backends["sgjax"], **defaults)
+    assert ours.text() == theirs.text()
+    assert re.fullmatch(r"[-+]?[0-9]+\s*", ours["age"]) and re.fullmatch(r"[-+]?[0-9]+\s*", ours["count"])
+    assert re.fullmatch(r"[-+]?[0-9]*\.?[0-9]+\s*", ours["height"]) and ours["tall"] in ("True", "False")
+    assert ours["city"].startswith('"') and isinstance(json.loads(ours["record"])["id"], int)
+    assert ours.get_meta_info("height")["completion_tokens"] <= 5  # run()'s max_new_tokens
+    # run_batch's defaults reach every gen: the engine's own greedy text is the oracle
+    batch = [("Bo",), ("Cy",)]
+    states = SGJAX[6].run_batch([{"topic": "bees"}, {"topic": "ants"}], backend=backends["sgjax"],
+                                **defaults, num_threads=2, progress_bar=True)
+    expected = engine.generate(["Tell me about bees:", "Tell me about ants:"], {**defaults})
+    assert [s["story"] for s in states] == [e["text"] for e in expected]
+    theirs = SGLANG[4].run_batch(batch, backend=backends["sglang"], **defaults)
+    assert [s.text() for s in SGJAX[4].run_batch(batch, backend=backends["sgjax"], **defaults)] == \
+        [s.text() for s in theirs]
+
+
+def test_state_methods_scopes_greedy_select_and_join_match_sglang_frontend(setup):
+    _, _, _, backends = setup
+    theirs = SGLANG[5].run(question="Is it?", backend=backends["sglang"], temperature=0)
+    ours = SGJAX[5].run(question="Is it?", backend=backends["sgjax"], temperature=0)
+    assert ours.text() == theirs.text() and ours["pick"] == theirs["pick"]
+    assert ours["turn"] == theirs["turn"] == f"<|user|>Is it?<|end|><|assistant|>{ours['answer']}<|end|>"
+    assert ours["option"] == theirs["option"] and len(ours["option"]) == 2  # gathered from both branches
+    assert ours.get_meta_info("pick")["greedy_logprob_matrix"] and ours.messages() == theirs.messages()
+
+
+def test_streaming_with_meta_data_sync_and_async_matches_sglang_frontend(setup):
+    engine, _, _, backends = setup
+
+    async def read(state):
+        return [piece async for piece in state.text_async_iter("story", return_meta_data=True)]
+
+    runs = {}
+    for lang, program in (("sglang", SGLANG[6]), ("sgjax", SGJAX[6])):
+        state = program.run(topic="owls", backend=backends[lang], stream=True, temperature=0, max_new_tokens=6,
+                            ignore_eos=True)
+        runs[lang] = (state, asyncio.run(read(state)))
+    for state, pieces in runs.values():  # SGLang's client merges the chunks that arrive while it waits
+        assert "".join(text for text, _ in pieces) == state["story"]
+    assert runs["sglang"][0]["story"] == runs["sgjax"][0]["story"]
+    # SGLang's client adds up logprob lists it takes for increments; the sgjax server streams them whole
+    counts = [len(meta["output_token_logprobs"]) for _, meta in runs["sgjax"][1]]  # each chunk's: the tokens so far
+    assert len(counts) > 1 and counts == sorted(counts) and counts[0] >= 1 and counts[-1] <= 6
+    ours = SGJAX[6].run(topic="owls", backend=backends["sgjax"], stream=True, temperature=0, max_new_tokens=6,
+                        ignore_eos=True)
+    synced = list(ours.text_iter("story", return_meta_data=True))
+    assert [t for t, _ in synced] == [t for t, _ in runs["sgjax"][1]] and ours.error() is None
+    final = ours.get_meta_info("story")["output_token_logprobs"]
+    assert len(final) == 6 and all(text == engine.tokenizer.decode([tok]) for _, tok, text in final)
 
 
 def test_streaming_with_logprobs_through_sglang_frontend(setup):

@@ -2,11 +2,12 @@
 
 Programs with roles use /chat/completions (the server applies its own chat template); programs of
 plain text use /completions. What the API cannot express falls back:
-- select: with /completions, each choice's logprob from `echo` + `logprobs` (one batched call); with
-  chat only, the model answers under the instruction-free prompt and the choice its reply matches
-  best is taken (no logprobs of the prompt exist there).
-- regex / choices constraints are sent as `extra_body` (sgjax and SGLang servers take them; other
-  servers reject them); json_schema becomes `response_format`.
+- select: with /completions, each choice's logprobs from `echo` + `logprobs` (one batched call), for
+  every choices method; with chat only, the model answers under the instruction-free prompt and the
+  choice its reply matches best is taken (no logprobs of the prompt exist there).
+- regex (and dtype), top_k, min_p, ignore_eos and stop_token_ids are sent as `extra_body` (sgjax and
+  SGLang servers take them; other servers reject them); json_schema becomes `response_format`.
+- min_tokens, stop_regex and the logprob options of a gen raise (`unsupported`): use RuntimeEndpoint.
 - images go as image_url parts (data URLs) of chat messages.
 API speculative execution is on for /completions programs with @function(num_api_spec_tokens=N).
 """
@@ -16,13 +17,18 @@ from __future__ import annotations
 import base64
 import json
 
-from sgjax.lang.backends.base import Backend, pick
 from sgjax.engine.chat_template import DEFAULT
-from sgjax.lang.primitives import Gen
+from sgjax.lang.backends.base import Backend, ChoiceScores
+from sgjax.lang.choices import TokenLengthNormalized
+from sgjax.lang.primitives import Gen, Select
+
+WHY = "the OpenAI API has no such field; use sgl.RuntimeEndpoint"
 
 
 class OpenAI(Backend):
     supports_speculation = True
+    unsupported = {"min_tokens": WHY, "stop_regex": WHY, "return_logprob": WHY, "top_logprobs_num": WHY,
+                   "logprob_start_len": WHY}
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, **client_kwargs):
         import openai
@@ -57,10 +63,14 @@ class OpenAI(Backend):
             args["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
         if gen.regex is not None:
             extra["regex"] = gen.regex
-        if gen.choices is not None:
-            extra["ebnf"] = "start: " + " | ".join(json.dumps(c) for c in gen.choices)
         if gen.top_k != -1:
             extra["top_k"] = gen.top_k
+        if gen.min_p:
+            extra["min_p"] = gen.min_p
+        if gen.ignore_eos:
+            extra["ignore_eos"] = True
+        if gen.stop_token_ids:
+            extra["stop_token_ids"] = list(gen.stop_token_ids)
         if extra:
             args["extra_body"] = extra
         return args
@@ -68,7 +78,7 @@ class OpenAI(Backend):
     def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
         self.num_api_calls += 1
         common = dict(model=self.model, max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                      stop=gen.stop, seed=gen.seed, frequency_penalty=gen.frequency_penalty,
+                      stop=gen.stop or None, seed=gen.seed, frequency_penalty=gen.frequency_penalty,
                       presence_penalty=gen.presence_penalty, **self._constraint_args(gen))
         common = {k: v for k, v in common.items() if v is not None}  # unset fields stay out of the body
         if prompt.messages:
@@ -84,23 +94,33 @@ class OpenAI(Backend):
                 "finish_reason": r.choices[0].finish_reason} if usage else {}
         return text, meta
 
-    def select(self, prompt, choices: list[str]) -> tuple[int, dict]:
+    def select(self, prompt, sel: Select) -> tuple[int, dict]:
         if prompt.messages:
-            return self._select_by_reply(prompt, choices)
+            return self._select_by_reply(prompt, sel)
+        return super().select(prompt, sel)
+
+    def score_choices(self, prompt, choices: list[str], unconditional: bool) -> ChoiceScores:
+        if unconditional:
+            raise ValueError("unconditional_likelihood_normalized is not supported by the OpenAI backend (the API "
+                             "cannot score text without its prompt); use sgl.RuntimeEndpoint")
         self.num_api_calls += 1
         r = self.client.completions.create(model=self.model, prompt=[prompt.text + c for c in choices],
                                            max_tokens=0, echo=True, logprobs=0, temperature=0)
-        scores = []
+        token_logprobs = []
         for choice in sorted(r.choices, key=lambda c: c.index):
             lp = choice.logprobs
             # the choice's tokens: those ending after the prompt text (the first may straddle it)
-            picked = [v for v, off, tok in zip(lp.token_logprobs, lp.text_offset, lp.tokens)
-                      if off + len(tok) > len(prompt.text) and v is not None]
-            scores.append(sum(picked) / max(1, len(picked)))
-        return pick(scores), {"normalized_prompt_logprobs": scores}
+            token_logprobs.append([[v, None, tok] for v, off, tok in zip(lp.token_logprobs, lp.text_offset, lp.tokens)
+                                   if off + len(tok) > len(prompt.text) and v is not None])
+        return ChoiceScores(token_logprobs)
 
-    def _select_by_reply(self, prompt, choices: list[str]) -> tuple[int, dict]:
-        gen = Gen(None, max_tokens=max(8, max(len(c) for c in choices)), temperature=0.0)
+    def _select_by_reply(self, prompt, sel: Select) -> tuple[int, dict]:
+        choices = sel.choices
+        if not isinstance(sel.choices_method, TokenLengthNormalized):
+            raise ValueError("with a chat API select matches the model's reply to the choices; choices_method "
+                             "needs /completions (a program without roles) or sgl.RuntimeEndpoint")
+        gen = Gen(None, max_tokens=max(8, max(len(c) for c in choices)), temperature=0.0, min_tokens=0,
+                  top_k=-1, min_p=0.0)
         reply, meta = self.generate(prompt, gen)
 
         answer = reply.strip()
@@ -112,5 +132,5 @@ class OpenAI(Backend):
             return n
 
         scores = [float(agreement(c)) for c in choices]
-        return pick(scores), {**meta, "reply": reply, "matched_characters": scores}
+        return max(range(len(scores)), key=scores.__getitem__), {**meta, "reply": reply, "matched_characters": scores}
 

@@ -1,5 +1,6 @@
-"""Backend over an sgjax (or SGLang) server's native API: /generate. Programs that share a prefix
-reuse its KV pages through the server's radix cache."""
+"""Backend over an sgjax (or SGLang) server's native API: /generate. Programs that share a prefix reuse its
+KV pages through the server's radix cache. Supports every gen field, select with every choices method and
+streaming with meta information per chunk; images need a vision model (none yet)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from sgjax.lang.backends.base import Backend, choice_start, pick
 from sgjax.engine.chat_template import DEFAULT
+from sgjax.lang.backends.base import Backend, ChoiceScores, choice_start
 from sgjax.lang.primitives import Gen
+from sgjax.lang.sampling import engine_params, logprob_options
 
 
 class RuntimeEndpoint(Backend):
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0, **_ignored):
+        # SGLang's chat_template_name / verify are accepted: the server reports its own role markers
         self.base_url, self.api_key, self.timeout = base_url.rstrip("/"), api_key, timeout
         info = self._request("GET", "/get_model_info")
         markers = info.get("role_markers") or DEFAULT
@@ -41,15 +44,16 @@ class RuntimeEndpoint(Backend):
         with response:
             return json.loads(response.read())
 
-    def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
+    def _body(self, prompt, gen: Gen) -> dict:
         self.no_images(prompt)
-        out = self._request("POST", "/generate", {"text": prompt.text, "sampling_params": gen.sampling_params()})
+        return {"text": prompt.text, "sampling_params": engine_params(gen), **logprob_options(gen)}
+
+    def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
+        out = self._request("POST", "/generate", self._body(prompt, gen))
         return out["text"], out["meta_info"]
 
     def stream(self, prompt, gen: Gen) -> Iterator[tuple[str, dict]]:
-        self.no_images(prompt)
-        response = self._request("POST", "/generate", {"text": prompt.text, "sampling_params": gen.sampling_params(),
-                                                       "stream": True}, stream=True)
+        response = self._request("POST", "/generate", {**self._body(prompt, gen), "stream": True}, stream=True)
         sent = ""
         with response:
             for line in response:
@@ -61,9 +65,9 @@ class RuntimeEndpoint(Backend):
                 yield text[len(sent):], chunk["meta_info"]
                 sent = text
 
-    def select(self, prompt, choices: list[str]) -> tuple[int, dict]:
-        """One batch: the prompt alone and prompt + each choice, with the ids and logprobs of their last
-        tokens, to find where each choice's tokens begin and average their logprobs."""
+    def score_choices(self, prompt, choices: list[str], unconditional: bool) -> ChoiceScores:
+        """The prompt alone and prompt + each choice in one batch, with the ids and logprobs of their last
+        tokens, to find where each choice's tokens begin; the unconditional scoring in a second."""
         self.no_images(prompt)
         length = self._request("POST", "/generate", {"text": prompt.text, "sampling_params": {"max_new_tokens": 0}})
         start = max(0, length["meta_info"]["prompt_tokens"] - 4)  # merges reach back a token or two
@@ -71,10 +75,26 @@ class RuntimeEndpoint(Backend):
             "text": [prompt.text] + [prompt.text + c for c in choices], "return_logprob": True,
             "logprob_start_len": start, "sampling_params": {"max_new_tokens": 0}})
         tail = [[tok for _, tok, _ in out["meta_info"]["input_token_logprobs"]] for out in outs]
-        scores = []
+        token_logprobs = []
         for out, ids in zip(outs[1:], tail[1:]):
             begin = choice_start(tail[0], ids)
-            logprobs = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][begin:]]
-            scores.append(sum(logprobs) / len(logprobs))
-        return pick(scores), {"normalized_prompt_logprobs": scores,
-                              "cached_tokens": [o["meta_info"]["cached_tokens"] for o in outs[1:]]}
+            token_logprobs.append([list(e) for e in out["meta_info"]["input_token_logprobs"][begin:]])
+        uncond = None
+        if unconditional:
+            alone = self._request("POST", "/generate", {
+                "input_ids": [[e[1] for e in tokens] for tokens in token_logprobs], "return_logprob": True,
+                "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 0}})
+            uncond = [[lp or 0.0 for lp, _, _ in out["meta_info"]["input_token_logprobs"]] for out in alone]
+        return ChoiceScores(token_logprobs, uncond,
+                            {"cached_tokens": [o["meta_info"]["cached_tokens"] for o in outs[1:]]})
+
+    def flush_cache(self) -> bool:
+        """Empty the server's prefix cache; False if it refused (requests were running)."""
+        try:
+            self._request("POST", "/flush_cache", stream=True).close()
+        except RuntimeError:
+            return False
+        return True
+
+    def get_server_info(self) -> dict:
+        return self._request("GET", "/get_server_info")
