@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(args=engine_args, engine_process=server_args.engine_process)
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
-                    access_log=None, print=lambda msg: logging.getLogger("sgjax.server").info(msg))
+                    access_log=None, keepalive_timeout=server_args.keepalive_timeout_s, print=lambda msg: logging.getLogger("sgjax.server").info(msg))
     finally:
         engine.shutdown()
 

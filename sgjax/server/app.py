@@ -14,16 +14,18 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
-from sgjax.server.errors import ApiError, read_json
+from sgjax.server.errors import ApiError, read_body, read_json
 from sgjax.server.keys import (
     ENGINE,
     ENGINE_REQUESTS,
+    EVENT_STREAM,
     METRICS,
     REQUEST_ID,
     SERVER_ARGS,
     STARTED,
 )
 from sgjax.server.metrics import Metrics
+from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
 OPEN_PATHS = {"/health"}  # reachable without the API key
@@ -39,26 +41,41 @@ async def handle_request(request: web.Request, handler):
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
             raise ApiError("missing or wrong API key", status=401, type_="authentication_error")
         if request.app[SERVER_ARGS].log_requests and request.can_read_body:
-            logger.info("request %s body: %.2000s", request[REQUEST_ID], await request.text())
+            logger.info("request %s body: %.2000s", request[REQUEST_ID], await read_body(request))
         response = await handler(request)
         status = response.status
         return response
     except ApiError as e:
         status = e.status
-        return e.response()
+        return await error_response(request, e)
     except web.HTTPException as e:
         status = e.status
-        raise
+        if e.status < 400:
+            raise
+        # aiohttp's own 404 / 405 / 413 ..., in the same JSON shape as every other error
+        return await error_response(request, ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:")
+                                                      else e.text, status=e.status,
+                                                      type_="invalid_request_error" if e.status < 500
+                                                      else "server_error"))
     except (ConnectionResetError, ConnectionError):
         status = 499  # the client went away mid-stream
         raise
     except Exception as e:
         logger.exception("request %s failed", request[REQUEST_ID])
-        return ApiError(f"internal error: {e}", status=500, type_="server_error").response()
+        return await error_response(request, ApiError(f"internal error: {e}", status=500, type_="server_error"))
     finally:
         request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
+
+
+async def error_response(request: web.Request, error: ApiError) -> web.StreamResponse:
+    """The error as a JSON response, or, once an event stream has begun, as its last event."""
+    stream = request.get(EVENT_STREAM)
+    if stream is None:
+        return error.response()
+    await end_with_error(stream, error.body())
+    return stream
 
 
 async def health(request: web.Request) -> web.Response:
@@ -129,7 +146,7 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     if server_args.chat_template:
         with open(server_args.chat_template) as f:
             engine.tokenizer.chat_template = f.read()
-    app = web.Application(middlewares=[handle_request], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[handle_request], client_max_size=server_args.max_body_bytes)
     app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)

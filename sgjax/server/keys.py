@@ -8,3 +8,4 @@ STARTED = web.AppKey("started", int)
 METRICS = web.AppKey("metrics", object)
 REQUEST_ID = web.RequestKey("request_id", str)
 ENGINE_REQUESTS = web.RequestKey("engine_requests", list)
+EVENT_STREAM = web.RequestKey("event_stream", object)  # the open server-sent-events response, once prepared

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, EVENT_STREAM
 
 
 def run(request: web.Request, requests: list) -> AsyncIterator:
@@ -34,7 +34,19 @@ async def end_event_stream(response: web.StreamResponse, usage_event: dict | Non
 async def open_event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    request[EVENT_STREAM] = response  # from here on an error can only be an event of this stream
     return response
+
+
+async def end_with_error(response: web.StreamResponse, error: dict) -> None:
+    """An error after the stream began: an `error` event (the openai client raises it), then `data: [DONE]`.
+    A second HTTP response would land inside the chunked body and corrupt it."""
+    try:
+        await send_event(response, error)
+        await send_event(response, "[DONE]")
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the client has gone, or the stream was already closed
+        pass
 
 
 async def send_event(response: web.StreamResponse, payload) -> None:
