@@ -95,6 +95,8 @@ class RequestBuilder:
             raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}); got {max(params.stop_token_ids)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)

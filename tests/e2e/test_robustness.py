@@ -72,3 +72,43 @@ def test_stream_aborted_mid_way_ends_with_an_error_event(server):
             assert post(server.url + "/abort_request", {"abort_all": True})[0] == 200
     assert type(caught.value) is openai.APIError and "aborted" in caught.value.message
     wait_until(lambda: idle(engine_of(server)), timeout=30)
+
+
+# ---- 2. one request's failure is that request's error ----------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("top_k", 2**31), ("max_tokens", True), ("seed", 2**70),
+                                         ("stop_token_ids", [2**40])])
+def test_out_of_range_integers_get_400(server, field, value):
+    status, body = post(server.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6], field: value})
+    assert_openai_error(status, body, 400, field.replace("max_tokens", "max_new_tokens"))
+
+
+def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
+    """A request validation let through (top_k beyond int32) fails with its error; the requests it would have
+    shared steps with finish normally, at intake and when it gets as far as a step."""
+    engine = engine_of(server)
+    launcher = engine.core.launcher
+    real_check, skipped = launcher.check, []
+
+    def check_except_first_bad(req):  # let the bad request past intake once, into a step
+        if req.params.top_k > 2**31 and not skipped:
+            skipped.append(req.rid)
+            return
+        real_check(req)
+
+    monkeypatch.setattr(launcher, "check", check_except_first_bad)
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 6, "temperature": 0,
+                                                                          "ignore_eos": True})
+        bad = [engine.make_requests(input_ids=[8, 9], sampling_params={"max_new_tokens": 6})[0] for _ in range(2)]
+        for b in bad:
+            b.params.top_k = 2**40
+        await asyncio.gather(*(engine.run_to_end(r) for r in [good, bad[:1], bad[1:]]))
+        return good[0], bad
+
+    good, bad = asyncio.run(run())
+    assert skipped and good.finish_reason["type"] == "length" and len(good.output_ids) == 6
+    for b in bad:
+        assert b.finish_reason["type"] == "abort" and "cannot run" in b.finish_reason["message"], b.finish_reason
+    wait_until(lambda: idle(engine), timeout=30)
