@@ -29,6 +29,7 @@ from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
 OPEN_PATHS = {"/health"}  # reachable without the API key
+HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may take this long
 
 
 @web.middleware
@@ -85,9 +86,21 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
+    """200 only once the engine generated a token: a dead, restarting or stuck engine gets 503."""
     engine = request.app[ENGINE]
+    if not engine.alive:
+        raise ApiError("the engine is not running", status=503, type_="server_error")
     requests = engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
-    await engine.run_to_end(requests)
+    request[ENGINE_REQUESTS] = requests  # aborted by the middleware if they do not finish in time
+    try:
+        await asyncio.wait_for(engine.run_to_end(requests), HEALTH_GENERATE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ApiError(f"the engine generated no token in {HEALTH_GENERATE_TIMEOUT_S:.0f} s", status=503,
+                       type_="server_error") from None
+    reason = requests[0].finish_reason or {}
+    if reason.get("type") == "abort" or len(requests[0].output_ids) != 1:
+        raise ApiError(f"the engine failed to generate: {reason.get('message', reason)}", status=503,
+                       type_="server_error")
     return web.Response(text="")
 
 

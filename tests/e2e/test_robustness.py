@@ -5,6 +5,7 @@ import asyncio
 import gzip
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,3 +113,38 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     for b in bad:
         assert b.finish_reason["type"] == "abort" and "cannot run" in b.finish_reason["message"], b.finish_reason
     wait_until(lambda: idle(engine), timeout=30)
+
+
+# ---- 3. a dead engine process: its requests fail cleanly, health says so, a watchdog restarts it -----------
+
+def test_dead_engine_process_fails_its_streams_and_is_restarted(tiny_models):
+    """The stream in flight ends with an error event naming the exit, /health and /health_generate say 503 and
+    requests are refused while the engine is down, and once the watchdog restarted it requests are served."""
+    path, _ = tiny_models("llama")
+    engine = Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True, restart_engine=True)
+    gate, restart = threading.Event(), engine._restart_core
+    engine._restart_core = lambda: gate.wait(60) and restart()  # held back so the dead state can be seen
+    live = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
+    try:
+        assert get(live.url + "/health_generate")[0] == 200
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=10_000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        with pytest.raises(openai.APIError) as caught:
+            for _ in stream:
+                engine.core._process.kill()
+        assert type(caught.value) is openai.APIError and "engine process exited" in caught.value.message
+        for path in ("/health", "/health_generate"):
+            status, text = get(live.url + path)
+            assert_openai_error(status, json.loads(text), 503, "not running")
+        status, body = post(live.url + "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+        assert status == 200 and "engine process is not running" in body["meta_info"]["finish_reason"]["message"]
+        gate.set()
+        wait_until(lambda: get(live.url + "/health_generate")[0] == 200, timeout=120)
+        assert engine.num_restarts == 1
+        reply = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 3
+    finally:
+        gate.set()
+        live.stop()
+        engine.shutdown()
