@@ -148,3 +148,32 @@ def test_dead_engine_process_fails_its_streams_and_is_restarted(tiny_models):
         gate.set()
         live.stop()
         engine.shutdown()
+
+
+# ---- 4. a non-streaming client that hangs up aborts its generation --------------------------------------
+
+def test_non_streaming_client_that_disconnects_aborts_its_request(server):
+    engine = engine_of(server)
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def send_then_hang_up():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        deadline = time.monotonic() + 30
+        while engine.load_stats()["num_running_requests"] == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        writer.close()
+
+    try:
+        asyncio.run(send_then_hang_up())
+        wait_until(lambda: finished, timeout=30)
+    finally:
+        engine.finish_hooks.remove(finished.append)
+    assert finished[0].finish_reason["type"] == "abort" and len(finished[0].output_ids) < 400
+    wait_until(lambda: idle(engine), timeout=30)
