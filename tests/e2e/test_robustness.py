@@ -66,7 +66,7 @@ def assert_openai_error(status: int, body: dict, expected_status: int, needle: s
 
 def test_stream_aborted_mid_way_ends_with_an_error_event(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-    stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=10_000, stream=True,
+    stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=400, stream=True,
                                        extra_body={"ignore_eos": True})
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
@@ -128,7 +128,7 @@ def test_dead_engine_process_fails_its_streams_and_is_restarted(tiny_models):
     try:
         assert get(live.url + "/health_generate")[0] == 200
         client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
-        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=10_000, stream=True,
+        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=400, stream=True,
                                            extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError) as caught:
             for _ in stream:
@@ -177,3 +177,42 @@ def test_non_streaming_client_that_disconnects_aborts_its_request(server):
         engine.finish_hooks.remove(finished.append)
     assert finished[0].finish_reason["type"] == "abort" and len(finished[0].output_ids) < 400
     wait_until(lambda: idle(engine), timeout=30)
+
+
+# ---- 7, 8. malformed and over-lenient bodies get OpenAI-style 4xx errors ---------------------------------
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": MODEL, **fields}).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("path,data,headers,status,needle", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 400,
+     "nested"),
+    ("/v1/completions", body(prompt="hi", stream=True, stream_options="yes"), JSON, 400, "stream_options"),
+    (CHAT, body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), JSON, 400, "string"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', JSON, 400, "surrogate"),
+    ("/generate", b'{"text": "hi"}', {"Content-Type": "application/json; charset=klingon"}, 400, "charset"),
+    ("/generate", b'{"text": "hi"}', {**JSON, "Content-Encoding": "gzip"}, 400, "could not be read"),
+    ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}'),
+     {**JSON, "Content-Encoding": "gzip"}, 200, ""),
+    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_new_tokens"),
+    ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
+    (CHAT, body(messages=[{"role": "wizard", "content": "hi"}]), JSON, 400, "wizard"),
+    ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
+])
+def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
+    got, reply = raw_post(server, path, data, headers)
+    if status == 200:
+        assert got == 200 and reply["meta_info"]["completion_tokens"] == 1
+    else:
+        assert_openai_error(got, reply, status, needle)
+
+
+@pytest.mark.parametrize("path,status", [("/no/such/path", 404), ("/v1/completions", 405)])
+def test_unknown_paths_and_methods_get_json_errors(server, path, status):
+    got, text = get(server.url + path)
+    assert_openai_error(got, json.loads(text), status)
