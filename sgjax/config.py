@@ -147,8 +147,9 @@ class ServerArgs:
     max_sequences_per_request: int = option(1024, help="most sequences (prompts times n) in one request")
     max_stop_strings: int = option(64, help="most stop strings (and stop regexes) in one request")
     max_constraint_bytes: int = option(64 * 2**10, help="largest regex, JSON schema or grammar of a request")
-    # Tokenizing, chat templates and grammar compiling run on these threads, not the event loop
-    tokenizer_threads: int = option(4, help="threads that tokenize prompts and compile constraints")
+    # Tokenizing, chat templates and grammar compiling run on these threads, not the event loop. One by default:
+    # a Hugging Face fast tokenizer used from several threads at once can fail ("Already borrowed").
+    tokenizer_threads: int = option(1, help="threads that tokenize prompts and compile constraints")
     max_pending_requests: int = option(
         1024, help="requests waiting for a tokenizer thread before new ones get 503 with Retry-After")
     body_timeout_s: float = option(30.0, help="seconds a request body may take to arrive (408 beyond)")

@@ -20,10 +20,12 @@ from sgjax.server.keys import (
     ENGINE_REQUESTS,
     EVENT_STREAM,
     METRICS,
+    OFFLOAD,
     REQUEST_ID,
     SERVER_ARGS,
     STARTED,
 )
+from sgjax.server.limits import Offload
 from sgjax.server.metrics import Metrics
 from sgjax.server.streaming import end_with_error
 
@@ -161,6 +163,12 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
             engine.tokenizer.chat_template = f.read()
     app = web.Application(middlewares=[handle_request], client_max_size=server_args.max_body_bytes)
     app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
+    app[OFFLOAD] = Offload(server_args.tokenizer_threads, server_args.max_pending_requests)
+
+    async def stop_offload(app: web.Application) -> None:
+        app[OFFLOAD].shutdown()
+
+    app.on_cleanup.append(stop_offload)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/get_model_info", "/model_info"):  # SGLang's old and new names

@@ -17,15 +17,16 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 class ApiError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.type = message, status, param, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def require(condition: bool, message: str, param: str | None = None) -> None:

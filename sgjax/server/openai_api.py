@@ -8,7 +8,8 @@ from aiohttp import web
 
 from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.limits import check_limits
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
@@ -95,10 +96,13 @@ def finish_reason(req) -> str:
     return FINISH_REASONS[reason]
 
 
-def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False):
+async def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False):
+    """Tokenize and validate, on a tokenizer thread."""
     engine = request.app[ENGINE]
+    check_limits(request.app[SERVER_ARGS], len(prompt if prompt is not None else input_ids), params)
     try:
-        requests = engine.make_requests(prompt, params, input_ids, rid=request[REQUEST_ID])
+        requests = await request.app[OFFLOAD].run(engine.make_requests, prompt, params, input_ids,
+                                                  rid=request[REQUEST_ID])
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
@@ -175,7 +179,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if echo:
             params["logprob_start_len"] = 0
     include_usage = stream_options(body)
-    requests = make_requests(request, texts, params, id_lists, max_tokens_given(body))
+    requests = await make_requests(request, texts, params, id_lists, max_tokens_given(body))
     n = params.get("n", 1)
     prompt_texts = texts or [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists]
     head = {"id": f"cmpl-{request[REQUEST_ID]}", "object": "text_completion", "created": int(time.time()),
@@ -299,13 +303,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params["ebnf"] = call_grammar
     tool_format = tool_format if tools else None
     try:
-        prompt_ids = engine.apply_chat_template(messages, tools)
+        prompt_ids = await request.app[OFFLOAD].run(engine.apply_chat_template, messages, tools)
+    except ApiError:
+        raise
     except Exception as e:  # the template rejected the conversation (roles out of order, ...)
         raise ApiError(f"chat template failed: {e}", param="messages") from None
     if "max_new_tokens" not in params:
         params["max_new_tokens"] = max(1, engine.context_length - len(prompt_ids))
     include_usage = stream_options(body)
-    requests = make_requests(request, None, params, prompt_ids, max_tokens_given(body))
+    requests = await make_requests(request, None, params, [prompt_ids], max_tokens_given(body))
     n = params.get("n", 1)
     head = {"id": f"chatcmpl-{request[REQUEST_ID]}", "created": int(time.time()), "model": model_name(request)}
 

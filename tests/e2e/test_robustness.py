@@ -216,3 +216,37 @@ def test_malformed_bodies_get_json_errors(server, path, data, headers, status, n
 def test_unknown_paths_and_methods_get_json_errors(server, path, status):
     got, text = get(server.url + path)
     assert_openai_error(got, json.loads(text), status)
+
+
+# ---- 5. limits, and tokenizing off the event loop -------------------------------------------------------
+
+@pytest.mark.parametrize("path,fields,flag", [
+    ("/v1/completions", dict(prompt="hi", n=5), "max-n"),
+    ("/v1/completions", dict(prompt=["a", "b", "c", "d", "e"]), "max-prompts-per-request"),
+    ("/v1/completions", dict(prompt=["a", "b", "c"], n=3), "max-sequences-per-request"),
+    ("/v1/completions", dict(prompt="hi", stop=["a", "b", "c", "d"]), "max-stop-strings"),
+    (CHAT, dict(messages=[{"role": "user", "content": "hi"}], regex="a" * 201), "max-constraint-bytes"),
+    ("/generate", dict(text="hi", sampling_params={"json_schema": {"enum": ["x" * 300]}}), "max-constraint-bytes"),
+    ("/tokenize", dict(prompt=["a"] * 5), "max-prompts-per-request"),
+])
+def test_requests_beyond_the_limits_get_400_naming_the_flag(server, path, fields, flag):
+    data = json.dumps(fields).encode() if path in ("/generate", "/tokenize") else body(**fields)
+    status, reply = raw_post(server, path, data, JSON)
+    assert_openai_error(status, reply, 400, f"(--{flag})")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    engine, threads = engine_of(server), []
+    real = engine.make_requests
+    monkeypatch.setattr(engine, "make_requests", lambda *a, **k: threads.append(threading.current_thread().name)
+                        or real(*a, **k))
+    status, _ = raw_post(server, "/v1/completions", body(prompt="hi", max_tokens=1), JSON)
+    assert status == 200 and threads and threads[0].startswith("sgjax-tokenizer"), threads
+    from sgjax.server.keys import OFFLOAD
+
+    monkeypatch.setattr(server.app[OFFLOAD], "max_pending", 0)  # as if the tokenizer's queue were full
+    req = urllib.request.Request(server.url + "/generate", data=b'{"text": "hi"}', headers={**AUTH, **JSON})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=30)
+    assert caught.value.headers["Retry-After"] == "1"
+    assert_openai_error(503, json.loads(caught.value.read()), 503, "busy")
