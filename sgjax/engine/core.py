@@ -144,6 +144,9 @@ class EngineCore:
     def load_stats(self) -> dict:
         """What the server reports of the engine's load (/get_server_info, /metrics)."""
         return dict(num_pages=self.allocator.num_usable, free_pages=self.allocator.num_free,
+                    # pages only the radix cache holds: evicted on demand, so as good as free for new work
+                    evictable_pages=self.radix.evictable_tokens // self.args.page_size,
+                    num_preemptions=self.scheduler.num_preemptions,
                     num_running_requests=len(self.scheduler.running),
                     num_queued_requests=len(self.scheduler.waiting),
                     prefix_cache_hit_rate=self.radix.hit_rate if self.radix.shares_prefixes else None)

@@ -25,6 +25,8 @@ running request's own pages (`Request.pages[num_tree_pages:]`).
 
 from __future__ import annotations
 
+import time
+
 import collections
 from collections.abc import Callable
 
@@ -140,7 +142,7 @@ class Scheduler:
         req.num_tree_pages, req.tree_node, req.num_computed = len(pages), node, cached
         req.slot = self.free_slots.pop()
         if not req.admitted:
-            req.cached_tokens, req.admitted = cached, True
+            req.cached_tokens, req.admitted, req.admit_time = cached, True, time.monotonic()
         req.status = Status.RUNNING
         self.running.append(req)
         return n

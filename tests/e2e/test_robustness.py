@@ -250,3 +250,40 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
         urllib.request.urlopen(req, timeout=30)
     assert caught.value.headers["Retry-After"] == "1"
     assert_openai_error(503, json.loads(caught.value.read()), 503, "busy")
+
+
+# ---- 6. a body that never arrives times out ---------------------------------------------------------------
+
+def test_body_that_never_arrives_gets_408(server):
+    async def send_half():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 30)  # the server answers, then closes
+        writer.close()
+        return reply
+
+    head, _, payload = asyncio.run(send_half()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert_openai_error(408, json.loads(payload), 408, "did not arrive")
+
+
+# ---- 9. metrics ----------------------------------------------------------------------------------------
+
+def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server):
+    engine = engine_of(server)
+    status, _ = raw_post(server, "/generate", json.dumps({"input_ids": list(range(10, 30)),
+                                                          "sampling_params": {"max_new_tokens": 2}}).encode(), JSON)
+    assert status == 200
+    wait_until(lambda: idle(engine), timeout=30)
+    metrics = {}
+    for line in get(server.url + "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    assert metrics['sgjax_kv_pages{state="cached"}'] >= 4  # the prompt's pages stay in the radix cache
+    assert metrics["sgjax_kv_cache_usage"] == 0  # ... and count as available, not used, at idle
+    assert metrics['sgjax_kv_pages{state="used"}'] == 0
+    assert metrics["sgjax_queue_time_seconds_count"] >= 1
+    assert metrics["sgjax_preemptions_total"] == engine.load_stats()["num_preemptions"]
