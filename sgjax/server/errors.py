@@ -26,7 +26,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+        response = web.json_response(self.body(), status=self.status, headers=self.headers)
+        if self.status in (408, 413):  # the body's unread rest would be read as the next request
+            response.force_close()
+        return response
 
 
 def require(condition: bool, message: str, param: str | None = None) -> None:
