@@ -25,9 +25,8 @@ running request's own pages (`Request.pages[num_tree_pages:]`).
 
 from __future__ import annotations
 
-import time
-
 import collections
+import time
 from collections.abc import Callable
 
 from sgjax.cache.no_prefix_cache import NoPrefixCache

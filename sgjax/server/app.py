@@ -96,7 +96,7 @@ async def health_generate(request: web.Request) -> web.Response:
     request[ENGINE_REQUESTS] = requests  # aborted by the middleware if they do not finish in time
     try:
         await asyncio.wait_for(engine.run_to_end(requests), HEALTH_GENERATE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ApiError(f"the engine generated no token in {HEALTH_GENERATE_TIMEOUT_S:.0f} s", status=503,
                        type_="server_error") from None
     reason = requests[0].finish_reason or {}

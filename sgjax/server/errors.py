@@ -42,7 +42,7 @@ async def read_body(request: web.Request) -> str:
     client_max_size), 400 for a body that cannot be decoded (bad compression, unknown charset)."""
     try:
         raw = await asyncio.wait_for(request.read(), request.app[SERVER_ARGS].body_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ApiError("the request body did not arrive in time", status=408) from None
     except web.HTTPException:
         raise

@@ -5,13 +5,11 @@ import asyncio
 import gzip
 import json
 import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
-import aiohttp
 import openai
 import pytest
 
@@ -159,7 +157,7 @@ def test_non_streaming_client_that_disconnects_aborts_its_request(server):
     engine.finish_hooks.append(finished.append)
 
     async def send_then_hang_up():
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True}).encode()
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
