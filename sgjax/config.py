@@ -137,6 +137,23 @@ class ServerArgs:
     engine_process: bool = option(
         True, help="run the engine in a child process (sgjax/engine/engine_process.py), apart from the HTTP "
                    "server's Python; --no-engine-process keeps it in the server's process")
+    restart_engine: bool = option(
+        True, help="restart an engine process that died (its requests in flight fail with an error; later ones "
+                   "are served once it is back)")
+    # Limits on what one request may ask for: each is answered with a 400 (413 for the body) naming the flag
+    max_body_bytes: int = option(16 * 2**20, help="largest request body accepted (413 beyond)")
+    max_prompts_per_request: int = option(256, help="most prompts in one batched request")
+    max_n: int = option(128, help="most samples (n) per prompt")
+    max_sequences_per_request: int = option(1024, help="most sequences (prompts times n) in one request")
+    max_stop_strings: int = option(64, help="most stop strings (and stop regexes) in one request")
+    max_constraint_bytes: int = option(64 * 2**10, help="largest regex, JSON schema or grammar of a request")
+    # Tokenizing, chat templates and grammar compiling run on these threads, not the event loop. One by default:
+    # a Hugging Face fast tokenizer used from several threads at once can fail ("Already borrowed").
+    tokenizer_threads: int = option(1, help="threads that tokenize prompts and compile constraints")
+    max_pending_requests: int = option(
+        1024, help="requests waiting for a tokenizer thread before new ones get 503 with Retry-After")
+    body_timeout_s: float = option(30.0, help="seconds a request body may take to arrive (408 beyond)")
+    keepalive_timeout_s: float = option(75.0, help="seconds an idle keep-alive connection stays open")
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
-from sgjax.engine.launch import LaunchedStep, StepLauncher
+from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
 from sgjax.engine.request import Request, Status
@@ -144,6 +144,9 @@ class EngineCore:
     def load_stats(self) -> dict:
         """What the server reports of the engine's load (/get_server_info, /metrics)."""
         return dict(num_pages=self.allocator.num_usable, free_pages=self.allocator.num_free,
+                    # pages only the radix cache holds: evicted on demand, so as good as free for new work
+                    evictable_pages=self.radix.evictable_tokens // self.args.page_size,
+                    num_preemptions=self.scheduler.num_preemptions,
                     num_running_requests=len(self.scheduler.running),
                     num_queued_requests=len(self.scheduler.waiting),
                     prefix_cache_hit_rate=self.radix.hit_rate if self.radix.shares_prefixes else None)
@@ -166,7 +169,10 @@ class EngineCore:
                 self._drain_inbox(block=in_flight is None and not self.scheduler.has_work())
                 if self._stopped:
                     break
-                self._next_step = self.launcher.launch(in_flight) if self.scheduler.has_work() else None
+                try:
+                    self._next_step = self.launcher.launch(in_flight) if self.scheduler.has_work() else None
+                except StepBuildError as e:
+                    self._fail_unbuildable(e)
                 if in_flight is not None:
                     self.launcher.sample(in_flight)  # if launch did not
                     self._process(in_flight)
@@ -189,6 +195,23 @@ class EngineCore:
             self._flush_outbox()
             if in_flight is None:
                 self.stats.idle()
+
+    def _fail_unbuildable(self, error: StepBuildError) -> None:
+        """A step could not be built: fail the requests that cannot be built alone (all of the step's if none
+        can be singled out); the others run in the next step."""
+        culprits = []
+        for req in error.requests:
+            try:
+                self.launcher.check(req)
+            except Exception as e:
+                culprits.append((req, e))
+        if not culprits:
+            culprits = [(req, error) for req in error.requests]
+        logger.error("a step could not be built (%s); failing %d of its %d requests", error, len(culprits),
+                     len(error.requests))
+        for req, e in culprits:
+            self.scheduler.abort(req.rid)
+            self._end(req, {"type": "abort", "message": f"the request cannot run: {e}"})
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -227,6 +250,12 @@ class EngineCore:
             except Exception as e:  # the caller compiled it already; should this one still fail, say so
                 self._outbox.append(Finished.aborted(message.wire_id, f"constraint: {e}"))
                 return
+        try:
+            self.launcher.check(req)
+        except Exception as e:  # what validation let through fails this request, not the step it would join
+            logger.warning("request %s cannot run: %s", req.rid, e)
+            self._outbox.append(Finished.aborted(message.wire_id, f"the request cannot run: {e}"))
+            return
         if params.max_new_tokens == 0 and params.logprob_start_len < 0:
             self._end(req, {"type": "length", "length": 0})
             return

@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from sgjax.config import EngineArgs
@@ -29,10 +30,14 @@ Callback = Callable[[RequestOutput, str, bool], None]  # (request, new text, fin
 
 class Engine:
     def __init__(self, model_path: str | None = None, *, args: EngineArgs | None = None, engine_process: bool = False,
-                 kernel_options: dict | None = None, **kwargs):
+                 restart_engine: bool = False, kernel_options: dict | None = None, **kwargs):
         """The model runs on a thread of this process, or with `engine_process` in a child process (the server's
-        default: its Python then does not share the engine thread's GIL). `kernel_options`: keywords for
-        sgjax.kernels.select, to turn single kernels off in comparisons (in this process only)."""
+        default: its Python then does not share the engine thread's GIL); `restart_engine`: a child process that
+        dies is started again (the requests it had fail; later ones are served once it is back).
+        `kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons (in this
+        process only)."""
+        self._restart, self._stopping = restart_engine and engine_process, False
+        self.num_restarts = 0
         self.args = args or EngineArgs(model_path=model_path, **kwargs)
         if self.args.model_path is None:  # the bundled default model
             self.args = dataclasses.replace(self.args, model_path=default_model_path())
@@ -41,7 +46,7 @@ class Engine:
             from sgjax.engine.engine_process import EngineProcess
 
             self.core = EngineProcess(self.args)
-            self.core.on_exit = self._fail_all
+            self.core.on_exit = self._core_exited
         else:
             from sgjax.engine.core import EngineCore
 
@@ -104,6 +109,7 @@ class Engine:
                 self._release(output)
 
     def shutdown(self) -> None:
+        self._stopping = True
         self.core.shutdown()
 
     # The in-process engine's parts, for tests and benchmarks
@@ -321,6 +327,34 @@ class Engine:
                 logger.exception("request %s: its callback failed; aborting it", output.rid)
                 if not delta.finished:
                     self.abort_requests([output])
+
+    def _core_exited(self, message: str) -> None:
+        """The engine process died (on its reader thread): fail what it had, and start another if asked to."""
+        self._fail_all(message)
+        if self._restart and not self._stopping:
+            threading.Thread(target=self._restart_core, name="sgjax-engine-watchdog", daemon=True).start()
+
+    def _restart_core(self) -> None:
+        """Start engine processes until one runs (waiting longer after each failure) or the engine shuts down."""
+        from sgjax.engine.engine_process import EngineProcess
+
+        wait = 1.0
+        while not self._stopping:
+            logger.warning("restarting the engine process")
+            try:
+                core = EngineProcess(self.args, text_side=(self.tokenizer, self.grammar))
+            except Exception:
+                logger.exception("the engine process failed to restart; trying again in %.0f s", wait)
+                time.sleep(wait)  # a watchdog's back-off between attempts, not a test's wait
+                wait = min(wait * 2, 60.0)
+                continue
+            core.on_updates, core.on_exit = self._route, self._core_exited
+            self.core = core
+            self.num_restarts += 1
+            logger.warning("the engine process is running again (restart %d)", self.num_restarts)
+            if self._stopping:  # shut down while it started
+                core.shutdown()
+            return
 
     def _fail_all(self, message: str) -> None:
         """End every request in flight as aborted (the engine process died)."""

@@ -9,8 +9,8 @@ SGLang runs its HTTP and tokenizer side apart from its scheduler for this reason
 multiprocessing Pipe with the typed messages of messages.py. The caller side (Engine) tokenizes and
 validates requests itself, with its own tokenizer and grammar compiler (loaded here while the child loads
 the model) and the engine's limits, sent once at start-up. The core sends each step's TokenDeltas in one
-message. If the child dies, `on_exit` is called (the Engine aborts every request in flight, naming it) and
-`alive` turns False (/health then answers 503).
+message. If the child dies, `on_exit` is called (the Engine aborts every request in flight, naming it, and
+may start a new engine process) and `alive` turns False (/health then answers 503).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class Reply:
 class EngineProcess:
     """The caller's end of an engine process; what Engine needs of a core."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, text_side: tuple | None = None):
+        """`text_side`: (tokenizer, grammar) already loaded (a restart), else loaded here."""
         self.args = args
         self.on_updates: Callable[[list[TokenDelta]], None] = lambda deltas: None  # on the reader thread
         self.on_exit: Callable[[str], None] = lambda message: None
@@ -81,8 +82,11 @@ class EngineProcess:
         child_conn.close()  # the child's end lives in the child only: its exit reads as EOF here
         # The text side loads here while the child loads and compiles the model (minutes), not after it
         try:
-            vocab_size = ModelConfig.from_pretrained(args.model_path, args.dtype).vocab_size
-            self.tokenizer, _, self.grammar = load_text_side(args.model_path, args.load_format, vocab_size)
+            if text_side is not None:
+                self.tokenizer, self.grammar = text_side
+            else:
+                vocab_size = ModelConfig.from_pretrained(args.model_path, args.dtype).vocab_size
+                self.tokenizer, _, self.grammar = load_text_side(args.model_path, args.load_format, vocab_size)
             text_side_error = None
         except Exception as e:  # the child most likely fails the same way: its error, with its traceback, wins
             text_side_error = e

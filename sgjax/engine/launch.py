@@ -38,6 +38,14 @@ class LaunchedStep:
     record: StepRecord | None = None  # its entry in EngineStats.step_log, if one is kept
 
 
+class StepBuildError(Exception):
+    """Building a step's host inputs failed: one of `requests` cannot run (nothing was launched)."""
+
+    def __init__(self, requests: list[Request], cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.requests = requests
+
+
 class StepLauncher:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, stats: EngineStats, max_rows: int,
                  eos_token_ids: set[int] = frozenset()):
@@ -54,15 +62,18 @@ class StepLauncher:
         batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
-        chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
-        sampling = SamplingBatch.build(
-            params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
-            [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], self.max_rows, self.runner.spare_slot)
-        targets = None
-        if any(wants_prompt_logprobs(r, n) for r, n in batch):
-            targets = [prompt_targets(r, n) for r, n in batch]
+        try:  # nothing has changed yet: a request that breaks the build can be failed alone, the rest rescheduled
+            chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
+            sampling = SamplingBatch.build(
+                params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
+                [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], self.max_rows, self.runner.spare_slot)
+            targets = None
+            if any(wants_prompt_logprobs(r, n) for r, n in batch):
+                targets = [prompt_targets(r, n) for r, n in batch]
+            prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
+        except Exception as e:
+            raise StepBuildError(reqs, e) from e
         starts = [r.num_computed for r in reqs]
-        prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
         enqueued = time.perf_counter()
         if previous is not None:
             self.sample(previous)
@@ -99,6 +110,17 @@ class StepLauncher:
             self.sample(step)
             self.stats.host_s["enqueue"] += time.perf_counter() - now
         return step
+
+    def check(self, req: Request) -> None:
+        """Build a step's per-request host inputs for this request alone: what cannot be built raises here, so
+        it fails this request, not a step it shares with others."""
+        p = req.params
+        SamplingBatch.build([p], [req.seed], [len(req.prompt_ids)], [self.runner.spare_slot], [len(req.prompt_ids)],
+                            1, self.runner.spare_slot)
+        SamplerFeatures.of([p])
+        bias = self._bias(req)
+        if bias:
+            logit_bias_arrays([bias], 1)
 
     def _bias(self, req: Request) -> dict[int, float] | None:
         """The logit biases of the request's next token: its logit_bias, and while it has fewer than

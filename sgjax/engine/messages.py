@@ -32,6 +32,7 @@ class TokenDelta:
     output_top_logprobs: list[list[tuple[float, int]]]
     first_token_time: float | None  # time.monotonic() of its first output token
     cached_tokens: int  # prompt tokens found in the prefix cache
+    admit_time: float | None  # time.monotonic() when it was first scheduled (it queued until then)
 
     @property
     def finished(self) -> bool:
@@ -53,7 +54,7 @@ class Finished(TokenDelta):
     @classmethod
     def aborted(cls, wire_id: int, message: str) -> "Finished":
         """The delta that ends a request as aborted, with nothing gained."""
-        return cls(wire_id, "", [], [], [], None, 0, {"type": "abort", "message": message})
+        return cls(wire_id, "", [], [], [], None, 0, None, {"type": "abort", "message": message})
 
 
 @dataclasses.dataclass(slots=True)

@@ -124,7 +124,7 @@ def delta_of(req: Request, text: str) -> TokenDelta:
     req.num_sent = end
     tops = req.output_top_logprobs[start:end] if req.params.top_logprobs_num else []
     fields = (req.wire_id, text, req.output_ids[start:end], req.output_logprobs[start:end], tops,
-              req.first_token_time, req.cached_tokens)
+              req.first_token_time, req.cached_tokens, req.admit_time)
     if req.finished:
         return Finished(*fields, req.finish_reason, dict(req.input_logprobs) if req.input_logprobs else None)
     return TokenDelta(*fields)

@@ -30,6 +30,7 @@ class RequestOutput:
     finished: bool = False
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    admit_time: float | None = None  # when the engine first scheduled it
     finish_time: float | None = None
     user_rid: str | None = None  # the rid the caller gave (shared by a prompt's n samples), if any
     submitted: bool = False  # sent to the engine's core
@@ -43,6 +44,8 @@ class RequestOutput:
         self.cached_tokens = delta.cached_tokens
         if delta.first_token_time is not None:
             self.first_token_time = delta.first_token_time
+        if delta.admit_time is not None:
+            self.admit_time = delta.admit_time
         if isinstance(delta, Finished):
             self.finished, self.finish_reason, self.finish_time = True, delta.finish_reason, time.monotonic()
             if delta.input_logprobs:

@@ -54,6 +54,7 @@ class Request:
     slot: int = -1  # row in the sampler's penalty state while running
     cached_tokens: int = 0  # prompt tokens found in the radix cache on first admission
     admitted: bool = False
+    admit_time: float | None = None  # time.monotonic() of its first admission: it queued until then
     finish_reason: dict | None = None
     text: str = ""
     regex_checked: int = 0  # characters of text already searched for a stop_regex match

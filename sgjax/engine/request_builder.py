@@ -4,6 +4,7 @@ sees it."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import numpy as np
@@ -23,6 +24,7 @@ class RequestBuilder:
         self.args, self.tokenizer, self.grammar = args, tokenizer, grammar
         self.vocab_size, self.context_length, self.num_usable_pages = vocab_size, context_length, num_usable_pages
         self.seeds = np.random.default_rng(args.random_seed)  # for requests that give no seed
+        self._seeds_lock = threading.Lock()  # requests are built on the server's tokenizer threads
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text prompt, with the BOS token unless the text already starts with it
@@ -74,7 +76,11 @@ class RequestBuilder:
         outputs = []
         for k, ids in enumerate(prompts):
             self._validate_prompt(ids, params)
-            base_seed = params.seed if params.seed is not None else int(self.seeds.integers(2**31))
+            if params.seed is not None:
+                base_seed = params.seed
+            else:
+                with self._seeds_lock:
+                    base_seed = int(self.seeds.integers(2**31))
             group = uuid.uuid4().hex if params.n > 1 else None
             user_rid = rid[k] if isinstance(rid, list) else rid
             for i in range(params.n):
@@ -95,6 +101,8 @@ class RequestBuilder:
             raise ValueError(f"token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}); got {max(params.stop_token_ids)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)

@@ -23,6 +23,18 @@ NOT_SUPPORTED = {
 # SGLang's parameters that are accepted and have nothing to do here: custom_params feeds a custom logit
 # processor (which /generate rejects), stream_interval batches stream events (sgjax sends one a step).
 ACCEPTED_AND_UNUSED = {"custom_params": dict, "stream_interval": int}
+INT32_MAX = 2**31 - 1  # the step's arrays hold counts, positions and token ids as int32
+
+
+def is_int(value, low: int, high: int = INT32_MAX) -> bool:
+    """An integer (true and false are not) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_number(value, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
 # Room kept in a row's logit-bias arrays for the EOS ids that min_new_tokens bans
 EOS_BIAS_ROOM = 16
 
@@ -109,36 +121,34 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
-        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
-             f"max_new_tokens must be a non-negative integer; got {self.max_new_tokens!r}")
-        need(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
-             f"temperature must be in [0, 100]; got {self.temperature!r}")
-        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-             f"top_p must be in (0, 1]; got {self.top_p!r}")
-        need(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-             f"top_k must be -1 or >= 1; got {self.top_k!r}")
-        need(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
-             f"min_p must be in [0, 1]; got {self.min_p!r}")
-        need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128]; got {self.n!r}")
+        need(is_int(self.max_new_tokens, 0), f"max_new_tokens must be an integer in [0, {INT32_MAX}]; "
+             f"got {self.max_new_tokens!r}")
+        need(is_number(self.temperature, 0, 100), f"temperature must be in [0, 100]; got {self.temperature!r}")
+        need(is_number(self.top_p, 0, 1) and self.top_p > 0, f"top_p must be in (0, 1]; got {self.top_p!r}")
+        need(self.top_k == -1 and not isinstance(self.top_k, bool) or is_int(self.top_k, 1),
+             f"top_k must be -1 or an integer in [1, {INT32_MAX}]; got {self.top_k!r}")
+        need(is_number(self.min_p, 0, 1), f"min_p must be in [0, 1]; got {self.min_p!r}")
+        need(is_int(self.n, 1, 128), f"n must be in [1, 128]; got {self.n!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2]; got {value!r}")
-        need(isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 2,
+            need(is_number(value, -2, 2), f"{name} must be in [-2, 2]; got {value!r}")
+        need(is_number(self.repetition_penalty, 0, 2) and self.repetition_penalty > 0,
              f"repetition_penalty must be in (0, 2]; got {self.repetition_penalty!r}")
-        need(isinstance(self.logprob_start_len, int) and self.logprob_start_len >= -1,
-             f"logprob_start_len must be an integer >= -1; got {self.logprob_start_len!r}")
-        need(isinstance(self.top_logprobs_num, int) and 0 <= self.top_logprobs_num <= TOP_LOGPROBS,
+        need(is_int(self.logprob_start_len, -1), f"logprob_start_len must be an integer in [-1, {INT32_MAX}]; "
+             f"got {self.logprob_start_len!r}")
+        need(is_int(self.top_logprobs_num, 0, TOP_LOGPROBS),
              f"top_logprobs_num must be in [0, {TOP_LOGPROBS}]; got {self.top_logprobs_num!r}")
-        need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer; got {self.seed!r}")
+        need(self.seed is None or is_int(self.seed, -2**63, 2**64 - 1),
+             f"seed must be a 64-bit integer; got {self.seed!r}")
         need(self.stop is None or isinstance(self.stop, (str, list)), "stop must be a string or a list of strings")
         need(all(isinstance(s, str) and s for s in self.stop_strings),
              "stop must be a non-empty string or a list of them")
         need(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list) and all(
-            isinstance(t, int) for t in self.stop_token_ids)), "stop_token_ids must be a list of integers")
+            is_int(t, 0) for t in self.stop_token_ids)), "stop_token_ids must be a list of token ids")
         for name in ("ignore_eos", "skip_special_tokens", "logprobs", "no_stop_trim", "spaces_between_special_tokens"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false")
-        need(isinstance(self.min_new_tokens, int) and not isinstance(self.min_new_tokens, bool)
-             and self.min_new_tokens >= 0, f"min_new_tokens must be a non-negative integer; got {self.min_new_tokens!r}")
+        need(is_int(self.min_new_tokens, 0),
+             f"min_new_tokens must be an integer in [0, {INT32_MAX}]; got {self.min_new_tokens!r}")
         patterns = [self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex or []
         need(isinstance(patterns, list) and all(isinstance(p, str) and p for p in patterns),
              "stop_regex must be a non-empty string or a list of them")

@@ -26,6 +26,7 @@ running request's own pages (`Request.pages[num_tree_pages:]`).
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 
 from sgjax.cache.no_prefix_cache import NoPrefixCache
@@ -140,7 +141,7 @@ class Scheduler:
         req.num_tree_pages, req.tree_node, req.num_computed = len(pages), node, cached
         req.slot = self.free_slots.pop()
         if not req.admitted:
-            req.cached_tokens, req.admitted = cached, True
+            req.cached_tokens, req.admitted, req.admit_time = cached, True, time.monotonic()
         req.status = Status.RUNNING
         self.running.append(req)
         return n

@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize(group)  # a TPU VM's hosts, detected by JAX (--num-hosts 0)
     if group is not None and jax.process_count() > 1:
         parser.error(f"{jax.process_count()} hosts found: {NOT_ACROSS_HOSTS}")
-    engine = Engine(args=engine_args, engine_process=server_args.engine_process)
+    engine = Engine(args=engine_args, engine_process=server_args.engine_process,
+                    restart_engine=server_args.restart_engine)
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
-                    access_log=None, print=lambda msg: logging.getLogger("sgjax.server").info(msg))
+                    access_log=None, keepalive_timeout=server_args.keepalive_timeout_s, print=lambda msg: logging.getLogger("sgjax.server").info(msg))
     finally:
         engine.shutdown()
 

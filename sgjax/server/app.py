@@ -14,19 +14,24 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
-from sgjax.server.errors import ApiError, read_json
+from sgjax.server.errors import ApiError, read_body, read_json
 from sgjax.server.keys import (
     ENGINE,
     ENGINE_REQUESTS,
+    EVENT_STREAM,
     METRICS,
+    OFFLOAD,
     REQUEST_ID,
     SERVER_ARGS,
     STARTED,
 )
+from sgjax.server.limits import Offload
 from sgjax.server.metrics import Metrics
+from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
 OPEN_PATHS = {"/health"}  # reachable without the API key
+HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may take this long
 
 
 @web.middleware
@@ -39,26 +44,41 @@ async def handle_request(request: web.Request, handler):
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
             raise ApiError("missing or wrong API key", status=401, type_="authentication_error")
         if request.app[SERVER_ARGS].log_requests and request.can_read_body:
-            logger.info("request %s body: %.2000s", request[REQUEST_ID], await request.text())
+            logger.info("request %s body: %.2000s", request[REQUEST_ID], await read_body(request))
         response = await handler(request)
         status = response.status
         return response
     except ApiError as e:
         status = e.status
-        return e.response()
+        return await error_response(request, e)
     except web.HTTPException as e:
         status = e.status
-        raise
+        if e.status < 400:
+            raise
+        # aiohttp's own 404 / 405 / 413 ..., in the same JSON shape as every other error
+        return await error_response(request, ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:")
+                                                      else e.text, status=e.status,
+                                                      type_="invalid_request_error" if e.status < 500
+                                                      else "server_error"))
     except (ConnectionResetError, ConnectionError):
         status = 499  # the client went away mid-stream
         raise
     except Exception as e:
         logger.exception("request %s failed", request[REQUEST_ID])
-        return ApiError(f"internal error: {e}", status=500, type_="server_error").response()
+        return await error_response(request, ApiError(f"internal error: {e}", status=500, type_="server_error"))
     finally:
         request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
+
+
+async def error_response(request: web.Request, error: ApiError) -> web.StreamResponse:
+    """The error as a JSON response, or, once an event stream has begun, as its last event."""
+    stream = request.get(EVENT_STREAM)
+    if stream is None:
+        return error.response()
+    await end_with_error(stream, error.body())
+    return stream
 
 
 async def health(request: web.Request) -> web.Response:
@@ -68,9 +88,21 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
+    """200 only once the engine generated a token: a dead, restarting or stuck engine gets 503."""
     engine = request.app[ENGINE]
+    if not engine.alive:
+        raise ApiError("the engine is not running", status=503, type_="server_error")
     requests = engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
-    await engine.run_to_end(requests)
+    request[ENGINE_REQUESTS] = requests  # aborted by the middleware if they do not finish in time
+    try:
+        await asyncio.wait_for(engine.run_to_end(requests), HEALTH_GENERATE_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(f"the engine generated no token in {HEALTH_GENERATE_TIMEOUT_S:.0f} s", status=503,
+                       type_="server_error") from None
+    reason = requests[0].finish_reason or {}
+    if reason.get("type") == "abort" or len(requests[0].output_ids) != 1:
+        raise ApiError(f"the engine failed to generate: {reason.get('message', reason)}", status=503,
+                       type_="server_error")
     return web.Response(text="")
 
 
@@ -129,8 +161,14 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     if server_args.chat_template:
         with open(server_args.chat_template) as f:
             engine.tokenizer.chat_template = f.read()
-    app = web.Application(middlewares=[handle_request], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[handle_request], client_max_size=server_args.max_body_bytes)
     app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
+    app[OFFLOAD] = Offload(server_args.tokenizer_threads, server_args.max_pending_requests)
+
+    async def stop_offload(app: web.Application) -> None:
+        app[OFFLOAD].shutdown()
+
+    app.on_cleanup.append(stop_offload)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/get_model_info", "/model_info"):  # SGLang's old and new names

@@ -31,7 +31,14 @@ class Metrics:
                              buckets=LATENCY_BUCKETS)
         self.running = Gauge("sgjax_num_running_requests", "Requests in the running batch", registry=r)
         self.queued = Gauge("sgjax_num_queued_requests", "Requests waiting", registry=r)
-        self.kv_usage = Gauge("sgjax_kv_cache_usage", "Share of KV pages not free", registry=r)
+        self.queue_time = Histogram("sgjax_queue_time_seconds", "Arrival to first scheduled", registry=r,
+                                    buckets=LATENCY_BUCKETS)
+        self.kv_usage = Gauge("sgjax_kv_cache_usage", "Share of KV pages held by running requests (not free and not "
+                              "evictable cache)", registry=r)
+        self.kv_pages = Gauge("sgjax_kv_pages", "KV pages by state: used (running requests), cached (evictable "
+                              "prefix cache), free", ["state"], registry=r)
+        self.preemptions = Counter("sgjax_preemptions", "Running requests preempted to free KV pages", registry=r)
+        self._preemptions_seen = 0
         self.hit_rate = Gauge("sgjax_prefix_cache_hit_rate", "Prompt tokens found in the radix cache", registry=r)
 
     def observe(self, req) -> None:
@@ -41,6 +48,8 @@ class Metrics:
         self.prompt_tokens.inc(len(req.prompt_ids))
         self.generation_tokens.inc(len(req.output_ids))
         self.e2e.observe(now - req.arrival_time)
+        if req.admit_time is not None:
+            self.queue_time.observe(max(req.admit_time - req.arrival_time, 0.0))
         if req.first_token_time is not None:
             self.ttft.observe(req.first_token_time - req.arrival_time)
             if len(req.output_ids) > 1:
@@ -50,7 +59,15 @@ class Metrics:
         stats = self.engine.load_stats()
         self.running.set(stats["num_running_requests"])
         self.queued.set(stats["num_queued_requests"])
-        self.kv_usage.set(1 - stats["free_pages"] / stats["num_pages"])
+        free, cached = stats["free_pages"], stats.get("evictable_pages", 0)
+        used = stats["num_pages"] - free - cached
+        self.kv_usage.set(used / stats["num_pages"])
+        for state, pages in (("used", used), ("cached", cached), ("free", free)):
+            self.kv_pages.labels(state).set(pages)
+        preemptions = stats.get("num_preemptions", 0)
+        if preemptions > self._preemptions_seen:  # the engine keeps the total; a Counter takes increments
+            self.preemptions.inc(preemptions - self._preemptions_seen)
+            self._preemptions_seen = preemptions
         if stats["prefix_cache_hit_rate"] is not None:
             self.hit_rate.set(stats["prefix_cache_hit_rate"])
         return generate_latest(self.registry)

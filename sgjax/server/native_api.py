@@ -8,7 +8,8 @@ import json
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, REQUEST_ID, SERVER_ARGS
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS
+from sgjax.server.limits import check_limits
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 
 # /generate's fields that sgjax reads
@@ -119,8 +120,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     batched = isinstance(text, list) or bool(input_ids and isinstance(input_ids[0], list))
     num_prompts = len(text if text is not None else input_ids) if batched else 1
     rid = request_ids(body, request, num_prompts, batched)
+    params = sampling_dict(body)
+    check_limits(request.app[SERVER_ARGS], num_prompts, params)
     try:
-        requests = engine.make_requests(text, sampling_dict(body), input_ids, rid=rid)
+        requests = await request.app[OFFLOAD].run(engine.make_requests, text, params, input_ids, rid=rid)
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
@@ -164,7 +167,10 @@ async def tokenize(request: web.Request) -> web.Response:
     special = body.get("add_special_tokens", True)
     require(isinstance(special, bool), "add_special_tokens must be true or false", "add_special_tokens")
     require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
-    tokens = [engine.tokenizer.encode(p, add_special_tokens=special) for p in ([prompt] if single else prompt)]
+    prompts = [prompt] if single else prompt
+    check_limits(request.app[SERVER_ARGS], len(prompts), {})
+    tokens = await request.app[OFFLOAD].run(
+        lambda: [engine.tokenizer.encode(p, add_special_tokens=special) for p in prompts])
     counts = [len(t) for t in tokens]
     return web.json_response({"tokens": tokens[0] if single else tokens, "count": counts[0] if single else counts,
                               "max_model_len": engine.context_length})
@@ -185,5 +191,7 @@ async def detokenize(request: web.Request) -> web.Response:
     vocab = engine.config.vocab_size
     lists = [tokens] if single else tokens
     require(all(0 <= t < vocab for ids in lists for t in ids), f"token ids must be in [0, {vocab})", "tokens")
-    texts = [engine.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists]
+    check_limits(request.app[SERVER_ARGS], len(lists), {})
+    texts = await request.app[OFFLOAD].run(
+        lambda: [engine.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists])
     return web.json_response({"text": texts[0] if single else texts})

@@ -8,11 +8,13 @@ from aiohttp import web
 
 from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.limits import check_limits
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
 def model_name(request: web.Request) -> str:
@@ -94,13 +96,35 @@ def finish_reason(req) -> str:
     return FINISH_REASONS[reason]
 
 
-def make_requests(request: web.Request, prompt, params: dict, input_ids=None):
+async def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False):
+    """Tokenize and validate, on a tokenizer thread."""
+    engine = request.app[ENGINE]
+    check_limits(request.app[SERVER_ARGS], len(prompt if prompt is not None else input_ids), params)
     try:
-        requests = request.app[ENGINE].make_requests(prompt, params, input_ids, rid=request[REQUEST_ID])
+        requests = await request.app[OFFLOAD].run(engine.make_requests, prompt, params, input_ids,
+                                                  rid=request[REQUEST_ID])
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
+    if max_tokens_given:  # as OpenAI: a max_tokens that cannot fit is an error, not silently cut short
+        longest = max(len(r.prompt_ids) for r in requests) + params["max_new_tokens"]
+        require(longest <= engine.context_length, f"max_tokens is too large: the prompt ({longest - params['max_new_tokens']}"
+                f" tokens) plus max_tokens ({params['max_new_tokens']}) is more than the context length "
+                f"({engine.context_length})", "max_tokens")
     return requests
+
+
+def stream_options(body: dict) -> bool:
+    """Whether a stream ends with a usage event (stream_options.include_usage)."""
+    options = body.get("stream_options")
+    require(options is None or isinstance(options, dict), "stream_options must be an object", "stream_options")
+    include = (options or {}).get("include_usage", False)
+    require(isinstance(include, bool), "stream_options.include_usage must be true or false", "stream_options")
+    return include
+
+
+def max_tokens_given(body: dict) -> bool:
+    return body.get("max_completion_tokens", body.get("max_tokens")) is not None
 
 
 # ---- /v1/completions -----------------------------------------------------------------------
@@ -154,14 +178,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
         params.update(logprobs=True, top_logprobs_num=logprobs)
         if echo:
             params["logprob_start_len"] = 0
-    requests = make_requests(request, texts, params, id_lists)
+    include_usage = stream_options(body)
+    requests = await make_requests(request, texts, params, id_lists, max_tokens_given(body))
     n = params.get("n", 1)
     prompt_texts = texts or [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists]
     head = {"id": f"cmpl-{request[REQUEST_ID]}", "object": "text_completion", "created": int(time.time()),
             "model": model_name(request)}
 
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = await open_event_stream(request)
         sent_echo = set()
         async for i, delta, req, finished in run(request, requests):
@@ -196,12 +220,15 @@ def chat_messages(body: dict) -> list[dict]:
     out = []
     for m in messages:
         require(isinstance(m, dict) and isinstance(m.get("role"), str), "each message needs a role", "messages")
+        require(m["role"] in ROLES, f"message role {m['role']!r} is not one of {sorted(ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
                 require(isinstance(part, dict) and part.get("type") == "text",
                         "only text content parts are supported yet", "messages")
+                require(isinstance(part.get("text", ""), str), "a text content part's text must be a string",
+                        "messages")
                 parts.append(part.get("text", ""))
             content = "".join(parts)
         require(content is None or isinstance(content, str), "message content must be a string or parts", "messages")
@@ -276,17 +303,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params["ebnf"] = call_grammar
     tool_format = tool_format if tools else None
     try:
-        prompt_ids = engine.apply_chat_template(messages, tools)
+        prompt_ids = await request.app[OFFLOAD].run(engine.apply_chat_template, messages, tools)
+    except ApiError:
+        raise
     except Exception as e:  # the template rejected the conversation (roles out of order, ...)
         raise ApiError(f"chat template failed: {e}", param="messages") from None
     if "max_new_tokens" not in params:
         params["max_new_tokens"] = max(1, engine.context_length - len(prompt_ids))
-    requests = make_requests(request, None, params, input_ids=prompt_ids)
+    include_usage = stream_options(body)
+    requests = await make_requests(request, None, params, [prompt_ids], max_tokens_given(body))
     n = params.get("n", 1)
     head = {"id": f"chatcmpl-{request[REQUEST_ID]}", "created": int(time.time()), "model": model_name(request)}
 
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = await open_event_stream(request)
         chunk = {**head, "object": "chat.completion.chunk"}
         for i in range(len(requests)):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS
+from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, EVENT_STREAM
+
+DISCONNECT_POLL_S = 0.1  # how soon a non-streaming request notices that its client hung up
 
 
 def run(request: web.Request, requests: list) -> AsyncIterator:
@@ -19,9 +22,24 @@ def run(request: web.Request, requests: list) -> AsyncIterator:
 
 
 async def run_to_end(request: web.Request, requests: list) -> list:
-    """Like `run`, for handlers that answer only once every request has finished."""
+    """Like `run`, for handlers that answer only once every request has finished. A client that hangs up
+    meanwhile aborts them: nothing else would notice before the answer is written."""
     request[ENGINE_REQUESTS] = requests
-    return await request.app[ENGINE].run_to_end(requests)
+    engine = request.app[ENGINE]
+    watcher = asyncio.create_task(abort_on_disconnect(request, engine, requests))
+    try:
+        return await engine.run_to_end(requests)
+    finally:
+        watcher.cancel()
+
+
+async def abort_on_disconnect(request: web.Request, engine, requests: list) -> None:
+    # aiohttp (without handler_cancellation) only drops the transport of a closed connection: it is polled
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        if request.transport is None or request.transport.is_closing():
+            engine.abort_requests([r for r in requests if not r.finished])
+            return
 
 
 async def end_event_stream(response: web.StreamResponse, usage_event: dict | None = None) -> None:
@@ -34,7 +52,19 @@ async def end_event_stream(response: web.StreamResponse, usage_event: dict | Non
 async def open_event_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    request[EVENT_STREAM] = response  # from here on an error can only be an event of this stream
     return response
+
+
+async def end_with_error(response: web.StreamResponse, error: dict) -> None:
+    """An error after the stream began: an `error` event (the openai client raises it), then `data: [DONE]`.
+    A second HTTP response would land inside the chunked body and corrupt it."""
+    try:
+        await send_event(response, error)
+        await send_event(response, "[DONE]")
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the client has gone, or the stream was already closed
+        pass
 
 
 async def send_event(response: web.StreamResponse, payload) -> None:

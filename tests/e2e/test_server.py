@@ -415,7 +415,8 @@ def test_metrics_change_after_requests(setup):
     assert after[key] - before.get(key, 0) == 1
     assert after["sgjax_e2e_request_latency_seconds_count"] > before.get("sgjax_e2e_request_latency_seconds_count", 0)
     assert after["sgjax_time_to_first_token_seconds_count"] >= 1
-    assert 0 < after["sgjax_kv_cache_usage"] <= 1  # the radix tree holds the finished prompts' pages
+    # the radix tree holds the finished prompts' pages: cached (evictable), not used
+    assert after['sgjax_kv_pages{state="cached"}'] > 0 and 0 <= after["sgjax_kv_cache_usage"] < 1
     assert after["sgjax_prefix_cache_hit_rate"] >= 0
 
 
@@ -632,44 +633,6 @@ def test_bench_serving_counts_what_the_server_sent(setup, backend):
         assert r["start"] <= r["chunks"][0] and all(a <= b for a, b in zip(r["chunks"], r["chunks"][1:]))
         assert r["chunks"][-1] <= r["end"]
     assert summary["TTFT"][0] <= summary["E2E"][0] and summary["events"] >= 150
-
-
-def test_engine_process_exit_fails_its_requests_and_health(tiny_models):
-    """When the engine's child process dies, the requests in flight end (aborted, naming the exit) instead of
-    hanging, new ones are refused the same way, and /health answers 503."""
-    path, _ = tiny_models("llama")
-    engine = Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True)
-    server = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
-    try:
-        assert get(server.url + "/health", key=None)[0] == 200
-        finished = []
-        engine.finish_hooks.append(finished.append)
-
-        async def stream_while_killed():
-            import aiohttp
-
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
-                async with session.post(server.url + "/generate", json={
-                        "input_ids": [5, 6, 7], "stream": True,
-                        "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}) as r:
-                    async for _ in r.content:
-                        engine.core._process.kill()
-                        break
-                    return [line async for line in r.content if line.strip()]
-
-        lines = asyncio.run(stream_while_killed())
-        assert lines[-1].strip() == b"data: [DONE]"
-        last = json.loads(lines[-2].decode().removeprefix("data: "))["meta_info"]["finish_reason"]
-        assert last["type"] == "abort" and "engine process exited" in last["message"]
-        assert finished and finished[0].finish_reason == last
-        wait_until(lambda: not engine.alive)
-        status, body = get(server.url + "/health", key=None)
-        assert status == 503 and "not running" in body
-        status, body = post(server.url + "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
-        assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "abort"
-    finally:
-        server.stop()
-        engine.shutdown()
 
 
 def test_engine_process_that_cannot_start_says_why(tmp_path):

@@ -1,0 +1,290 @@
+"""The server survives anything a client sends: hostile and malformed bodies get OpenAI-style 4xx errors, one
+request's failure stays that request's, a dead engine is noticed and restarted, disconnects are noticed."""
+
+import asyncio
+import gzip
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from sgjax.config import EngineArgs
+from sgjax.engine import Engine
+from tests.e2e.test_server import API_KEY, MODEL, LiveServer, get, post, wait_until
+
+ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=64, num_pages=400)
+LIMITS = dict(max_prompts_per_request=4, max_n=4, max_sequences_per_request=8, max_stop_strings=3,
+              max_constraint_bytes=200, max_body_bytes=50_000, body_timeout_s=1.0)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    path, _ = tiny_models("llama")
+    engine = Engine(path, **ENGINE_OPTIONS)
+    live = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL, enable_metrics=True, **LIMITS)
+    yield live
+    live.stop()
+    engine.shutdown()
+
+
+def engine_of(server) -> Engine:
+    from sgjax.server.keys import ENGINE
+
+    return server.app[ENGINE]
+
+
+def idle(engine) -> bool:
+    stats = engine.load_stats()
+    return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
+
+
+def raw_post(server, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
+    """(status, JSON body) of a POST of raw bytes; the body must be JSON whatever the status."""
+    req = urllib.request.Request(server.url + path, data=data, headers={**AUTH, **headers}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def assert_openai_error(status: int, body: dict, expected_status: int, needle: str = "") -> None:
+    assert status == expected_status, body
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["code"] == expected_status, body
+    assert needle.lower() in error["message"].lower(), body
+
+
+# ---- 1. an error after a stream began is the stream's last event, not a second HTTP response -------------
+
+def test_stream_aborted_mid_way_ends_with_an_error_event(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=400, stream=True,
+                                       extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            assert post(server.url + "/abort_request", {"abort_all": True})[0] == 200
+    assert type(caught.value) is openai.APIError and "aborted" in caught.value.message
+    wait_until(lambda: idle(engine_of(server)), timeout=30)
+
+
+# ---- 2. one request's failure is that request's error ----------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("top_k", 2**31), ("max_tokens", True), ("seed", 2**70),
+                                         ("stop_token_ids", [2**40])])
+def test_out_of_range_integers_get_400(server, field, value):
+    status, body = post(server.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6], field: value})
+    assert_openai_error(status, body, 400, field.replace("max_tokens", "max_new_tokens"))
+
+
+def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
+    """A request validation let through (top_k beyond int32) fails with its error; the requests it would have
+    shared steps with finish normally, at intake and when it gets as far as a step."""
+    engine = engine_of(server)
+    launcher = engine.core.launcher
+    real_check, skipped = launcher.check, []
+
+    def check_except_first_bad(req):  # let the bad request past intake once, into a step
+        if req.params.top_k > 2**31 and not skipped:
+            skipped.append(req.rid)
+            return
+        real_check(req)
+
+    monkeypatch.setattr(launcher, "check", check_except_first_bad)
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 6, "temperature": 0,
+                                                                          "ignore_eos": True})
+        bad = [engine.make_requests(input_ids=[8, 9], sampling_params={"max_new_tokens": 6})[0] for _ in range(2)]
+        for b in bad:
+            b.params.top_k = 2**40
+        await asyncio.gather(*(engine.run_to_end(r) for r in [good, bad[:1], bad[1:]]))
+        return good[0], bad
+
+    good, bad = asyncio.run(run())
+    assert skipped and good.finish_reason["type"] == "length" and len(good.output_ids) == 6
+    for b in bad:
+        assert b.finish_reason["type"] == "abort" and "cannot run" in b.finish_reason["message"], b.finish_reason
+    wait_until(lambda: idle(engine), timeout=30)
+
+
+# ---- 3. a dead engine process: its requests fail cleanly, health says so, a watchdog restarts it -----------
+
+def test_dead_engine_process_fails_its_streams_and_is_restarted(tiny_models):
+    """The stream in flight ends with an error event naming the exit, /health and /health_generate say 503 and
+    requests are refused while the engine is down, and once the watchdog restarted it requests are served."""
+    path, _ = tiny_models("llama")
+    engine = Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True, restart_engine=True)
+    gate, restart = threading.Event(), engine._restart_core
+    engine._restart_core = lambda: gate.wait(60) and restart()  # held back so the dead state can be seen
+    live = LiveServer(engine, api_key=API_KEY, served_model_name=MODEL)
+    try:
+        assert get(live.url + "/health_generate")[0] == 200
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=400, stream=True,
+                                           extra_body={"ignore_eos": True})
+        with pytest.raises(openai.APIError) as caught:
+            for _ in stream:
+                engine.core._process.kill()
+        assert type(caught.value) is openai.APIError and "engine process exited" in caught.value.message
+        for path in ("/health", "/health_generate"):
+            status, text = get(live.url + path)
+            assert_openai_error(status, json.loads(text), 503, "not running")
+        status, body = post(live.url + "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+        assert status == 200 and "engine process is not running" in body["meta_info"]["finish_reason"]["message"]
+        gate.set()
+        wait_until(lambda: get(live.url + "/health_generate")[0] == 200, timeout=120)
+        assert engine.num_restarts == 1
+        reply = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 3
+    finally:
+        gate.set()
+        live.stop()
+        engine.shutdown()
+
+
+# ---- 4. a non-streaming client that hangs up aborts its generation --------------------------------------
+
+def test_non_streaming_client_that_disconnects_aborts_its_request(server):
+    engine = engine_of(server)
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def send_then_hang_up():
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        deadline = time.monotonic() + 30
+        while engine.load_stats()["num_running_requests"] == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        writer.close()
+
+    try:
+        asyncio.run(send_then_hang_up())
+        wait_until(lambda: finished, timeout=30)
+    finally:
+        engine.finish_hooks.remove(finished.append)
+    assert finished[0].finish_reason["type"] == "abort" and len(finished[0].output_ids) < 400
+    wait_until(lambda: idle(engine), timeout=30)
+
+
+# ---- 7, 8. malformed and over-lenient bodies get OpenAI-style 4xx errors ---------------------------------
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": MODEL, **fields}).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("path,data,headers,status,needle", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", JSON, 400,
+     "nested"),
+    ("/v1/completions", body(prompt="hi", stream=True, stream_options="yes"), JSON, 400, "stream_options"),
+    (CHAT, body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), JSON, 400, "string"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', JSON, 400, "surrogate"),
+    ("/generate", b'{"text": "hi"}', {"Content-Type": "application/json; charset=klingon"}, 400, "charset"),
+    ("/generate", b'{"text": "hi"}', {**JSON, "Content-Encoding": "gzip"}, 400, "could not be read"),
+    ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}'),
+     {**JSON, "Content-Encoding": "gzip"}, 200, ""),
+    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_new_tokens"),
+    ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
+    (CHAT, body(messages=[{"role": "wizard", "content": "hi"}]), JSON, 400, "wizard"),
+    ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
+])
+def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
+    got, reply = raw_post(server, path, data, headers)
+    if status == 200:
+        assert got == 200 and reply["meta_info"]["completion_tokens"] == 1
+    else:
+        assert_openai_error(got, reply, status, needle)
+
+
+@pytest.mark.parametrize("path,status", [("/no/such/path", 404), ("/v1/completions", 405)])
+def test_unknown_paths_and_methods_get_json_errors(server, path, status):
+    got, text = get(server.url + path)
+    assert_openai_error(got, json.loads(text), status)
+
+
+# ---- 5. limits, and tokenizing off the event loop -------------------------------------------------------
+
+@pytest.mark.parametrize("path,fields,flag", [
+    ("/v1/completions", dict(prompt="hi", n=5), "max-n"),
+    ("/v1/completions", dict(prompt=["a", "b", "c", "d", "e"]), "max-prompts-per-request"),
+    ("/v1/completions", dict(prompt=["a", "b", "c"], n=3), "max-sequences-per-request"),
+    ("/v1/completions", dict(prompt="hi", stop=["a", "b", "c", "d"]), "max-stop-strings"),
+    (CHAT, dict(messages=[{"role": "user", "content": "hi"}], regex="a" * 201), "max-constraint-bytes"),
+    ("/generate", dict(text="hi", sampling_params={"json_schema": {"enum": ["x" * 300]}}), "max-constraint-bytes"),
+    ("/tokenize", dict(prompt=["a"] * 5), "max-prompts-per-request"),
+])
+def test_requests_beyond_the_limits_get_400_naming_the_flag(server, path, fields, flag):
+    data = json.dumps(fields).encode() if path in ("/generate", "/tokenize") else body(**fields)
+    status, reply = raw_post(server, path, data, JSON)
+    assert_openai_error(status, reply, 400, f"(--{flag})")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    engine, threads = engine_of(server), []
+    real = engine.make_requests
+    monkeypatch.setattr(engine, "make_requests", lambda *a, **k: threads.append(threading.current_thread().name)
+                        or real(*a, **k))
+    status, _ = raw_post(server, "/v1/completions", body(prompt="hi", max_tokens=1), JSON)
+    assert status == 200 and threads and threads[0].startswith("sgjax-tokenizer"), threads
+    from sgjax.server.keys import OFFLOAD
+
+    monkeypatch.setattr(server.app[OFFLOAD], "max_pending", 0)  # as if the tokenizer's queue were full
+    req = urllib.request.Request(server.url + "/generate", data=b'{"text": "hi"}', headers={**AUTH, **JSON})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=30)
+    assert caught.value.headers["Retry-After"] == "1"
+    assert_openai_error(503, json.loads(caught.value.read()), 503, "busy")
+
+
+# ---- 6. a body that never arrives times out ---------------------------------------------------------------
+
+def test_body_that_never_arrives_gets_408(server):
+    async def send_half():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        payload = await asyncio.wait_for(reader.readexactly(length), 30)
+        writer.close()
+        return head, payload
+
+    head, payload = asyncio.run(send_half())
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert_openai_error(408, json.loads(payload), 408, "did not arrive")
+
+
+# ---- 9. metrics ----------------------------------------------------------------------------------------
+
+def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server):
+    engine = engine_of(server)
+    status, _ = raw_post(server, "/generate", json.dumps({"input_ids": list(range(10, 30)),
+                                                          "sampling_params": {"max_new_tokens": 2}}).encode(), JSON)
+    assert status == 200
+    wait_until(lambda: idle(engine), timeout=30)
+    metrics = {}
+    for line in get(server.url + "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    assert metrics['sgjax_kv_pages{state="cached"}'] >= 4  # the prompt's pages stay in the radix cache
+    assert metrics["sgjax_kv_cache_usage"] == 0  # ... and count as available, not used, at idle
+    assert metrics['sgjax_kv_pages{state="used"}'] == 0
+    assert metrics["sgjax_queue_time_seconds_count"] >= 1
+    assert metrics["sgjax_preemptions_total"] == engine.load_stats()["num_preemptions"]
