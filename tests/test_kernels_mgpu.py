@@ -37,8 +37,8 @@ def test_mgpu_prefill_kernel_matches_reference(case, pages_per_block, tuned):
 def test_gpu_backend_splits_a_step_between_its_two_kernels():
     """Long chunks to the Mosaic GPU kernel, decodes and short chunks to the Triton kernel (both in their
     interpreters): together they give the reference's output, and neither writes the other's tokens."""
-    q_lens, cached = [40, 1, 10, 1, 33], [5, 60, 0, 7, 100]  # long chunks: >= 32 tokens at 4 heads a KV head
-    case = (8, 2, 64, 16, q_lens, cached, None, None)
+    q_lens, cached = [40, 1, 10, 1, 33], [5, 60, 0, 7, 20]  # long chunks: >= 32 tokens at 4 heads a KV head
+    case = (4, 1, 64, 16, q_lens, cached, None, None)
     (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, jnp.bfloat16)
     got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
     assert relative_error(got[:total], want) < 1e-2
@@ -49,7 +49,7 @@ def test_gpu_backend_splits_a_step_between_its_two_kernels():
     assert relative_error(only_long[:total][long], want[long]) < 1e-2
 
     # no short sequence with tokens: the backend skips the Triton kernel
-    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference((8, 2, 64, 16, [33], [40], None, None),
+    (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference((4, 1, 64, 16, [33], [40], None, None),
                                                                                jnp.bfloat16)
     got = gpu_attention(q, k_pages, v_pages, meta, prefill_kernel=True, interpret=True, **kwargs)
     assert relative_error(got[:total], want) < 1e-2

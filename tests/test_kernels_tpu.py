@@ -14,8 +14,10 @@ def test_tpu_kernel_matches_reference(case, dtype, tolerance):
     """The TPU kernel in the TPU interpreter (its DMAs, semaphores and SMEM scalars simulated)."""
     (q, k_pages, v_pages, meta, total), kwargs, want = grid_case_and_reference(case, dtype)
     # the default; one token per query block (decode batches); small query blocks walking one page at
-    # a time (many double-buffered K/V blocks per program)
-    for block_q, pages_per_block in ((None, None), (1, None), (4, 1)):
+    # a time (many double-buffered K/V blocks per program). The tilings in bfloat16, the dtype served; float32
+    # checks the default's math at a tight tolerance (the interpreter's DMAs are the suite's slowest part).
+    tilings = ((None, None), (1, None), (4, 1)) if dtype == jnp.bfloat16 else ((None, None),)
+    for block_q, pages_per_block in tilings:
         got = tpu_kernel.ragged_paged_attention(q, k_pages, v_pages, meta, interpret=True, block_q=block_q,
                                                 pages_per_block=pages_per_block, **kwargs)
         assert got.shape == q.shape

@@ -19,10 +19,11 @@ from sgjax.executor.greedy import greedy_generate
 from sgjax.models.default_model import default_model_path
 from sgjax.models.loader import load_model
 from sgjax.platform import distributed
+from sgjax.platform.compile_cache import enable_compile_cache
 from sgjax.platform.mesh import make_mesh
 
 # The engine's flags that plain greedy generation uses: no scheduler, KV pool sizing or sampling here.
-ENGINE_FLAGS = ("model_path", "mesh", "dtype", "load_format", "page_size")
+ENGINE_FLAGS = ("model_path", "mesh", "dtype", "load_format", "page_size", "compilation_cache_dir")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             parser.error(str(e))
 
+    enable_compile_cache(args.compilation_cache_dir)
     loaded = load_model(args.model_path, make_mesh(mesh_from_namespace(args)), dtype=args.dtype,
                         load_format=args.load_format, kernels=kernels.select("pallas", args.page_size))
     tokenizer, eos_token_ids, _ = load_text_side(args.model_path, args.load_format, loaded.config.vocab_size)
