@@ -45,14 +45,23 @@ def _online_softmax_block(q, k, v, visible, carry, softcap):
     return new_max, running_sum, acc
 
 
+def _key_blocks(page_table: jax.Array, page_size: int) -> tuple[jax.Array, int, int]:
+    """(page table padded to whole key blocks with the null page, pages a block, keys a block): the loops read
+    keys a block of BLOCK_KEYS at a time; the padding is masked, being past every kv_len."""
+    block_pages = max(1, BLOCK_KEYS // page_size)
+    pad = -page_table.shape[1] % block_pages
+    if pad:
+        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
+    return page_table, block_pages, block_pages * page_size
+
+
 def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, block_q: int, *,
                    scale: float, sliding_window: int | None, softcap: float | None) -> jax.Array:
     """Attention with queries in blocks of `block_q` tokens of one sequence each -> [T, H, D] float32."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
-    block_pages = max(1, BLOCK_KEYS // page_size)
-    block = block_pages * page_size
+    page_table, block_pages, block = _key_blocks(meta.page_table, page_size)
     qsl = meta.query_start_loc
     num_seqs = meta.kv_lens.shape[0]
     bound = min(num_tokens, -(-num_tokens // block_q) + num_seqs)
@@ -70,10 +79,6 @@ def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: A
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
     qb = qg[tok].transpose(2, 0, 1, 3, 4)  # [KVH, NB, QB, G, D]
 
-    page_table = meta.page_table
-    pad = -page_table.shape[1] % block_pages
-    if pad:  # whole blocks, padded with the null page (masked: past every kv_len)
-        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
     block_table = page_table[seq]  # [NB, pages]
     lowest = jnp.zeros_like(pos)
     if sliding_window is not None:  # key blocks wholly before every query's window hold nothing it sees
@@ -118,15 +123,10 @@ def _attend_block_by_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
-    block_pages = max(1, BLOCK_KEYS // page_size)
-    block = block_pages * page_size
+    page_table, block_pages, block = _key_blocks(meta.page_table, page_size)
     qsl = meta.query_start_loc
     seq, start, valid = plan_query_blocks(qsl, num_tokens, block_q)
     q_lens = qsl[1:] - qsl[:-1]
-    page_table = meta.page_table
-    pad = -page_table.shape[1] % block_pages
-    if pad:  # whole key blocks, padded with the null page (masked: past every kv_len)
-        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
     # Padded by a block, so a block's window never runs past the end (dynamic_slice would shift it back).
     q_padded = jnp.pad((q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim),
                        ((0, block_q), (0, 0), (0, 0), (0, 0)))

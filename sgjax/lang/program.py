@@ -14,13 +14,14 @@ import warnings
 
 from sgjax.lang.api import backend_of
 from sgjax.lang.global_config import global_config
-from sgjax.lang.sampling import SamplingDefaults
+from sgjax.lang.sampling import SAMPLING_ARGS, SamplingDefaults
 from sgjax.lang.state import ProgramState
 
 
-def _defaults(sampling: dict) -> SamplingDefaults:
-    """run()'s sampling arguments; None leaves a field at its default."""
-    return SamplingDefaults(**{k: v for k, v in sampling.items() if v is not None})
+def _defaults(arguments: dict) -> SamplingDefaults:
+    """The sampling arguments among run()'s or run_batch()'s (their locals()); None leaves a field at its
+    default."""
+    return SamplingDefaults(**{k: v for k, v in arguments.items() if k in SAMPLING_ARGS and v is not None})
 
 
 class SglFunction:
@@ -66,12 +67,7 @@ class SglFunction:
         """Run the program (its arguments in *args / **kwargs; the sampling arguments are every gen's
         defaults). With stream=True it runs in a thread and the state is returned at once (read it with
         state.text_iter(), or state.sync() to wait). use_thread is accepted for SGLang's signature."""
-        defaults = _defaults(dict(
-            max_new_tokens=max_new_tokens, n=n, stop=stop, stop_token_ids=stop_token_ids, stop_regex=stop_regex,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, ignore_eos=ignore_eos, return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs))
+        defaults = _defaults(locals())
         state = self._state(backend, stream, defaults)
         if not stream:
             self._execute(state, args, kwargs)
@@ -97,12 +93,7 @@ class SglFunction:
         """Run the program once per dict (or tuple of positional values) of arguments, num_threads at a
         time; the states in input order (a generator of them with generator_style=True). A program that
         fails does not stop the others: its state's error() has the exception."""
-        defaults = _defaults(dict(
-            max_new_tokens=max_new_tokens, n=n, stop=stop, stop_token_ids=stop_token_ids, stop_regex=stop_regex,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, ignore_eos=ignore_eos, return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs))
+        defaults = _defaults(locals())
         batch = [self._as_kwargs(args) for args in batch_kwargs]
         if num_threads == "auto":
             num_threads = 64
