@@ -196,7 +196,7 @@ CHAT = "/v1/chat/completions"
     ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', JSON, 400, "surrogate"),
     ("/generate", b'{"text": "hi"}', {"Content-Type": "application/json; charset=klingon"}, 400, "charset"),
     ("/generate", b'{"text": "hi"}', {**JSON, "Content-Encoding": "gzip"}, 400, "could not be read"),
-    ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}'),
+    ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}', mtime=0),
      {**JSON, "Content-Encoding": "gzip"}, 200, ""),
     ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_new_tokens"),
     ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
