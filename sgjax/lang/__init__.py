@@ -8,8 +8,9 @@
     sgl.set_default_backend(sgl.RuntimeEndpoint("http://localhost:30000"))
     print(qa.run(question="What is JAX?", temperature=0)["answer"])
 
-Differences from SGLang: a program's default temperature is 0 (greedy); a gen's n must be 1 (fork instead);
-video input raises until a video model is served.
+Defaults and error handling are SGLang's: run() samples at temperature 1 unless told otherwise, and an error
+while executing the program is kept in the state (state.error()) rather than raised. Differences: a gen's n
+must be 1 (fork instead); video input raises until a video model is served.
 """
 
 from sgjax.lang.api import (Engine, Runtime, flush_cache, get_default_backend, get_server_info,

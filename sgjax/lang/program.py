@@ -1,7 +1,9 @@
 """@function programs and how they run: one state per call, in threads for batches and streams.
 
 run() and run_batch() take SGLang's sampling arguments (max_new_tokens, temperature, stop, ...) as the
-defaults of every gen in the program that does not set its own (sampling.py).
+defaults of every gen in the program that does not set its own (sampling.py); their defaults are SGLang's.
+A failed expression is kept in the state (state.error()); an exception of the program's own Python code is
+raised by run() and run_batch(), as SGLang's are (state.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import concurrent.futures
 import functools
 import inspect
 import threading
-import warnings
 
 from sgjax.lang.api import backend_of
 from sgjax.lang.global_config import global_config
@@ -59,7 +60,7 @@ class SglFunction:
 
     def run(self, *args, max_new_tokens: int = 128, n: int = 1, stop: str | list[str] | None = None,
             stop_token_ids: list[int] | None = None, stop_regex: str | list[str] | None = None,
-            temperature: float = 0.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0,
             frequency_penalty: float = 0.0, presence_penalty: float = 0.0, ignore_eos: bool = False,
             return_logprob: bool | None = None, logprob_start_len: int | None = None,
             top_logprobs_num: int | None = None, return_text_in_logprobs: bool | None = None,
@@ -84,15 +85,15 @@ class SglFunction:
 
     def run_batch(self, batch_kwargs: list[dict] | list[tuple], *, max_new_tokens: int = 128, n: int = 1,
                   stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
-                  stop_regex: str | list[str] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                  stop_regex: str | list[str] | None = None, temperature: float = 1.0, top_p: float = 1.0,
                   top_k: int = -1, min_p: float = 0.0, frequency_penalty: float = 0.0,
                   presence_penalty: float = 0.0, ignore_eos: bool = False, return_logprob: bool | None = None,
                   logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
                   return_text_in_logprobs: bool | None = None, backend=None, num_threads: int | str = "auto",
                   progress_bar: bool = False, generator_style: bool = False):
         """Run the program once per dict (or tuple of positional values) of arguments, num_threads at a
-        time; the states in input order (a generator of them with generator_style=True). A program that
-        fails does not stop the others: its state's error() has the exception."""
+        time; the states in input order (a generator of them with generator_style=True). A failed expression
+        does not stop the others (its state's error() has it); the program's own Python exception is raised."""
         defaults = _defaults(locals())
         batch = [self._as_kwargs(args) for args in batch_kwargs]
         if num_threads == "auto":
@@ -126,18 +127,19 @@ class SglFunction:
         def one(state, kwargs):
             try:
                 self._execute(state, (), kwargs)
-            except Exception as e:
-                warnings.warn(f"{self.func.__name__}({kwargs}) failed: {e!r}", stacklevel=2)
-            if bar is not None:
-                bar.update()
+            finally:
+                if bar is not None:
+                    bar.update()
 
-        with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-            futures = [pool.submit(one, st, kw) for st, kw in zip(states, batch)]
-            for future, state in zip(futures, states):
-                future.result()
-                yield state
-        if bar is not None:
-            bar.close()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+                futures = [pool.submit(one, st, kw) for st, kw in zip(states, batch)]
+                for future, state in zip(futures, states):
+                    future.result()
+                    yield state
+        finally:
+            if bar is not None:
+                bar.close()
 
     def __call__(self, *args, **kwargs) -> ProgramState:
         return self.run(*args, **kwargs)

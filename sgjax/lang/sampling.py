@@ -1,7 +1,6 @@
 """A gen's sampling parameters: the defaults run()/run_batch() give, filled into each gen's unset fields, and
-what the engine and the native API receive.
-
-One difference from SGLang: a program's default temperature is 0 (greedy), not 1.
+what the engine and the native API receive. The defaults are SGLang's (SglSamplingParams): temperature 1,
+so a program samples unless it or run() asks for temperature=0.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ class SamplingDefaults:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     stop_regex: str | list[str] | None = None
-    temperature: float = 0.0
+    temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0

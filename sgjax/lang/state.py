@@ -9,6 +9,11 @@ which the server's radix cache holds once.
 A program run with stream=True records each piece of text as it is appended (with its gen's meta
 information so far); text_iter / text_async_iter read them, any number of times, while the program runs.
 
+Errors are SGLang's: an expression that fails (a backend error, a role closed that is not open, a gen the
+backend cannot honour) is kept in the state, with a warning, and the program's later expressions are dropped;
+run() returns the state and state.error() has the exception. Reading a variable the failure left unset
+raises KeyError in the program, which run() raises like any other error of the program's own Python code.
+
 API speculative execution (`@function(num_api_spec_tokens=N)` with an OpenAI-style backend): a gen
 asks for N tokens without its stop string; the text after the stop is kept, and the constant text and
 gens that follow are matched against it instead of calling the API again.
@@ -22,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
 from sgjax.lang.primitives import (Gen, Image, RoleBegin, RoleEnd, Select, SeparateReasoning, Seq, VarScopeBegin,
@@ -77,7 +83,8 @@ class ProgramState:
             self._done.wait()  # a streamed program may still be producing it
         if name not in self._vars:
             if self._error is not None:
-                raise RuntimeError(f"variable {name!r} was not set: the program failed") from self._error
+                raise KeyError(f"variable {name!r} was not set: the program failed with {self._error!r}") \
+                    from self._error
             raise KeyError(f"no variable {name!r}; the program set {sorted(self._vars)}")
         return self._vars[name]
 
@@ -97,10 +104,8 @@ class ProgramState:
         return self._meta.get(name)
 
     def sync(self) -> "ProgramState":
-        """Wait for a program started with stream=True to end (re-raising its error)."""
+        """Wait for a program started with stream=True to end (its error, if any, is in error())."""
         self._done.wait()
-        if self._error is not None:
-            raise self._error
         return self
 
     def error(self) -> BaseException | None:
@@ -110,7 +115,8 @@ class ProgramState:
 
     def text_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> Iterator:
         """The text as it is produced (only variable `var_name`'s, if given); with return_meta_data,
-        (text, meta information of its gen so far) pairs. Without stream=True: the whole text at once."""
+        (text, meta information of its gen so far) pairs. Without stream=True: the whole text at once. It ends
+        where the program ends, failed or not (see error())."""
         if not self._stream:
             text = self._text if var_name is None else self.get_var(var_name)
             yield (text, self.get_meta_info(var_name) if var_name else None) if return_meta_data else text
@@ -126,8 +132,6 @@ class ProgramState:
                     yield (text, meta) if return_meta_data else text
             if finished and seen == len(self._chunks):
                 break
-        if self._error is not None:
-            raise self._error
 
     async def text_async_iter(self, var_name: str | None = None, return_meta_data: bool = False) -> AsyncIterator:
         """text_iter for asyncio: waits in an executor thread, never blocking the event loop."""
@@ -171,8 +175,19 @@ class ProgramState:
     def __iadd__(self, expr) -> "ProgramState":
         if expr is None:
             raise ValueError("cannot add None to a program state")
-        self._execute(expr)
+        if self._error is None:  # after a failure the program's later expressions are dropped
+            try:
+                self._execute(expr)
+            except Exception as e:
+                self._fail(e)
         return self
+
+    def _fail(self, error: Exception) -> None:
+        warnings.warn(f"the program failed: {error!r} (kept in state.error(); its later expressions are skipped)",
+                      stacklevel=3)
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
 
     def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> "ForkGroup":
         """size copies of this state; `forks += expr` runs expr on all of them in parallel."""
@@ -316,7 +331,7 @@ class ProgramState:
 
     def _finish(self, error: BaseException | None = None) -> None:
         with self._changed:
-            self._error = error
+            self._error = self._error or error
             self._done.set()
             self._changed.notify_all()
 
@@ -345,7 +360,8 @@ class ForkGroup(list):
             self[0] += exprs[0]
             return self
         with concurrent.futures.ThreadPoolExecutor(len(self)) as pool:
-            for future in [pool.submit(branch._execute, e) for branch, e in zip(self, exprs)]:
+            # each branch keeps its own error, as SGLang's forks do
+            for future in [pool.submit(branch.__iadd__, e) for branch, e in zip(self, exprs)]:
                 future.result()
         return self
 

@@ -6,6 +6,7 @@ transformers (prompt logprobs), the tokenizer (stop positions, /tokenize), and w
 import asyncio
 import json
 import re
+import threading
 
 import aiohttp
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 
 import sgjax as sgjax_lang
 from sgjax.engine import Engine
+from sgjax.lang.backends.base import Backend
+from sgjax.lang.primitives import Gen
 from sgjax.testing.sglang_frontend import import_sglang
 from tests.e2e.test_server import LiveServer, get, post
 
@@ -217,6 +220,96 @@ def test_streaming_with_logprobs_through_sglang_frontend(setup):
     assert len(ids) == 10 and engine.tokenizer.decode(ids) == state["story"]
     assert all(lp <= 0 and text == engine.tokenizer.decode([t]) for lp, t, text in meta["output_token_logprobs"])
     assert meta["finish_reason"]["type"] == "length" and meta["e2e_latency"] > 0
+
+
+# ---- defaults and errors as SGLang's frontend has them: both frontends on scripted backends ------------
+
+class FailingBackend(Backend):
+    """sgjax's frontend on a script: replies "x" to each gen, and fails on the gen whose prompt ends with
+    `fail_after`."""
+
+    def __init__(self, fail_after: str):
+        self.fail_after, self.calls = fail_after, []
+        self.role_markers = {"system": ("", ""), "user": ("", ""), "assistant": ("", "")}
+
+    def generate(self, prompt, gen: Gen):
+        self.calls.append(gen)
+        if prompt.text.endswith(self.fail_after):
+            raise RuntimeError("backend down")
+        return "x", {}
+
+
+def sglang_failing_backend(fail_after: str, wait_for_end: bool = True):
+    """SGLang's frontend on the same script. Its programs run their expressions in a worker thread; the worker
+    waits for the program to end (end_program) so every expression is queued before the failure, as in a real
+    program whose gens are slower than its Python code (not for a program that waits on its own gen)."""
+    from sglang.lang.backend.base_backend import BaseBackend
+
+    class Failing(BaseBackend):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.ended, self.lock = [], {}, threading.Lock()
+
+        def _ended(self, s):
+            with self.lock:
+                return self.ended.setdefault(id(s), threading.Event())
+
+        def end_program(self, s):
+            self._ended(s).set()
+
+        def generate(self, s, sampling_params):
+            self.calls.append(sampling_params)
+            if wait_for_end:
+                self._ended(s).wait(30)
+            if s.text_.endswith(fail_after):
+                raise RuntimeError("backend down")
+            return "x", {}
+
+    return Failing()
+
+
+# SGLang warns of the failure from its worker thread, after run() returned: no pytest.warns can wait for it
+@pytest.mark.filterwarnings("ignore:.*(program failed|Error in stream_executor):UserWarning")
+def test_run_defaults_and_a_failed_gen_behave_as_in_sglangs_frontend():
+    results = {}
+    for name, lang in (("sglang", sgl), ("sgjax", sgjax_lang)):
+        @lang.function
+        def steps(s, k):
+            s += "A:" + lang.gen("a", max_tokens=3)
+            s += "B:" + lang.gen("b")
+            s += "C:" + lang.gen("c", temperature=0)
+
+        @lang.function
+        def reads(s):
+            s += "B:" + lang.gen("b")
+            s += s["b"]  # the program's own code reads what the failure left unset
+
+        backend = FailingBackend("B:") if name == "sgjax" else sglang_failing_backend("B:")
+        state = steps.run(k=1, backend=backend)
+        state.error()  # SGLang's state is done only once it is waited for
+        first = backend.calls[0]
+        results[name] = {
+            "text": state.text(), "error": repr(state.error()), "calls": len(backend.calls),
+            "params": [getattr(first, f) for f in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+                                                   "presence_penalty", "ignore_eos", "n")]
+                      + [list(first.stop or []), list(first.stop_token_ids or []), first.return_logprob],
+            "max_tokens": [getattr(c, "max_new_tokens", None) or c.max_tokens for c in backend.calls]}
+        batch = steps.run_batch([{"k": 1}, {"k": 2}], backend=backend, num_threads=2)
+        results[name]["batch"] = [(s.text(), repr(s.error())) for s in batch]
+        with pytest.raises(KeyError):
+            reads.run(backend=FailingBackend("B:") if name == "sgjax" else sglang_failing_backend("B:", False))
+
+        @lang.function
+        def broken(s, k):
+            s += "A:" + lang.gen("a", max_tokens=2)
+            if k == 2:
+                raise ValueError("bad argument")
+
+        with pytest.raises(ValueError, match="bad argument"):
+            broken.run_batch([{"k": 1}, {"k": 2}], backend=backend, num_threads=2)
+    assert results["sgjax"] == results["sglang"]
+    assert results["sgjax"]["text"] == "A:xB:" and results["sgjax"]["calls"] == 2  # C's gen never ran
+    assert results["sgjax"]["params"][0] == 1.0  # SGLang samples by default
 
 
 # ---- each sampling parameter means what it means in SGLang ------------------------------------------

@@ -9,6 +9,7 @@ plain text use /completions. What the API cannot express falls back:
   SGLang servers take them; other servers reject them); json_schema becomes `response_format`.
 - min_tokens, stop_regex and the logprob options of a gen raise (`unsupported`): use RuntimeEndpoint.
 - images go as image_url parts (data URLs) of chat messages.
+- stream=True streams the server's events, a text delta each, for chats and completions alike.
 API speculative execution is on for /completions programs with @function(num_api_spec_tokens=N).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 
 from sgjax.engine.chat_template import DEFAULT
 from sgjax.lang.backends.base import Backend, ChoiceScores
@@ -75,24 +77,52 @@ class OpenAI(Backend):
             args["extra_body"] = extra
         return args
 
-    def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
+    def _create(self, prompt, gen: Gen, **extra):
+        """The chat or completion call the prompt needs (a chat once the program has roles)."""
         self.num_api_calls += 1
         common = dict(model=self.model, max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                       stop=gen.stop or None, seed=gen.seed, frequency_penalty=gen.frequency_penalty,
-                      presence_penalty=gen.presence_penalty, **self._constraint_args(gen))
+                      presence_penalty=gen.presence_penalty, **self._constraint_args(gen), **extra)
         common = {k: v for k, v in common.items() if v is not None}  # unset fields stay out of the body
         if prompt.messages:
             if prompt.role != "assistant":
                 raise ValueError("with a chat API a gen must be inside an assistant message")
-            r = self.client.chat.completions.create(messages=self._chat_messages(prompt), **common)
-            text = r.choices[0].message.content or ""
-        else:
-            r = self.client.completions.create(prompt=prompt.text, **common)
-            text = r.choices[0].text
+            return self.client.chat.completions.create(messages=self._chat_messages(prompt), **common)
+        return self.client.completions.create(prompt=prompt.text, **common)
+
+    @staticmethod
+    def _text(choice) -> str:
+        """A choice's text: a completion's, a chat message's, or a streamed chat delta's."""
+        if hasattr(choice, "text"):
+            return choice.text or ""
+        message = getattr(choice, "message", None) or getattr(choice, "delta", None)
+        return (message.content if message is not None else None) or ""
+
+    def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
+        r = self._create(prompt, gen)
         usage = r.usage
         meta = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                 "finish_reason": r.choices[0].finish_reason} if usage else {}
-        return text, meta
+        return self._text(r.choices[0]), meta
+
+    def stream(self, prompt, gen: Gen) -> Iterator[tuple[str, dict]]:
+        """The text as the server streams it: one delta per event; the meta information counts the chunks so
+        far until the closing usage event gives the token counts."""
+        meta: dict = {"finish_reason": None, "chunks": 0}
+        for event in self._create(prompt, gen, stream=True, stream_options={"include_usage": True}):
+            if event.usage is not None:
+                meta = {**meta, "prompt_tokens": event.usage.prompt_tokens,
+                        "completion_tokens": event.usage.completion_tokens}
+            if not event.choices:
+                continue
+            choice = event.choices[0]
+            meta = {**meta, "finish_reason": choice.finish_reason or meta["finish_reason"],
+                    "chunks": meta["chunks"] + 1}
+            delta = self._text(choice)
+            if delta:
+                yield delta, meta
+        if meta.get("completion_tokens") is not None:
+            yield "", meta  # the final counts, with nothing more to append
 
     def select(self, prompt, sel: Select) -> tuple[int, dict]:
         if prompt.messages:
