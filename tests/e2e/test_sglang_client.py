@@ -20,6 +20,7 @@ from sgjax.lang.backends.base import Backend
 from sgjax.lang.primitives import Gen
 from sgjax.testing.sglang_frontend import import_sglang
 from tests.e2e.test_server import LiveServer, get, post
+from tests.lang_programs import agent_programs, programs
 
 sgl = import_sglang()
 from sglang.lang.chat_template import ChatTemplate, register_chat_template  # noqa: E402
@@ -58,63 +59,6 @@ def greedy_ids(server, prompt: str, n: int = 12) -> list[int]:
 
 # ---- SGLang's frontend and sgjax's give the same text ----------------------------------------------------
 
-def programs(lang):
-    """The same programs written against either frontend (`lang`: the sglang or sgjax module)."""
-
-    @lang.function
-    def gens(s, topic):
-        s += "Topic: " + topic + "\n"
-        s += "A:" + lang.gen("a", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
-        s += "B:" + lang.gen("b", max_tokens=12, temperature=0, stop=["e", "\n"]) + "\n"
-        s += "C:" + lang.gen("c", max_tokens=8, temperature=0, regex=r"[0-9]{3}")
-
-    @lang.function
-    def choose(s):
-        s += "My favourite thing is " + lang.select("thing", choices=["cats", "dogs", "the quick brown fox"])
-
-    @lang.function
-    def branches(s):
-        s += "Hello, my name is" + lang.gen("name", max_tokens=3, temperature=0, ignore_eos=True)
-        forks = s.fork(2)
-        for i, f in enumerate(forks):
-            f += f" and {i}:"
-        forks += lang.gen("more", max_tokens=4, temperature=0, ignore_eos=True)
-        return [f["more"] for f in forks]
-
-    @lang.function
-    def chat(s, question):
-        s += lang.user(question)
-        s += lang.assistant(lang.gen("answer", max_tokens=6, temperature=0, ignore_eos=True))
-
-    @lang.function
-    def typed(s, name):
-        # no max_tokens / temperature here: run()'s sampling arguments fill them in
-        s += "Name: " + name + "\nAge: " + lang.gen("age", dtype=int, max_tokens=3) + "\n"
-        s += "Height: " + lang.gen("height", dtype=float) + "\nTall: " + lang.gen("tall", dtype=bool) + "\n"
-        s += "Count: " + lang.gen_int("count") + "\nCity: " + lang.gen_string("city", max_tokens=4) + "\n"
-        s += "Record: " + lang.gen("record", max_tokens=24, json_schema=json.dumps({
-            "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["id"],
-            "additionalProperties": False}))
-
-    @lang.function
-    def scoped(s, question):
-        with s.var_scope("turn"):
-            s.user(question)
-            with s.assistant():
-                s += lang.gen("answer", max_tokens=4, ignore_eos=True)
-        s += lang.user("Which?") + lang.assistant(lang.gen("pick", choices=["yes", "no", "maybe later"],
-                                                           choices_method=lang.greedy_token_selection))
-        forks = s.fork(2)
-        forks += lambda i: f"Option {i}:" + lang.gen("option", max_tokens=3, ignore_eos=True)
-        forks.join()
-
-    @lang.function
-    def told(s, topic):
-        s += "Tell me about " + topic + ":" + lang.gen("story", return_logprob=True, return_text_in_logprobs=True)
-
-    return gens, choose, branches, chat, typed, scoped, told
-
-
 SGLANG, SGJAX = programs(sgl), programs(sgjax_lang)
 
 
@@ -145,6 +89,21 @@ def test_fork_run_batch_and_chat_roles_match_sgjax_frontend(setup):
     ours = SGJAX[3].run_batch(questions, backend=backends["sgjax"], num_threads=3)
     assert [s.text() for s in theirs] == [s.text() for s in ours]
     assert theirs[0].text().startswith("<|user|>question 0?<|end|><|assistant|>")
+
+
+AGENTS = {"sglang": agent_programs(sgl), "sgjax": agent_programs(sgjax_lang)}
+
+
+@pytest.mark.parametrize("name", sorted(AGENTS["sgjax"]))
+def test_few_shot_tool_use_react_and_multi_turn_match_sglang_frontend(setup, name):
+    _, _, _, backends = setup
+    runs = {}
+    for lang in ("sglang", "sgjax"):
+        program, kwargs = AGENTS[lang][name]
+        state = program.run(**kwargs, backend=backends[lang])
+        assert state.error() is None
+        runs[lang] = (state.text(), state.ret_value)
+    assert runs["sgjax"] == runs["sglang"]
 
 
 def test_dtype_gens_and_run_sampling_defaults_match_sglang_frontend(setup):
