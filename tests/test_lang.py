@@ -15,6 +15,7 @@ from sgjax.lang.backends.base import Backend, choice_start
 from sgjax.lang.primitives import Gen
 from tests.e2e.test_server import LiveServer
 from tests.hf_oracle import hf_greedy
+from tests.lang_programs import agent_programs, programs
 
 
 @pytest.fixture(scope="module")
@@ -420,3 +421,95 @@ def test_unsupported_requests_get_named_errors(setup, openai_backend):
     with pytest.warns(UserWarning):
         states = many.run_batch([(1,), (2,)], backend=setup[3]["engine"])
     assert states[0].error() is None and "fork" in str(states[1].error())
+
+
+# ---- the program set (tests/lang_programs.py) on every backend ------------------------------------------
+
+BASE, AGENTS = programs(sgl), agent_programs(sgl)
+# program -> (its arguments, what it produced that the backends must agree on)
+PROGRAM_SET = {
+    "gens": (BASE[0], {"topic": "radix trees"}, lambda s: [s["a"], s["b"], s["c"]]),
+    "select": (BASE[1], {}, lambda s: [s["thing"]]),
+    "fork": (BASE[2], {}, lambda s: s.ret_value),
+    "chat": (BASE[3], {"question": "Why?"}, lambda s: [s["answer"]]),
+    "dtype_and_json": (BASE[4], {"name": "Ann", "max_new_tokens": 5},
+                       lambda s: [s[v] for v in ("age", "height", "tall", "count", "city", "record")]),
+    "chat_greedy_select": (BASE[5], {"question": "Is it?"}, lambda s: [s["answer"], s["pick"], s["option"]]),
+    "logprobs": (BASE[6], {"topic": "owls", "max_new_tokens": 4},
+                 lambda s: [s["story"], len(s.get_meta_info("story")["output_token_logprobs"])]),
+    **{name: (program, kwargs, lambda s: s.ret_value) for name, (program, kwargs) in AGENTS.items()},
+}
+# what the OpenAI API cannot express, and the error that says so
+OPENAI_UNSUPPORTED = {"chat_greedy_select": "choices_method needs /completions", "logprobs": "return_logprob"}
+
+
+@pytest.fixture(scope="module")
+def program_set_in_process(setup):
+    return {name: values(program.run(**kwargs, temperature=0, backend=setup[3]["engine"]))
+            for name, (program, kwargs, values) in PROGRAM_SET.items()}
+
+
+def test_program_set_in_process_matches_transformers(setup, program_set_in_process):
+    engine, _, hf_model, _ = setup
+    (answer,) = program_set_in_process["few_shot"]
+    prompt = ("Answer with one word.\nQ: Colour of grass?\nA: green\nQ: Colour of snow?\nA: white\n"
+              "Q: Colour of the sky?\nA:")
+    assert answer == hf_continuation(engine, hf_model, prompt, 6).split("\n")[0]
+    assert program_set_in_process["logprobs"][1] == 4
+
+
+@pytest.mark.filterwarnings("ignore:.*program failed:UserWarning")
+@pytest.mark.parametrize("name", ["http", "openai"])
+def test_program_set_gives_the_same_values_on_every_backend(setup, openai_backend, program_set_in_process, name):
+    backend = openai_backend if name == "openai" else setup[3]["http"]
+    for program_name, (program, kwargs, values) in PROGRAM_SET.items():
+        state = program.run(**kwargs, temperature=0, backend=backend)
+        if name == "openai" and program_name in OPENAI_UNSUPPORTED:
+            assert OPENAI_UNSUPPORTED[program_name] in str(state.error())
+            continue
+        assert state.error() is None, program_name
+        assert values(state) == program_set_in_process[program_name], program_name
+
+
+def test_openai_backend_streams_token_chunks_sync_and_async(setup, openai_backend):
+    @sgl.function
+    def chat(s):
+        s += sgl.user("Tell me a story")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=8, ignore_eos=True))
+
+    async def read(state, var):
+        return [piece async for piece in state.text_async_iter(var, return_meta_data=True)]
+
+    import asyncio
+
+    for program, var, kwargs in ((qa, "answer", {"question": "Stream?", "length": 8}), (chat, "reply", {})):
+        whole = program.run(**kwargs, temperature=0, backend=setup[3]["http"])[var]
+        state = program.run(**kwargs, temperature=0, backend=openai_backend, stream=True)
+        pieces = list(state.text_iter(var))
+        assert len(pieces) > 1 and "".join(pieces) == whole  # token chunks, not the whole text at once
+        state = program.run(**kwargs, temperature=0, backend=openai_backend, stream=True)
+        chunks = asyncio.run(read(state, var))
+        assert "".join(t for t, _ in chunks) == whole and len(chunks) > 1
+        assert state.get_meta_info(var)["completion_tokens"] == 8
+
+
+def test_separate_reasoning_splits_the_think_block(setup, backend):
+    think = r"<think>[a-z]{2,6}( [a-z]{2,6})?</think>[a-z]{2,6}"
+
+    @sgl.function
+    def thinks(s, split, model_type=None):
+        s += "Q: why?\nA:"
+        gen = sgl.gen("answer", max_tokens=24, regex=think if model_type is None else think[len("<think>"):])
+        s += sgl.separate_reasoning(gen, model_type=model_type) if split else gen
+        s += "\nEnd."
+
+    for model_type, pattern in ((None, r"<think>(.*)</think>(.*)"), ("deepseek-r1", r"(.*)</think>(.*)")):
+        raw = thinks.run(split=False, model_type=model_type, temperature=0, backend=backend)
+        reasoning, answer = re.fullmatch(pattern, raw["answer"]).groups()
+        state = thinks.run(split=True, model_type=model_type, temperature=0, backend=backend)
+        assert (state["answer_reasoning_content"], state["answer"]) == (reasoning, answer)
+        assert state.text() == "Q: why?\nA:" + answer + "\nEnd."
+    assert sgl.separate_reasoning(sgl.gen("x"), "qwen3")[1].split("no think block") == ("", "no think block")
+    assert sgl.separate_reasoning(sgl.gen("x"), "deepseek-r1")[1].split("cut off") == ("cut off", "")
+    with pytest.raises(ValueError, match="unknown model_type"):
+        sgl.separate_reasoning(sgl.gen("x"), "nonesuch")

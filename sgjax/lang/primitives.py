@@ -96,11 +96,31 @@ class VarScopeEnd(Expr):
     name: str
 
 
+# model_type -> (start tag, end tag, whether the text is reasoning before any start tag: models whose chat
+# template opens the think block itself), as SGLang's reasoning parsers read them
+REASONING_FORMATS = {None: ("<think>", "</think>", False), "qwen3": ("<think>", "</think>", False),
+                     "deepseek-r1": ("<think>", "</think>", True), "qwen3-thinking": ("<think>", "</think>", True),
+                     "step3": ("<think>", "</think>", True), "minimax": ("<think>", "</think>", True),
+                     "glm45": ("<think>", "</think>", False), "kimi": ("\u25c1think\u25b7", "\u25c1/think\u25b7", False)}
+
+
 @dataclasses.dataclass
 class SeparateReasoning(Expr):
     """Split the named gens' text into `<name>_reasoning_content` and the answer (the model's think tags)."""
     names: list[str]
     model_type: str | None
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(reasoning, answer) of a gen's text. A think block left open (the gen ran out of tokens) is all
+        reasoning; text with no think block is all answer, unless the model's format starts inside one."""
+        start, end, forced = REASONING_FORMATS[self.model_type]
+        if not forced and start not in text:
+            return "", text
+        body = text
+        while body.startswith(start):
+            body = body[len(start):]
+        reasoning, closed, answer = body.partition(end)
+        return (reasoning, answer) if closed else (body, "")
 
 
 def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
@@ -207,6 +227,9 @@ def separate_reasoning(expr: Any = None, model_type: str | None = None) -> Seq:
                 collect(x)
 
     collect(expr)
+    if model_type not in REASONING_FORMATS:
+        raise ValueError(f"separate_reasoning: unknown model_type {model_type!r}; known: "
+                         f"{sorted(k for k in REASONING_FORMATS if k)} (or None for <think> tags)")
     return Seq([expr, SeparateReasoning(names, model_type)])
 
 

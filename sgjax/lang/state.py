@@ -251,7 +251,7 @@ class ProgramState:
             self._vars[expr.name] = self._text[self._scopes.pop(expr.name):]
         elif isinstance(expr, SeparateReasoning):
             for name in expr.names:
-                self._separate_reasoning(name)
+                self._separate_reasoning(name, expr)
         else:
             raise TypeError(f"cannot add {type(expr).__name__} to a program state")
 
@@ -315,15 +315,10 @@ class ProgramState:
         self._append(sel.choices[index], var=sel.name or "", meta=meta)
         self._set(sel.name, sel.choices[index], meta)
 
-    def _separate_reasoning(self, name: str) -> None:
+    def _separate_reasoning(self, name: str, expr: SeparateReasoning) -> None:
         """Move the think block of variable `name` to `<name>_reasoning_content`, in the text too."""
         full = self._vars[name]
-        head, sep, answer = full.partition("</think>")
-        if not sep:
-            self._vars[f"{name}_reasoning_content"] = ""
-            return
-        reasoning = head.split("<think>", 1)[-1].strip()
-        answer = answer.lstrip()
+        reasoning, answer = expr.split(full)
         at = self._text.rfind(full)
         if at >= 0:
             self._text = self._text[:at] + answer + self._text[at + len(full):]

@@ -6,7 +6,8 @@ plain text use /completions. What the API cannot express falls back:
   every choices method; with chat only, the model answers under the instruction-free prompt and the
   choice its reply matches best is taken (no logprobs of the prompt exist there).
 - regex (and dtype), top_k, min_p, ignore_eos and stop_token_ids are sent as `extra_body` (sgjax and
-  SGLang servers take them; other servers reject them); json_schema becomes `response_format`.
+  SGLang servers take them; other servers reject them); json_schema becomes `response_format` (sent as an
+  extra too, so /completions programs can use it).
 - min_tokens, stop_regex and the logprob options of a gen raise (`unsupported`): use RuntimeEndpoint.
 - images go as image_url parts (data URLs) of chat messages.
 - stream=True streams the server's events, a text delta each, for chats and completions alike.
@@ -43,12 +44,11 @@ class OpenAI(Backend):
     @staticmethod
     def _chat_messages(prompt) -> list[dict]:
         out = []
-        for m in prompt.messages:
-            if m["role"] == prompt.role:
-                if m["content"]:
-                    raise ValueError("with a chat API a gen must start the assistant message (the API cannot "
-                                     "continue a partial one)")
-                continue
+        finished = prompt.messages[:-1] if prompt.role is not None else prompt.messages
+        if prompt.role is not None and prompt.messages[-1]["content"]:
+            raise ValueError("with a chat API a gen must start the assistant message (the API cannot continue a "
+                             "partial one)")
+        for m in finished:
             content = m["content"]
             if m.get("images"):
                 content = [{"type": "text", "text": content}] + [
@@ -62,7 +62,8 @@ class OpenAI(Backend):
         args, extra = {}, {}
         if gen.json_schema is not None:
             schema = json.loads(gen.json_schema) if isinstance(gen.json_schema, str) else gen.json_schema
-            args["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+            # in the body's extras: the client takes response_format for chats only, the server for both
+            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
         if gen.regex is not None:
             extra["regex"] = gen.regex
         if gen.top_k != -1:
