@@ -123,6 +123,7 @@ def test_fork_branches_share_the_prefix(setup, backend):
         text = state.text() + f"\nIdea {i}:"
         assert f["idea"] == hf_continuation(engine, hf_model, text, 4)
         assert f.get_meta_info("idea")["cached_tokens"] >= prefix_tokens - engine.args.page_size
+        assert f.error() is None
     assert "idea" not in state  # the parent is untouched
 
 

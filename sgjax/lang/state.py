@@ -213,6 +213,7 @@ class ProgramState:
         twin._vars, twin._meta, twin._scopes = dict(self._vars), dict(self._meta), dict(self._scopes)
         twin._messages, twin._images = copy.deepcopy(self._messages), list(self._images)
         twin._fork_start = len(self._text)
+        twin._done.set()  # a branch runs its additions as they are made: it is never waiting to finish
         return twin
 
     def _execute(self, expr) -> None:
