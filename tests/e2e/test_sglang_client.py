@@ -540,3 +540,36 @@ def test_openai_chat_logprobs_and_n_with_seed(setup):
                                            temperature=1.0) for _ in range(2)]
     texts = [[c.message.content for c in run.choices] for run in runs]
     assert texts[0] == texts[1] and len(texts[0]) == 2
+
+
+def test_openai_fields_each_supported_ignored_or_rejected_as_the_table_says(setup):
+    """openai_fields' table, through the official client: an ignored field changes nothing in the answer, a
+    rejected one that asks for something gets a 400 naming it, a field OpenAI does not have too."""
+    from sgjax.server.openai_fields import CHAT, COMPLETIONS, IGNORED
+
+    _, server, _, _ = setup
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+    plain = client.chat.completions.create(**chat).choices[0].message.content
+    hints = dict(user="u1", metadata={"k": "v"}, store=False, service_tier="auto", parallel_tool_calls=False,
+                 prompt_cache_key="p", reasoning_effort="low", modalities=["text"])
+    assert {CHAT[name].status for name in hints if name != "modalities"} == {IGNORED}
+    assert client.chat.completions.create(**chat, **hints).choices[0].message.content == plain
+    text = dict(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    assert COMPLETIONS["user"].status == IGNORED
+    assert (client.completions.create(**text, user="u1", best_of=1).choices[0].text
+            == client.completions.create(**text).choices[0].text)
+    for create, base, extra in [
+            (client.chat.completions.create, chat, dict(audio={"voice": "alloy", "format": "wav"})),
+            (client.chat.completions.create, chat, dict(modalities=["text", "audio"])),
+            (client.chat.completions.create, chat, dict(functions=[{"name": "f", "parameters": {}}])),
+            (client.chat.completions.create, chat, dict(web_search_options={})),
+            (client.completions.create, text, dict(suffix="!")),
+            (client.completions.create, text, dict(best_of=3)),
+            (client.completions.create, text, dict(extra_body={"made_up": 1})),
+            (client.chat.completions.create, chat, dict(extra_body={"echo": True})),  # a completions-only field
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            create(**base, **extra)
+        name = next(iter(extra.get("extra_body", extra)))
+        assert e.value.body["param"] == name and name in e.value.body["message"]
