@@ -69,7 +69,8 @@ class RequestOutput:
         if start >= 0 and (self.finished or self.prompt_logprobs_done):  # as SGLang: from the first token on
             positions = range(start, len(self.prompt_ids))
             entries = [self.input_logprobs.get(q) for q in positions]
-            meta["input_token_logprobs"] = [(e[0] if e else None, self.prompt_ids[q]) for e, q in zip(entries, positions)]
+            meta["input_token_logprobs"] = [(e[0] if e else None, self.prompt_ids[q])
+                                            for e, q in zip(entries, positions)]
             if self.params.top_logprobs_num:
                 meta["input_top_logprobs"] = [e[1] if e else None for e in entries]
             if self.params.token_ids_logprob:

@@ -165,8 +165,8 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
     temperature and filters). `bias` (token ids [B, K] int32, values [B, K] float32; unused entries
     have value 0) is added to each row's logits first. `bitmask` ([B, V/32] int32 packed bits, see
     constrained/bitmask.py) limits each row to the tokens its grammar allows. Without
-    `features.top_logprobs` the top alternatives and the token ids' logprobs are zeros; without `features.sampled` every row takes
-    its best token (the caller decides, SamplerFeatures.of).
+    `features.top_logprobs` the top alternatives and the token ids' logprobs are zeros; without
+    `features.sampled` every row takes its best token (the caller decides, SamplerFeatures.of).
 
     A sampled row takes argmax(logits / T + Gumbel noise) over the tokens its filters keep, the noise
     drawn in vocabulary order from (seed, position): so a row's token does not depend on which

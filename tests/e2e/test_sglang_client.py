@@ -329,8 +329,12 @@ def stream_events(server, body: dict) -> list[dict]:
 
 def assert_logprob_lists_equal(got: list, want: list):
     """Nested lists of [logprob, id, text] (or None), equal but for the logprobs' float32 rounding."""
-    shape = lambda x: [shape(y) for y in x] if isinstance(x, list) else "lp" if isinstance(x, float) else x  # noqa: E731
-    floats = lambda x: [f for y in x for f in floats(y)] if isinstance(x, list) else [x] * isinstance(x, float)  # noqa: E731
+    def shape(x):
+        return [shape(y) for y in x] if isinstance(x, list) else "lp" if isinstance(x, float) else x
+
+    def floats(x):
+        return [f for y in x for f in floats(y)] if isinstance(x, list) else [x] * isinstance(x, float)
+
     assert shape(got) == shape(want)
     assert floats(got) == pytest.approx(floats(want), abs=1e-5)
 
