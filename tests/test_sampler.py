@@ -39,6 +39,7 @@ def test_features_follow_the_parameters():
     assert not SamplerFeatures.of([SamplingParams(temperature=0, top_p=0.5)]).filtered  # greedy: no filter
     assert not SamplerFeatures.of([SamplingParams(top_k=1)]).filtered  # top_k 1 is greedy
     assert SamplerFeatures.of([plain, SamplingParams(top_logprobs_num=3)]).top_logprobs
+    assert SamplerFeatures.of([plain, SamplingParams(token_ids_logprob=[4])]).top_logprobs  # gathered with them
     assert SamplerFeatures.of([plain], masked=True).masked
     assert len(set(SamplerFeatures.all())) == 16
 
@@ -48,8 +49,8 @@ def test_a_rows_token_does_not_depend_on_the_variant_its_batch_needs(logits):
     plain = SamplingParams(temperature=1.0)
     needy = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.3, top_logprobs_num=5)
     for seed in range(40):
-        alone, _, _, _ = run(logits, [plain], [seed], [seed % 7], SamplerFeatures.of([plain]))
-        mixed, _, _, _ = run(logits, [plain, needy], [seed, 99], [seed % 7, 0], FULL)
+        alone, *_ = run(logits, [plain], [seed], [seed % 7], SamplerFeatures.of([plain]))
+        mixed, *_ = run(logits, [plain, needy], [seed, 99], [seed % 7, 0], FULL)
         assert alone[0] == mixed[0]
 
 
@@ -71,22 +72,25 @@ def test_filters_keep_exactly_numpy_sets(logits):
             allowed = set(order[probs >= params.min_p * probs[0]].tolist())
         drawn = set()
         for seed in range(60):
-            tokens, _, _, _ = run(logits, [params], [seed], [0], FULL)
+            tokens, *_ = run(logits, [params], [seed], [0], FULL)
             drawn.add(int(tokens[0]))
         assert drawn <= allowed, (params, drawn - allowed)
         assert len(drawn) > 1
 
 
 def test_greedy_and_logprobs_match_numpy(logits):
-    tokens, chosen, top, top_ids = run(logits, [SamplingParams(temperature=0, top_logprobs_num=3)] * ROWS,
-                                       [0] * ROWS, [0] * ROWS, FULL)
+    asked = [[7, 299, 7], [0], [], [5, 6]]  # token_ids_logprob per row (the third asks for none)
+    params = [SamplingParams(temperature=0, top_logprobs_num=3, token_ids_logprob=ids or None) for ids in asked]
+    tokens, chosen, top, top_ids, given = run(logits, params, [0] * ROWS, [0] * ROWS, FULL)
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     np.testing.assert_allclose(chosen, logprobs.max(-1), rtol=1e-5)
     np.testing.assert_array_equal(top_ids[:, :5], np.argsort(-logprobs, -1)[:, :5])
     np.testing.assert_allclose(top[:, :5], -np.sort(-logprobs, -1)[:, :5], rtol=1e-5)
+    for row, ids in enumerate(asked):
+        np.testing.assert_allclose(given[row, :len(ids)], logprobs[row, ids], rtol=1e-5)
     # without the top-logprobs feature the tokens are the same and the alternatives are not computed
-    plain, _, top0, _ = run(logits, [SamplingParams(temperature=0)] * ROWS, [0] * ROWS, [0] * ROWS, SamplerFeatures())
+    plain, _, top0, *_ = run(logits, [SamplingParams(temperature=0)] * ROWS, [0] * ROWS, [0] * ROWS, SamplerFeatures())
     np.testing.assert_array_equal(plain, tokens)
     assert not top0.any()
 

@@ -293,9 +293,10 @@ class EngineCore:
             req.num_unknown -= 1
             if req.finished:
                 continue  # it finished (or was aborted) while this step ran: the token is surplus
-            k = req.params.top_logprobs_num
+            k, ids = req.params.top_logprobs_num, req.params.token_ids_logprob
             top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())) if k else []
-            self.outputs.append_token(req, tokens[i], logprobs[i], top)
+            given = list(zip(out.ids_logprobs[i, :len(ids)].tolist(), ids)) if ids else []
+            self.outputs.append_token(req, tokens[i], logprobs[i], top, given)
             if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
                 self._jump_forward(req)
         self.stats.host_s["process"] += time.perf_counter() - started

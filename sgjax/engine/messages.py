@@ -33,6 +33,11 @@ class TokenDelta:
     first_token_time: float | None  # time.monotonic() of its first output token
     cached_tokens: int  # prompt tokens found in the prefix cache
     admit_time: float | None  # time.monotonic() when it was first scheduled (it queued until then)
+    # per new output token, the logprobs of the request's token_ids_logprob ids
+    output_ids_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    # prompt logprobs computed since the last delta (they come with the first output token):
+    # prompt position -> (logprob of that prompt token, top alternatives, token_ids_logprob ids' logprobs)
+    input_logprobs: dict[int, tuple[float, list, list]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -41,11 +46,9 @@ class TokenDelta:
 
 @dataclasses.dataclass(slots=True)
 class Finished(TokenDelta):
-    """A request's last delta: why it ended, and its prompt logprobs if it asked for them."""
+    """A request's last delta: why it ended."""
 
     finish_reason: dict = dataclasses.field(default_factory=dict)
-    # prompt position -> (logprob of that prompt token, top alternatives)
-    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,7 +57,7 @@ class Finished(TokenDelta):
     @classmethod
     def aborted(cls, wire_id: int, message: str) -> "Finished":
         """The delta that ends a request as aborted, with nothing gained."""
-        return cls(wire_id, "", [], [], [], None, 0, None, {"type": "abort", "message": message})
+        return cls(wire_id, "", [], [], [], None, 0, None, finish_reason={"type": "abort", "message": message})
 
 
 @dataclasses.dataclass(slots=True)

@@ -22,7 +22,8 @@ class OutputProcessor:
         self.eos_token_ids, self.context_length = eos_token_ids, context_length
         self.finish, self.progress = finish, progress
 
-    def append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]]) -> None:
+    def append_token(self, req: Request, token: int, logprob: float, top: list[tuple[float, int]],
+                     ids_logprobs: list[tuple[float, int]] = ()) -> None:
         p = req.params
         if p.max_new_tokens == 0:  # it ran only for its prompt logprobs
             return self.finish(req, {"type": "length", "length": 0}, "")
@@ -32,6 +33,8 @@ class OutputProcessor:
         req.output_logprobs.append(logprob)
         if p.top_logprobs_num:
             req.output_top_logprobs.append(top)
+        if p.token_ids_logprob:
+            req.output_ids_logprobs.append(list(ids_logprobs))
         finish = None
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             finish = {"type": "stop", "matched": token}  # the stop token's text is not part of the output...
@@ -69,13 +72,14 @@ class OutputProcessor:
         """Each chunk's prompt-token logprobs (StepOutput.prompt_*) into its request."""
         offset = 0
         for (req, n), start, per_chunk in zip(batch, starts, targets):
-            k = req.params.top_logprobs_num
+            k, ids = req.params.top_logprobs_num, req.params.token_ids_logprob or []
             for i, target in enumerate(per_chunk):
                 if target >= 0:
                     row = offset + i
                     top = list(zip(out.prompt_top_logprobs[row, :k].tolist(), out.prompt_top_ids[row, :k].tolist()))
+                    given = list(zip(out.prompt_ids_logprobs[row, :len(ids)].tolist(), ids)) if ids else []
                     # the chunk's i-th token predicts the prompt token at position start + i + 1
-                    req.input_logprobs[start + i + 1] = (float(out.prompt_logprobs[row]), top)
+                    req.input_logprobs[start + i + 1] = (float(out.prompt_logprobs[row]), top, given)
             offset += n
 
 
@@ -123,8 +127,12 @@ def delta_of(req: Request, text: str) -> TokenDelta:
     start, end = req.num_sent, len(req.output_ids)
     req.num_sent = end
     tops = req.output_top_logprobs[start:end] if req.params.top_logprobs_num else []
+    given = req.output_ids_logprobs[start:end] if req.params.token_ids_logprob else []
+    prompt = None
+    if len(req.input_logprobs) > req.num_input_sent:  # the prompt's, once computed (with the first token)
+        prompt, req.num_input_sent = dict(req.input_logprobs), len(req.input_logprobs)
     fields = (req.wire_id, text, req.output_ids[start:end], req.output_logprobs[start:end], tops,
-              req.first_token_time, req.cached_tokens, req.admit_time)
+              req.first_token_time, req.cached_tokens, req.admit_time, given, prompt)
     if req.finished:
-        return Finished(*fields, req.finish_reason, dict(req.input_logprobs) if req.input_logprobs else None)
+        return Finished(*fields, finish_reason=req.finish_reason)
     return TokenDelta(*fields)

@@ -23,8 +23,9 @@ class RequestOutput:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
-    # prompt position -> (logprob of that prompt token, top alternatives), when asked for
-    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] = dataclasses.field(default_factory=dict)
+    output_ids_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)  # token_ids_logprob's
+    # prompt position -> (logprob of that prompt token, top alternatives, token_ids_logprob ids' logprobs)
+    input_logprobs: dict[int, tuple[float, list, list]] = dataclasses.field(default_factory=dict)
     cached_tokens: int = 0
     finish_reason: dict | None = None
     finished: bool = False
@@ -40,6 +41,9 @@ class RequestOutput:
         self.output_ids.extend(delta.output_ids)
         self.output_logprobs.extend(delta.output_logprobs)
         self.output_top_logprobs.extend(delta.output_top_logprobs)
+        self.output_ids_logprobs.extend(delta.output_ids_logprobs)
+        if delta.input_logprobs:
+            self.input_logprobs.update(delta.input_logprobs)
         self.text += delta.text
         self.cached_tokens = delta.cached_tokens
         if delta.first_token_time is not None:
@@ -48,8 +52,6 @@ class RequestOutput:
             self.admit_time = delta.admit_time
         if isinstance(delta, Finished):
             self.finished, self.finish_reason, self.finish_time = True, delta.finish_reason, time.monotonic()
-            if delta.input_logprobs:
-                self.input_logprobs = delta.input_logprobs
 
     def result(self) -> dict:
         """The finished request as SGLang's native API returns it."""
@@ -61,12 +63,21 @@ class RequestOutput:
             meta["output_token_logprobs"] = list(zip(self.output_logprobs, self.output_ids))
         if self.params.top_logprobs_num:
             meta["output_top_logprobs"] = self.output_top_logprobs
+        if self.params.token_ids_logprob:
+            meta["output_token_ids_logprobs"] = self.output_ids_logprobs
         start = self.params.logprob_start_len
-        if start >= 0 and self.finished:  # the prompt's logprobs come with the request's end
+        if start >= 0 and (self.finished or self.prompt_logprobs_done):  # as SGLang: from the first token on
             positions = range(start, len(self.prompt_ids))
-            meta["input_token_logprobs"] = [(self.input_logprobs[q][0] if q in self.input_logprobs else None,
-                                             self.prompt_ids[q]) for q in positions]
+            entries = [self.input_logprobs.get(q) for q in positions]
+            meta["input_token_logprobs"] = [(e[0] if e else None, self.prompt_ids[q])
+                                            for e, q in zip(entries, positions)]
             if self.params.top_logprobs_num:
-                meta["input_top_logprobs"] = [self.input_logprobs[q][1] if q in self.input_logprobs else None
-                                              for q in positions]
+                meta["input_top_logprobs"] = [e[1] if e else None for e in entries]
+            if self.params.token_ids_logprob:
+                meta["input_token_ids_logprobs"] = [e[2] if e else None for e in entries]
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        """Whether every prompt position from logprob_start_len on has its logprob (position 0 has none)."""
+        return len(self.input_logprobs) >= len(self.prompt_ids) - max(self.params.logprob_start_len, 1)

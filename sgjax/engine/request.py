@@ -36,8 +36,10 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
-    # prompt position -> (logprob of that prompt token, top alternatives), when asked for
-    input_logprobs: dict[int, tuple[float, list[tuple[float, int]]]] = dataclasses.field(default_factory=dict)
+    output_ids_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)  # token_ids_logprob's
+    # prompt position -> (logprob of that prompt token, top alternatives, token_ids_logprob ids' logprobs)
+    input_logprobs: dict[int, tuple[float, list, list]] = dataclasses.field(default_factory=dict)
+    num_input_sent: int = 0  # prompt positions already reported in TokenDeltas
     status: Status = Status.WAITING
     # KV state: pages[:num_tree_pages] belong to the radix tree (held by a lock on `tree_node`),
     # the rest to this request. num_computed tokens of fill_ids have their K/V in `pages`. The list is

@@ -103,6 +103,8 @@ class RequestBuilder:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {max(params.logit_bias)}")
         if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
             raise ValueError(f"stop_token_ids must be in [0, {vocab}); got {max(params.stop_token_ids)}")
+        if params.token_ids_logprob and max(params.token_ids_logprob) >= vocab:
+            raise ValueError(f"token_ids_logprob must be in [0, {vocab}); got {max(params.token_ids_logprob)}")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt has {len(ids)} tokens; context length is {self.context_length}")
         longest = min(len(ids) + params.max_new_tokens, self.context_length)

@@ -11,7 +11,7 @@ import functools
 import re
 
 from sgjax.constrained.grammar import Constraint
-from sgjax.executor.sampler import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from sgjax.executor.sampler import MAX_LOGIT_BIAS, MAX_TOKEN_IDS_LOGPROB, TOP_LOGPROBS
 
 UNTIL_CONTEXT_END = 2**31 - 1  # max_new_tokens null: generate until the context is full
 # SGLang's parameters that sgjax rejects when set, and why
@@ -62,6 +62,7 @@ class SamplingParams:
     logprobs: bool = False  # return the chosen tokens' logprobs
     top_logprobs_num: int = 0  # and this many most likely alternatives per token
     logprob_start_len: int = -1  # >= 0: also the prompt tokens' logprobs from this position on
+    token_ids_logprob: list[int] | None = None  # and these tokens' logprobs at every position
     # Constraints on the output, at most one (see sgjax/constrained):
     regex: str | None = None
     json_schema: str | dict | None = None  # a JSON schema, or its JSON text
@@ -138,6 +139,10 @@ class SamplingParams:
              f"got {self.logprob_start_len!r}")
         need(is_int(self.top_logprobs_num, 0, TOP_LOGPROBS),
              f"top_logprobs_num must be in [0, {TOP_LOGPROBS}]; got {self.top_logprobs_num!r}")
+        ids = self.token_ids_logprob
+        need(ids is None or (isinstance(ids, list) and 0 < len(ids) <= MAX_TOKEN_IDS_LOGPROB
+                             and all(is_int(t, 0) for t in ids)),
+             f"token_ids_logprob must be a list of 1 to {MAX_TOKEN_IDS_LOGPROB} token ids; got {ids!r}")
         need(self.seed is None or is_int(self.seed, -2**63, 2**64 - 1),
              f"seed must be a 64-bit integer; got {self.seed!r}")
         need(self.stop is None or isinstance(self.stop, (str, list)), "stop must be a string or a list of strings")

@@ -38,7 +38,8 @@ def forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, p
         logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
-        out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32))
+        ids_logprobs = jnp.take_along_axis(logprobs, sampling.token_ids[token_rows], axis=-1)  # token_ids_logprob
+        out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32), ids_logprobs)
     return out, kv_caches, penalties, resident
 
 
@@ -50,8 +51,9 @@ def sample_step(softcap, head_kernel, filter_kernel, features, rows, sampling_la
     rows with a `head_kernel` (Kernels.greedy_head) take the fused LM head + argmax where it has a tiling.
 
     Returns the tokens (for the next forward pass) and, for the host, one int32 array [max_seqs, W]: per
-    row its token, its logprob's bits, and with top logprobs the TOP_LOGPROBS best logprobs' bits and
-    their token ids (W = 2 + 2 * TOP_LOGPROBS; else 2)."""
+    row its token, its logprob's bits, and with top logprobs the TOP_LOGPROBS best logprobs' bits, their
+    token ids and the bits of the row's token_ids_logprob logprobs (W = 2 + 2 * TOP_LOGPROBS +
+    MAX_TOKEN_IDS_LOGPROB; else 2)."""
     sampling = unpack(ints, floats, sampling_layout)
     full = hidden.shape[0]
     bias = None if bitmask is None else (bias_ids, bias_values)
@@ -63,10 +65,11 @@ def sample_step(softcap, head_kernel, filter_kernel, features, rows, sampling_la
     if fused is not None:
         tokens, logprobs = fused
     else:
-        tokens, logprobs, top_logprobs, top_ids = sample(logits_from_head(hidden, head, softcap), sampling,
-                                                         penalties, bitmask, features, bias, filter_kernel)
+        tokens, logprobs, top_logprobs, top_ids, ids_logprobs = sample(
+            logits_from_head(hidden, head, softcap), sampling, penalties, bitmask, features, bias, filter_kernel)
     columns = [tokens[:, None], jax.lax.bitcast_convert_type(logprobs, jnp.int32)[:, None]]
     if features.top_logprobs:
-        columns += [jax.lax.bitcast_convert_type(top_logprobs, jnp.int32), top_ids]
+        columns += [jax.lax.bitcast_convert_type(top_logprobs, jnp.int32), top_ids,
+                    jax.lax.bitcast_convert_type(ids_logprobs, jnp.int32)]
     padding = [(0, full - rows), (0, 0)]
     return jnp.pad(tokens, padding[:1]), jnp.pad(jnp.concatenate(columns, axis=1), padding)

@@ -24,6 +24,7 @@ from sgjax.constrained.bitmask import apply_bitmask
 
 TOP_LOGPROBS = 20  # most alternatives a request may ask for per token
 MAX_LOGIT_BIAS = 300  # most logit_bias entries a request may give (the step's bias arrays are this wide)
+MAX_TOKEN_IDS_LOGPROB = 20  # most token_ids_logprob ids a request may give (a row's id buffer is this wide)
 
 
 @jax.tree_util.register_dataclass
@@ -40,6 +41,9 @@ class SamplingBatch:
     position: jax.Array  # [B] int32: index of the token being sampled among the request's outputs
     slot: jax.Array  # [B] int32: the request's row in PenaltyState (padding rows: the spare last slot)
     prompt_len: jax.Array  # [B] int32: inputs at positions >= this are output tokens
+    # [B, MAX_TOKEN_IDS_LOGPROB] int32: the row's token_ids_logprob (unused entries 0), whose logprobs come
+    # with the top logprobs: a fixed width, so requests asking for other ids share the compiled programs
+    token_ids: jax.Array
 
     @classmethod
     def build(cls, params: list, seeds: list[int], positions: list[int], slots: list[int],
@@ -50,6 +54,10 @@ class SamplingBatch:
             out[: len(values)] = values
             return out
 
+        token_ids = np.zeros((size, MAX_TOKEN_IDS_LOGPROB), np.int32)
+        for row, p in enumerate(params):
+            if p.token_ids_logprob:
+                token_ids[row, : len(p.token_ids_logprob)] = p.token_ids_logprob
         return cls(
             temperature=col([p.temperature for p in params], np.float32, 0.0),
             top_k=col([p.top_k for p in params], np.int32, -1),
@@ -62,6 +70,7 @@ class SamplingBatch:
             position=col(positions, np.int32, 0),
             slot=col(slots, np.int32, spare_slot),
             prompt_len=col(prompt_lens, np.int32, 0),
+            token_ids=token_ids,
         )
 
 
@@ -118,7 +127,7 @@ class SamplerFeatures:
     (measured: 1.5x slower steps).
     """
     filtered: bool = False  # some row uses top_k > 1, top_p < 1 or min_p > 0, or a penalty
-    top_logprobs: bool = False  # some row wants its top alternatives
+    top_logprobs: bool = False  # some row wants its top alternatives or its token_ids_logprob ids' logprobs
     masked: bool = False  # some row is limited by a grammar bitmask or has a logit_bias (both come together)
     sampled: bool = False  # some row samples (temperature > 0, top_k != 1); else every row is greedy
 
@@ -126,7 +135,7 @@ class SamplerFeatures:
     def of(cls, params: list, masked: bool = False) -> "SamplerFeatures":
         return cls(filtered=any(p.temperature > 0 and (p.top_k > 1 or p.top_p < 1 or p.min_p > 0) or p.uses_penalties
                                 for p in params),
-                   top_logprobs=any(p.top_logprobs_num > 0 for p in params), masked=masked,
+                   top_logprobs=any(p.top_logprobs_num > 0 or p.token_ids_logprob for p in params), masked=masked,
                    sampled=any(p.temperature > 0 and p.top_k != 1 for p in params))
 
     @classmethod
@@ -149,14 +158,15 @@ def logit_bias_arrays(biases: list[dict[int, float] | None], rows: int) -> tuple
 def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask: jax.Array | None = None,
            features: SamplerFeatures = SamplerFeatures(filtered=True, top_logprobs=True, sampled=True),
            bias: tuple[jax.Array, jax.Array] | None = None, filter_kernel: Callable | None = None):
-    """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS].
+    """logits [B, V] float32 -> token ids [B], their logprobs [B], top logprobs and ids [B, TOP_LOGPROBS],
+    and the logprobs of each row's `s.token_ids` [B, MAX_TOKEN_IDS_LOGPROB].
 
     Logprobs are of the model's distribution (before logit biases, grammar masks, penalties,
     temperature and filters). `bias` (token ids [B, K] int32, values [B, K] float32; unused entries
     have value 0) is added to each row's logits first. `bitmask` ([B, V/32] int32 packed bits, see
     constrained/bitmask.py) limits each row to the tokens its grammar allows. Without
-    `features.top_logprobs` the top alternatives are zeros; without `features.sampled` every row takes
-    its best token (the caller decides, SamplerFeatures.of).
+    `features.top_logprobs` the top alternatives and the token ids' logprobs are zeros; without
+    `features.sampled` every row takes its best token (the caller decides, SamplerFeatures.of).
 
     A sampled row takes argmax(logits / T + Gumbel noise) over the tokens its filters keep, the noise
     drawn in vocabulary order from (seed, position): so a row's token does not depend on which
@@ -169,9 +179,11 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
     if features.top_logprobs:
         top_logits, top_ids = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
         top_logprobs = top_logits - log_total[:, None]
+        ids_logprobs = jnp.take_along_axis(logits, s.token_ids, axis=-1) - log_total[:, None]
     else:
         top_logprobs = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.float32)
         top_ids = jnp.zeros((batch, min(TOP_LOGPROBS, vocab)), jnp.int32)
+        ids_logprobs = jnp.zeros(s.token_ids.shape, jnp.float32)
     model_logits = logits
     if bias is not None:
         bias_ids, bias_values = bias
@@ -185,7 +197,7 @@ def sample(logits: jax.Array, s: SamplingBatch, penalties: PenaltyState, bitmask
         drawn = _draw(logits, s, features.filtered, filter_kernel)
         tokens = jnp.where((s.temperature == 0) | (s.top_k == 1), tokens, drawn)
     chosen = jnp.take_along_axis(model_logits, tokens[:, None], axis=-1)[:, 0] - log_total
-    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32)
+    return tokens, chosen, top_logprobs, top_ids.astype(jnp.int32), ids_logprobs
 
 
 def _draw(logits: jax.Array, s: SamplingBatch, filtered: bool, filter_kernel: Callable | None) -> jax.Array:

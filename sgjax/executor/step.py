@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from sgjax.executor.sampler import TOP_LOGPROBS, SamplerFeatures
+from sgjax.executor.sampler import MAX_TOKEN_IDS_LOGPROB, TOP_LOGPROBS, SamplerFeatures
 
 
 @dataclasses.dataclass
@@ -40,10 +40,12 @@ class StepOutput:
     logprobs: np.ndarray  # [n] float32, of the sampled tokens
     top_logprobs: np.ndarray  # [n, TOP_LOGPROBS] float32, best first
     top_ids: np.ndarray  # [n, TOP_LOGPROBS] int32
+    ids_logprobs: np.ndarray  # [n, MAX_TOKEN_IDS_LOGPROB] float32: of each row's token_ids_logprob
     # With prompt targets, per token of the flat batch:
     prompt_logprobs: np.ndarray | None = None  # [T] float32: logprob of the token's target
     prompt_top_logprobs: np.ndarray | None = None  # [T, TOP_LOGPROBS]
     prompt_top_ids: np.ndarray | None = None  # [T, TOP_LOGPROBS]
+    prompt_ids_logprobs: np.ndarray | None = None  # [T, MAX_TOKEN_IDS_LOGPROB]
 
     @classmethod
     def of(cls, handle: StepHandle) -> "StepOutput":
@@ -51,12 +53,14 @@ class StepOutput:
         n, (packed, *prompt_out) = handle.num_chunks, handle.device_outputs
         packed = np.asarray(packed)[:n]
         if packed.shape[1] > 2:
-            k = (packed.shape[1] - 2) // 2  # TOP_LOGPROBS, or the vocabulary if smaller
-            top_logprobs, top_ids = packed[:, 2:2 + k].view(np.float32), packed[:, 2 + k:]
+            k = (packed.shape[1] - 2 - MAX_TOKEN_IDS_LOGPROB) // 2  # TOP_LOGPROBS, or the vocabulary if smaller
+            top_logprobs, top_ids = packed[:, 2:2 + k].view(np.float32), packed[:, 2 + k:2 + 2 * k]
+            ids_logprobs = packed[:, 2 + 2 * k:].view(np.float32)
         else:  # the step's sampling did not compute them
             top_logprobs, top_ids = np.zeros((n, TOP_LOGPROBS), np.float32), np.zeros((n, TOP_LOGPROBS), np.int32)
-        result = cls(packed[:, 0], packed[:, 1].view(np.float32), top_logprobs, top_ids)
+            ids_logprobs = np.zeros((n, MAX_TOKEN_IDS_LOGPROB), np.float32)
+        result = cls(packed[:, 0], packed[:, 1].view(np.float32), top_logprobs, top_ids, ids_logprobs)
         if prompt_out:
-            result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids = (
-                np.asarray(x)[: handle.num_tokens] for x in prompt_out)
+            (result.prompt_logprobs, result.prompt_top_logprobs, result.prompt_top_ids,
+             result.prompt_ids_logprobs) = (np.asarray(x)[: handle.num_tokens] for x in prompt_out)
         return result

@@ -14,14 +14,13 @@ from sgjax.server.streaming import end_event_stream, open_event_stream, run, run
 
 # /generate's fields that sgjax reads
 FIELDS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
-          "top_logprobs_num", "return_text_in_logprobs"}
+          "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs"}
 # SGLang's fields with nothing to do here: logging and routing hints of its own deployment
 IGNORED = {"log_metrics", "data_parallel_rank", "priority", "modalities", "background", "routing_key"}
 # SGLang's fields that sgjax cannot honour: a request that sets one gets a 400 saying why
 MODALITIES = {"image_data": "images", "video_data": "videos", "audio_data": "audio"}
 NOT_SUPPORTED = {
     "input_embeds": "input_embeds is not supported; send text or input_ids",
-    "token_ids_logprob": "token_ids_logprob is not supported; use top_logprobs_num",
     "return_hidden_states": "return_hidden_states is not supported",
     "lora_path": "LoRA adapters are not supported",
     "lora_id": "LoRA adapters are not supported",
@@ -32,7 +31,7 @@ NOT_SUPPORTED = {
     "bootstrap_room": "prefill/decode disaggregation is not supported",
 }
 # meta_info's output-side lists, sent as increments by --incremental-streaming-output (as SGLang does)
-INCREMENTAL_KEYS = ("output_token_logprobs", "output_top_logprobs")
+INCREMENTAL_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 def check_fields(body: dict, model_name: str) -> None:
@@ -69,7 +68,17 @@ def sampling_dict(body: dict) -> dict:
         params["logprobs"] = True
         params["top_logprobs_num"] = one_value(body, "top_logprobs_num", 0, int)
         params["logprob_start_len"] = one_value(body, "logprob_start_len", -1, int)
+        params["token_ids_logprob"] = token_ids(body.get("token_ids_logprob"))
     return params
+
+
+def token_ids(value) -> list[int] | None:
+    """token_ids_logprob: a list of ids, or for a batch one such list per prompt (then all the same)."""
+    if value and all(isinstance(x, list) for x in value):
+        require(len(set(map(json.dumps, value))) <= 1,
+                "token_ids_logprob must be the same for every prompt of a batch", "token_ids_logprob")
+        value = value[0]
+    return value or None  # SamplingParams validates the ids
 
 
 def request_ids(body: dict, request: web.Request, num_prompts: int, batched: bool) -> str | list[str]:
@@ -98,7 +107,7 @@ def native_result(engine, req, body: dict) -> dict:
     for key in ("output_token_logprobs", "input_token_logprobs"):
         if key in meta:
             meta[key] = logprob_entries(engine.tokenizer, meta[key], with_text)
-    for key in ("output_top_logprobs", "input_top_logprobs"):
+    for key in ("output_top_logprobs", "input_top_logprobs", "output_token_ids_logprobs", "input_token_ids_logprobs"):
         if key in meta:
             meta[key] = [logprob_entries(engine.tokenizer, top, with_text) if top else None for top in meta[key]]
     return out

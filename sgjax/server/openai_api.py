@@ -10,6 +10,7 @@ from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.limits import check_limits
+from sgjax.server.openai_fields import CHAT, COMPLETIONS, check_fields
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
@@ -35,11 +36,6 @@ def check_model(request: web.Request, body: dict) -> None:
 
 def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
     """The OpenAI fields every endpoint shares, in SamplingParams' terms (validated there)."""
-    for unsupported in ("suffix", "functions"):
-        if body.get(unsupported):
-            raise ApiError(f"{unsupported} is not supported yet", param=unsupported)
-    best_of = body.get("best_of")
-    require(best_of is None or best_of == body.get("n", 1), "best_of other than n is not supported", "best_of")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", max_tokens_default))
     params = {
         "max_new_tokens": max_tokens,
@@ -167,6 +163,7 @@ def completion_logprobs(engine, req, echo: bool) -> dict:
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await read_json(request)
+    check_fields(body, COMPLETIONS, "/v1/completions")
     check_model(request, body)
     texts, id_lists = completion_prompts(body)
     params = common_sampling(body, 16)
@@ -283,6 +280,7 @@ def chat_logprobs(engine, req) -> dict:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await read_json(request)
+    check_fields(body, CHAT, "/v1/chat/completions")
     check_model(request, body)
     messages = chat_messages(body)
     params = common_sampling(body, None)

@@ -18,6 +18,7 @@ import sgjax as sgjax_lang
 from sgjax.engine import Engine
 from sgjax.lang.backends.base import Backend
 from sgjax.lang.primitives import Gen
+from sgjax.server.keys import SERVER_ARGS
 from sgjax.testing.sglang_frontend import import_sglang
 from tests.e2e.test_server import LiveServer, get, post
 from tests.lang_programs import agent_programs, programs
@@ -179,6 +180,24 @@ def test_streaming_with_logprobs_through_sglang_frontend(setup):
     assert len(ids) == 10 and engine.tokenizer.decode(ids) == state["story"]
     assert all(lp <= 0 and text == engine.tokenizer.decode([t]) for lp, t, text in meta["output_token_logprobs"])
     assert meta["finish_reason"]["type"] == "length" and meta["e2e_latency"] > 0
+
+    @sgl.function
+    def with_prompt(s):
+        s += "Once upon a time" + sgl.gen("story", max_tokens=4, temperature=0, ignore_eos=True,
+                                          return_logprob=True, logprob_start_len=1, top_logprobs_num=2)
+
+    async def read(state):
+        return [piece async for piece in state.text_async_iter("story", return_meta_data=True)]
+
+    state = with_prompt.run(backend=backends["sglang"], stream=True)
+    pieces = asyncio.run(read(state))
+    final = state.get_meta_info("story")  # the last event's: every list whole
+    assert len(final["output_token_logprobs"]) == len(final["output_top_logprobs"]) == 4
+    prompt = engine.tokenize("Once upon a time")
+    assert [t for _, t, _ in final["input_token_logprobs"]] == prompt[1:]
+    # the prompt's logprobs come with the first chunk, as from SGLang's server
+    assert pieces[0][1]["input_token_logprobs"] == final["input_token_logprobs"]
+    assert pieces[0][1]["input_top_logprobs"] == final["input_top_logprobs"]
 
 
 # ---- defaults and errors as SGLang's frontend has them: both frontends on scripted backends ------------
@@ -345,32 +364,97 @@ def test_null_params_take_sglang_defaults_and_custom_params_are_accepted(setup):
 
 # ---- /generate's fields, meta_info, request ids -------------------------------------------------------
 
-def test_meta_info_has_sglang_fields_streamed_and_not(setup):
-    engine, server, _, _ = setup
-    body = {"text": "Hello", "sampling_params": GREEDY, "return_logprob": True, "top_logprobs_num": 2,
-            "return_text_in_logprobs": True, "logprob_start_len": 0}
-    status, whole = generate(server, body)
-    meta = whole["meta_info"]
-    assert status == 200 and {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                              "e2e_latency", "input_token_logprobs", "output_token_logprobs",
-                              "input_top_logprobs", "output_top_logprobs"} <= set(meta)
-    assert [t for _, t, _ in meta["input_token_logprobs"]] == engine.tokenize("Hello")
-    assert meta["input_token_logprobs"][0][0] is None  # the first prompt token has no logprob
-    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+LOGPROB_BODY = {"text": "Hello", "sampling_params": GREEDY, "return_logprob": True, "top_logprobs_num": 2,
+                "token_ids_logprob": [5, 77], "return_text_in_logprobs": True, "logprob_start_len": 0}
+OUTPUT_LISTS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
+INPUT_LISTS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
 
+
+def stream_events(server, body: dict) -> list[dict]:
     async def stream():
         async with aiohttp.ClientSession() as session:
             async with session.post(server.url + "/generate", json={**body, "stream": True}) as r:
                 return [json.loads(line[6:]) async for line in r.content if line.startswith(b"data: {")]
 
-    events = asyncio.run(stream())
+    return asyncio.run(stream())
+
+
+def assert_logprob_lists_equal(got: list, want: list):
+    """Nested lists of [logprob, id, text] (or None), equal but for the logprobs' float32 rounding."""
+    def shape(x):
+        return [shape(y) for y in x] if isinstance(x, list) else "lp" if isinstance(x, float) else x
+
+    def floats(x):
+        return [f for y in x for f in floats(y)] if isinstance(x, list) else [x] * isinstance(x, float)
+
+    assert shape(got) == shape(want)
+    assert floats(got) == pytest.approx(floats(want), abs=1e-5)
+
+
+def test_meta_info_has_sglang_fields_streamed_and_not(setup):
+    engine, server, _, _ = setup
+    status, whole = generate(server, LOGPROB_BODY)
+    meta = whole["meta_info"]
+    assert status == 200 and {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                              "e2e_latency", *INPUT_LISTS, *OUTPUT_LISTS} <= set(meta)
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == engine.tokenize("Hello")
+    assert meta["input_token_logprobs"][0][0] is None  # the first prompt token has no logprob
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+
+    # As SGLang's server streams by default (what its client reads): text, ids and output logprob lists so far,
+    # the prompt's logprobs from the first event on
+    events = stream_events(server, LOGPROB_BODY)
     for event in events[:-1]:
         assert event["meta_info"]["finish_reason"] is None and "e2e_latency" not in event["meta_info"]
-        assert len(event["meta_info"]["output_token_logprobs"]) == len(event["output_ids"])  # cumulative
+    for event in events:
+        n = len(event["output_ids"])
+        assert event["output_ids"] == whole["output_ids"][:n] and whole["text"].startswith(event["text"])
+        for key in OUTPUT_LISTS:
+            assert_logprob_lists_equal(event["meta_info"][key], meta[key][:n])
+        for key in INPUT_LISTS:
+            assert_logprob_lists_equal(event["meta_info"][key], meta[key])
     assert events[-1]["output_ids"] == whole["output_ids"] and events[-1]["text"] == whole["text"]
-    streamed = events[-1]["meta_info"]["output_token_logprobs"]
-    assert [e[1:] for e in streamed] == [e[1:] for e in meta["output_token_logprobs"]]
-    assert [e[0] for e in streamed] == pytest.approx([e[0] for e in meta["output_token_logprobs"]], abs=1e-5)
+
+
+def test_incremental_streaming_output_sends_each_logprob_once(setup):
+    """--incremental-streaming-output, as SGLang's: text, ids and the output-side logprob lists of each event
+    are what is new; the prompt's logprobs come whole from the first event on."""
+    _, server, _, _ = setup
+    _, whole = generate(server, LOGPROB_BODY)
+    args = server.app[SERVER_ARGS]
+    args.incremental_streaming_output = True
+    try:
+        events = stream_events(server, LOGPROB_BODY)
+    finally:
+        args.incremental_streaming_output = False
+    assert len(events) > 1 and "".join(e["text"] for e in events) == whole["text"]
+    assert [t for e in events for t in e["output_ids"]] == whole["output_ids"]
+    for event in events:
+        assert all(len(event["meta_info"][key]) == len(event["output_ids"]) for key in OUTPUT_LISTS)
+        for key in INPUT_LISTS:
+            assert_logprob_lists_equal(event["meta_info"][key], whole["meta_info"][key])
+    for key in OUTPUT_LISTS:
+        assert_logprob_lists_equal([x for e in events for x in e["meta_info"][key]], whole["meta_info"][key])
+
+
+def test_token_ids_logprob_are_transformers_log_softmax(setup):
+    """SGLang's token_ids_logprob: the given ids' logprobs at each output position and, from
+    logprob_start_len, each prompt position; for a batch too (the same ids for every prompt)."""
+    engine, server, hf_model, _ = setup
+    ids = [3, 250, 17]
+    texts = ["The quick brown fox", "Hi"]
+    status, results = generate(server, {"text": texts, "sampling_params": {**GREEDY, "max_new_tokens": 3},
+                                        "return_logprob": True, "logprob_start_len": 2,
+                                        "token_ids_logprob": [ids, ids]})
+    assert status == 200
+    for text, result in zip(texts, results):
+        prompt, meta = engine.tokenize(text), result["meta_info"]
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(torch.tensor([prompt + result["output_ids"]])).logits[0].double(), -1)
+        want_out = [[[float(ref[len(prompt) - 1 + k, t]), t, None] for t in ids] for k in range(3)]
+        assert_logprob_lists_equal(meta["output_token_ids_logprobs"], want_out)
+        want_in = [[[float(ref[q - 1, t]), t, None] for t in ids] for q in range(2, len(prompt))]
+        assert_logprob_lists_equal(meta["input_token_ids_logprobs"], want_in)
 
 
 @pytest.mark.parametrize("field", ["image_data", "video_data", "audio_data"])
@@ -381,7 +465,8 @@ def test_multimodal_input_on_a_text_model_gets_400(setup, field):
 
 
 @pytest.mark.parametrize("body, needle", [
-    ({"text": "Hi", "token_ids_logprob": [1, 2]}, "token_ids_logprob"),
+    ({"text": "Hi", "return_logprob": True, "token_ids_logprob": [1, 10**9]}, "token_ids_logprob"),
+    ({"text": ["a", "b"], "return_logprob": True, "token_ids_logprob": [[1], [2]]}, "token_ids_logprob"),
     ({"text": "Hi", "lora_path": "x"}, "LoRA"),
     ({"text": "Hi", "made_up": 1}, "unknown fields"),
     ({"text": ["a", "b"], "rid": ["same", "same"]}, "rid"),
@@ -511,3 +596,36 @@ def test_openai_chat_logprobs_and_n_with_seed(setup):
                                            temperature=1.0) for _ in range(2)]
     texts = [[c.message.content for c in run.choices] for run in runs]
     assert texts[0] == texts[1] and len(texts[0]) == 2
+
+
+def test_openai_fields_each_supported_ignored_or_rejected_as_the_table_says(setup):
+    """openai_fields' table, through the official client: an ignored field changes nothing in the answer, a
+    rejected one that asks for something gets a 400 naming it, a field OpenAI does not have too."""
+    from sgjax.server.openai_fields import CHAT, COMPLETIONS, IGNORED
+
+    _, server, _, _ = setup
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+    plain = client.chat.completions.create(**chat).choices[0].message.content
+    hints = dict(user="u1", metadata={"k": "v"}, store=False, service_tier="auto", parallel_tool_calls=False,
+                 prompt_cache_key="p", reasoning_effort="low", modalities=["text"])
+    assert {CHAT[name].status for name in hints if name != "modalities"} == {IGNORED}
+    assert client.chat.completions.create(**chat, **hints).choices[0].message.content == plain
+    text = dict(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    assert COMPLETIONS["user"].status == IGNORED
+    assert (client.completions.create(**text, user="u1", best_of=1).choices[0].text
+            == client.completions.create(**text).choices[0].text)
+    for create, base, extra in [
+            (client.chat.completions.create, chat, dict(audio={"voice": "alloy", "format": "wav"})),
+            (client.chat.completions.create, chat, dict(modalities=["text", "audio"])),
+            (client.chat.completions.create, chat, dict(functions=[{"name": "f", "parameters": {}}])),
+            (client.chat.completions.create, chat, dict(web_search_options={})),
+            (client.completions.create, text, dict(suffix="!")),
+            (client.completions.create, text, dict(best_of=3)),
+            (client.completions.create, text, dict(extra_body={"made_up": 1})),
+            (client.chat.completions.create, chat, dict(extra_body={"echo": True})),  # a completions-only field
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            create(**base, **extra)
+        name = next(iter(extra.get("extra_body", extra)))
+        assert e.value.body["param"] == name and name in e.value.body["message"]
