@@ -129,7 +129,7 @@ def test_outputs_identical_across_configurations(llama, overrides):
             assert engine.loaded.model.model.layers[0].norm_kernel is engine.kernels.add_rms_norm
             assert engine.runner.kernels.greedy_head is not None
         if overrides.get("attention_backend") == "pallas":
-            assert engine.kernels.backend == "cpu" and engine.kernels.flat_matmuls and engine.runner.shapes.lazy
+            assert engine.kernels.backend == "cpu" and engine.kernels.cpu_matmuls and engine.runner.shapes.lazy
             assert engine.runner.buckets[0] == 1 and engine.runner.row_buckets[0] == 1
         if "num_pages" in overrides and overrides["num_pages"] == 41:
             assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"

@@ -54,3 +54,25 @@ def test_cpu_attention_is_one_program_for_every_length():
         outs.append(relative_error(attend(q, k_pages, v_pages, meta), want))
     assert attend._cache_size() == 1
     assert max(outs) < 1e-5
+
+
+def test_bf16_pool_held_as_bits_reads_and_writes_what_a_bf16_pool_does():
+    """Kernels.bf16_pool_as_bits: a bfloat16 pool stored as its uint16 bits gives the bfloat16 pool's attention
+    output exactly, and the step's K/V land in it as the same bits."""
+    q, k_pages, v_pages, meta, total = random_case(5, num_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+                                                   q_lens=[1, 20, 1], cached=[30, 0, 9], dtype=jnp.bfloat16,
+                                                   extra_tokens=3, extra_seqs=1)
+    k = jax.random.normal(jax.random.PRNGKey(1), (q.shape[0], 2, 16), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(2), (q.shape[0], 2, 16), jnp.bfloat16)
+    attend = jax.jit(lambda *a: cpu.attention(*a, scale=0.25))
+
+    def as_bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+    want, want_k, want_v = attend(q, k, v, k_pages, v_pages, meta)
+    got, got_k, got_v = attend(q, k, v, as_bits(k_pages), as_bits(v_pages), meta)
+    assert got_k.dtype == jnp.uint16 and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(as_bits(want_k)))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(as_bits(want_v)))
+    np.testing.assert_array_equal(np.asarray(got[:total], np.float32), np.asarray(want[:total], np.float32))
+    assert relative_error(want[:total], reference.attention(q, k, v, k_pages, v_pages, meta, scale=0.25)[0][:total]) < 1e-2

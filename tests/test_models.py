@@ -1,10 +1,13 @@
 """Each family's logits and greedy tokens against transformers, on one device and on 8."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sgjax.executor.greedy import forward_logits, greedy_generate
 from sgjax.platform.mesh import make_mesh
+from sgjax.models.layers import project
 from sgjax.models.loader import load_model
 from tests.conftest import ALL_FAMILIES
 from tests.hf_oracle import hf_greedy, hf_logits
@@ -67,3 +70,15 @@ def test_bf16_logits_close_to_transformers(tiny_models):
     ours = forward_logits(loaded, [prompt])[0]
     ref = hf_logits(hf_model, prompt)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 5e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cpu_projection_of_bf16_weights_is_the_float32_product_rounded(rows):
+    """layers.project with Kernels.cpu_matmuls: a bfloat16 product accumulated in float32 (a single row computed
+    twice) is the exact float32 product of the same bfloat16 values, rounded once to bfloat16."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, 96), jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(1), (40, 96), jnp.bfloat16)
+    got = jax.jit(lambda x, w: project(x, w, cpu=True))(x, w)
+    want = (np.asarray(x, np.float32) @ np.asarray(w, np.float32).T).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and got.shape == (rows, 40)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)

@@ -28,12 +28,18 @@ class KVPoolConfig:
     num_kv_heads: int
     head_dim: int
     dtype: str = "bfloat16"
+    # What the arrays hold, where the attention kernels want other than `dtype` (Kernels.bf16_pool_as_bits:
+    # a bfloat16 pool as its raw bits, uint16, on a CPU)
+    storage_dtype: str | None = None
 
     @classmethod
-    def for_model(cls, cfg, num_pages: int, page_size: int, dtype: str | None = None) -> "KVPoolConfig":
+    def for_model(cls, cfg, num_pages: int, page_size: int, dtype: str | None = None,
+                  bf16_as_bits: bool = False) -> "KVPoolConfig":
         """The pool of a model config: anything with num_layers, num_kv_heads, head_dim and dtype (the cache
         layer sits below the models and does not import their config)."""
-        return cls(num_pages, page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype or cfg.dtype)
+        dtype = dtype or cfg.dtype
+        storage = "uint16" if bf16_as_bits and dtype == "bfloat16" else None
+        return cls(num_pages, page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, storage)
 
     @property
     def page_shape(self) -> tuple[int, int, int, int]:
@@ -56,8 +62,9 @@ class KVPool:
             raise ValueError(f"page size must be between 1 and 128 tokens; got {cfg.page_size}")
         self.config = cfg
         self.sharding = named_sharding(KV_AXES, cfg.page_shape, mesh)
+        storage = cfg.storage_dtype or cfg.dtype
         zeros = jax.jit(
-            lambda: [(jnp.zeros(cfg.page_shape, cfg.dtype), jnp.zeros(cfg.page_shape, cfg.dtype))
+            lambda: [(jnp.zeros(cfg.page_shape, storage), jnp.zeros(cfg.page_shape, storage))
                      for _ in range(cfg.num_layers)],
             out_shardings=self.sharding,
         )

@@ -77,7 +77,8 @@ class EngineCore:
                                           useful_pages=1 + args.max_running_requests * max_pages_per_seq,
                                           context_pages=max_pages_per_seq)
             check_pool_fits(num_pages, self.context_length, ps, page_cfg.bytes_per_page)
-        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype), self.loaded.mesh)
+        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype, self.kernels.bf16_pool_as_bits),
+                      self.loaded.mesh)
         self.allocator = PageAllocator(num_pages, ps)
         self.radix = NoPrefixCache() if args.disable_radix_cache else RadixCache(self.allocator)
         prefill_budget = args.chunked_prefill_size or self.context_length

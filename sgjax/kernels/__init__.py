@@ -89,10 +89,13 @@ class Kernels:
     greedy_head: Callable | None = None
     # (scaled [B, V], top_k, top_p) -> [B, V] bool: tokens the top-k / top-p cut keeps, without sorting the vocabulary
     top_k_top_p_keep: Callable | None = None
-    # Fused projections ([*out, in] weights) as one 2-D matmul over the flattened weight: XLA's CPU dot otherwise
-    # copied each such weight into a transposed layout at every call (most of a decode step's time on a CPU).
+    # Projections shaped for XLA's CPU dot (sgjax.models.layers.project): fused weights ([*out, in]) as one 2-D
+    # matmul over the flattened weight, and 16-bit products accumulated in float32 over at least two rows.
     # Off elsewhere: a weight split over "tensor" along a later axis than its first could not stay split.
-    flat_matmuls: bool = False
+    cpu_matmuls: bool = False
+    # A bfloat16 KV pool held as its raw bits (uint16), which `attention` reads and writes: XLA's CPU compiler
+    # has no bfloat16 gather or scatter and converted the whole pool to float32 around each use.
+    bf16_pool_as_bits: bool = False
 
 
 def select(backend: str = "reference", page_size: int | None = None, *, fused_norm: bool = True,
@@ -111,7 +114,8 @@ def select(backend: str = "reference", page_size: int | None = None, *, fused_no
         add_rms_norm=functools.partial(_fused_add_rms_norm, interpret=interpret) if mode and fused_norm else None,
         greedy_head=functools.partial(_greedy_head, interpret=interpret) if mode and greedy_head else None,
         top_k_top_p_keep=functools.partial(_top_k_top_p_keep, interpret=interpret) if mode and filter_cut else None,
-        flat_matmuls=name == "cpu",
+        cpu_matmuls=name == "cpu",
+        bf16_pool_as_bits=name == "cpu",
     )
 
 

@@ -55,6 +55,15 @@ def _key_blocks(page_table: jax.Array, page_size: int) -> tuple[jax.Array, int, 
     return page_table, block_pages, block_pages * page_size
 
 
+def _gather_keys(pages: jax.Array, index: jax.Array) -> jax.Array:
+    """pages[:, index] in float32. A pool of bfloat16 bits (uint16, Kernels.bf16_pool_as_bits) is widened by a
+    shift, the exact conversion: XLA's CPU compiler has no bfloat16 gather and converted a bfloat16 pool whole
+    to float32 at every layer (120 whole-pool converts a SmolLM2 decode step, most of its time)."""
+    if pages.dtype != jnp.uint16:
+        return pages[:, index].astype(jnp.float32)
+    return jax.lax.bitcast_convert_type(pages[:, index].astype(jnp.uint32) << 16, jnp.float32)
+
+
 def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, block_q: int, *,
                    scale: float, sliding_window: int | None, softcap: float | None) -> jax.Array:
     """Attention with queries in blocks of `block_q` tokens of one sequence each -> [T, H, D] float32."""
@@ -90,11 +99,8 @@ def _attend_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: A
 
     def attend_key_block(i, carry):
         pages = jax.lax.dynamic_slice_in_dim(block_table, i * block_pages, block_pages, axis=1)  # [NB, bp]
-        # The barrier keeps the conversion on the gathered block: XLA otherwise moved it onto the pool and
-        # hoisted it out of the loop, converting a bfloat16 pool whole at every layer (20 ms each for SmolLM2).
-        k, v = jax.lax.optimization_barrier((k_pages[:, pages], v_pages[:, pages]))
-        k = k.reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
-        v = v.reshape(num_kv_heads, bound, block, head_dim).astype(jnp.float32)
+        k = _gather_keys(k_pages, pages).reshape(num_kv_heads, bound, block, head_dim)
+        v = _gather_keys(v_pages, pages).reshape(num_kv_heads, bound, block, head_dim)
         key_pos = i * block + jnp.arange(block, dtype=jnp.int32)
         visible = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
         if sliding_window is not None:
@@ -140,9 +146,8 @@ def _attend_block_by_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
         def key_block(i, carry):
             pages = jax.lax.dynamic_slice_in_dim(page_table[s], i * block_pages, block_pages)
-            k, v = jax.lax.optimization_barrier((k_pages[:, pages], v_pages[:, pages]))  # see _attend_blocks
-            k = k.reshape(num_kv_heads, block, head_dim).astype(jnp.float32)
-            v = v.reshape(num_kv_heads, block, head_dim).astype(jnp.float32)
+            k = _gather_keys(k_pages, pages).reshape(num_kv_heads, block, head_dim)
+            v = _gather_keys(v_pages, pages).reshape(num_kv_heads, block, head_dim)
             key_pos = i * block + jnp.arange(block, dtype=jnp.int32)
             visible = key_pos[None, :] <= pos[:, None]
             if sliding_window is not None:
@@ -194,7 +199,18 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return jax.lax.cond(jnp.max(q_lens) <= 1, one_token_blocks, query_blocks, q).astype(q.dtype)
 
 
+def _write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """The reference's write_kv; into a pool of bfloat16 bits (uint16) as bits (see _gather_keys; a bfloat16
+    scatter converted the whole pool to float32 and back around each layer's write)."""
+    if k_pages.dtype == jnp.uint16:
+        def bits(x):
+            return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+        k, v = bits(k), bits(v)
+    return write_kv(k_pages, v_pages, k, v, slot_mapping)
+
+
 def attention(q, k, v, k_pages, v_pages, meta: AttentionMetadata, **kwargs):
     """Backend entry point: write this step's K/V into the pool, then attend. Returns (out, k_pages, v_pages)."""
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    k_pages, v_pages = _write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
     return ragged_paged_attention(q, k_pages, v_pages, meta, **kwargs), k_pages, v_pages

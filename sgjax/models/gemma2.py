@@ -20,7 +20,7 @@ class Gemma2DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, layer_idx, kernels, rngs)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = GatedMLP(cfg, rngs, flat=kernels.flat_matmuls)
+        self.mlp = GatedMLP(cfg, rngs, cpu=kernels.cpu_matmuls)
         self.post_feedforward_layernorm = norm()
 
     def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):

@@ -27,14 +27,33 @@ ROW = (None, TENSOR)  # input features split over "tensor" (o, down); XLA adds t
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages), [pages, page_size, KVH, D]
 
+def project(x: jax.Array, weight: jax.Array, cpu: bool = False) -> jax.Array:
+    """x [..., in] times weight [out, in] -> [..., out], in x's dtype.
+
+    `cpu` (Kernels.cpu_matmuls): XLA's CPU dot converts a whole bfloat16 (or float16) weight to float32 at every
+    call unless the product accumulates in float32 and has at least two rows; that convert cost SmolLM2 in
+    bfloat16 7x its float32 decode time (a [1536, 576] weight: 0.2 GB/s read against 10 GB/s). So there a
+    16-bit product asks for float32 and a single row is computed twice."""
+    if not cpu or weight.dtype == jnp.float32:
+        return jnp.einsum("...i,oi->...o", x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    single = rows.shape[0] == 1
+    if single:
+        rows = jnp.concatenate([rows, rows])
+    y = jnp.einsum("ti,oi->to", rows, weight, preferred_element_type=jnp.float32)
+    return (y[:1] if single else y).astype(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs,
+                 cpu: bool = False):
         init = jax.random.normal(rngs.params(), (out_features, in_features), dtype) * (in_features**-0.5)
         self.weight = nnx.Param(init.astype(dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=(axes[0],)) if bias else None
+        self.cpu = cpu  # Kernels.cpu_matmuls
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = project(x, self.weight[...], self.cpu)
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -48,20 +67,20 @@ class FusedLinear(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], parts: tuple[tuple[str, int], ...],
-                 part_axis: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs, flat: bool = False):
+                 part_axis: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs, cpu: bool = False):
         if sum(n for _, n in parts) != out_shape[part_axis]:
             raise ValueError(f"parts {parts} do not fill axis {part_axis} of {out_shape}")
         meta = dict(checkpoint_parts=parts, checkpoint_axis=part_axis)
         init = jax.random.normal(rngs.params(), (*out_shape, in_features), dtype) * (in_features**-0.5)
         self.weight = nnx.Param(init.astype(dtype), axes=(*axes, None), **meta)
         self.bias = nnx.Param(jnp.zeros(out_shape, dtype), axes=tuple(axes), **meta) if bias else None
-        self.flat = flat
+        self.cpu = cpu  # Kernels.cpu_matmuls
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., *out_shape]."""
         w = self.weight[...]
-        if self.flat:  # Kernels.flat_matmuls
-            y = jnp.einsum("...i,oi->...o", x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:-1])
+        if self.cpu:  # one 2-D matmul: XLA's CPU dot otherwise copies the weight into a transposed layout per call
+            y = project(x, w.reshape(-1, w.shape[-1]), cpu=True).reshape(*x.shape[:-1], *w.shape[:-1])
         else:
             y = jnp.tensordot(x, w, axes=[[x.ndim - 1], [w.ndim - 1]])
         return y + self.bias[...] if self.bias is not None else y
@@ -141,14 +160,18 @@ class Attention(nnx.Module):
             self.qkv_proj = FusedLinear(h, (cfg.num_kv_heads, group + 2, d),
                                         (("q_proj", group), ("k_proj", 1), ("v_proj", 1)), part_axis=1,
                                         bias=cfg.qkv_bias, axes=(TENSOR, None, None), dtype=dt, rngs=rngs,
-                                        flat=kernels.flat_matmuls)
+                                        cpu=kernels.cpu_matmuls)
             self.q_proj = self.k_proj = self.v_proj = None
         else:  # "tensor" does not divide the KV heads: q stays split by column, k and v replicated
             self.qkv_proj = None
-            self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
-            self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
-            self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, axes=ROW, dtype=dt, rngs=rngs)
+            self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs,
+                                 cpu=kernels.cpu_matmuls)
+            self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs,
+                                 cpu=kernels.cpu_matmuls)
+            self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, axes=COLUMN, dtype=dt, rngs=rngs,
+                                 cpu=kernels.cpu_matmuls)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, axes=ROW, dtype=dt, rngs=rngs,
+                             cpu=kernels.cpu_matmuls)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
@@ -195,13 +218,13 @@ class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU for Gemma; gate and up as one [2, I, hidden]
     matmul, split over "tensor" along I."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, flat: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cpu: bool = False):
         h, i, dt, b = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype, cfg.mlp_bias
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
         self.gate_up_proj = FusedLinear(h, (2, i), (("gate_proj", 1), ("up_proj", 1)), part_axis=0, bias=b,
-                                        axes=(None, TENSOR), dtype=dt, rngs=rngs, flat=flat)
-        self.down_proj = Linear(i, h, bias=b, axes=ROW, dtype=dt, rngs=rngs)
+                                        axes=(None, TENSOR), dtype=dt, rngs=rngs, cpu=cpu)
+        self.down_proj = Linear(i, h, bias=b, axes=ROW, dtype=dt, rngs=rngs, cpu=cpu)
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
         self.self_attn = Attention(cfg, layer_idx, kernels, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
-        self.mlp = GatedMLP(cfg, rngs, flat=kernels.flat_matmuls)
+        self.mlp = GatedMLP(cfg, rngs, cpu=kernels.cpu_matmuls)
         self.norm_kernel = kernels.add_rms_norm
 
     def __call__(self, x, pending, positions, kv: KVCache, meta: AttentionMetadata):
