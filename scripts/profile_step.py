@@ -213,7 +213,7 @@ def main() -> None:
         for params, mask in variants.values():
             # A step with these parameters, launched once: its sampling is then timed alone.
             handle = runner.launch(runner.prepare(chunks, sampling_for(params), SamplerFeatures()))
-            sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
+            _, sampler = runner.sampler_for(SamplerFeatures.of([params], masked=mask is not None), b)
             row.append(synced_call_s(lambda: sampler(
                 runner.head, handle.hidden, handle.ints, handle.floats, runner.penalties, *runner.mask_args(mask)),
                 args.repeat) * 1e3)

@@ -66,6 +66,7 @@ def llama(tiny_models):
 def engine(llama):
     # Every shape compiled at start-up, as on an accelerator (test_serving_never_compiles)
     e = make_engine(llama[0], enable_prompt_logprobs=True, shape_policy="accelerator")
+    e.runner.wait_until_compiled()
     yield e
     e.shutdown()
 
@@ -372,6 +373,33 @@ def test_serving_never_compiles(engine, llama):
     engine.generate(input_ids=mixed_prompts(12, seed=3), sampling_params={"temperature": 0.5, "max_new_tokens": 9})
     assert compiles == []
     assert len(engine.runner.compiled) == len(engine.runner.buckets) * 2  # with prompt-logprob variants
+
+
+def test_steps_run_on_stand_ins_while_their_programs_compile_in_the_background(engine, llama):
+    """Right after start-up only the smallest and largest token buckets and a few sampling variants are
+    ready (the rest compile in the background): steps then run in the smallest larger ready bucket and on a
+    sampling variant with more rows and features, give transformers' tokens, and compile nothing."""
+    _, _, prompts, expected = llama
+    runner = engine.runner
+    wait_until(lambda: not engine.scheduler.has_work())
+    compiled, sampler = dict(runner.compiled), dict(runner.sampler)
+    plain = [k for k in compiled if not k[1] and not k[2]]
+    largest_rows = runner.row_buckets[-1]
+    try:
+        for key in plain[1:-1] + [k for k in compiled if k[2]]:
+            del runner.compiled[key]
+        for variant in sampler:
+            if variant[1] != largest_rows:
+                del runner.sampler[variant]
+        compiles = []
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None)
+        results = engine.generate(input_ids=prompts[:6], sampling_params=GREEDY)
+        assert [r["output_ids"] for r in results] == expected[:6]
+        assert compiles == []
+    finally:
+        runner.compiled.update(compiled)
+        runner.sampler.update(sampler)
 
 
 def test_forward_passes_write_their_hidden_rows_into_one_buffer(engine, llama):

@@ -157,6 +157,8 @@ class EngineCore:
         self._stopped = True
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
+        if self.runner.queue is not None:
+            self.runner.queue.close()
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:

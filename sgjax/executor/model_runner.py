@@ -48,6 +48,7 @@ from sgjax.cache.kv_pool import KVPool
 from sgjax.constrained.bitmask import allow_all
 from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.executor.buckets import ACCELERATOR, ShapePolicy, bucket_for, row_buckets, token_buckets
+from sgjax.executor.compile_queue import CacheCounter, CompileQueue, default_workers
 from sgjax.executor.host_inputs import PackedLayout, pack
 from sgjax.executor.programs import forward, sample_step
 from sgjax.executor.sampler import (
@@ -181,14 +182,7 @@ class ModelRunner:
         compile_sampler(*masked_variant)
         first_programs.update()
         first_programs.close()
-        if not shapes.lazy:
-            for key in tqdm(self.program_keys[1:], desc="compiling steps", unit="program", initial=1,
-                            total=len(self.program_keys)):
-                compile_forward(key)
-            variants = [(f, r) for f in SamplerFeatures.all() for r in self.row_buckets]
-            for variant in tqdm(variants, desc="compiling sampling", unit="variant"):
-                if variant != masked_variant:
-                    compile_sampler(*variant)
+        self.queue = None if shapes.lazy else self._compile_in_background(masked_variant)
         # The masked variant's defaults, kept on the device (placed as that variant takes them): a step with
         # a grammar but no biases, or biases but no grammar, sends only what it has (at 1024 rows and a
         # 128k vocabulary the bias arrays are 2.4 MB, an allow-all mask 16 MB).
@@ -199,6 +193,42 @@ class ModelRunner:
         shardings = jax.tree.map(lambda x: x.sharding, penalties)
         self._clear_penalties = jax.jit(clear_penalty_rows, donate_argnums=0, out_shardings=shardings).lower(
             penalties, jax.ShapeDtypeStruct((CLEAR_SLOTS,), np.int32)).compile()
+
+    def _compile_in_background(self, done_variant) -> CompileQueue:
+        """Queue every other start-up program on a pool of threads (compile_queue.py) and wait only for those
+        that let any step run: the largest token bucket (a stand-in for every smaller one) and greedy and
+        all-feature sampling of the most rows (stand-ins for every variant). The rest compile while the
+        server serves: each row bucket's greedy sampling and each token bucket in ascending order first
+        (decodes and short prompts), then the shared-prefix programs and the other sampling variants."""
+        started, counter = time.perf_counter(), CacheCounter()
+        queue = CompileQueue(default_workers())
+        largest_rows = self.row_buckets[-1]
+        every_feature = SamplerFeatures(filtered=True, top_logprobs=True, masked=True, sampled=True)
+        plain = [k for k in self.program_keys if not k[1] and not k[2]]
+        needed = [("forward", plain[-1]), ("sampler", (SamplerFeatures(), largest_rows)),
+                  ("sampler", (every_feature, largest_rows))]
+        later = [("sampler", (SamplerFeatures(), r)) for r in self.row_buckets]
+        later += [("forward", k) for k in plain] + [("forward", k) for k in self.program_keys if k[2]]
+        later += [("sampler", (f, r)) for f in SamplerFeatures.all() for r in self.row_buckets]
+        later += [("forward", k) for k in self.program_keys if k[1]]  # prompt logprobs: wait for theirs
+        done = {("forward", self.program_keys[0]), ("sampler", done_variant)}
+        for kind, key in needed + later:
+            if (kind, key) not in done:
+                queue.submit((kind, key), functools.partial(self._compile_forward, key) if kind == "forward"
+                             else functools.partial(self._compile_sampler, *key))
+        total = len(queue) + len(done)
+        for item in tqdm(needed, desc="compiling the first step programs", unit="program"):
+            queue.wait(item)
+        logger.info("%d of %d step programs ready in %.1f s (%s); the rest compile in the background",
+                    total - queue.pending(), total, time.perf_counter() - started, counter.summary())
+
+        def log_when_done(_):
+            if queue.pending() == 0 and counter.stop():
+                logger.info("all %d step programs compiled %.1f s after the start (%s)", total,
+                            time.perf_counter() - started, counter.summary())
+
+        queue.add_done_callback(log_when_done)
+        return queue
 
     def _abstract_inputs(self, num_tokens: int, grouped: bool) -> tuple:
         """Shapes of a step's host arrays: (sampling, input_ids, positions, meta, last_token_index, targets).
@@ -220,6 +250,18 @@ class ModelRunner:
     def bucket_for(self, num_tokens: int) -> int:
         return bucket_for(self.buckets, num_tokens)
 
+    def _compiled_bucket(self, num_tokens: int) -> int:
+        """The token bucket a plain step of `num_tokens` runs in: its own, or while that one still compiles in
+        the background, the smallest larger one that is ready (the largest always is)."""
+        bucket = self.bucket_for(num_tokens)
+        if self.queue is None or (bucket, False, False) in self.compiled:
+            return bucket
+        return next((b for b in self.buckets if b >= bucket and (b, False, False) in self.compiled), bucket)
+
+    def compiled_or_lazy(self):
+        """The forward programs a step may pick: those compiled, or on a CPU any (compiled at first use)."""
+        return self.compiled if self.queue is not None else _Everything()
+
     @property
     def spare_slot(self) -> int:
         """The PenaltyState row that padding rows write to."""
@@ -235,11 +277,12 @@ class ModelRunner:
         `prefix_groups`: sizes of the leading groups of chunks that may share prefixes (order_by_first_page).
         """
         total = sum(len(c.tokens) for c in chunks)
-        num_tokens = self.bucket_for(total)
         with_prompt = prompt_targets is not None
+        num_tokens = self.bucket_for(total) if with_prompt else self._compiled_bucket(total)
+        grouped = not with_prompt and prefix_groups and (num_tokens, False, True) in self.compiled_or_lazy()
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
-                           max_prefix_groups=0 if with_prompt or not prefix_groups else self.prefix_groups_for(total),
+                           max_prefix_groups=self.prefix_groups_for(total) if grouped else 0,
                            prefix_groups=prefix_groups, page_table_out=self._page_table)
         if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
             batch.meta.shared = None  # the groups share too little: the plain program
@@ -264,8 +307,9 @@ class ModelRunner:
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
         ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
-        if step.program not in self.compiled:  # lazy: its first step
-            self._compile_lazily(f"the forward pass of {step.program[0]} tokens", self._compile_forward, step.program)
+        if step.program not in self.compiled:  # lazy (a CPU, or prompt logprobs): its first step
+            self._compile_lazily(f"the forward pass of {step.program[0]} tokens", ("forward", step.program),
+                                 self._compile_forward, step.program)
         (hidden, *prompt_out), self.pool.caches, self.penalties, self._resident = self.compiled[step.program](
             self.weights, self.pool.caches, self.penalties, self._hidden, self._resident, ints, floats,
             self.prev_tokens)
@@ -279,8 +323,9 @@ class ModelRunner:
         `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases. Before the next launch:
         that forward pass writes its hidden rows over this step's."""
         features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
-        out = self.sampler_for(features, handle.num_chunks)(self.head, handle.hidden, handle.ints, handle.floats,
-                                                            self.penalties, *self.mask_args(bitmask, bias))
+        (features, _), program = self.sampler_for(features, handle.num_chunks)
+        out = program(self.head, handle.hidden, handle.ints, handle.floats, self.penalties,
+                      *self.mask_args(bitmask, bias, features.masked))
         self.prev_tokens, packed = out
         handle.device_outputs = (packed, *handle.prompt_outputs)
         # The results' transfers to the host start now, behind the sampling on the device: `collect` then
@@ -300,30 +345,58 @@ class ModelRunner:
             ids[:len(part)] = part
             self.penalties = self._clear_penalties(self.penalties, ids)
 
-    def mask_args(self, bitmask: np.ndarray | None, bias: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
+    def mask_args(self, bitmask: np.ndarray | None, bias: tuple[np.ndarray, np.ndarray] | None = None,
+                  masked: bool | None = None) -> tuple:
         """A sampling program's last three arguments: (bitmask, bias ids, bias values) for the masked
-        variant, which runs when either is given (the other: allow everything, add nothing), all None
-        for the others."""
-        if bitmask is None and bias is None:
+        variant, which runs when either is given or `masked` says so (what is not given: allow everything,
+        add nothing), all None for the others."""
+        if not masked and bitmask is None and bias is None:
             return (None,) * 3
         return (self._allow_all if bitmask is None else bitmask, *(bias or self._no_bias))
 
-    @staticmethod
-    def _compile_lazily(what: str, compile_fn, *key) -> None:
+    def _compile_lazily(self, what: str, queued: tuple, compile_fn, *key) -> None:
         """Compile a program at its first step, saying so: the step waits for it (seconds on a CPU, unless
-        JAX's persistent cache has it from an earlier start)."""
+        JAX's persistent cache has it from an earlier start). One the background queue has (`queued`) is
+        waited for instead."""
         started = time.perf_counter()
+        if self.queue is not None and queued in self.queue:
+            self.queue.wait(queued)
+            logger.info("waited %.1f s for %s, compiling in the background", time.perf_counter() - started, what)
+            return
         compile_fn(*key)
         logger.info("compiled %s at its first step in %.1f s", what, time.perf_counter() - started)
 
-    def sampler_for(self, features: SamplerFeatures, num_rows: int):
-        """The compiled sampling program for a step of `num_rows` sequences."""
+    def wait_until_compiled(self) -> None:
+        """Block until every program queued at start-up has compiled (tests, benchmarks)."""
+        if self.queue is not None:
+            self.queue.wait_all()
+
+    def sampler_for(self, features: SamplerFeatures, num_rows: int) -> tuple[tuple, object]:
+        """(variant, compiled sampling program) for a step of `num_rows` sequences with `features`: the
+        step's own variant or, while it compiles in the background, a ready one with more rows and every
+        feature the step uses (its results are the same: greedy rows take the argmax in every variant)."""
         variant = (features, next(r for r in self.row_buckets if r >= num_rows))
-        if variant not in self.sampler:  # lazy: its first step
-            self._compile_lazily(f"sampling of {variant[1]} rows ({variant[0]})", self._compile_sampler, *variant)
-        return self.sampler[variant]
+        if variant in self.sampler:
+            return variant, self.sampler[variant]
+        if self.queue is not None:
+            stand_ins = [v for v in list(self.sampler) if v[1] >= variant[1] and _covers(v[0], features)]
+            if stand_ins:
+                best = min(stand_ins, key=lambda v: (v[1], sum(dataclasses.astuple(v[0]))))
+                return best, self.sampler[best]
+        self._compile_lazily(f"sampling of {variant[1]} rows ({variant[0]})", ("sampler", variant),
+                             self._compile_sampler, *variant)
+        return variant, self.sampler[variant]
 
     @staticmethod
     def collect(handle: StepHandle) -> StepOutput:
         """Wait for a launched step and bring its results to the host."""
         return StepOutput.of(handle)
+
+
+def _covers(have: SamplerFeatures, need: SamplerFeatures) -> bool:
+    return all(h or not n for h, n in zip(dataclasses.astuple(have), dataclasses.astuple(need)))
+
+
+class _Everything:
+    def __contains__(self, _) -> bool:
+        return True
