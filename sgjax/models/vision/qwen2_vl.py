@@ -26,11 +26,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
+from sgjax.models.loader import CheckpointTensors
 from sgjax.platform.mesh import TENSOR, named_sharding
 
 ARCHITECTURES = {"qwen2_vl", "qwen2_5_vl"}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +134,8 @@ def vision_metadata(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionC
     for t, h, w in grid_thw.tolist():
         # (row, column) of each patch, merge block by merge block (the processor's patch order).
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
-        positions.append(np.tile(np.stack([block(rows), block(cols)], -1), (t, 1)))
+        rows, cols = (a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols))
+        positions.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
         lh, lw = h // m, w // m  # merge blocks per column and row
         index = np.arange(t * lh * lw).reshape(t, lh, lw)
         if cfg.window_size:
@@ -160,12 +161,11 @@ def vision_metadata(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionC
     units_order = np.concatenate(units)
     order = (units_order[:, None] * unit + np.arange(unit)).reshape(-1)
     pad = num_patches - total
-    as_patches = lambda a: np.repeat(np.concatenate(a), unit)  # noqa: E731
     return VisionMetadata(
         order=np.concatenate([order, np.arange(total, num_patches)]).astype(np.int32),
         positions=np.concatenate([np.concatenate(positions)[order], np.zeros((pad, 2), np.int64)]).astype(np.int32),
-        image_segments=np.concatenate([as_patches(frames), np.full(pad, -1)]).astype(np.int32),
-        window_segments=np.concatenate([as_patches(windows), np.full(pad, -1)]).astype(np.int32),
+        image_segments=np.concatenate([np.repeat(np.concatenate(frames), unit), np.full(pad, -1)]).astype(np.int32),
+        window_segments=np.concatenate([np.repeat(np.concatenate(windows), unit), np.full(pad, -1)]).astype(np.int32),
         restore=np.concatenate([np.argsort(units_order), np.arange(total // unit, num_patches // unit)]).astype(np.int32),
     )
 
@@ -330,16 +330,16 @@ class VisionTower(nnx.Module):
 
 # --- weights ----------------------------------------------------------------------------------------------------
 
-VISION_PREFIXES = ("visual.", "model.visual.")  # transformers' save_pretrained and the original checkpoints; newer
+# transformers' save_pretrained and the Qwen checkpoints write `visual.*`; other converters keep the in-memory name
+VISION_PREFIXES = ("visual.", "model.visual.")
 
 
 def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg: VisionConfig | None = None,
                       dtype: str = "float32") -> VisionTower:
-    """A VisionTower with weights on `mesh`, from a model folder (config.json + safetensors) or a state dict of
-    numpy arrays under HF names (then `cfg` is required). Tensors may be named `visual.*` or `model.visual.*`."""
+    """A VisionTower with weights on `mesh`, from a model folder (config.json + safetensors; `dtype` for the config
+    read from it) or a state dict of numpy arrays under HF names (then `cfg` is required). Tensors may be named
+    `visual.*` or `model.visual.*`."""
     if isinstance(source, str):
-        from sgjax.models.loader import CheckpointTensors
-
         cfg = cfg or VisionConfig.from_pretrained(source, dtype)
         tensors, where = CheckpointTensors(source), repr(source)
     else:
