@@ -5,8 +5,8 @@ import base64
 import functools
 import io
 
-import numpy as np
 import jax
+import numpy as np
 import PIL.Image
 import pytest
 from flax import nnx

@@ -40,8 +40,8 @@ def load_image(source: str | bytes | PIL.Image.Image, *, max_pixels: int = DEFAU
         return decode_image(_data_url_bytes(source), max_pixels=max_pixels)
     if source.startswith(("http://", "https://")):
         raise ImageError(f"remote image URLs are not fetched ({source[:80]!r}); send the image as a data: URL")
-    path = source[len("file://"):] if source.startswith("file://") else source
-    if len(path) < 4096 and os.path.isfile(path):
+    path = source.removeprefix("file://")
+    if len(path) < 4096 and os.path.isfile(path):  # a long string is base64 text: no need to ask the filesystem
         if not allow_local_files:
             raise ImageError("local image paths are not allowed here; send the image as a data: URL")
         with open(path, "rb") as f:

@@ -33,7 +33,7 @@ class Qwen2VLImageConfig:
     rescale_factor: float = 1 / 255
 
     @classmethod
-    def from_pretrained(cls, model_path: str) -> "Qwen2VLImageConfig":
+    def from_pretrained(cls, model_path: str) -> Qwen2VLImageConfig:
         """Read preprocessor_config.json (either the `min_pixels`/`max_pixels` or the `size` spelling)."""
         path = os.path.join(model_path, "preprocessor_config.json")
         if not os.path.isfile(path):
@@ -43,7 +43,7 @@ class Qwen2VLImageConfig:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Qwen2VLImageConfig":
+    def from_dict(cls, raw: dict) -> Qwen2VLImageConfig:
         size = raw.get("size") or {}
         values = dict(
             patch_size=raw.get("patch_size"), temporal_patch_size=raw.get("temporal_patch_size"),

@@ -7,7 +7,8 @@ together, so the merger still finds each block's patches adjacent), and the merg
 at the end.
 
 Several images run in one call as one flat sequence: attention is masked to pairs of patches with the same segment
-id (the image, or the window). The per-call index arrays come from `vision_metadata` on the host; shapes depend only
+id (the image, or the window); the mask is dense, O(N^2) per head, which a segment-aware flash kernel in
+kernels/ should replace for large images. The per-call index arrays come from `vision_metadata` on the host; shapes depend only
 on the number of patches, so the executor can bucket that and pad (padding is its own segment, and ignored).
 Module and parameter names mirror Hugging Face's `visual.*` tensors.
 """
@@ -74,7 +75,7 @@ class VisionConfig:
         return self.window_size > 0 and block not in self.fullatt_block_indexes
 
     @classmethod
-    def from_hf(cls, config: Mapping, dtype: str = "float32") -> "VisionConfig":
+    def from_hf(cls, config: Mapping, dtype: str = "float32") -> VisionConfig:
         """From a Hugging Face config.json's dict (the full model's, with `vision_config`)."""
         arch = config.get("model_type")
         if arch not in ARCHITECTURES:
@@ -96,7 +97,7 @@ class VisionConfig:
                    fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))), **common)
 
     @classmethod
-    def from_pretrained(cls, model_path: str, dtype: str = "float32") -> "VisionConfig":
+    def from_pretrained(cls, model_path: str, dtype: str = "float32") -> VisionConfig:
         path = os.path.join(model_path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
@@ -109,7 +110,7 @@ class VisionConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VisionMetadata:
-    """Index arrays for one call over N patches (from `vision_metadata`); all int32."""
+    """Index arrays for one call over N patches (from `vision_metadata`): int32, numpy on the host."""
     order: jax.Array  # [N] patch rows in the order the blocks see them (window by window)
     positions: jax.Array  # [N, 2] (row, column) of each patch in its image, in `order`
     image_segments: jax.Array  # [N] which image frame each patch (in `order`) belongs to; padding: -1
