@@ -91,6 +91,12 @@ class EngineArgs:
     disable_jump_forward: bool = option(
         False, help="constrained decoding: one decode step per forced token, instead of appending text a "
                     "grammar forces in one step")
+    max_images_per_request: int = option(16, help="vision-language models: images one request may carry")
+    max_image_pixels: int = option(8192 * 8192, help="vision-language models: an image with more pixels is refused "
+                                                     "before it is decoded")
+    image_pool_rows: int | None = option(
+        None, help="vision-language models: image embedding rows kept on the device for prompts still prefilling",
+        none_means="4 of the largest image's placeholder tokens")
     shared_prefix_groups: int = option(
         32, help="cascade attention: up to this many groups of a decode step's requests that share a cached "
                  "prefix read it once per group (GPU Pallas backend; 0: off)")

@@ -17,6 +17,7 @@ RANKS = {
     "kernels": 1,
     "cache": 1,
     "constrained": 1,
+    "multimodal": 1,  # image loading and preprocessing, multimodal positions (numpy and pillow only)
     "models": 2,
     "executor": 3,
     "engine": 4,

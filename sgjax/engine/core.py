@@ -34,6 +34,7 @@ from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
+from sgjax.engine.image_inputs import image_processor_config, max_image_patches
 from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
@@ -91,7 +92,8 @@ class EngineCore:
                                   shapes=shapes,
                                   enable_prompt_logprobs=args.enable_prompt_logprobs,
                                   max_prefix_groups=args.shared_prefix_groups
-                                  if self.kernels.reads_shared_prefixes else 0)
+                                  if self.kernels.reads_shared_prefixes else 0,
+                                  **self._image_pool_size(args, cfg))
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
                                    chunked_prefill_size=prefill_budget, context_length=self.context_length,
                                    policy=args.schedule_policy, step_token_target=args.step_token_target,
@@ -108,6 +110,16 @@ class EngineCore:
         self._next_step: LaunchedStep | None = None  # launched, not yet processed; its sampling may wait for masks
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _image_pool_size(args: EngineArgs, cfg) -> dict:
+        """A vision-language model's image embedding pool: rows, and the patches of the largest image."""
+        if not cfg.is_multimodal:
+            return {}
+        patches = max_image_patches(image_processor_config(args.model_path, cfg))
+        largest = patches // cfg.vision.merge_unit  # one image's tokens: the pool holds at least one
+        rows = max(args.image_pool_rows or 4 * largest, largest)
+        return dict(image_pool_rows=rows, max_image_patches=patches)
 
     # ---- what callers use (any thread) -----------------------------------------------------------
     @property
@@ -240,7 +252,7 @@ class EngineCore:
     def _add(self, message: GenerateRequest) -> None:
         params = message.params
         req = Request(rid=message.rid, prompt_ids=message.prompt_ids, params=params, seed=message.seed,
-                      group=message.group, wire_id=message.wire_id,
+                      group=message.group, wire_id=message.wire_id, images=message.images,
                       detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                          params.spaces_between_special_tokens)
                       if self.tokenizer is not None else None)

@@ -18,9 +18,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from sgjax.config import EngineArgs
+from sgjax.engine.image_inputs import ImagePreprocessor
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.outputs import RequestOutput
-from sgjax.engine.request_builder import Prompt, RequestBuilder
+from sgjax.engine.request_builder import ImageData, Prompt, RequestBuilder
 from sgjax.engine.sampling_params import SamplingParams
 from sgjax.models.default_model import default_model_path, model_name
 
@@ -56,7 +57,8 @@ class Engine:
         self.config, self.context_length = self.core.config, self.core.context_length
         self.num_usable_pages = self.core.num_usable_pages
         self.requests = RequestBuilder(self.args, self.tokenizer, self.grammar, self.config.vocab_size,
-                                       self.context_length, self.num_usable_pages)
+                                       self.context_length, self.num_usable_pages,
+                                       ImagePreprocessor.for_model(self.args, self.config))
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []  # run where callbacks run (metrics)
         self._ids = itertools.count()
         self._live: dict[int, tuple[RequestOutput, Callback, asyncio.AbstractEventLoop | None]] = {}
@@ -128,11 +130,15 @@ class Engine:
         return output.result()
 
     def generate(self, prompt: Prompt | list[Prompt] | None = None, sampling_params: dict | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
-        """Blocking generation for one prompt (returns a dict) or a batch (returns a list, n per prompt)."""
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 image_data: ImageData | None = None) -> dict | list[dict]:
+        """Blocking generation for one prompt (returns a dict) or a batch (returns a list, n per prompt).
+        `image_data` (vision-language models): one prompt's image or images, or one entry per prompt; each image
+        goes where the prompt has an image placeholder token (RequestBuilder.images_per_prompt)."""
         prompts, single = self.requests.prompts(prompt, input_ids)
         params = SamplingParams.from_dict(sampling_params)
-        outputs = self.requests.build(prompts, params)
+        outputs = self.requests.build(prompts, params,
+                                      images=self.requests.images_per_prompt(image_data, len(prompts), single))
         done, remaining, lock = threading.Event(), [len(outputs)], threading.Lock()
 
         def on_output(_out: RequestOutput, _delta: str, finished: bool):
@@ -149,9 +155,10 @@ class Engine:
         return results[0] if single and params.n == 1 else results
 
     async def async_generate(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
-                             input_ids: list[int] | None = None) -> dict:
+                             input_ids: list[int] | None = None, image_data: ImageData | None = None) -> dict:
         """One request, awaited."""
-        async for _, output, finished in self.stream_events(prompt, sampling_params, input_ids):
+        async for _, output, finished in self.stream_events(prompt, sampling_params, input_ids,
+                                                            image_data=image_data):
             if finished:
                 return output.result()
 
@@ -163,9 +170,10 @@ class Engine:
                 yield delta
 
     def stream(self, prompt: Prompt | None = None, sampling_params: dict | None = None,
-               input_ids: list[int] | None = None) -> Iterator[tuple[str, RequestOutput]]:
+               input_ids: list[int] | None = None,
+               image_data: ImageData | None = None) -> Iterator[tuple[str, RequestOutput]]:
         """Blocking streaming of one request: (text delta, request) pairs, the last one finished."""
-        outputs = self.make_requests(prompt, sampling_params, input_ids)
+        outputs = self.make_requests(prompt, sampling_params, input_ids, image_data=image_data)
         if len(outputs) != 1:
             raise ValueError("stream takes one prompt with n=1")
         updates: queue.Queue = queue.Queue()
@@ -228,9 +236,10 @@ class Engine:
 
     async def stream_events(self, prompt: Prompt | None = None, sampling_params: SamplingParams | dict | None = None,
                             input_ids: list[int] | None = None,
-                            rid: str | None = None) -> AsyncIterator[tuple[str, RequestOutput, bool]]:
+                            rid: str | None = None,
+                            image_data: ImageData | None = None) -> AsyncIterator[tuple[str, RequestOutput, bool]]:
         """One request's (text delta, request, finished) updates, as `run_requests` yields them."""
-        outputs = self.make_requests(prompt, sampling_params, input_ids, rid)
+        outputs = self.make_requests(prompt, sampling_params, input_ids, rid, image_data)
         if len(outputs) != 1:
             raise ValueError("stream_events takes one prompt with n=1")
         async for _, delta, output, finished in self.run_requests(outputs):
@@ -240,13 +249,15 @@ class Engine:
     def make_requests(self, prompt: Prompt | list[Prompt] | None = None,
                       sampling_params: SamplingParams | dict | None = None,
                       input_ids: list[int] | list[list[int]] | None = None,
-                      rid: str | list[str] | None = None) -> list[RequestOutput]:
-        """Tokenize and validate: one request per prompt and sample (n). Raises ValueError naming the problem."""
-        prompts, _ = self.requests.prompts(prompt, input_ids)
+                      rid: str | list[str] | None = None, image_data: ImageData | None = None) -> list[RequestOutput]:
+        """Tokenize and validate: one request per prompt and sample (n). Raises ValueError naming the problem
+        (images: an ImageInputError or ImageError, both ValueErrors). `image_data`: as for `generate`."""
+        prompts, single = self.requests.prompts(prompt, input_ids)
         params = sampling_params if isinstance(sampling_params, SamplingParams) else \
             SamplingParams.from_dict(sampling_params)
         params.validate()
-        outputs = self.requests.build(prompts, params, rid)
+        outputs = self.requests.build(prompts, params, rid,
+                                      self.requests.images_per_prompt(image_data, len(prompts), single))
         self._register(outputs)
         return outputs
 
@@ -288,7 +299,8 @@ class Engine:
         wire_id = next(self._ids)
         self._live[wire_id] = (output, callback, loop)
         output.submitted = True
-        message = GenerateRequest(wire_id, output.rid, output.prompt_ids, output.params, output.seed, output.group)
+        message = GenerateRequest(wire_id, output.rid, output.prompt_ids, output.params, output.seed, output.group,
+                                  output.images)
         if not self.core.submit(message):
             self._route([Finished.aborted(wire_id, "the engine process is not running")])
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from sgjax.engine.image_steps import ImageSteps
 from sgjax.engine.output_processor import prompt_targets, wants_prompt_logprobs
 from sgjax.engine.request import Request
 from sgjax.engine.scheduler import Scheduler
@@ -52,18 +53,32 @@ class StepLauncher:
         """`eos_token_ids`: what min_new_tokens bans until a request has that many tokens."""
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
         self.eos_token_ids = eos_token_ids
+        self.images = ImageSteps(runner.images) if runner.images is not None else None
+
+    def _chunk(self, req: Request, n: int) -> SeqChunk:
+        """The next n tokens of `req` as the step takes them (with M-RoPE positions and image rows if it has images)."""
+        chunk = SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array())
+        if req.images is not None:
+            chunk.positions = req.images.chunk_positions(req.num_computed, n)
+            chunk.image_rows = self.images.chunk_rows(req, n)
+        return chunk
 
     def launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule and enqueue one step, and its sampling unless it waits for grammar masks."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
+        if self.images is not None and batch:
+            try:
+                batch = self.images.prepare(batch)
+            except Exception as e:
+                raise StepBuildError([r for r, _ in batch], e) from e
         if not batch:
             return None
         batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
         try:  # nothing has changed yet: a request that breaks the build can be failed alone, the rest rescheduled
-            chunks = [SeqChunk(req.chunk_tokens(n), req.num_computed, req.page_array()) for req, n in batch]
+            chunks = [self._chunk(req, n) for req, n in batch]
             sampling = SamplingBatch.build(
                 params, [r.seed for r in reqs], [len(r.output_ids) + r.num_unknown for r in reqs],
                 [r.slot for r in reqs], [len(r.prompt_ids) for r in reqs], self.max_rows, self.runner.spare_slot)
@@ -91,6 +106,8 @@ class StepLauncher:
         for i, (req, n) in enumerate(batch):
             pending = req.num_pending
             req.num_computed += n
+            if self.images is not None:
+                self.images.launched(req)
             if pending > 1:  # a prompt chunk
                 self.scheduler.cache_prefill(req)
             if pending == n:  # the chunk reached the end: its last logits give a new token

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from sgjax.engine.sampling_params import SamplingParams
+from sgjax.multimodal.inputs import MultimodalInputs
 
 
 @dataclasses.dataclass(slots=True)
@@ -19,6 +20,7 @@ class GenerateRequest:
     params: SamplingParams
     seed: int
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
+    images: MultimodalInputs | None = None  # its images (vision-language models)
 
 
 @dataclasses.dataclass(slots=True)

@@ -10,6 +10,7 @@ import time
 
 from sgjax.engine.messages import Finished, TokenDelta
 from sgjax.engine.sampling_params import SamplingParams
+from sgjax.multimodal.inputs import MultimodalInputs
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,6 +36,7 @@ class RequestOutput:
     finish_time: float | None = None
     user_rid: str | None = None  # the rid the caller gave (shared by a prompt's n samples), if any
     submitted: bool = False  # sent to the engine's core
+    images: MultimodalInputs | None = None  # its images, prepared (prompt_ids has their placeholders expanded)
 
     def apply(self, delta: TokenDelta) -> None:
         """Add what the request gained in a step."""

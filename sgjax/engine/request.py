@@ -11,6 +11,7 @@ import numpy as np
 
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.sampling_params import SamplingParams
+from sgjax.multimodal.inputs import MultimodalInputs
 
 
 class Status(enum.Enum):
@@ -30,6 +31,9 @@ class Request:
     group: str | None = None  # the n samples of one prompt: one prefills, the others reuse its pages
     wire_id: int = -1  # the caller side's handle (GenerateRequest.wire_id), named in its TokenDeltas
     matcher: Any = None  # llguidance.LLMatcher of the request's constraint, advanced token by token
+    images: MultimodalInputs | None = None  # its images (vision-language models)
+    # image index -> its rows in the runner's image embedding pool, while its tokens still have to run
+    image_rows: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     # Without jump-forward: the forced tokens still to emit one step each, as computed after the last
     # freely sampled token (None: not computed since then).
     forced_queue: collections.deque | None = None
@@ -85,6 +89,9 @@ class Request:
 
     @property
     def key(self) -> np.ndarray:
+        """The radix cache's key of fill_ids: images' placeholders keyed by their content (multimodal/inputs.py)."""
+        if self.images is not None:
+            return np.concatenate([self.images.cache_key, np.asarray(self.output_ids, np.int32)])
         return np.asarray(self.fill_ids, dtype=np.int32)
 
     @property

@@ -11,17 +11,21 @@ import numpy as np
 
 from sgjax.cache.page_allocator import pages_for
 from sgjax.config import EngineArgs
+from sgjax.engine.image_inputs import ImagePreprocessor, ImagesNotSupportedError
 from sgjax.engine.outputs import RequestOutput
 from sgjax.engine.sampling_params import SamplingParams
 
 Prompt = str | list[dict]  # text, or chat messages
+# An image: a data: URL, a file path, base64 text, raw bytes or a PIL image (multimodal/image_io.py). `image_data`
+# of one prompt: an image or a list of them; of a list of prompts: one such entry (or None) per prompt.
+ImageData = object
 
 
 class RequestBuilder:
     def __init__(self, args: EngineArgs, tokenizer, grammar, vocab_size: int, context_length: int,
-                 num_usable_pages: int):
-        """`tokenizer` and `grammar` None: dummy weights, token ids only."""
-        self.args, self.tokenizer, self.grammar = args, tokenizer, grammar
+                 num_usable_pages: int, images: ImagePreprocessor | None = None):
+        """`tokenizer` and `grammar` None: dummy weights, token ids only. `images` None: a text-only model."""
+        self.args, self.tokenizer, self.grammar, self.images = args, tokenizer, grammar, images
         self.vocab_size, self.context_length, self.num_usable_pages = vocab_size, context_length, num_usable_pages
         self.seeds = np.random.default_rng(args.random_seed)  # for requests that give no seed
         self._seeds_lock = threading.Lock()  # requests are built on the server's tokenizer threads
@@ -61,12 +65,33 @@ class RequestBuilder:
             return self.apply_chat_template(prompt)
         raise ValueError(f"a prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
 
+    def images_per_prompt(self, image_data: ImageData | None, num_prompts: int, single: bool) -> list[list] | None:
+        """`image_data` as one list of images per prompt (None: no images at all)."""
+        if image_data is None or (isinstance(image_data, list) and not image_data):
+            return None
+        if self.images is None:
+            raise ImagesNotSupportedError(f"{self.args.model_path} is a text-only model ({self.vocab_size}-token "
+                                          "vocabulary, no vision tower); it takes no images")
+        if single:
+            return [list(image_data) if isinstance(image_data, list) else [image_data]]
+        if not isinstance(image_data, list) or len(image_data) != num_prompts:
+            raise ValueError(f"image_data for {num_prompts} prompts must be a list of {num_prompts} entries (an image, "
+                             "a list of images, or None per prompt)")
+        return [[] if x is None else list(x) if isinstance(x, list) else [x] for x in image_data]
+
     def build(self, prompts: list[list[int]], params: SamplingParams,
-              rid: str | list[str] | None = None) -> list[RequestOutput]:
+              rid: str | list[str] | None = None, images: list[list] | None = None) -> list[RequestOutput]:
         """One RequestOutput per prompt and sample (n), validated (ValueError naming the problem). `rid`: the
-        caller's id of the whole request, or one per prompt; samples and prompts under one id get suffixes."""
+        caller's id of the whole request, or one per prompt; samples and prompts under one id get suffixes.
+        `images`: each prompt's images (images_per_prompt), its placeholders expanded here."""
         if isinstance(rid, list) and len(rid) != len(prompts):
             raise ValueError(f"rid has {len(rid)} ids for {len(prompts)} prompts")
+        multimodal = [None] * len(prompts)
+        if images is not None:
+            prompts = list(prompts)
+            for k, prompt_images in enumerate(images):
+                if prompt_images:
+                    prompts[k], multimodal[k] = self.images.prepare(list(prompts[k]), prompt_images)
         if params.constraint is not None:
             if self.grammar is None:
                 raise ValueError("constrained decoding needs the model's tokenizer (this engine has dummy weights)")
@@ -90,7 +115,8 @@ class RequestBuilder:
                     name = rid if rid and len(prompts) * params.n == 1 else \
                         f"{rid}-{len(outputs)}" if rid else uuid.uuid4().hex
                 outputs.append(RequestOutput(rid=name, prompt_ids=list(map(int, ids)), params=params,
-                                             seed=base_seed + i, group=group, user_rid=user_rid))
+                                             seed=base_seed + i, group=group, user_rid=user_rid,
+                                             images=multimodal[k]))
         return outputs
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:

@@ -50,6 +50,7 @@ from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.executor.buckets import ACCELERATOR, ShapePolicy, bucket_for, row_buckets, token_buckets
 from sgjax.executor.compile_queue import CacheCounter, CompileQueue, default_workers
 from sgjax.executor.host_inputs import PackedLayout, pack
+from sgjax.executor.image_embeddings import ImageEmbeddingPool
 from sgjax.executor.programs import forward, sample_step
 from sgjax.executor.sampler import (
     PenaltyState,
@@ -70,7 +71,7 @@ CLEAR_SLOTS = 8  # penalty-state rows one call of the clearing program zeroes
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, pool: KVPool, *, max_seqs: int, max_pages_per_seq: int,
                  max_tokens: int, shapes: ShapePolicy = ACCELERATOR, enable_prompt_logprobs: bool = False,
-                 max_prefix_groups: int = 0):
+                 max_prefix_groups: int = 0, image_pool_rows: int = 0, max_image_patches: int = 0):
         """With the model's kernels (LoadedModel.kernels, sgjax.kernels.select), where it has them, sampling of all-greedy rows
         computes the LM head, argmax and logsumexp in one kernel instead of writing float32 logits and
         reading them back, and sampled rows with top-k / top-p filters find their cut without sorting the
@@ -78,8 +79,17 @@ class ModelRunner:
 
         `shapes`: the smallest token and row buckets, and whether each program is compiled at its first step
         instead of all at start-up (a CPU's choice, where compiling every shape of a 30-layer model took 43 s on
-        2 cores; JAX's persistent cache then serves a restart)."""
+        2 cores; JAX's persistent cache then serves a restart).
+
+        A vision-language model (LoadedModel.vision) gets an image embedding pool of `image_pool_rows` rows and
+        tower programs for images of up to `max_image_patches` patches (image_embeddings.py); its steps take
+        [3, T] M-RoPE positions and each token's row in that pool."""
         self.pool = pool
+        self.images = None
+        if loaded.vision is not None:
+            self.images = ImageEmbeddingPool(loaded.vision, loaded.mesh, num_rows=image_pool_rows,
+                                             hidden_size=loaded.config.hidden_size, dtype=loaded.config.jnp_dtype,
+                                             max_patches=max_image_patches, lazy=shapes.lazy)
         self.shapes = shapes
         self.page_size = pool.config.page_size
         self.max_seqs, self.max_pages = max_seqs, max_pages_per_seq
@@ -152,7 +162,8 @@ class ModelRunner:
         def compile_forward(key):
             step = jax.jit(functools.partial(forward, model_def, key[1], self.layouts[key], replicated),
                            donate_argnums=(1, 2, 3, 4), keep_unused=True)  # the hidden buffer is only written
-            lowered = step.lower(self.weights, pool.caches, self.penalties, hidden, resident, *inputs, self.prev_tokens)
+            lowered = step.lower(self.weights, pool.caches, self.penalties, hidden, resident, *inputs, self.prev_tokens,
+                                 *self._image_pool())
             self.compiled[key] = lowered.compile()
             return lowered
 
@@ -241,7 +252,13 @@ class ModelRunner:
             meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
         padding = SamplingBatch.build([], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
+        if self.images is not None:  # M-RoPE positions, and each token's image embedding row
+            return sampling, i32(num_tokens), i32(3, num_tokens), meta, i32(b), i32(num_tokens), i32(num_tokens)
         return sampling, i32(num_tokens), i32(num_tokens), meta, i32(b), i32(num_tokens)
+
+    def _image_pool(self) -> tuple:
+        """The forward pass's last argument: the image embedding pool, for vision-language models only."""
+        return () if self.images is None else (self.images.pool,)
 
     def prefix_groups_for(self, num_tokens: int) -> int:
         """How many shared-prefix groups a step of `num_tokens` tokens can describe (0: none)."""
@@ -283,7 +300,8 @@ class ModelRunner:
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
                            max_prefix_groups=self.prefix_groups_for(total) if grouped else 0,
-                           prefix_groups=prefix_groups, page_table_out=self._page_table)
+                           prefix_groups=prefix_groups, page_table_out=self._page_table,
+                           mrope=self.images is not None)
         if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
             batch.meta.shared = None  # the groups share too little: the plain program
         key = (num_tokens, with_prompt, batch.meta.shared is not None)
@@ -299,8 +317,10 @@ class ModelRunner:
             targets[: len(flat)] = flat
         staging = self._staging[self._next_staging]
         self._next_staging = (self._next_staging + 1) % STAGING_BUFFERS
-        ints, floats = pack((sampling, batch.input_ids, batch.positions, batch.meta, batch.last_token_index, targets),
-                            self.layouts[key], staging)
+        inputs = (sampling, batch.input_ids, batch.positions, batch.meta, batch.last_token_index, targets)
+        if self.images is not None:
+            inputs += (batch.image_rows,)
+        ints, floats = pack(inputs, self.layouts[key], staging)
         return PreparedStep(ints, floats, key, features, len(chunks), total, kv_tokens)
 
     def launch(self, step: PreparedStep) -> StepHandle:
@@ -312,7 +332,7 @@ class ModelRunner:
                                  self._compile_forward, step.program)
         (hidden, *prompt_out), self.pool.caches, self.penalties, self._resident = self.compiled[step.program](
             self.weights, self.pool.caches, self.penalties, self._hidden, self._resident, ints, floats,
-            self.prev_tokens)
+            self.prev_tokens, *self._image_pool())
         self._hidden = hidden  # the next forward pass writes its rows here, after this step's sampling read them
         return StepHandle(hidden, *self._resident, step.features, tuple(prompt_out), step.num_chunks,
                           step.num_tokens)

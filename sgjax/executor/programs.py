@@ -19,16 +19,18 @@ def merge_model(model_def, weights):
 
 
 def forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, penalties, hidden_rows, resident, ints,
-             floats, prev_tokens):
+             floats, prev_tokens, image_pool=None):
     # Into the donated resident buffers first, and read from there (see the module docstring).
     # The barrier keeps XLA from reading slices of the copy from the fresh buffers instead (it did on a GPU).
     resident = jax.lax.optimization_barrier(
         tuple(jax.lax.dynamic_update_slice(buffer, step, (0,)) for buffer, step in zip(resident, (ints, floats))))
-    sampling, input_ids, positions, meta, rows, targets = unpack(*resident, layout)
+    # A vision-language model's inputs end with each token's row in `image_pool` (executor/image_embeddings.py).
+    sampling, input_ids, positions, meta, rows, targets, *image_rows = unpack(*resident, layout)
     from_previous = jnp.clip(-input_ids - 1, 0, prev_tokens.shape[0] - 1)
     input_ids = jnp.where(input_ids < 0, prev_tokens[from_previous], input_ids)
     model = merge_model(model_def, weights)
-    hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
+    images = {} if image_pool is None else {"image_embeds": (image_pool, image_rows[0])}
+    hidden, kv_caches = model(input_ids, positions, kv_caches, meta, **images)
     token_rows, token_pos = token_positions(meta, input_ids.shape[0])
     valid = jnp.arange(input_ids.shape[0]) < meta.query_start_loc[-1]
     penalties = update_penalty_state(penalties, sampling, input_ids, token_rows, token_pos, valid)

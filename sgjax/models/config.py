@@ -46,6 +46,15 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # q/k/v as one matmul; the loader turns it off when the mesh's "tensor" axis does not divide the KV heads
     fuse_qkv: bool = True
+    # Vision-language models (Qwen2-VL, Qwen2.5-VL): M-RoPE splits the rotary frequencies into sections rotated
+    # by the temporal, row and column positions (positions are [3, T]); image placeholders take the tower's rows.
+    mrope_section: tuple[int, ...] = ()
+    image_token_id: int | None = None
+    vision: Any = None  # sgjax.models.vision.qwen2_vl.VisionConfig
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
 
     @property
     def attention_scale(self) -> float:
@@ -87,11 +96,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf, architecture: str, dtype: str | None = None) -> "ModelConfig":
         """Copy the fields we use out of a transformers PretrainedConfig."""
+        outer = hf
+        vision_language = architecture in VISION_LANGUAGE
+        if vision_language:  # the decoder's numbers are in text_config; the embeddings' tying is the outer one's
+            hf = hf.get_text_config()
         get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
         num_heads = hf.num_attention_heads
         head_dim = get("head_dim") or hf.hidden_size // num_heads
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
+        mrope_section = tuple(rope.pop("mrope_section", ()) or ())
+        if rope.get("type") == "mrope":  # transformers 4.x's spelling of M-RoPE over default frequencies
+            rope.pop("type")
+        if vision_language and not mrope_section:
+            mrope_section = (16, 24, 24)  # transformers' default for these models
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
@@ -106,10 +124,11 @@ class ModelConfig:
         else:
             windows = (None,) * hf.num_hidden_layers
 
-        family = architecture.removesuffix("ForCausalLM")
+        family = "Qwen2" if vision_language else architecture.removesuffix("ForCausalLM")
         attention_bias = bool(get("attention_bias", False))
         if dtype is None:
-            dtype = str(get("dtype") or get("torch_dtype") or "bfloat16").removeprefix("torch.")
+            dtype = str(get("dtype") or getattr(outer, "dtype", None) or get("torch_dtype")
+                        or "bfloat16").removeprefix("torch.")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported (choose from {sorted(DTYPES)})")
         is_gemma = family.startswith("Gemma")
@@ -130,11 +149,24 @@ class ModelConfig:
             o_bias=attention_bias and family != "Qwen2",
             mlp_bias=bool(get("mlp_bias", False)),
             qk_norm=family == "Qwen3",
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(outer, "tie_word_embeddings", False)),
             hidden_act=(get("hidden_activation") if is_gemma else None) or get("hidden_act") or "silu",
             sliding_windows=windows,
             attn_logit_softcap=get("attn_logit_softcapping") if is_gemma else None,
             final_logit_softcap=get("final_logit_softcapping") if is_gemma else None,
             query_pre_attn_scalar=get("query_pre_attn_scalar") if is_gemma else None,
             dtype=dtype,
+            mrope_section=mrope_section,
+            image_token_id=getattr(outer, "image_token_id", None) if vision_language else None,
+            vision=_vision_config(outer, dtype) if vision_language else None,
         )
+
+
+# Architectures whose config nests the decoder's in text_config and adds a vision tower (models/qwen2_vl.py).
+VISION_LANGUAGE = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
+
+
+def _vision_config(hf, dtype: str):
+    from sgjax.models.vision.qwen2_vl import VisionConfig  # it imports this module
+
+    return VisionConfig.from_hf(hf.to_dict(), dtype)

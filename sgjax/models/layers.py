@@ -139,9 +139,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndar
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate [T, heads, D] by position, in HF's rotate-half layout."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
+               mrope_section: tuple[int, ...] = ()) -> jax.Array:
+    """Rotate [T, heads, D] by position, in HF's rotate-half layout. With `mrope_section` (M-RoPE), positions
+    are [3, T] (temporal, row, column) and section i of the frequencies turns with row i % 3 (transformers'
+    apply_multimodal_rotary_pos_emb)."""
+    if mrope_section:
+        row = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # frequency -> its position row
+        freqs = positions.astype(jnp.float32)[row].T * jnp.asarray(inv_freq)[None, :]
+    else:
+        freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
     cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
     sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
     half = x.shape[-1] // 2
@@ -178,6 +185,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.inv_freq_key = (d, cfg.rope_theta, cfg.rope_scaling)
+        self.mrope_section = cfg.mrope_section
         self.attention_kwargs = dict(
             scale=cfg.attention_scale,
             sliding_window=cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None,
@@ -202,7 +210,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(*self.inv_freq_key)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = (apply_rope(y, positions, inv_freq, self.mrope_section) for y in (q, k))
         out, k_pages, v_pages = self.attend(q, k, v, kv[0], kv[1], meta, **self.attention_kwargs)
         return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
 

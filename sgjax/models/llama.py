@@ -56,8 +56,9 @@ class DecoderModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
-    def __call__(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        x, pending = self.embed(input_ids), None
+    def __call__(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata, embeds=None):
+        """`embeds`: the input rows, where the caller has made them (images spliced in); else the tokens'."""
+        x, pending = self.embed(input_ids) if embeds is None else embeds, None
         new_caches = []
         for layer, kv in zip(self.layers, kv_caches):
             x, pending, kv = layer(x, pending, positions, kv, meta)

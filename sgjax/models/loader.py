@@ -92,6 +92,7 @@ class LoadedModel:
     config: ModelConfig
     mesh: Mesh
     kernels: Kernels = REFERENCE  # what the model calls; the runner's sampling uses the same choice
+    vision: nnx.Module | None = None  # a vision-language model's tower (models/vision), run by its own program
 
 
 def checkpoint_name(path: tuple) -> str:
@@ -147,7 +148,13 @@ def load_model(
         tensors = GGUFTensors(gguf_file, cfg) if gguf_file is not None else CheckpointTensors(model_path)
         values = _read_checkpoint(tensors, model_path, flat, shardings, cfg)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
-    return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels)
+    vision = None
+    if cfg.vision is not None:
+        from sgjax.models.vision.qwen2_vl import VisionTower, load_vision_tower  # it imports this module
+
+        vision = (VisionTower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
+                  else load_vision_tower(model_path, mesh, cfg=cfg.vision))
+    return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels, vision)
 
 
 def _random_weights(flat, shardings, seed: int) -> list[jax.Array]:

@@ -11,6 +11,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "sgjax.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "sgjax.models.llama:LlamaForCausalLM",
     "Gemma2ForCausalLM": "sgjax.models.gemma2:Gemma2ForCausalLM",
+    "Qwen2VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
 }
 
 

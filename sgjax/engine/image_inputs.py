@@ -1,0 +1,105 @@
+"""A request's images, on the caller's side: decoded, preprocessed as the model's image processor does, hashed,
+and their placeholders in the prompt expanded to one token per merged patch, with the prompt's M-RoPE positions.
+
+Everything wrong with a request's images raises an ImageInputError (a ValueError; a corrupt or oversized image an
+ImageError from multimodal/image_io.py, also a ValueError) naming the problem: the server answers 400 with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sgjax.config import EngineArgs
+from sgjax.models.config import ModelConfig
+from sgjax.multimodal.image_io import load_image
+from sgjax.multimodal.inputs import (
+    ImageInput,
+    MultimodalInputs,
+    content_hash,
+    make_cache_key,
+)
+from sgjax.multimodal.mrope import mrope_positions
+from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
+
+
+class ImageInputError(ValueError):
+    """A request's images cannot be used as given."""
+
+
+class ImagesNotSupportedError(ImageInputError):
+    """Images sent to a text-only model."""
+
+
+class TooManyImagesError(ImageInputError):
+    """More images than a request may carry."""
+
+
+class ImagePlaceholderError(ImageInputError):
+    """The prompt's image placeholders do not match its images."""
+
+
+def image_processor_config(model_path: str, cfg: ModelConfig) -> Qwen2VLImageConfig:
+    """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
+    v = cfg.vision
+    return dataclasses.replace(Qwen2VLImageConfig.from_pretrained(model_path), patch_size=v.patch_size,
+                               temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+
+
+def max_image_patches(processor: Qwen2VLImageConfig) -> int:
+    """The most patches one image can become (its pixels are at most max_pixels after resizing)."""
+    return processor.max_pixels // processor.patch_size**2
+
+
+class ImagePreprocessor:
+    def __init__(self, cfg: ModelConfig, processor: Qwen2VLImageConfig, *, max_images: int, max_pixels: int):
+        self.cfg, self.processor = cfg, processor
+        self.max_images, self.max_pixels = max_images, max_pixels
+
+    @classmethod
+    def for_model(cls, args: EngineArgs, cfg: ModelConfig) -> ImagePreprocessor | None:
+        """The model's preprocessor; None for a text-only model."""
+        if not cfg.is_multimodal:
+            return None
+        return cls(cfg, image_processor_config(args.model_path, cfg), max_images=args.max_images_per_request,
+                   max_pixels=args.max_image_pixels)
+
+    def prepare(self, prompt_ids: list[int], images: list) -> tuple[list[int], MultimodalInputs]:
+        """(prompt ids with each image's placeholder expanded, the request's MultimodalInputs). A placeholder is a run
+        of the image token: one token (as chat templates write it), or already the image's token count."""
+        if len(images) > self.max_images:
+            raise TooManyImagesError(f"request has {len(images)} images; at most {self.max_images} are allowed per "
+                                     "request")
+        token, m = self.cfg.image_token_id, self.processor.merge_size
+        runs = _runs(prompt_ids, token)
+        if len(runs) != len(images):
+            raise ImagePlaceholderError(f"prompt has {len(runs)} image placeholders; {len(images)} images were given "
+                                        f"(one image token {token} per image, where the image goes)")
+        processed = []
+        for k, source in enumerate(images):
+            try:
+                pixels, grid = preprocess_image(load_image(source, max_pixels=self.max_pixels), self.processor)
+            except ValueError as e:
+                raise type(e)(f"image {k}: {e}") from None
+            processed.append((pixels, grid))
+        ids, inputs, done = [], [], 0
+        for k, ((start, length), (pixels, grid)) in enumerate(zip(runs, processed)):
+            n = int(np.prod(grid)) // m**2
+            if length not in (1, n):
+                raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a row")
+            ids += prompt_ids[done:start]
+            inputs.append(ImageInput(pixels, tuple(grid), content_hash(pixels, grid), len(ids), n))
+            ids += [token] * n
+            done = start + length
+        ids += prompt_ids[done:]
+        positions, delta = mrope_positions(ids, [i.grid_thw for i in inputs], image_token_id=token,
+                                           spatial_merge_size=m)
+        return ids, MultimodalInputs(inputs, positions.astype(np.int32), delta, make_cache_key(ids, inputs))
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of `token` in `ids`."""
+    is_token = np.asarray(ids) == token
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_token.astype(np.int8), [0]])))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]

@@ -1,0 +1,1 @@
+"""Vision towers: pixels in, embeddings the decoder splices in at its image placeholder tokens."""

@@ -1,0 +1,212 @@
+"""Qwen2-VL / Qwen2.5-VL vision side against transformers: the image processor's pixels, the vision tower's merged
+embeddings, and the M-RoPE positions; plus image loading's errors."""
+
+import base64
+import functools
+import io
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+from flax import nnx
+
+from sgjax.models.vision.qwen2_vl import VisionConfig, load_vision_tower, vision_metadata
+from sgjax.multimodal.image_io import ImageError, ImageTooLargeError, load_image
+from sgjax.multimodal.mrope import mrope_positions, mrope_text_positions
+from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_images
+from sgjax.platform.mesh import make_mesh
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=160000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3]})
+VISION = {
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, mlp_ratio=2),
+    # windows of 16 px = 2x2 merge blocks; block 0 windowed, block 1 full
+    "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=32, num_heads=2, patch_size=4,
+                       window_size=16, fullatt_block_indexes=[1]),
+}
+# (t, h, w) patch grids: 4x6 merge blocks fill 2x3 windows exactly; 9x3 leaves partial windows
+GRIDS = {"one image": [[1, 8, 12]], "two images": [[1, 8, 12], [1, 18, 6]]}
+
+
+@pytest.fixture(scope="module", params=sorted(VISION))
+def tiny_vl(request, tmp_path_factory):
+    """(folder, transformers model, our tower loaded from the folder) of a tiny random Qwen2-VL or Qwen2.5-VL."""
+    classes = {"qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+               "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration)}
+    config_class, model_class = classes[request.param]
+    torch.manual_seed(0)
+    model = model_class(config_class(text_config=TEXT, vision_config=VISION[request.param])).eval()
+    with torch.no_grad():  # HF's init (std 0.02) leaves activations too small for a comparison to mean much
+        for name, p in model.model.visual.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name or "ln_q" in name else 0.3 * torch.randn_like(p))
+    path = str(tmp_path_factory.mktemp(request.param))
+    model.save_pretrained(path)
+    return path, model, load_vision_tower(path, make_mesh("1x1"))
+
+
+def hf_tower_output(model, pixels: np.ndarray, grids) -> np.ndarray:
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grids))
+    return out.pooler_output.numpy()
+
+
+BUCKET = 256  # patch rows every call is padded to, as the executor will: one compiled program per tower
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
+def _encode(graphdef, state, pixels, meta):
+    return nnx.merge(graphdef, state)(pixels, meta)
+
+
+def encode(tower, grids, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(random pixel rows for these grids, the tower's embeddings of them: only the real rows)."""
+    cfg = tower.config
+    n = int(np.prod(np.asarray(grids), axis=1).sum())
+    pixels = np.random.default_rng(seed).standard_normal((BUCKET, cfg.patch_dim)).astype(np.float32)
+    out = _encode(*nnx.split(tower), pixels, vision_metadata(grids, cfg, num_patches=BUCKET))
+    assert out.shape == (BUCKET // cfg.merge_unit, cfg.out_hidden_size)
+    return pixels[:n], np.asarray(out)[: n // cfg.merge_unit]
+
+
+@pytest.mark.parametrize("images", sorted(GRIDS))
+def test_tower_matches_transformers(tiny_vl, images):
+    _, model, tower = tiny_vl
+    pixels, out = encode(tower, GRIDS[images])
+    np.testing.assert_allclose(out, hf_tower_output(model, pixels, GRIDS[images]), atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_tower_gives_the_same_rows(tiny_vl):
+    """Heads split over "tensor" (and the padding rows filled with noise) change nothing."""
+    path, model, _ = tiny_vl
+    grids = GRIDS["two images"]
+    pixels, out = encode(load_vision_tower(path, make_mesh("1x2")), grids, seed=1)
+    np.testing.assert_allclose(out, hf_tower_output(model, pixels, grids), atol=1e-4, rtol=1e-4)
+
+
+def test_tower_loads_from_a_state_dict_with_the_model_prefix(tiny_vl):
+    path, model, _ = tiny_vl
+    cfg = VisionConfig.from_pretrained(path)
+    state = {f"model.visual.{k}": v.numpy() for k, v in model.model.visual.state_dict().items()}
+    grids = GRIDS["one image"]
+    pixels, out = encode(load_vision_tower(state, make_mesh("1x1"), cfg=cfg), grids)
+    np.testing.assert_allclose(out, hf_tower_output(model, pixels, grids), atol=1e-4, rtol=1e-4)
+    del state["model.visual.blocks.1.attn.proj.weight"]
+    with pytest.raises(KeyError, match="blocks.1.attn.proj.weight"):
+        load_vision_tower(state, make_mesh("1x1"), cfg=cfg)
+
+
+def test_vision_metadata_rejects_a_too_small_bucket():
+    cfg = VisionConfig.from_hf({"model_type": "qwen2_vl", "vision_config": VISION["qwen2_vl"]})
+    with pytest.raises(ValueError, match="cannot hold 96 patches"):
+        vision_metadata([[1, 8, 12]], cfg, num_patches=64)
+
+
+def prompt_with_images(model, grids, texts) -> list[int]:
+    """texts[0] <vision_start> image... <vision_end> texts[1] ...: token ids as the Qwen2-VL chat template lays out."""
+    cfg = model.config
+    ids = list(range(1, texts[0] + 1))
+    for (t, h, w), n_text in zip(grids, texts[1:]):
+        ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
+        ids += list(range(100, 100 + n_text))
+    return ids
+
+
+@pytest.mark.parametrize("grids, texts", [
+    ([], [7]),
+    ([[1, 8, 12]], [3, 5]),
+    ([[1, 8, 12], [1, 18, 6]], [2, 4, 3]),
+    ([[1, 18, 6], [1, 4, 4]], [0, 0, 6]),  # image first thing in the prompt; two images back to back
+])
+def test_mrope_positions_match_get_rope_index(tiny_vl, grids, texts):
+    _, model, _ = tiny_vl
+    ids = prompt_with_images(model, grids, texts)
+    extra = [5, 6, 7]  # tokens decoded after the prompt
+    full = torch.tensor([ids + extra])
+    expected, expected_delta = model.model.get_rope_index(
+        full[:, : len(ids)], (full[:, : len(ids)] == model.config.image_token_id).int(),
+        image_grid_thw=torch.tensor(grids) if grids else None)
+    positions, delta = mrope_positions(ids, grids, image_token_id=model.config.image_token_id, spatial_merge_size=2)
+    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
+    assert delta == int(expected_delta)
+    # The decoded tokens continue as text: HF's positions over prompt + decoded tokens end the same way.
+    with_decode, _ = model.model.get_rope_index(full, (full == model.config.image_token_id).int(),
+                                                image_grid_thw=torch.tensor(grids) if grids else None)
+    np.testing.assert_array_equal(mrope_text_positions(len(ids), len(extra), delta),
+                                  with_decode[:, 0, len(ids):].numpy())
+
+
+def test_mrope_positions_reject_a_placeholder_count_mismatch():
+    ids = [1, 2] + [9] * 5 + [3]
+    with pytest.raises(ValueError, match="5 image placeholder tokens; its 1 images need 6"):
+        mrope_positions(ids, [[1, 4, 6]], image_token_id=9, spatial_merge_size=2)
+
+
+def random_image(rng, height: int, width: int, mode: str) -> PIL.Image.Image:
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # Qwen2-VL's defaults: patch 14, 56*56 to 28*28*1280 pixels
+    {"patch_size": 8, "min_pixels": 16 * 16 * 4, "max_pixels": 64 * 64 * 6},  # forces up- and down-scaling
+])
+def test_image_processor_matches_transformers(kwargs, tmp_path):
+    rng = np.random.default_rng(0)
+    images = [random_image(rng, 37, 91, "RGB"), random_image(rng, 300, 211, "RGBA"), random_image(rng, 15, 19, "L"),
+              random_image(rng, 640, 480, "RGB")]
+    hf = transformers.Qwen2VLImageProcessorPil(**kwargs)
+    expected = hf(images=images, return_tensors="np")
+    hf.save_pretrained(str(tmp_path))
+    cfg = Qwen2VLImageConfig.from_pretrained(str(tmp_path))
+    assert cfg == Qwen2VLImageConfig(**kwargs)
+    got = preprocess_images(images, cfg)
+    np.testing.assert_array_equal(got.image_grid_thw, expected["image_grid_thw"])
+    np.testing.assert_allclose(got.pixel_values, expected["pixel_values"], atol=1e-6, rtol=0)
+    assert sum(got.num_tokens(2)) * 4 == len(got.pixel_values)
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_load_from_data_urls_bytes_base64_and_paths(tmp_path):
+    image = random_image(np.random.default_rng(0), 20, 30, "RGBA")
+    data = png_bytes(image)
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    b64 = base64.b64encode(data).decode()
+    for source in (f"data:image/png;base64,{b64}", data, b64, str(path), f"file://{path}"):
+        loaded = load_image(source)
+        assert loaded.size == (30, 20) and loaded.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(image))
+
+
+@pytest.mark.parametrize("source, error, match", [
+    (b"definitely not an image", ImageError, "cannot decode the image"),
+    ("data:image/png;base64," + base64.b64encode(b"GIF89a broken").decode(), ImageError, "cannot decode"),
+    ("data:image/png;base64,%%%", ImageError, "invalid base64"),
+    ("data:text/plain;base64,aGVsbG8=", ImageError, "media type 'text/plain'"),
+    ("http://example.com/cat.png", ImageError, "remote image URLs are not fetched"),
+    ("/no/such/file.png", ImageError, "not a data: URL, an existing file, or base64"),
+    (b"", ImageError, "empty"),
+])
+def test_bad_images_are_named(source, error, match):
+    with pytest.raises(error, match=match):
+        load_image(source)
+
+
+def test_truncated_and_oversized_images_are_refused():
+    data = png_bytes(random_image(np.random.default_rng(0), 64, 64, "RGB"))
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_image(data[: len(data) // 2])
+    with pytest.raises(ImageTooLargeError, match="64x64 = 4096 pixels; the limit is 4000"):
+        load_image(data, max_pixels=4000)
+    assert load_image(data, max_pixels=4096).size == (64, 64)
