@@ -52,6 +52,7 @@ class StepLauncher:
         """`eos_token_ids`: what min_new_tokens bans until a request has that many tokens."""
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
         self.eos_token_ids = eos_token_ids
+        self.launching: list[tuple[Request, int]] = []  # the batch being launched: what a failure there fails
 
     def launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule and enqueue one step, and its sampling unless it waits for grammar masks."""
@@ -59,6 +60,7 @@ class StepLauncher:
         batch = self.scheduler.schedule()
         if not batch:
             return None
+        self.launching = batch
         batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
@@ -72,6 +74,7 @@ class StepLauncher:
                 targets = [prompt_targets(r, n) for r, n in batch]
             prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
         except Exception as e:
+            self.launching = []  # the caller fails the culprits; the rest are rescheduled
             raise StepBuildError(reqs, e) from e
         starts = [r.num_computed for r in reqs]
         enqueued = time.perf_counter()
@@ -109,6 +112,7 @@ class StepLauncher:
         if not step.constrained:
             self.sample(step)
             self.stats.host_s["enqueue"] += time.perf_counter() - now
+        self.launching = []
         return step
 
     def check(self, req: Request) -> None:

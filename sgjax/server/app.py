@@ -14,7 +14,7 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
-from sgjax.server.errors import ApiError, read_body, read_json
+from sgjax.server.errors import ApiError, read_body
 from sgjax.server.keys import (
     ENGINE,
     ENGINE_REQUESTS,
@@ -27,10 +27,11 @@ from sgjax.server.keys import (
 )
 from sgjax.server.limits import Offload
 from sgjax.server.metrics import Metrics
+from sgjax.server.protocol import AbortRequest, openapi, parse
 from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
-OPEN_PATHS = {"/health"}  # reachable without the API key
+OPEN_PATHS = {"/health", "/openapi.json"}  # reachable without the API key
 HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may take this long
 
 
@@ -137,21 +138,31 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def abort_request(request: web.Request) -> web.Response:
     """SGLang's /abort_request: {rid} aborts that request (all its samples), {abort_all: true} every one."""
-    body = await read_json(request)
-    rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
-    if not isinstance(abort_all, bool):
-        raise ApiError("abort_all must be true or false", param="abort_all")
-    if abort_all:
+    body = await parse(request, AbortRequest)
+    if body.abort_all:
         request.app[ENGINE].abort_all()
-        return web.Response(text="")
-    if not isinstance(rid, str) or not rid:
-        raise ApiError("rid must be a non-empty string (or abort_all true)", param="rid")
-    request.app[ENGINE].abort(rid)
+    else:
+        request.app[ENGINE].abort(body.rid)
     return web.Response(text="")
+
+
+async def openapi_schema(request: web.Request) -> web.Response:
+    """The OpenAPI document of this server's routes, their bodies from sgjax/server/protocol.py."""
+    routes = [(r.method, r.resource.canonical) for r in request.app.router.routes() if r.resource is not None]
+    return web.json_response(openapi(sorted({p for m, p in routes if m == "GET"}),
+                                     sorted({p for m, p in routes if m == "POST"}),
+                                     importlib.metadata.version("sgjax")))
 
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def runner_options(server_args: ServerArgs) -> dict:
+    """aiohttp's connection options (for web.run_app or web.AppRunner): a connection idle for
+    --keepalive-timeout-s, before its first request or with headers that never finish as between requests, is
+    closed; requests are logged by the middleware, not an access log."""
+    return dict(access_log=None, keepalive_timeout=server_args.keepalive_timeout_s)
 
 
 def make_app(engine, server_args: ServerArgs) -> web.Application:
@@ -170,6 +181,7 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
 
     app.on_cleanup.append(stop_offload)
     app.router.add_get("/health", health)
+    app.router.add_get("/openapi.json", openapi_schema)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/get_model_info", "/model_info"):  # SGLang's old and new names
         app.router.add_get(path, model_info)

@@ -19,7 +19,7 @@ from tests.e2e.test_server import API_KEY, MODEL, LiveServer, get, post, wait_un
 
 ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=64, num_pages=400)
 LIMITS = dict(max_prompts_per_request=4, max_n=4, max_sequences_per_request=8, max_stop_strings=3,
-              max_constraint_bytes=200, max_body_bytes=50_000, body_timeout_s=1.0)
+              max_constraint_bytes=200, max_body_bytes=50_000, body_timeout_s=1.0, keepalive_timeout_s=2.0)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -42,6 +42,12 @@ def engine_of(server) -> Engine:
 def idle(engine) -> bool:
     stats = engine.load_stats()
     return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
+
+
+def pages_accounted(engine) -> bool:
+    """The ownership invariant at idle: every usable KV page is free or held by the radix cache."""
+    tree = engine.radix.all_pages() if engine.radix else []
+    return sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
 
 
 def raw_post(server, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
@@ -80,7 +86,7 @@ def test_stream_aborted_mid_way_ends_with_an_error_event(server):
                                          ("stop_token_ids", [2**40])])
 def test_out_of_range_integers_get_400(server, field, value):
     status, body = post(server.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6], field: value})
-    assert_openai_error(status, body, 400, field.replace("max_tokens", "max_new_tokens"))
+    assert_openai_error(status, body, 400, field)
 
 
 def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
@@ -112,6 +118,63 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     for b in bad:
         assert b.finish_reason["type"] == "abort" and "cannot run" in b.finish_reason["message"], b.finish_reason
     wait_until(lambda: idle(engine), timeout=30)
+
+
+def test_a_request_whose_output_processing_fails_fails_alone(server, monkeypatch):
+    engine = engine_of(server)
+    outputs = engine.core.outputs
+    real = outputs.append_token
+
+    def append_token(req, *args):
+        if req.rid == "breaks":
+            raise RuntimeError("injected fault")
+        real(req, *args)
+
+    monkeypatch.setattr(outputs, "append_token", append_token)
+    greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
+        bad = engine.make_requests(input_ids=[5, 6, 8], sampling_params=greedy, rid="breaks")
+        await asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad))
+        return good[0], bad[0]
+
+    good, bad = asyncio.run(run())
+    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 6, good.finish_reason
+    assert bad.finish_reason["type"] == "abort" and "injected fault" in bad.finish_reason["message"]
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server, monkeypatch):
+    """A fault no request can be blamed for (collecting a step) fails that step's requests with a clean error;
+    a request that was waiting for a slot meanwhile, and later ones, are served."""
+    engine = engine_of(server)
+    slots = ENGINE_OPTIONS["max_running_requests"]
+    launcher = engine.core.launcher
+    real, faults = launcher.collect, []
+
+    def collect_failing_once(step):
+        if not faults:
+            faults.append(len(step.batch))
+            raise RuntimeError("injected fault")
+        return real(step)
+
+    monkeypatch.setattr(launcher, "collect", collect_failing_once)
+    greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        requests = engine.make_requests(input_ids=[[5, 6, 7 + i] for i in range(slots + 1)], sampling_params=greedy)
+        await engine.run_to_end(requests)
+        return requests
+
+    requests = asyncio.run(run())
+    failed = [r for r in requests if r.finish_reason["type"] == "abort"]
+    served = [r for r in requests if r.finish_reason["type"] == "length" and len(r.output_ids) == 8]
+    assert faults and failed and all("injected fault" in r.finish_reason["message"] for r in failed)
+    assert len(failed) <= slots and len(served) == len(requests) - len(failed), [r.finish_reason for r in requests]
+    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)))[0]
+    assert later.finish_reason["type"] == "length" and len(later.output_ids) == 8
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
 
 
 # ---- 3. a dead engine process: its requests fail cleanly, health says so, a watchdog restarts it -----------
@@ -198,7 +261,7 @@ CHAT = "/v1/chat/completions"
     ("/generate", b'{"text": "hi"}', {**JSON, "Content-Encoding": "gzip"}, 400, "could not be read"),
     ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}', mtime=0),
      {**JSON, "Content-Encoding": "gzip"}, 200, ""),
-    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_new_tokens"),
+    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_tokens"),
     ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
     (CHAT, body(messages=[{"role": "wizard", "content": "hi"}]), JSON, 400, "wizard"),
     ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
@@ -268,6 +331,44 @@ def test_body_that_never_arrives_gets_408(server):
     head, payload = asyncio.run(send_half())
     assert head.startswith(b"HTTP/1.1 408"), head
     assert_openai_error(408, json.loads(payload), 408, "did not arrive")
+
+
+def test_connection_that_never_sends_a_request_is_closed(server):
+    async def connect_and_wait():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers that never finish
+        await writer.drain()
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server, nothing sent
+        writer.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(connect_and_wait()) < 10
+
+
+# ---- 5. a huge prompt is refused before it is tokenized; a token limit that cannot fit is an error --------
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/completions", dict(prompt="x " * 20_000)),
+    (CHAT, dict(messages=[{"role": "user", "content": "x " * 20_000}])),
+])
+def test_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch, path, fields):
+    tokenizer, encoded = engine_of(server).tokenizer, []
+    real = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or real(text, **kw))
+    status, reply = raw_post(server, path, body(**fields), JSON)
+    assert_openai_error(status, reply, 400, "characters; at most")
+    assert not any(n >= 40_000 for n in encoded), encoded
+
+
+def test_generate_refuses_max_new_tokens_beyond_the_context(server):
+    context = engine_of(server).context_length
+    status, reply = raw_post(server, "/generate", json.dumps({"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": context}}).encode(), JSON)
+    assert_openai_error(status, reply, 400, "max_new_tokens is too large")
+    status, reply = raw_post(server, "/generate", json.dumps({"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": context - 2, "ignore_eos": True}}).encode(), JSON)  # exactly fits
+    assert status == 200 and reply["meta_info"]["completion_tokens"] == context - 2
 
 
 # ---- 9. metrics ----------------------------------------------------------------------------------------
