@@ -151,7 +151,7 @@ async def openapi_schema(request: web.Request) -> web.Response:
     routes = [(r.method, r.resource.canonical) for r in request.app.router.routes() if r.resource is not None]
     return web.json_response(openapi(sorted({p for m, p in routes if m == "GET"}),
                                      sorted({p for m, p in routes if m == "POST"}),
-                                     importlib.metadata.version("sgjax")))
+                                     request.app[SERVER_ARGS].served_model_name, importlib.metadata.version("sgjax")))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -17,11 +17,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    TypeAdapter,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.json_schema import models_json_schema
 
+from sgjax.engine.sampling_params import SamplingParams
 from sgjax.executor.sampler import TOP_LOGPROBS
 from sgjax.server.errors import ApiError, read_json
 
@@ -151,7 +154,9 @@ class GenerateRequest(Body):
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = Field(
         None, description="a list of token ids or a list of such lists")
-    sampling_params: dict[str, Any] | None = Field(
+    # Validated by SamplingParams itself (its messages name each parameter); the schema shows its fields
+    sampling_params: Annotated[dict[str, Any] | None, WithJsonSchema({"anyOf": [
+        {**TypeAdapter(SamplingParams).json_schema(), "additionalProperties": False}, {"type": "null"}]})] = Field(
         None, description="an object of sampling parameters (SGLang's names: max_new_tokens, temperature, ...)")
     rid: str | list[str] | None = None
     stream: bool | None = None
@@ -254,10 +259,12 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                    "param": {"type": ["string", "null"]}, "code": {"type": "integer"}}}}}
 
 
-def openapi(get_paths: list[str], post_paths: list[str], version: str) -> dict:
+def openapi(get_paths: list[str], post_paths: list[str], model_name: str, version: str) -> dict:
     """The OpenAPI 3.1 document of these routes: POST bodies from the models above."""
     _, defs = models_json_schema([(m, "validation") for m in set(POST_BODIES.values())],
                                  ref_template="#/components/schemas/{model}")
+    for body in (CompletionRequest, ChatCompletionRequest):
+        defs["$defs"][body.__name__]["properties"]["model"]["enum"] = [model_name]  # the one this server serves
     errors = {str(code): {"description": what, "content": {"application/json": {"schema": {"$ref": "#/components/"
                                                                                          "schemas/Error"}}}}
               for code, what in ((400, "the request is invalid"), (401, "missing or wrong API key"),
