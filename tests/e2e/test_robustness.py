@@ -430,3 +430,67 @@ def test_fuzzing_every_route_from_its_openapi_schema_gets_no_server_error(server
     engine = engine_of(server)
     wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
     assert get(server.url + "/health_generate")[0] == 200
+
+
+# ---- a soak of concurrent streams with random disconnects and aborts ---------------------------------------
+
+SOAK_PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], list(range(20, 41)), [100, 200, 300, 400, 11]]
+SOAK_PARAMS = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+
+
+def test_soak_of_streams_with_disconnects_and_aborts_keeps_outputs_and_pages(server):
+    """Concurrent /generate streams, some hung up on and some aborted after a few events (hypothesis chooses):
+    every request ends, the finished ones are the quiet run's greedy outputs, and afterwards every KV page is
+    free or in the radix cache."""
+    import aiohttp
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    engine = engine_of(server)
+    quiet = [raw_post(server, "/generate", json.dumps({"input_ids": p, "sampling_params": SOAK_PARAMS}).encode(),
+                      JSON)[1]["output_ids"] for p in SOAK_PROMPTS]
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def one_stream(session, k: int, prompt: int, action: str, after: int) -> tuple[str, list | None]:
+        rid = f"soak-{k}-{time.monotonic_ns()}"
+        body = {"input_ids": SOAK_PROMPTS[prompt], "sampling_params": SOAK_PARAMS, "stream": True, "rid": rid}
+        async with session.post(server.url + "/generate", json=body, headers=AUTH) as r:
+            assert r.status == 200
+            events, last = 0, None
+            async for line in r.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                last, events = json.loads(line[6:]), events + 1
+                if events == after and action == "disconnect":
+                    r.close()
+                    return action, None
+                if events == after and action == "abort":
+                    async with session.post(server.url + "/abort_request", json={"rid": rid}, headers=AUTH) as a:
+                        assert a.status == 200
+            return action, last
+
+    async def soak(streams):
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(one_stream(session, k, *s) for k, s in enumerate(streams)))
+
+    @settings(max_examples=3, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(SOAK_PROMPTS) - 1), st.sampled_from(["finish", "disconnect", "abort"]),
+                              st.integers(1, 4)), min_size=4, max_size=10))
+    def run(streams):
+        finished.clear()
+        results = asyncio.run(soak(streams))
+        for (prompt, action, _), (_, last) in zip(streams, results):
+            if action == "disconnect":
+                continue
+            reason = last["meta_info"]["finish_reason"]
+            if action == "finish" or reason["type"] == "length":  # an abort may come after the last token
+                assert reason["type"] == "length" and last["output_ids"] == quiet[prompt], (last, quiet[prompt])
+            else:
+                assert reason["type"] == "abort" and last["output_ids"] == quiet[prompt][:len(last["output_ids"])]
+        wait_until(lambda: idle(engine) and len(finished) == len(streams) and pages_accounted(engine), timeout=30)
+
+    try:
+        run()
+    finally:
+        engine.finish_hooks.remove(finished.append)
