@@ -39,7 +39,7 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may 
 async def handle_request(request: web.Request, handler):
     request[REQUEST_ID] = uuid.uuid4().hex
     started = time.monotonic()
-    status = 500
+    status, error_type = 500, "server_error"
     try:
         key = request.app[SERVER_ARGS].api_key
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
@@ -50,25 +50,29 @@ async def handle_request(request: web.Request, handler):
         status = response.status
         return response
     except ApiError as e:
-        status = e.status
+        status, error_type = e.status, e.type
         return await error_response(request, e)
     except web.HTTPException as e:
         status = e.status
         if e.status < 400:
             raise
         # aiohttp's own 404 / 405 / 413 ..., in the same JSON shape as every other error
-        return await error_response(request, ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:")
-                                                      else e.text, status=e.status,
-                                                      type_="invalid_request_error" if e.status < 500
-                                                      else "server_error"))
-    except (ConnectionResetError, ConnectionError):
-        status = 499  # the client went away mid-stream
-        raise
+        error = ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:") else e.text, status=e.status,
+                         type_="invalid_request_error" if e.status < 500 else "server_error")
+        error_type = error.type
+        return await error_response(request, error)
+    except ConnectionError:
+        # The client went away mid-stream: there is no one to answer, and aiohttp would log a traceback for
+        # each of these (a flood under many disconnects); the request line below is the record.
+        status, error_type = 499, "client_disconnected"
+        return request.get(EVENT_STREAM) or web.Response(status=499)
     except Exception as e:
         logger.exception("request %s failed", request[REQUEST_ID])
         return await error_response(request, ApiError(f"internal error: {e}", status=500, type_="server_error"))
     finally:
         request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
+        if status >= 400 and METRICS in request.app:
+            request.app[METRICS].errors.labels(str(status), error_type).inc()
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
 

@@ -4,6 +4,7 @@ request's failure stays that request's, a dead engine is noticed and restarted, 
 import asyncio
 import gzip
 import json
+import logging
 import re
 import threading
 import time
@@ -373,6 +374,56 @@ def test_generate_refuses_max_new_tokens_beyond_the_context(server):
 
 # ---- 9. metrics ----------------------------------------------------------------------------------------
 
+def scrape(server) -> dict[str, float]:
+    metrics = {}
+    for line in get(server.url + "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    return metrics
+
+
+def test_metrics_count_errors_by_type_and_aborts_by_cause(server, monkeypatch):
+    engine = engine_of(server)
+    before = scrape(server)
+    assert raw_post(server, "/v1/completions", body(prompt="hi", n=0), JSON)[0] == 400
+    assert get(server.url + "/no/such/path")[0] == 404
+
+    async def abort_a_stream():  # by its client, through /abort_request
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.post(server.url + "/generate", json={
+                    "input_ids": [5, 6], "rid": "to-abort", "stream": True,
+                    "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        await (await session.post(server.url + "/abort_request", json={"rid": "to-abort"})).read()
+                        break
+    asyncio.run(abort_a_stream())
+    wait_until(lambda: scrape(server).get('sgjax_aborted_requests_total{cause="client"}', 0) > before.get(
+        'sgjax_aborted_requests_total{cause="client"}', 0), timeout=30)  # before the fault below is injected
+    monkeypatch.setattr(engine.core.outputs, "append_token", lambda *a: 1 / 0)  # an engine-side failure
+    assert raw_post(server, "/generate", json.dumps({"input_ids": [5, 6]}).encode(), JSON)[0] == 200
+    monkeypatch.undo()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    def counted() -> bool:  # the finish hooks run on the server's loop, just after the engine is idle
+        nonlocal after
+        after = scrape(server)
+        return idle(engine) and grew('sgjax_aborted_requests_total{cause="client"}') >= 1 and grew(
+            'sgjax_aborted_requests_total{cause="engine_error"}') >= 1
+
+    after = {}
+    wait_until(counted, timeout=30)
+    assert grew('sgjax_http_errors_total{status="400",type="invalid_request_error"}') == 1
+    assert grew('sgjax_http_errors_total{status="404",type="invalid_request_error"}') == 1
+    assert grew('sgjax_aborted_requests_total{cause="client"}') == 1
+    assert grew('sgjax_aborted_requests_total{cause="engine_error"}') == 1
+
+
 def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server):
     engine = engine_of(server)
     status, _ = raw_post(server, "/generate", json.dumps({"input_ids": list(range(10, 30)),
@@ -438,10 +489,10 @@ SOAK_PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], list(range(20, 41)), [100, 200
 SOAK_PARAMS = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 
 
-def test_soak_of_streams_with_disconnects_and_aborts_keeps_outputs_and_pages(server):
+def test_soak_of_streams_with_disconnects_and_aborts_keeps_outputs_and_pages(server, caplog):
     """Concurrent /generate streams, some hung up on and some aborted after a few events (hypothesis chooses):
-    every request ends, the finished ones are the quiet run's greedy outputs, and afterwards every KV page is
-    free or in the radix cache."""
+    every request ends, the finished ones are the quiet run's greedy outputs, afterwards every KV page is
+    free or in the radix cache, and nothing was logged as an error (disconnects are routine)."""
     import aiohttp
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -491,6 +542,8 @@ def test_soak_of_streams_with_disconnects_and_aborts_keeps_outputs_and_pages(ser
         wait_until(lambda: idle(engine) and len(finished) == len(streams) and pages_accounted(engine), timeout=30)
 
     try:
-        run()
+        with caplog.at_level(logging.WARNING):
+            run()
     finally:
         engine.finish_hooks.remove(finished.append)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[:2000]
