@@ -266,6 +266,8 @@ CHAT = "/v1/chat/completions"
     ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
     (CHAT, body(messages=[{"role": "wizard", "content": "hi"}]), JSON, 400, "wizard"),
     ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
+    ("/v1/completions", body(prompt="hi", echo="yes"), JSON, 400, "echo"),
+    ("/generate", b'{"text": "hi", "stream": "no"}', JSON, 400, "stream"),
 ])
 def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
     got, reply = raw_post(server, path, data, headers)
