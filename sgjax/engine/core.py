@@ -220,7 +220,11 @@ class EngineCore:
             return
         while True:
             if item[0] == "add":
-                self._add(item[1])
+                try:
+                    self._add(item[1])
+                except Exception as e:  # this request alone: nothing of it is in a step yet
+                    logger.exception("request %s could not be added", item[1].rid)
+                    self._outbox.append(Finished.aborted(item[1].wire_id, f"the request cannot run: {e}"))
             elif item[0] == "flush":
                 done, result = item[1]
                 idle = not self.scheduler.has_work()

@@ -121,23 +121,27 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     wait_until(lambda: idle(engine), timeout=30)
 
 
-def test_a_request_whose_output_processing_fails_fails_alone(server, monkeypatch):
+@pytest.mark.parametrize("where", ["outputs.append_token", "scheduler.add"])
+def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch, where):
+    """An exception while taking a request in or processing its token fails that request; the request running
+    beside it finishes."""
     engine = engine_of(server)
-    outputs = engine.core.outputs
-    real = outputs.append_token
+    owner = getattr(engine.core, where.split(".")[0])
+    real = getattr(owner, where.split(".")[1])
 
-    def append_token(req, *args):
+    def failing_for_one(req, *args):
         if req.rid == "breaks":
             raise RuntimeError("injected fault")
-        real(req, *args)
+        return real(req, *args)
 
-    monkeypatch.setattr(outputs, "append_token", append_token)
+    monkeypatch.setattr(owner, where.split(".")[1], failing_for_one)
     greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
 
     async def run():
         good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
         bad = engine.make_requests(input_ids=[5, 6, 8], sampling_params=greedy, rid="breaks")
-        await asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad))
+        # a request the engine loses would never finish
+        await asyncio.wait_for(asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad)), 60)
         return good[0], bad[0]
 
     good, bad = asyncio.run(run())
