@@ -192,6 +192,11 @@ class EngineCore:
                     req.num_unknown = 0
                     if not req.finished:
                         self._fail(req, f"engine error: {type(e).__name__}: {e}")
+                # The broken steps' prompts went into the radix cache as they launched, but their KV may never
+                # have been written: drop the cache rather than serve it to later requests (only possible once
+                # no running request holds a part of it).
+                if failed and not self.scheduler.running:
+                    self.radix.reset()
             self._flush_outbox()
             if in_flight is None:
                 self.stats.idle()

@@ -152,7 +152,8 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch, whe
 
 def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server, monkeypatch):
     """A fault no request can be blamed for (collecting a step) fails that step's requests with a clean error;
-    a request that was waiting for a slot meanwhile, and later ones, are served."""
+    a request that was waiting for a slot meanwhile, and later ones, are served, and none of them reuses the
+    failed requests' cached prompts (their KV may never have been written)."""
     engine = engine_of(server)
     slots = ENGINE_OPTIONS["max_running_requests"]
     launcher = engine.core.launcher
@@ -168,7 +169,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server,
     greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 
     async def run():
-        requests = engine.make_requests(input_ids=[[5, 6, 7 + i] for i in range(slots + 1)], sampling_params=greedy)
+        prompts = [[20 * i + j + 1 for j in range(9)] for i in range(slots + 1)]  # two cacheable pages each
+        requests = engine.make_requests(input_ids=prompts, sampling_params=greedy)
         await engine.run_to_end(requests)
         return requests
 
@@ -177,8 +179,10 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server,
     served = [r for r in requests if r.finish_reason["type"] == "length" and len(r.output_ids) == 8]
     assert faults and failed and all("injected fault" in r.finish_reason["message"] for r in failed)
     assert len(failed) <= slots and len(served) == len(requests) - len(failed), [r.finish_reason for r in requests]
-    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)))[0]
+    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=failed[0].prompt_ids,
+                                                               sampling_params=greedy)))[0]
     assert later.finish_reason["type"] == "length" and len(later.output_ids) == 8
+    assert later.cached_tokens == 0
     wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
 
 
