@@ -197,13 +197,21 @@ class EngineCore:
                     self.launcher.sample(in_flight)
                     self._process(in_flight)
                     in_flight = None
-            except Exception as e:  # keep serving: fail what was in flight, name the error
-                logger.exception("engine step failed")
-                in_flight = self._next_step = None
-                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self.scheduler.abort(req.rid)
+            except Exception as e:  # keep serving: fail the requests of the steps it broke, name the error
+                steps = [step.batch for step in (in_flight, self._next_step) if step is not None]
+                failed = {id(req): req for batch in steps + [self.launcher.launching] for req, _ in batch}
+                logger.exception("engine step failed; failing its %d requests", len(failed))
+                in_flight = self._next_step = None  # their results are not collected: nothing is unknown
+                self.launcher.launching = []
+                for req in failed.values():
                     req.num_unknown = 0
-                    self._end(req, {"type": "abort", "message": f"engine error: {e}"})
+                    if not req.finished:
+                        self._fail(req, f"engine error: {type(e).__name__}: {e}")
+                # The broken steps' prompts went into the radix cache as they launched, but their KV may never
+                # have been written: drop the cache rather than serve it to later requests (only possible once
+                # no running request holds a part of it).
+                if failed and not self.scheduler.running:
+                    self.radix.reset()
             self._flush_outbox()
             if in_flight is None:
                 self.stats.idle()
@@ -232,7 +240,11 @@ class EngineCore:
             return
         while True:
             if item[0] == "add":
-                self._add(item[1])
+                try:
+                    self._add(item[1])
+                except Exception as e:  # this request alone: nothing of it is in a step yet
+                    logger.exception("request %s could not be added", item[1].rid)
+                    self._outbox.append(Finished.aborted(item[1].wire_id, f"the request cannot run: {e}"))
             elif item[0] == "flush":
                 done, result = item[1]
                 idle = not self.scheduler.has_work()
@@ -310,10 +322,14 @@ class EngineCore:
                 continue  # it finished (or was aborted) while this step ran: the token is surplus
             k, ids = req.params.top_logprobs_num, req.params.token_ids_logprob
             top = list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())) if k else []
-            given = list(zip(out.ids_logprobs[i, :len(ids)].tolist(), ids)) if ids else []
-            self.outputs.append_token(req, tokens[i], logprobs[i], top, given)
-            if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
-                self._jump_forward(req)
+            try:
+                given = list(zip(out.ids_logprobs[i, :len(ids)].tolist(), ids)) if ids else []
+                self.outputs.append_token(req, tokens[i], logprobs[i], top, given)
+                if req.matcher is not None and not req.finished and not self.args.disable_jump_forward:
+                    self._jump_forward(req)
+            except Exception as e:  # this request's output failed (detokenizing, its grammar): it alone fails
+                logger.exception("request %s failed processing its token", req.rid)
+                self._fail(req, f"engine error: {type(e).__name__}: {e}")
         self.stats.host_s["process"] += time.perf_counter() - started
 
     def _jump_forward(self, req: Request) -> None:
@@ -340,6 +356,11 @@ class EngineCore:
     def _finish_running(self, req: Request, reason: dict, text: str) -> None:
         self.scheduler.finish(req)
         self._end(req, reason, text)
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End a running or waiting request as aborted, its pages released."""
+        self.scheduler.abort(req.rid)
+        self._end(req, {"type": "abort", "message": message})
 
     def _end(self, req: Request, reason: dict, text: str = "") -> None:
         req.status, req.finish_reason = Status.FINISHED, reason

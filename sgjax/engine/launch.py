@@ -53,6 +53,7 @@ class StepLauncher:
         """`eos_token_ids`: what min_new_tokens bans until a request has that many tokens."""
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
         self.eos_token_ids = eos_token_ids
+        self.launching: list[tuple[Request, int]] = []  # the batch being launched: what a failure there fails
         self.images = ImageSteps(runner.images) if runner.images is not None else None
 
     def _chunk(self, req: Request, n: int) -> SeqChunk:
@@ -74,6 +75,7 @@ class StepLauncher:
                 raise StepBuildError([r for r, _ in batch], e) from e
         if not batch:
             return None
+        self.launching = batch
         batch, prefix_groups = self._group_shared_prefixes(batch)
         reqs = [r for r, _ in batch]
         params = [r.params for r in reqs]
@@ -87,6 +89,7 @@ class StepLauncher:
                 targets = [prompt_targets(r, n) for r, n in batch]
             prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
         except Exception as e:
+            self.launching = []  # the caller fails the culprits; the rest are rescheduled
             raise StepBuildError(reqs, e) from e
         starts = [r.num_computed for r in reqs]
         enqueued = time.perf_counter()
@@ -126,6 +129,7 @@ class StepLauncher:
         if not step.constrained:
             self.sample(step)
             self.stats.host_s["enqueue"] += time.perf_counter() - now
+        self.launching = []
         return step
 
     def check(self, req: Request) -> None:

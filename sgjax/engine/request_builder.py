@@ -29,12 +29,32 @@ class RequestBuilder:
         self.vocab_size, self.context_length, self.num_usable_pages = vocab_size, context_length, num_usable_pages
         self.seeds = np.random.default_rng(args.random_seed)  # for requests that give no seed
         self._seeds_lock = threading.Lock()  # requests are built on the server's tokenizer threads
+        self._max_prompt_chars: int | None = None
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than any prompt that fits the context can have: the context length times the longest
+        token's text (a byte-level token's text has one character per byte). Longer texts are refused before
+        they are tokenized, which for megabytes of text takes seconds."""
+        if self._max_prompt_chars is None:
+            try:
+                longest = max(map(len, self.tokenizer.get_vocab()))
+            except Exception:  # a tokenizer that cannot list its vocabulary: no bound but the exact check
+                longest = 2**31
+            self._max_prompt_chars = self.context_length * max(longest, 1)
+        return self._max_prompt_chars
+
+    def _check_length(self, text: str) -> None:
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(f"prompt has {len(text)} characters; at most {self.max_prompt_chars} can fit the "
+                             f"context length ({self.context_length} tokens)")
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text prompt, with the BOS token unless the text already starts with it
         (text rendered by a chat template)."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
+        self._check_length(text)
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
@@ -42,6 +62,7 @@ class RequestBuilder:
         """Token ids of the chat (and tool definitions) as the model's template renders them."""
         extra = {"tools": tools} if tools else {}
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        self._check_length(text)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:

@@ -14,7 +14,7 @@ from sgjax.config_sources import describe
 from sgjax.engine import Engine
 from sgjax.models.default_model import default_model_path
 from sgjax.platform import distributed
-from sgjax.server.app import make_app
+from sgjax.server.app import make_app, runner_options
 
 # The engine schedules on one host; its steps are not yet sent to the others' devices.
 NOT_ACROSS_HOSTS = ("serving one model across several hosts is not implemented yet (each host would have to run "
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                     restart_engine=server_args.restart_engine)
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
-                    access_log=None, keepalive_timeout=server_args.keepalive_timeout_s, print=lambda msg: logging.getLogger("sgjax.server").info(msg))
+                    print=lambda msg: logging.getLogger("sgjax.server").info(msg), **runner_options(server_args))
     finally:
         engine.shutdown()
 

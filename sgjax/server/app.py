@@ -14,7 +14,7 @@ from aiohttp import web
 from sgjax.config import ServerArgs
 from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
-from sgjax.server.errors import ApiError, read_body, read_json
+from sgjax.server.errors import ApiError, read_body
 from sgjax.server.keys import (
     ENGINE,
     ENGINE_REQUESTS,
@@ -27,10 +27,11 @@ from sgjax.server.keys import (
 )
 from sgjax.server.limits import Offload
 from sgjax.server.metrics import Metrics
+from sgjax.server.protocol import AbortRequest, openapi, parse
 from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
-OPEN_PATHS = {"/health"}  # reachable without the API key
+OPEN_PATHS = {"/health", "/openapi.json"}  # reachable without the API key
 HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may take this long
 
 
@@ -38,7 +39,7 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may 
 async def handle_request(request: web.Request, handler):
     request[REQUEST_ID] = uuid.uuid4().hex
     started = time.monotonic()
-    status = 500
+    status, error_type = 500, "server_error"
     try:
         key = request.app[SERVER_ARGS].api_key
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
@@ -49,25 +50,29 @@ async def handle_request(request: web.Request, handler):
         status = response.status
         return response
     except ApiError as e:
-        status = e.status
+        status, error_type = e.status, e.type
         return await error_response(request, e)
     except web.HTTPException as e:
         status = e.status
         if e.status < 400:
             raise
         # aiohttp's own 404 / 405 / 413 ..., in the same JSON shape as every other error
-        return await error_response(request, ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:")
-                                                      else e.text, status=e.status,
-                                                      type_="invalid_request_error" if e.status < 500
-                                                      else "server_error"))
-    except (ConnectionResetError, ConnectionError):
-        status = 499  # the client went away mid-stream
-        raise
+        error = ApiError(e.reason if not e.text or e.text.startswith(f"{e.status}:") else e.text, status=e.status,
+                         type_="invalid_request_error" if e.status < 500 else "server_error")
+        error_type = error.type
+        return await error_response(request, error)
+    except ConnectionError:
+        # The client went away mid-stream: there is no one to answer, and aiohttp would log a traceback for
+        # each of these (a flood under many disconnects); the request line below is the record.
+        status, error_type = 499, "client_disconnected"
+        return request.get(EVENT_STREAM) or web.Response(status=499)
     except Exception as e:
         logger.exception("request %s failed", request[REQUEST_ID])
         return await error_response(request, ApiError(f"internal error: {e}", status=500, type_="server_error"))
     finally:
         request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
+        if status >= 400 and METRICS in request.app:
+            request.app[METRICS].errors.labels(str(status), error_type).inc()
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
                     status, (time.monotonic() - started) * 1e3)
 
@@ -137,21 +142,31 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def abort_request(request: web.Request) -> web.Response:
     """SGLang's /abort_request: {rid} aborts that request (all its samples), {abort_all: true} every one."""
-    body = await read_json(request)
-    rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
-    if not isinstance(abort_all, bool):
-        raise ApiError("abort_all must be true or false", param="abort_all")
-    if abort_all:
+    body = await parse(request, AbortRequest)
+    if body.abort_all:
         request.app[ENGINE].abort_all()
-        return web.Response(text="")
-    if not isinstance(rid, str) or not rid:
-        raise ApiError("rid must be a non-empty string (or abort_all true)", param="rid")
-    request.app[ENGINE].abort(rid)
+    else:
+        request.app[ENGINE].abort(body.rid)
     return web.Response(text="")
+
+
+async def openapi_schema(request: web.Request) -> web.Response:
+    """The OpenAPI document of this server's routes, their bodies from sgjax/server/protocol.py."""
+    routes = [(r.method, r.resource.canonical) for r in request.app.router.routes() if r.resource is not None]
+    return web.json_response(openapi(sorted({p for m, p in routes if m == "GET"}),
+                                     sorted({p for m, p in routes if m == "POST"}),
+                                     request.app[SERVER_ARGS].served_model_name, importlib.metadata.version("sgjax")))
 
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def runner_options(server_args: ServerArgs) -> dict:
+    """aiohttp's connection options (for web.run_app or web.AppRunner): a connection idle for
+    --keepalive-timeout-s, before its first request or with headers that never finish as between requests, is
+    closed; requests are logged by the middleware, not an access log."""
+    return dict(access_log=None, keepalive_timeout=server_args.keepalive_timeout_s)
 
 
 def make_app(engine, server_args: ServerArgs) -> web.Application:
@@ -170,6 +185,7 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
 
     app.on_cleanup.append(stop_offload)
     app.router.add_get("/health", health)
+    app.router.add_get("/openapi.json", openapi_schema)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/get_model_info", "/model_info"):  # SGLang's old and new names
         app.router.add_get(path, model_info)

@@ -39,6 +39,15 @@ def check_limits(args: ServerArgs, num_prompts: int, params: dict) -> None:
             limit(size, args.max_constraint_bytes, f"the size of {name} in bytes", "max_constraint_bytes", name)
 
 
+def check_max_tokens(requests: list, max_new_tokens: int, context_length: int, param: str) -> None:
+    """400 when a token limit the client gave cannot fit after the longest prompt: an error, not an output
+    silently cut short at the context length (as OpenAI answers)."""
+    prompt = max(len(r.prompt_ids) for r in requests)
+    if prompt + max_new_tokens > context_length:
+        raise ApiError(f"{param} is too large: the prompt ({prompt} tokens) plus {param} ({max_new_tokens}) is more "
+                       f"than the context length ({context_length})", param=param)
+
+
 class Offload:
     """Runs a request's blocking work on a few threads; 503 with Retry-After once too many requests wait."""
 

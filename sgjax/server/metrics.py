@@ -14,6 +14,16 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# An aborted request's cause, from the start of its finish message (none: its client aborted it or hung up)
+ABORT_CAUSES = (("engine error", "engine_error"), ("the request cannot run", "invalid"), ("constraint", "invalid"),
+                ("the engine process", "engine_exit"), ("aborted before it started", "client"))
+
+
+def abort_cause(reason: dict) -> str:
+    message = reason.get("message")
+    if not message:
+        return "client"
+    return next((cause for prefix, cause in ABORT_CAUSES if message.startswith(prefix)), "other")
 
 
 class Metrics:
@@ -39,12 +49,19 @@ class Metrics:
                               "prefix cache), free", ["state"], registry=r)
         self.preemptions = Counter("sgjax_preemptions", "Running requests preempted to free KV pages", registry=r)
         self._preemptions_seen = 0
+        self.aborts = Counter("sgjax_aborted_requests", "Aborted requests by cause: client (abort_request or a "
+                              "client that hung up), engine_error, engine_exit, invalid, other", ["cause"], registry=r)
+        self.errors = Counter("sgjax_http_errors", "Error responses by status and error type", ["status", "type"],
+                              registry=r)
         self.hit_rate = Gauge("sgjax_prefix_cache_hit_rate", "Prompt tokens found in the radix cache", registry=r)
 
     def observe(self, req) -> None:
         """Record a finished request (called once per request)."""
         now = time.monotonic()
-        self.requests.labels((req.finish_reason or {}).get("type", "unknown")).inc()
+        reason = req.finish_reason or {}
+        self.requests.labels(reason.get("type", "unknown")).inc()
+        if reason.get("type") == "abort":
+            self.aborts.labels(abort_cause(reason)).inc()
         self.prompt_tokens.inc(len(req.prompt_ids))
         self.generation_tokens.inc(len(req.output_ids))
         self.e2e.observe(now - req.arrival_time)

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
 from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS
-from sgjax.server.limits import check_limits
+from sgjax.server.limits import check_limits, check_max_tokens
+from sgjax.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest, parse, validate
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 
 # /generate's fields that sgjax reads
@@ -61,9 +62,7 @@ def one_value(body: dict, name: str, default, kind):
 
 def sampling_dict(body: dict) -> dict:
     """sampling_params plus the top-level logprob options, in SamplingParams' terms."""
-    params = body.get("sampling_params") or {}
-    require(isinstance(params, dict), "sampling_params must be an object", "sampling_params")
-    params = dict(params)  # regex / json_schema / ebnf / choices pass through to SamplingParams
+    params = dict(body.get("sampling_params") or {})  # regex / json_schema / ebnf / choices pass through to SamplingParams
     if one_value(body, "return_logprob", False, bool):
         params["logprobs"] = True
         params["top_logprobs_num"] = one_value(body, "top_logprobs_num", 0, int)
@@ -117,15 +116,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await read_json(request)
     check_fields(body, request.app[SERVER_ARGS].served_model_name)
+    validate(GenerateRequest, body)  # the fields' shapes; the handler reads the body as sent
     text, input_ids = body.get("text"), body.get("input_ids")
-    require((text is None) != (input_ids is None), "give exactly one of text and input_ids")
-    if text is not None:
-        require(isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text)),
-                "text must be a string or a list of strings", "text")
-    else:
-        ok = isinstance(input_ids, list) and (all(isinstance(t, int) for t in input_ids) or all(
-            isinstance(x, list) and all(isinstance(t, int) for t in x) for x in input_ids))
-        require(ok, "input_ids must be a list of integers or a list of such lists", "input_ids")
     batched = isinstance(text, list) or bool(input_ids and isinstance(input_ids[0], list))
     num_prompts = len(text if text is not None else input_ids) if batched else 1
     rid = request_ids(body, request, num_prompts, batched)
@@ -136,6 +128,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
+    if params.get("max_new_tokens") is not None:  # given: an error if it cannot fit, not silently capped
+        check_max_tokens(requests, params["max_new_tokens"], engine.context_length, "max_new_tokens")
     if body.get("stream"):
         response = await open_event_stream(request)
         incremental = request.app[SERVER_ARGS].incremental_streaming_output
@@ -168,13 +162,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def tokenize(request: web.Request) -> web.Response:
     """SGLang's /tokenize: {prompt: text or texts, add_special_tokens} -> {tokens, count, max_model_len}."""
     engine = request.app[ENGINE]
-    body = await read_json(request)
-    prompt = body.get("prompt")
+    body = await parse(request, TokenizeRequest)
+    prompt, special = body.prompt, body.add_special_tokens
     single = isinstance(prompt, str)
-    require(single or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)),
-            "prompt must be a string or a list of strings", "prompt")
-    special = body.get("add_special_tokens", True)
-    require(isinstance(special, bool), "add_special_tokens must be true or false", "add_special_tokens")
     require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
     prompts = [prompt] if single else prompt
     check_limits(request.app[SERVER_ARGS], len(prompts), {})
@@ -188,14 +178,9 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     """SGLang's /detokenize: {tokens: ids or lists of ids, skip_special_tokens} -> {text}."""
     engine = request.app[ENGINE]
-    body = await read_json(request)
-    tokens = body.get("tokens")
-    single = isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
-    require(single or (isinstance(tokens, list) and all(
-        isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in tokens)),
-        "tokens must be a list of token ids or a list of such lists", "tokens")
-    skip = body.get("skip_special_tokens", True)
-    require(isinstance(skip, bool), "skip_special_tokens must be true or false", "skip_special_tokens")
+    body = await parse(request, DetokenizeRequest)
+    tokens, skip = body.tokens, body.skip_special_tokens
+    single = all(isinstance(t, int) for t in tokens)  # an empty list is one empty sequence
     require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
     vocab = engine.config.vocab_size
     lists = [tokens] if single else tokens

@@ -6,16 +6,15 @@ import time
 
 from aiohttp import web
 
-from sgjax.executor.sampler import TOP_LOGPROBS
-from sgjax.server.errors import ApiError, read_json, require
+from sgjax.server.errors import ApiError, require
 from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
-from sgjax.server.limits import check_limits
+from sgjax.server.limits import check_limits, check_max_tokens
 from sgjax.server.openai_fields import CHAT, COMPLETIONS, check_fields
+from sgjax.server.protocol import ChatCompletionRequest, CompletionRequest, parse_dict
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
-ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
 def model_name(request: web.Request) -> str:
@@ -28,8 +27,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def check_model(request: web.Request, body: dict) -> None:
-    name = body.get("model")
-    require(isinstance(name, str), "model is required", "model")
+    name = body["model"]
     if name != model_name(request):
         raise ApiError(f"model {name!r} does not exist; this server serves {model_name(request)!r}", param="model")
 
@@ -61,19 +59,12 @@ def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
 
 def response_format_constraint(fmt) -> dict:
     """OpenAI's response_format as a SamplingParams constraint."""
-    if fmt is None or fmt == {"type": "text"}:
-        return {}
-    require(isinstance(fmt, dict), "response_format must be an object", "response_format")
-    kind = fmt.get("type")
+    kind = (fmt or {}).get("type", "text")
     if kind == "json_object":
         return {"json_schema": {"type": "object"}}
     if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        require(isinstance(spec, dict) and isinstance(spec.get("schema", {}), (dict, bool)),
-                "response_format.json_schema must be an object with a schema", "response_format")
-        return {"json_schema": spec.get("schema", {"type": "object"})}
-    raise ApiError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
-                   param="response_format")
+        return {"json_schema": fmt["json_schema"].get("schema", {"type": "object"})}
+    return {}
 
 
 def usage(requests, n: int) -> dict:
@@ -103,20 +94,13 @@ async def make_requests(request: web.Request, prompt, params: dict, input_ids=No
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
     if max_tokens_given:  # as OpenAI: a max_tokens that cannot fit is an error, not silently cut short
-        longest = max(len(r.prompt_ids) for r in requests) + params["max_new_tokens"]
-        require(longest <= engine.context_length, f"max_tokens is too large: the prompt ({longest - params['max_new_tokens']}"
-                f" tokens) plus max_tokens ({params['max_new_tokens']}) is more than the context length "
-                f"({engine.context_length})", "max_tokens")
+        check_max_tokens(requests, params["max_new_tokens"], engine.context_length, "max_tokens")
     return requests
 
 
 def stream_options(body: dict) -> bool:
     """Whether a stream ends with a usage event (stream_options.include_usage)."""
-    options = body.get("stream_options")
-    require(options is None or isinstance(options, dict), "stream_options must be an object", "stream_options")
-    include = (options or {}).get("include_usage", False)
-    require(isinstance(include, bool), "stream_options.include_usage must be true or false", "stream_options")
-    return include
+    return (body.get("stream_options") or {}).get("include_usage", False)
 
 
 def max_tokens_given(body: dict) -> bool:
@@ -127,19 +111,14 @@ def max_tokens_given(body: dict) -> bool:
 
 def completion_prompts(body: dict) -> tuple[list | None, list | None]:
     """(texts, token id lists): exactly one is set."""
-    prompt = body.get("prompt")
-    require(prompt is not None, "prompt is required", "prompt")
+    prompt = body["prompt"]  # its shape checked by CompletionRequest
     if isinstance(prompt, str):
         return [prompt], None
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt[0], str):
         return prompt, None
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    if isinstance(prompt[0], int):
         return None, [prompt]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-        return None, prompt
-    raise ApiError("prompt must be a string, a list of strings, a list of token ids, or a list of those",
-                   param="prompt")
+    return None, prompt
 
 
 def completion_logprobs(engine, req, echo: bool) -> dict:
@@ -162,15 +141,13 @@ def completion_logprobs(engine, req, echo: bool) -> dict:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = await read_json(request)
+    body = await parse_dict(request, CompletionRequest)
     check_fields(body, COMPLETIONS, "/v1/completions")
     check_model(request, body)
     texts, id_lists = completion_prompts(body)
     params = common_sampling(body, 16)
     logprobs = body.get("logprobs")
     echo = bool(body.get("echo"))
-    require(logprobs is None or (isinstance(logprobs, int) and 0 <= logprobs <= TOP_LOGPROBS),
-            f"logprobs must be an integer in [0, {TOP_LOGPROBS}]", "logprobs")
     if logprobs is not None:
         params.update(logprobs=True, top_logprobs_num=logprobs)
         if echo:
@@ -212,23 +189,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # ---- /v1/chat/completions ------------------------------------------------------------------
 
 def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    require(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
     out = []
-    for m in messages:
-        require(isinstance(m, dict) and isinstance(m.get("role"), str), "each message needs a role", "messages")
-        require(m["role"] in ROLES, f"message role {m['role']!r} is not one of {sorted(ROLES)}", "messages")
+    for m in body["messages"]:  # their roles and content parts checked by ChatCompletionRequest
         content = m.get("content")
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                require(isinstance(part, dict) and part.get("type") == "text",
-                        "only text content parts are supported yet", "messages")
-                require(isinstance(part.get("text", ""), str), "a text content part's text must be a string",
-                        "messages")
-                parts.append(part.get("text", ""))
-            content = "".join(parts)
-        require(content is None or isinstance(content, str), "message content must be a string or parts", "messages")
+            content = "".join(part.get("text", "") for part in content)
         # tool_calls of assistant turns and tool_call_id of tool results pass through to the template
         out.append({**m, "content": content or ""})
     return out
@@ -240,21 +205,15 @@ def chat_tools(body: dict, fmt: str) -> tuple[list[dict] | None, str | None]:
     tools = body.get("tools")
     if not tools:
         return None, None
-    require(isinstance(tools, list) and all(
-        isinstance(t, dict) and t.get("type") == "function" and isinstance((t.get("function") or {}).get("name"), str)
-        for t in tools), "tools must be a list of {type: function, function: {name, ...}}", "tools")
-    choice = body.get("tool_choice", "auto")
+    choice = body.get("tool_choice") or "auto"
     if choice == "none":
         return None, None
     if choice == "auto":
         return tools, None
     if choice == "required":
         return tools, tool_call_grammar(tools, fmt)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    require(isinstance(name, str), 'tool_choice must be "none", "auto", "required" or '
-            '{"type": "function", "function": {"name": ...}}', "tool_choice")
     try:
-        return tools, tool_call_grammar(tools, fmt, name)
+        return tools, tool_call_grammar(tools, fmt, choice["function"]["name"])
     except ValueError as e:
         raise ApiError(str(e), param="tool_choice") from None
 
@@ -279,15 +238,14 @@ def chat_logprobs(engine, req) -> dict:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = await read_json(request)
+    body = await parse_dict(request, ChatCompletionRequest)
     check_fields(body, CHAT, "/v1/chat/completions")
     check_model(request, body)
     messages = chat_messages(body)
     params = common_sampling(body, None)
     want_logprobs = bool(body.get("logprobs"))
     top = body.get("top_logprobs")
-    require(top is None or (want_logprobs and isinstance(top, int) and 0 <= top <= TOP_LOGPROBS),
-            f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}] and needs logprobs=true", "top_logprobs")
+    require(top is None or want_logprobs, "top_logprobs needs logprobs=true", "top_logprobs")
     if want_logprobs:
         params.update(logprobs=True, top_logprobs_num=top or 0)
     if engine.tokenizer is None:

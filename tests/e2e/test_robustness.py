@@ -4,6 +4,7 @@ request's failure stays that request's, a dead engine is noticed and restarted, 
 import asyncio
 import gzip
 import json
+import logging
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ from tests.e2e.test_server import API_KEY, MODEL, LiveServer, get, post, wait_un
 
 ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=64, num_pages=400)
 LIMITS = dict(max_prompts_per_request=4, max_n=4, max_sequences_per_request=8, max_stop_strings=3,
-              max_constraint_bytes=200, max_body_bytes=50_000, body_timeout_s=1.0)
+              max_constraint_bytes=200, max_body_bytes=50_000, body_timeout_s=1.0, keepalive_timeout_s=2.0)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -42,6 +43,12 @@ def engine_of(server) -> Engine:
 def idle(engine) -> bool:
     stats = engine.load_stats()
     return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
+
+
+def pages_accounted(engine) -> bool:
+    """The ownership invariant at idle: every usable KV page is free or held by the radix cache."""
+    tree = engine.radix.all_pages() if engine.radix else []
+    return sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
 
 
 def raw_post(server, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
@@ -80,7 +87,7 @@ def test_stream_aborted_mid_way_ends_with_an_error_event(server):
                                          ("stop_token_ids", [2**40])])
 def test_out_of_range_integers_get_400(server, field, value):
     status, body = post(server.url + "/v1/completions", {"model": MODEL, "prompt": [5, 6], field: value})
-    assert_openai_error(status, body, 400, field.replace("max_tokens", "max_new_tokens"))
+    assert_openai_error(status, body, 400, field)
 
 
 def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
@@ -112,6 +119,71 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     for b in bad:
         assert b.finish_reason["type"] == "abort" and "cannot run" in b.finish_reason["message"], b.finish_reason
     wait_until(lambda: idle(engine), timeout=30)
+
+
+@pytest.mark.parametrize("where", ["outputs.append_token", "scheduler.add"])
+def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch, where):
+    """An exception while taking a request in or processing its token fails that request; the request running
+    beside it finishes."""
+    engine = engine_of(server)
+    owner = getattr(engine.core, where.split(".")[0])
+    real = getattr(owner, where.split(".")[1])
+
+    def failing_for_one(req, *args):
+        if req.rid == "breaks":
+            raise RuntimeError("injected fault")
+        return real(req, *args)
+
+    monkeypatch.setattr(owner, where.split(".")[1], failing_for_one)
+    greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
+        bad = engine.make_requests(input_ids=[5, 6, 8], sampling_params=greedy, rid="breaks")
+        # a request the engine loses would never finish
+        await asyncio.wait_for(asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad)), 60)
+        return good[0], bad[0]
+
+    good, bad = asyncio.run(run())
+    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 6, good.finish_reason
+    assert bad.finish_reason["type"] == "abort" and "injected fault" in bad.finish_reason["message"]
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server, monkeypatch):
+    """A fault no request can be blamed for (collecting a step) fails that step's requests with a clean error;
+    a request that was waiting for a slot meanwhile, and later ones, are served, and none of them reuses the
+    failed requests' cached prompts (their KV may never have been written)."""
+    engine = engine_of(server)
+    slots = ENGINE_OPTIONS["max_running_requests"]
+    launcher = engine.core.launcher
+    real, faults = launcher.collect, []
+
+    def collect_failing_once(step):
+        if not faults:
+            faults.append(len(step.batch))
+            raise RuntimeError("injected fault")
+        return real(step)
+
+    monkeypatch.setattr(launcher, "collect", collect_failing_once)
+    greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        prompts = [[20 * i + j + 1 for j in range(9)] for i in range(slots + 1)]  # two cacheable pages each
+        requests = engine.make_requests(input_ids=prompts, sampling_params=greedy)
+        await engine.run_to_end(requests)
+        return requests
+
+    requests = asyncio.run(run())
+    failed = [r for r in requests if r.finish_reason["type"] == "abort"]
+    served = [r for r in requests if r.finish_reason["type"] == "length" and len(r.output_ids) == 8]
+    assert faults and failed and all("injected fault" in r.finish_reason["message"] for r in failed)
+    assert len(failed) <= slots and len(served) == len(requests) - len(failed), [r.finish_reason for r in requests]
+    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=failed[0].prompt_ids,
+                                                               sampling_params=greedy)))[0]
+    assert later.finish_reason["type"] == "length" and len(later.output_ids) == 8
+    assert later.cached_tokens == 0
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
 
 
 # ---- 3. a dead engine process: its requests fail cleanly, health says so, a watchdog restarts it -----------
@@ -198,10 +270,12 @@ CHAT = "/v1/chat/completions"
     ("/generate", b'{"text": "hi"}', {**JSON, "Content-Encoding": "gzip"}, 400, "could not be read"),
     ("/generate", gzip.compress(b'{"text": "hi", "sampling_params": {"max_new_tokens": 1}}', mtime=0),
      {**JSON, "Content-Encoding": "gzip"}, 200, ""),
-    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_new_tokens"),
+    ("/v1/completions", body(prompt="hi", max_tokens=1e12), JSON, 400, "max_tokens"),
     ("/v1/completions", body(prompt="hi", max_tokens=100_000), JSON, 400, "context length"),
     (CHAT, body(messages=[{"role": "wizard", "content": "hi"}]), JSON, 400, "wizard"),
     ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
+    ("/v1/completions", body(prompt="hi", echo="yes"), JSON, 400, "echo"),
+    ("/generate", b'{"text": "hi", "stream": "no"}', JSON, 400, "stream"),
 ])
 def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
     got, reply = raw_post(server, path, data, headers)
@@ -270,7 +344,95 @@ def test_body_that_never_arrives_gets_408(server):
     assert_openai_error(408, json.loads(payload), 408, "did not arrive")
 
 
+def test_connection_that_never_sends_a_request_is_closed(server):
+    async def connect_and_wait():
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers that never finish
+        await writer.drain()
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server, nothing sent
+        writer.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(connect_and_wait()) < 10
+
+
+# ---- 5. a huge prompt is refused before it is tokenized; a token limit that cannot fit is an error --------
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/completions", dict(prompt="x " * 20_000)),
+    (CHAT, dict(messages=[{"role": "user", "content": "x " * 20_000}])),
+])
+def test_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch, path, fields):
+    tokenizer, encoded = engine_of(server).tokenizer, []
+    real = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or real(text, **kw))
+    status, reply = raw_post(server, path, body(**fields), JSON)
+    assert_openai_error(status, reply, 400, "characters; at most")
+    assert not any(n >= 40_000 for n in encoded), encoded
+
+
+def test_generate_refuses_max_new_tokens_beyond_the_context(server):
+    context = engine_of(server).context_length
+    status, reply = raw_post(server, "/generate", json.dumps({"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": context}}).encode(), JSON)
+    assert_openai_error(status, reply, 400, "max_new_tokens is too large")
+    status, reply = raw_post(server, "/generate", json.dumps({"input_ids": [5, 6], "sampling_params": {
+        "max_new_tokens": context - 2, "ignore_eos": True}}).encode(), JSON)  # exactly fits
+    assert status == 200 and reply["meta_info"]["completion_tokens"] == context - 2
+
+
 # ---- 9. metrics ----------------------------------------------------------------------------------------
+
+def scrape(server) -> dict[str, float]:
+    metrics = {}
+    for line in get(server.url + "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    return metrics
+
+
+def test_metrics_count_errors_by_type_and_aborts_by_cause(server, monkeypatch):
+    engine = engine_of(server)
+    before = scrape(server)
+    assert raw_post(server, "/v1/completions", body(prompt="hi", n=0), JSON)[0] == 400
+    assert get(server.url + "/no/such/path")[0] == 404
+
+    async def abort_a_stream():  # by its client, through /abort_request
+        import aiohttp
+
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.post(server.url + "/generate", json={
+                    "input_ids": [5, 6], "rid": "to-abort", "stream": True,
+                    "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        await (await session.post(server.url + "/abort_request", json={"rid": "to-abort"})).read()
+                        break
+    asyncio.run(abort_a_stream())
+    wait_until(lambda: scrape(server).get('sgjax_aborted_requests_total{cause="client"}', 0) > before.get(
+        'sgjax_aborted_requests_total{cause="client"}', 0), timeout=30)  # before the fault below is injected
+    monkeypatch.setattr(engine.core.outputs, "append_token", lambda *a: 1 / 0)  # an engine-side failure
+    assert raw_post(server, "/generate", json.dumps({"input_ids": [5, 6]}).encode(), JSON)[0] == 200
+    monkeypatch.undo()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    def counted() -> bool:  # the finish hooks run on the server's loop, just after the engine is idle
+        nonlocal after
+        after = scrape(server)
+        return idle(engine) and grew('sgjax_aborted_requests_total{cause="client"}') >= 1 and grew(
+            'sgjax_aborted_requests_total{cause="engine_error"}') >= 1
+
+    after = {}
+    wait_until(counted, timeout=30)
+    assert grew('sgjax_http_errors_total{status="400",type="invalid_request_error"}') == 1
+    assert grew('sgjax_http_errors_total{status="404",type="invalid_request_error"}') == 1
+    assert grew('sgjax_aborted_requests_total{cause="client"}') == 1
+    assert grew('sgjax_aborted_requests_total{cause="engine_error"}') == 1
+
 
 def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server):
     engine = engine_of(server)
@@ -288,3 +450,110 @@ def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server)
     assert metrics['sgjax_kv_pages{state="used"}'] == 0
     assert metrics["sgjax_queue_time_seconds_count"] >= 1
     assert metrics["sgjax_preemptions_total"] == engine.load_stats()["num_preemptions"]
+
+
+# ---- a schema-driven fuzz of every route ------------------------------------------------------------------
+
+def test_fuzzing_every_route_from_its_openapi_schema_gets_no_server_error(server):
+    """Bodies schemathesis derives from /openapi.json (valid and not) get no 5xx on any route; the server is
+    healthy afterwards and every KV page is free or in the radix cache."""
+    import schemathesis
+
+    from sgjax.server.protocol import POST_BODIES
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {"/v1/completions", "/v1/chat/completions", "/generate", "/tokenize", "/abort_request"} <= {
+        op.path for op in operations}
+    errors, calls = [], []
+
+    def few_tokens(case):  # what is fuzzed is what a body may hold, not how long a generation takes
+        body = case.body if isinstance(case.body, dict) else {}
+        for holder, name in ((body, "max_tokens"), (body.get("sampling_params"), "max_new_tokens")):
+            if isinstance(holder, dict) and (holder.get(name) is None or isinstance(holder[name], int)):
+                holder[name] = min(holder.get(name) or 1, 1)
+        return case
+
+    for operation in operations:  # bodies are what there is to fuzz: a route without one is called once
+        @settings(max_examples=15 if operation.path in POST_BODIES else 1, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy().map(few_tokens))
+        def fuzz(case):
+            response = case.call(base_url=server.url, headers=AUTH, timeout=60)
+            calls.append((operation.path, response.status_code))
+            if response.status_code >= 500:
+                errors.append((case.method, case.path, case.body, response.status_code, response.text[:300]))
+
+        fuzz()
+    assert not errors, errors
+    assert len(calls) >= 10 * len(POST_BODIES)
+    engine = engine_of(server)
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+    assert get(server.url + "/health_generate")[0] == 200
+
+
+# ---- a soak of concurrent streams with random disconnects and aborts ---------------------------------------
+
+SOAK_PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], list(range(20, 41)), [100, 200, 300, 400, 11]]
+SOAK_PARAMS = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+
+
+def test_soak_of_streams_with_disconnects_and_aborts_keeps_outputs_and_pages(server, caplog):
+    """Concurrent /generate streams, some hung up on and some aborted after a few events (hypothesis chooses):
+    every request ends, the finished ones are the quiet run's greedy outputs, afterwards every KV page is
+    free or in the radix cache, and nothing was logged as an error (disconnects are routine)."""
+    import aiohttp
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    engine = engine_of(server)
+    quiet = [raw_post(server, "/generate", json.dumps({"input_ids": p, "sampling_params": SOAK_PARAMS}).encode(),
+                      JSON)[1]["output_ids"] for p in SOAK_PROMPTS]
+    finished = []
+    engine.finish_hooks.append(finished.append)
+
+    async def one_stream(session, k: int, prompt: int, action: str, after: int) -> tuple[str, list | None]:
+        rid = f"soak-{k}-{time.monotonic_ns()}"
+        body = {"input_ids": SOAK_PROMPTS[prompt], "sampling_params": SOAK_PARAMS, "stream": True, "rid": rid}
+        async with session.post(server.url + "/generate", json=body, headers=AUTH) as r:
+            assert r.status == 200
+            events, last = 0, None
+            async for line in r.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                last, events = json.loads(line[6:]), events + 1
+                if events == after and action == "disconnect":
+                    r.close()
+                    return action, None
+                if events == after and action == "abort":
+                    async with session.post(server.url + "/abort_request", json={"rid": rid}, headers=AUTH) as a:
+                        assert a.status == 200
+            return action, last
+
+    async def soak(streams):
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(one_stream(session, k, *s) for k, s in enumerate(streams)))
+
+    @settings(max_examples=3, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(SOAK_PROMPTS) - 1), st.sampled_from(["finish", "disconnect", "abort"]),
+                              st.integers(1, 4)), min_size=4, max_size=10))
+    def run(streams):
+        finished.clear()
+        results = asyncio.run(soak(streams))
+        for (prompt, action, _), (_, last) in zip(streams, results):
+            if action == "disconnect":
+                continue
+            reason = last["meta_info"]["finish_reason"]
+            if action == "finish" or reason["type"] == "length":  # an abort may come after the last token
+                assert reason["type"] == "length" and last["output_ids"] == quiet[prompt], (last, quiet[prompt])
+            else:
+                assert reason["type"] == "abort" and last["output_ids"] == quiet[prompt][:len(last["output_ids"])]
+        wait_until(lambda: idle(engine) and len(finished) == len(streams) and pages_accounted(engine), timeout=30)
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            run()
+    finally:
+        engine.finish_hooks.remove(finished.append)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[:2000]
