@@ -2,11 +2,17 @@
 two images, image KV reuse through the radix cache (keyed by image content), chunked prefill across image spans,
 preemption, and bad image input as ValueErrors naming the problem."""
 
+import base64
+import io
 import json
 
 import numpy as np
+import openai
 import PIL.Image
 import pytest
+import requests
+
+import sgjax as sgl
 
 from sgjax.config import EngineArgs
 from sgjax.engine import Engine
@@ -18,6 +24,7 @@ from sgjax.engine.image_inputs import (
 from sgjax.engine.request_builder import RequestBuilder
 from sgjax.multimodal.image_io import ImageError
 from sgjax.testing.tiny_models import make_tokenizer
+from tests.e2e.test_server import LiveServer
 from tests.test_engine import check_pages_accounted
 
 torch = pytest.importorskip("torch")
@@ -43,6 +50,9 @@ def random_image(seed: int, height: int, width: int) -> PIL.Image.Image:
 
 # 24x32 px: 6x8 patches of 4 px, 12 placeholder tokens; 16x40 px: 4x10 patches, 10 tokens
 CAT, DOG = random_image(1, 24, 32), random_image(2, 16, 40)
+CAT_PNG = io.BytesIO()
+CAT.save(CAT_PNG, format="PNG")
+CAT_PNG = CAT_PNG.getvalue()
 ONE_IMAGE = [5, 6, 7, START, IMAGE, END, 11, 12, 13]
 TWO_IMAGES = [5, START, IMAGE, END, 20, 21, START, IMAGE, END, 22, 23]
 
@@ -61,7 +71,11 @@ def vl(request, tmp_path_factory):
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in key or "ln_q" in key else 0.3 * torch.randn_like(p))
     path = str(tmp_path_factory.mktemp(name))
     model.save_pretrained(path)
-    make_tokenizer(300).save_pretrained(path)
+    tokenizer = make_tokenizer(300)  # + special tokens at the ids the config names, so chat text can hold images
+    tokenizer.add_special_tokens({"additional_special_tokens": [f"<|unused{i}|>" for i in range(START - 300)] + [
+        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
+    assert tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]) == [START, END, IMAGE]
+    tokenizer.save_pretrained(path)
     with open(f"{path}/preprocessor_config.json", "w") as f:
         json.dump({"min_pixels": 64, "max_pixels": 48 * 48, "patch_size": 4, "merge_size": 2}, f)
     # Chunks of 16 tokens split the image spans; 23 usable pages of 4 tokens make 4 concurrent requests preempt.
@@ -171,6 +185,56 @@ def test_bad_image_input_raises_value_errors_naming_the_problem(vl):
     with pytest.raises(ImageError, match="image 0: cannot decode the image"):
         engine.generate(input_ids=ONE_IMAGE, image_data=b"not an image at all")
     assert issubclass(ImagesNotSupportedError, ValueError)
+
+
+def data_url(image: PIL.Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_through_the_openai_client_the_native_api_and_the_frontend_language(vl):
+    """A live server on the model: the official openai client sends an image as a data URL in a chat message,
+    /generate takes image_data, and a frontend program with sgl.image runs over RuntimeEndpoint; each answers
+    with transformers' greedy tokens for the prompt with the model's image placeholder, and a second turn over
+    the same image finds the image's tokens cached (usage)."""
+    _, model, engine = vl
+    server = LiveServer(engine)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        name = client.models.list().data[0].id
+        content = [{"type": "text", "text": "look: "}, {"type": "image_url", "image_url": {"url": data_url(CAT)}},
+                   {"type": "text", "text": " what?"}]
+        reply = client.chat.completions.create(model=name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+                                               messages=[{"role": "user", "content": content}])
+        placeholder = engine.image_placeholder
+        assert placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+        prompt = engine.apply_chat_template([{"role": "user", "content": f"look: {placeholder} what?"}])
+        want = hf_generate(model, engine, prompt, [CAT], 4)
+        assert reply.choices[0].message.content == engine.tokenizer.decode(want)
+        again = client.chat.completions.create(model=name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+                                               messages=[{"role": "user", "content": content}])
+        assert again.usage.prompt_tokens_details.cached_tokens >= len(prompt) + 12 - 1 - 4  # up to the last page
+
+        native = requests.post(server.url + "/generate", json={
+            "input_ids": ONE_IMAGE, "image_data": data_url(DOG), "sampling_params": GREEDY}).json()
+        assert native["output_ids"] == hf_generate(model, engine, ONE_IMAGE, [DOG], GREEDY["max_new_tokens"])
+
+        @sgl.function
+        def describe(s, image):
+            s += sgl.user(sgl.image(image) + " what?")
+            s += sgl.assistant(sgl.gen("answer", max_tokens=4, temperature=0, ignore_eos=True, return_logprob=True))
+
+        state = describe.run(image=CAT_PNG, backend=sgl.RuntimeEndpoint(server.url))
+        assert state.error() is None
+        asked = engine.tokenize(state.text()[:state.text().rindex(state["answer"])])
+        got = [tok for _, tok, _ in state.get_meta_info("answer")["output_token_logprobs"]]
+        assert got == hf_generate(model, engine, asked, [CAT], 4)
+        refused = requests.post(server.url + "/generate", json={"input_ids": ONE_IMAGE, "image_data": "bm90IGFuIGltYWdl",
+                                                                "sampling_params": GREEDY})
+        assert refused.status_code == 400 and "image" in refused.json()["error"]["message"]
+    finally:
+        server.stop()
 
 
 def test_images_sent_to_a_text_only_model_are_refused():

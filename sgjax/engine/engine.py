@@ -291,6 +291,11 @@ class Engine:
         """Token ids of the chat (and tool definitions) as the model's template renders them."""
         return self.requests.apply_chat_template(messages, tools)
 
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text that stands for one image in a chat prompt (None: a text-only model; RequestBuilder's)."""
+        return self.requests.image_placeholder
+
 
     # ---- to the core and back ------------------------------------------------------------------------
     def _submit(self, output: RequestOutput, callback: Callback,

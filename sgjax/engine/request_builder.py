@@ -58,6 +58,18 @@ class RequestBuilder:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text that stands for one image in a chat prompt, as the model's chat template writes it (Qwen:
+        <|vision_start|><|image_pad|><|vision_end|>); build() expands its token to the image's. None: a
+        text-only model."""
+        if self.images is None:
+            return None
+        cfg = self.images.cfg
+        wrap = cfg.image_wrapper_ids
+        ids = [wrap[0], cfg.image_token_id, wrap[1]] if len(wrap) == 2 else [cfg.image_token_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the chat (and tool definitions) as the model's template renders them."""
         extra = {"tools": tools} if tools else {}

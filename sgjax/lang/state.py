@@ -232,6 +232,8 @@ class ProgramState:
             if self._role is None:
                 raise ValueError("an image must be inside a role, e.g. s += sgl.user(sgl.image(path) + 'text')")
             self._images.append(expr)
+            if self.backend.image_placeholder:  # the model's image tokens, where the image is in the text
+                self._append(self.backend.image_placeholder)
         elif isinstance(expr, RoleBegin):
             if self._role is not None:
                 raise ValueError(f"{expr.role} message begun inside an open {self._role} message")

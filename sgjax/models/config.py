@@ -50,6 +50,8 @@ class ModelConfig:
     # by the temporal, row and column positions (positions are [3, T]); image placeholders take the tower's rows.
     mrope_section: tuple[int, ...] = ()
     image_token_id: int | None = None
+    # The tokens around an image's placeholder where the chat template writes them (Qwen: <|vision_start|>...)
+    image_wrapper_ids: tuple[int, ...] = ()
     vision: Any = None  # sgjax.models.vision.qwen2_vl.VisionConfig
 
     @property
@@ -158,6 +160,9 @@ class ModelConfig:
             dtype=dtype,
             mrope_section=mrope_section,
             image_token_id=getattr(outer, "image_token_id", None) if vision_language else None,
+            image_wrapper_ids=tuple(i for i in (getattr(outer, "vision_start_token_id", None),
+                                                getattr(outer, "vision_end_token_id", None)) if i is not None)
+            if vision_language else (),
             vision=_vision_config(outer, dtype) if vision_language else None,
         )
 

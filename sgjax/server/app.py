@@ -118,7 +118,10 @@ async def model_info(request: web.Request) -> web.Response:
                               "architecture": engine.config.architecture,
                               "architectures": [engine.config.architecture],
                               "context_length": engine.context_length,
-                              "has_image_understanding": False, "has_audio_understanding": False,
+                              "has_image_understanding": engine.image_placeholder is not None,
+                              "has_audio_understanding": False,
+                              # for sgjax.lang: the text standing for one image in a prompt (None: text-only)
+                              "image_placeholder": engine.image_placeholder,
                               # for sgjax.lang.RuntimeEndpoint: the text around each role's messages
                               "role_markers": role_markers(engine.tokenizer)})
 

@@ -35,9 +35,11 @@ NOT_SUPPORTED = {
 INCREMENTAL_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
-def check_fields(body: dict, model_name: str) -> None:
+def check_fields(body: dict, model_name: str, takes_images: bool) -> None:
     """400 for fields sgjax cannot honour (named, with why) and for fields SGLang does not have."""
     for name, what in MODALITIES.items():
+        if name == "image_data" and takes_images:
+            continue
         if body.get(name) not in (None, [], ""):
             raise ApiError(f"{name}: this model ({model_name}) takes no {what}; it is a text-only model", param=name)
     for name, reason in NOT_SUPPORTED.items():
@@ -115,7 +117,7 @@ def native_result(engine, req, body: dict) -> dict:
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await read_json(request)
-    check_fields(body, request.app[SERVER_ARGS].served_model_name)
+    check_fields(body, request.app[SERVER_ARGS].served_model_name, engine.image_placeholder is not None)
     validate(GenerateRequest, body)  # the fields' shapes; the handler reads the body as sent
     text, input_ids = body.get("text"), body.get("input_ids")
     batched = isinstance(text, list) or bool(input_ids and isinstance(input_ids[0], list))
@@ -124,7 +126,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     params = sampling_dict(body)
     check_limits(request.app[SERVER_ARGS], num_prompts, params)
     try:
-        requests = await request.app[OFFLOAD].run(engine.make_requests, text, params, input_ids, rid=rid)
+        requests = await request.app[OFFLOAD].run(engine.make_requests, text, params, input_ids, rid=rid,
+                                                  image_data=body.get("image_data"))
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish

@@ -83,13 +83,14 @@ def finish_reason(req) -> str:
     return FINISH_REASONS[reason]
 
 
-async def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False):
-    """Tokenize and validate, on a tokenizer thread."""
+async def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False,
+                        image_data: list | None = None):
+    """Tokenize and validate (images decoded and preprocessed too), on a tokenizer thread."""
     engine = request.app[ENGINE]
     check_limits(request.app[SERVER_ARGS], len(prompt if prompt is not None else input_ids), params)
     try:
         requests = await request.app[OFFLOAD].run(engine.make_requests, prompt, params, input_ids,
-                                                  rid=request[REQUEST_ID])
+                                                  rid=request[REQUEST_ID], image_data=image_data)
     except ValueError as e:
         raise ApiError(str(e)) from None
     request[ENGINE_REQUESTS] = requests  # from here on, the middleware aborts what does not finish
@@ -188,15 +189,26 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 # ---- /v1/chat/completions ------------------------------------------------------------------
 
-def chat_messages(body: dict) -> list[dict]:
-    out = []
+def chat_messages(body: dict, image_placeholder: str | None, model_name: str) -> tuple[list[dict], list[str]]:
+    """The messages with their content parts joined into text, each image part replaced by the model's
+    placeholder text (the tokens the chat template writes for an image), and the images' URLs in order."""
+    out, images = [], []
     for m in body["messages"]:  # their roles and content parts checked by ChatCompletionRequest
         content = m.get("content")
         if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content)
+            texts = []
+            for part in content:
+                if part["type"] == "image_url":
+                    require(image_placeholder is not None,
+                            f"messages: this model ({model_name}) takes no images; it is a text-only model", "messages")
+                    texts.append(image_placeholder)
+                    images.append(part["image_url"]["url"])
+                else:
+                    texts.append(part.get("text", ""))
+            content = "".join(texts)
         # tool_calls of assistant turns and tool_call_id of tool results pass through to the template
         out.append({**m, "content": content or ""})
-    return out
+    return out, images
 
 
 def chat_tools(body: dict, fmt: str) -> tuple[list[dict] | None, str | None]:
@@ -241,7 +253,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_dict(request, ChatCompletionRequest)
     check_fields(body, CHAT, "/v1/chat/completions")
     check_model(request, body)
-    messages = chat_messages(body)
+    messages, images = chat_messages(body, engine.image_placeholder, model_name(request))
     params = common_sampling(body, None)
     want_logprobs = bool(body.get("logprobs"))
     top = body.get("top_logprobs")
@@ -264,10 +276,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     except Exception as e:  # the template rejected the conversation (roles out of order, ...)
         raise ApiError(f"chat template failed: {e}", param="messages") from None
-    if "max_new_tokens" not in params:
-        params["max_new_tokens"] = max(1, engine.context_length - len(prompt_ids))
+    if "max_new_tokens" not in params:  # until the context is full (images expand the prompt: the engine counts)
+        params["max_new_tokens"] = None if images else max(1, engine.context_length - len(prompt_ids))
     include_usage = stream_options(body)
-    requests = await make_requests(request, None, params, [prompt_ids], max_tokens_given(body))
+    requests = await make_requests(request, None, params, [prompt_ids], max_tokens_given(body),
+                                   image_data=[images] if images else None)
     n = params.get("n", 1)
     head = {"id": f"chatcmpl-{request[REQUEST_ID]}", "created": int(time.time()), "model": model_name(request)}
 

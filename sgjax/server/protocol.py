@@ -106,9 +106,19 @@ class TextPart(Body):
     text: str = ""
 
 
+class ImageURL(Body):
+    url: str = Field(description="a data: URL (base64), or a path or file:// URL on the server's disk")
+    detail: str | None = None
+
+
+class ImagePart(Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(Body):
     role: Literal[ROLES]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -159,6 +169,8 @@ class GenerateRequest(Body):
         {**TypeAdapter(SamplingParams).json_schema(), "additionalProperties": False}, {"type": "null"}]})] = Field(
         None, description="an object of sampling parameters (SGLang's names: max_new_tokens, temperature, ...)")
     rid: str | list[str] | None = None
+    image_data: str | list[str | list[str] | None] | None = Field(
+        None, description="vision-language models: an image (data: URL, base64, path) or images, or one entry per prompt")
     stream: bool | None = None
     return_logprob: one_or_each(bool) = None
     logprob_start_len: one_or_each(int) = None

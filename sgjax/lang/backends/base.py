@@ -5,6 +5,7 @@ A backend receives resolved gens (sampling.resolve: no field left None) and the 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Iterator
 
@@ -23,6 +24,9 @@ class ChoiceScores:
 
 class Backend:
     role_markers: dict[str, tuple[str, str]]  # role -> (prefix, suffix), from the model's chat template
+    # The text standing for one image in the prompt (a vision model's placeholder tokens), which the state
+    # writes where a program adds an image; None: the backend takes no images, or places them itself (OpenAI)
+    image_placeholder: str | None = None
     supports_speculation = False  # API speculative execution (OpenAI-style backends)
     # gen fields this backend cannot honour when set -> why (a clear error, never a silent drop)
     unsupported: dict[str, str] = {}
@@ -61,11 +65,19 @@ class Backend:
     def get_server_info(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no server information")
 
-    @staticmethod
-    def no_images(prompt) -> None:
+    def image_data(self, prompt) -> list[str] | None:
+        """The prompt's images as data URLs, in the order of their placeholders in its text (the state writes
+        `image_placeholder` where each image is added); None without images. Raises for a text-only model."""
+        images = [im for m in prompt.messages for im in m.get("images") or []]
+        if not images:
+            return None
+        if self.image_placeholder is None:
+            raise ValueError(f"{type(self).__name__} serves a text-only model: it takes no images")
+        return [f"data:{im.mime};base64,{base64.b64encode(im.data).decode()}" for im in images]
+
+    def no_images(self, prompt, what: str) -> None:
         if any(m.get("images") for m in prompt.messages):
-            raise ValueError("this backend serves a text-only model: images need an OpenAI-style backend "
-                             "of a vision model")
+            raise ValueError(f"{what} after an image is not supported by {type(self).__name__}")
 
 
 def choice_start(prefix_ids: list[int], full_ids: list[int]) -> int:

@@ -1,5 +1,6 @@
 """In-process backend: an Engine in this Python process. Supports every gen field, select with every
-choices method, streaming with meta information per chunk; images need a vision model (none yet)."""
+choices method, streaming with meta information per chunk; images with a vision-language model (not in a
+select's prompt)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class EngineBackend(Backend):
         self.engine = engine
         self.owns_engine = owns_engine  # shutdown() stops it (sgl.Runtime made it)
         self.role_markers = role_markers(engine.tokenizer)
+        self.image_placeholder = engine.image_placeholder
 
     @property
     def endpoint(self) -> "EngineBackend":
@@ -54,20 +56,18 @@ class EngineBackend(Backend):
         return meta
 
     def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
-        self.no_images(prompt)
-        (req,) = self.engine.make_requests(prompt.text, self._params(gen))
+        (req,) = self.engine.make_requests(prompt.text, self._params(gen), image_data=self.image_data(prompt))
         asyncio.run(self.engine.run_to_end([req]))
         return req.text, self._meta(req, gen)
 
     def stream(self, prompt, gen: Gen) -> Iterator[tuple[str, dict]]:
-        self.no_images(prompt)
-        for delta, req in self.engine.stream(prompt.text, self._params(gen)):
+        for delta, req in self.engine.stream(prompt.text, self._params(gen), image_data=self.image_data(prompt)):
             yield delta, self._meta(req, gen)
 
     def score_choices(self, prompt, choices: list[str], unconditional: bool) -> ChoiceScores:
         """Each choice's token logprobs after the prompt, all choices (and their unconditional scoring) in
         one batch."""
-        self.no_images(prompt)
+        self.no_images(prompt, "select")
         prefix = self.engine.tokenize(prompt.text)
         requests, spans = [], []
         for choice in choices:

@@ -1,6 +1,6 @@
 """Backend over an sgjax (or SGLang) server's native API: /generate. Programs that share a prefix reuse its
 KV pages through the server's radix cache. Supports every gen field, select with every choices method and
-streaming with meta information per chunk; images need a vision model (none yet)."""
+streaming with meta information per chunk; images with a vision-language model (not in a select's prompt)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class RuntimeEndpoint(Backend):
         info = self._request("GET", "/get_model_info")
         markers = info.get("role_markers") or DEFAULT
         self.role_markers = {role: tuple(pair) for role, pair in markers.items()}
+        self.image_placeholder = info.get("image_placeholder")
         self.model_info = info
 
     def _request(self, method: str, path: str, body: dict | None = None, stream: bool = False):
@@ -45,8 +46,9 @@ class RuntimeEndpoint(Backend):
             return json.loads(response.read())
 
     def _body(self, prompt, gen: Gen) -> dict:
-        self.no_images(prompt)
-        return {"text": prompt.text, "sampling_params": engine_params(gen), **logprob_options(gen)}
+        images = self.image_data(prompt)
+        return {"text": prompt.text, "sampling_params": engine_params(gen), **logprob_options(gen),
+                **({"image_data": images} if images else {})}
 
     def generate(self, prompt, gen: Gen) -> tuple[str, dict]:
         out = self._request("POST", "/generate", self._body(prompt, gen))
@@ -68,7 +70,7 @@ class RuntimeEndpoint(Backend):
     def score_choices(self, prompt, choices: list[str], unconditional: bool) -> ChoiceScores:
         """The prompt alone and prompt + each choice in one batch, with the ids and logprobs of their last
         tokens, to find where each choice's tokens begin; the unconditional scoring in a second."""
-        self.no_images(prompt)
+        self.no_images(prompt, "select")
         length = self._request("POST", "/generate", {"text": prompt.text, "sampling_params": {"max_new_tokens": 0}})
         start = max(0, length["meta_info"]["prompt_tokens"] - 4)  # merges reach back a token or two
         outs = self._request("POST", "/generate", {
