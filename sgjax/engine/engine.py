@@ -287,9 +287,10 @@ class Engine:
         """Token ids of a text prompt (RequestBuilder.tokenize)."""
         return self.requests.tokenize(text)
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> list[int]:
         """Token ids of the chat (and tool definitions) as the model's template renders them."""
-        return self.requests.apply_chat_template(messages, tools)
+        return self.requests.apply_chat_template(messages, tools, template_kwargs)
 
     @property
     def image_placeholder(self) -> str | None:

@@ -70,9 +70,11 @@ class RequestBuilder:
         ids = [wrap[0], cfg.image_token_id, wrap[1]] if len(wrap) == 2 else [cfg.image_token_id]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of the chat (and tool definitions) as the model's template renders them."""
-        extra = {"tools": tools} if tools else {}
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of the chat (and tool definitions) as the model's template renders them; `template_kwargs`:
+        extra variables the template reads (e.g. Qwen3's enable_thinking)."""
+        extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         self._check_length(text)
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -9,7 +9,7 @@ from aiohttp import web
 from sgjax.server.errors import ApiError, require
 from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
 from sgjax.server.limits import check_limits, check_max_tokens
-from sgjax.server.openai_fields import CHAT, COMPLETIONS, check_fields
+from sgjax.server.openai_fields import CHAT, COMPLETIONS, SAMPLING_EXTENSIONS, check_fields
 from sgjax.server.protocol import ChatCompletionRequest, CompletionRequest, parse_dict
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
 from sgjax.server.tool_parser import format_for, parse_tool_calls, tool_call_grammar
@@ -46,11 +46,10 @@ def common_sampling(body: dict, max_tokens_default: int | None) -> dict:
         "presence_penalty": body.get("presence_penalty", 0.0),
         "logit_bias": body.get("logit_bias"),  # {"token id": bias}; SamplingParams checks and converts it
     }
-    # SGLang's extensions to the OpenAI body
-    for name in ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids",
-                 "regex", "ebnf"):
+    # SGLang's and vLLM's extensions to the OpenAI body, in SGLang's sampling parameters' meaning
+    for name in SAMPLING_EXTENSIONS:
         if name in body:
-            params[name] = body[name]
+            params["min_new_tokens" if name == "min_tokens" else name] = body[name]
     params.update(response_format_constraint(body.get("response_format")))
     if params["max_new_tokens"] is None:
         del params["max_new_tokens"]
@@ -271,7 +270,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params["ebnf"] = call_grammar
     tool_format = tool_format if tools else None
     try:
-        prompt_ids = await request.app[OFFLOAD].run(engine.apply_chat_template, messages, tools)
+        prompt_ids = await request.app[OFFLOAD].run(engine.apply_chat_template, messages, tools,
+                                                    body.get("chat_template_kwargs"))
     except ApiError:
         raise
     except Exception as e:  # the template rejected the conversation (roles out of order, ...)

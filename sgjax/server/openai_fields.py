@@ -17,6 +17,9 @@ from collections.abc import Callable
 from sgjax.server.errors import ApiError
 
 SUPPORTED, IGNORED, REJECTED = "supported", "ignored", "rejected"
+# Sampling fields SGLang's and vLLM's OpenAI servers take beyond OpenAI's (min_tokens is min_new_tokens)
+SAMPLING_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids",
+                       "regex", "ebnf", "min_tokens", "stop_regex", "no_stop_trim", "spaces_between_special_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +49,11 @@ BOTH = {
     "stop": supported(), "max_tokens": supported(), "frequency_penalty": supported(),
     "presence_penalty": supported(), "logit_bias": supported(), "logprobs": supported(),
     "user": ignored("an end-user identifier for OpenAI's abuse monitoring"),
-    # SGLang's extensions of the OpenAI body, in SGLang's sampling parameters' meaning
-    **dict.fromkeys(("top_k", "min_p", "repetition_penalty", "ignore_eos", "skip_special_tokens", "stop_token_ids",
-                     "regex", "ebnf"), supported("SGLang's extension")),
+    # SGLang's and vLLM's extensions of the OpenAI body, in SGLang's sampling parameters' meaning
+    **dict.fromkeys(SAMPLING_EXTENSIONS, supported("SGLang's (and vLLM's) extension")),
+    "rid": ignored("SGLang's request id: sgjax names the request itself (its id is in the response)"),
+    "lora_path": rejected("LoRA adapters are not supported"),
+    "return_hidden_states": rejected("return_hidden_states is not supported"),
 }
 
 COMPLETIONS = {
@@ -62,6 +67,10 @@ CHAT = {
     **BOTH,
     "messages": supported("text content only"), "max_completion_tokens": supported(), "top_logprobs": supported(),
     "response_format": supported("text, json_object, json_schema"), "tools": supported(), "tool_choice": supported(),
+    "chat_template_kwargs": supported("extra variables for the chat template (e.g. enable_thinking)"),
+    "continue_final_message": rejected("continuing the final message is not supported"),
+    "separate_reasoning": rejected("reasoning is not separated from the answer",
+                                   lambda value, body: value in (None, False)),
     "parallel_tool_calls": ignored("every tool call the model writes is returned"),
     "metadata": ignored("stored completions' tags"),
     "store": ignored("OpenAI's stored completions"),

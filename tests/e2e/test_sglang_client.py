@@ -624,8 +624,38 @@ def test_openai_fields_each_supported_ignored_or_rejected_as_the_table_says(setu
             (client.completions.create, text, dict(best_of=3)),
             (client.completions.create, text, dict(extra_body={"made_up": 1})),
             (client.chat.completions.create, chat, dict(extra_body={"echo": True})),  # a completions-only field
+            (client.chat.completions.create, chat, dict(extra_body={"continue_final_message": True})),
+            (client.completions.create, text, dict(extra_body={"lora_path": "adapter"})),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             create(**base, **extra)
         name = next(iter(extra.get("extra_body", extra)))
         assert e.value.body["param"] == name and name in e.value.body["message"]
+
+
+def test_sglang_and_vllm_openai_extensions_keep_their_meaning(setup):
+    """The extras SGLang's and vLLM's OpenAI servers take: min_tokens delays an EOS that logit_bias forces
+    (min_new_tokens), stop_regex ends the text after its match, chat_template_kwargs reach the template (a
+    variable the tiny template does not read leaves the prompt as it was)."""
+    engine, server, _, _ = setup
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    eos = engine.tokenizer.eos_token_id
+    forced = dict(model=MODEL, prompt="Hi", max_tokens=8, temperature=0, logit_bias={str(eos): 100})
+    assert client.completions.create(**forced).usage.completion_tokens == 1
+    delayed = client.completions.create(**forced, extra_body={"min_tokens": 4})
+    assert delayed.usage.completion_tokens == 5 and delayed.choices[0].finish_reason == "stop"
+    free = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    cut = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_regex": re.escape(free[2:4])})
+    assert cut.choices[0].text == free[:free.index(free[2:4]) + 2]  # up to the match's end, as on /generate
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
+    tokenizer = engine.requests.tokenizer
+    template = tokenizer.chat_template
+    tokenizer.chat_template = "{% if shout %}HEY {% endif %}{{ messages[0]['content'] }}"
+    try:
+        plain = client.chat.completions.create(**chat).usage.prompt_tokens
+        shouted = client.chat.completions.create(**chat, extra_body={"chat_template_kwargs": {"shout": True}})
+    finally:
+        tokenizer.chat_template = template
+    assert shouted.usage.prompt_tokens == len(engine.tokenize("HEY Hi")) > plain == len(engine.tokenize("Hi"))
