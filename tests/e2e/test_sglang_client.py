@@ -226,7 +226,9 @@ def sglang_failing_backend(fail_after: str, wait_for_end: bool = True):
     class Failing(BaseBackend):
         def __init__(self):
             super().__init__()
-            self.calls, self.ended, self.lock = [], {}, threading.Lock()
+            # reentrant: a garbage-collected program's __del__ calls end_program, and the collection can run
+            # inside _ended (it deadlocked a run once, the collection triggered by making the Event)
+            self.calls, self.ended, self.lock = [], {}, threading.RLock()
 
         def _ended(self, s):
             with self.lock:
