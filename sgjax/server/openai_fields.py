@@ -59,6 +59,7 @@ BOTH = {
 COMPLETIONS = {
     **BOTH,
     "prompt": supported("text, token ids, or a list of either"), "echo": supported(),
+    "response_format": supported("SGLang's extension on completions: text, json_object, json_schema"),
     "best_of": rejected("best_of other than n is not supported", lambda value, body: value in (None, body.get("n", 1))),
     "suffix": rejected("suffix (insertion) is not supported"),
 }
