@@ -107,19 +107,13 @@ def test_staggered_requests_match_transformers(engine, llama):
     # prompt chunks of a few tokens squeezed into the decode steps
     dict(schedule_policy="lof", step_token_target=12),
     dict(attention_backend="pallas_interpret"),
-    dict(attention_backend="pallas_tpu_interpret", page_size=16, num_pages=100),
     # the CPU's kernels (attention walking key blocks, fused projections as flat matmuls), its shape policy
     # (tokens and rows from 1, compiled at first use) and a pool sized from the host's memory
     dict(attention_backend="pallas", num_pages=None, context_length=128),
 ], ids=["no-radix", "no-chunking", "page-1", "page-16", "preemption", "preemption-no-radix", "no-overlap",
-        "preemption-no-overlap", "lof-step-target", "pallas-kernel", "tpu-kernel", "cpu-kernels"])
+        "preemption-no-overlap", "lof-step-target", "pallas-kernel", "cpu-kernels"])
 def test_outputs_identical_across_configurations(llama, overrides):
     path, _, prompts, expected = llama
-    if overrides.get("attention_backend") == "pallas_tpu_interpret":
-        # The TPU interpreter simulates every DMA (one a page: hence pages of 16 tokens): 6 requests still
-        # mix prompt chunks (51 and 42 tokens in 32-token chunks) with decodes, in the same steps; 6 tokens
-        # each (greedy: the first 6 of HF's 12).
-        prompts, expected = prompts[:6], [want[:6] for want in expected[:6]]
     engine = make_engine(path, **overrides)
     try:
         new_tokens = len(expected[0])
