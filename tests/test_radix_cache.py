@@ -148,7 +148,7 @@ class RadixMachine(RuleBasedStateMachine):
 
 
 TestRadixMachine = RadixMachine.TestCase
-TestRadixMachine.settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
+TestRadixMachine.settings = settings(max_examples=200, stateful_step_count=60, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
 
 
