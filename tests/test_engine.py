@@ -377,7 +377,7 @@ def test_steps_run_on_stand_ins_while_their_programs_compile_in_the_background(e
     runner = engine.runner
     wait_until(lambda: not engine.scheduler.has_work())
     compiled, sampler = dict(runner.compiled), dict(runner.sampler)
-    plain = [k for k in compiled if not k[1] and not k[2]]
+    plain = sorted(k for k in compiled if not k[1] and not k[2])  # compiled in the order they finished
     largest_rows = runner.row_buckets[-1]
     try:
         for key in plain[1:-1] + [k for k in compiled if k[2]]:
