@@ -166,17 +166,7 @@ def test_regex_and_json_extraction(setup, backend):
 
 def test_multi_turn_follow_ups(setup, backend):
     engine, _, hf_model, _ = setup
-
-    @sgl.function
-    def conversation(s, questions):
-        s += sgl.system("Answer briefly.")
-        answers = []
-        for q in questions:
-            s += sgl.user(q)
-            s += sgl.assistant(sgl.gen("answer", max_tokens=4, ignore_eos=True))
-            answers.append(s["answer"])  # plain Python reads each answer before the next turn
-        return answers
-
+    conversation, _ = agent_programs(sgl)["multi_turn"]  # a system prompt, then a 4-token answer per question
     state = conversation.run(questions=["Hi?", "And then?", "Why?"], temperature=0, backend=backend)
     assert [m["role"] for m in state.messages()] == ["system"] + ["user", "assistant"] * 3
     history = [{"role": "system", "content": "Answer briefly."}]

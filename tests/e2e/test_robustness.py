@@ -16,7 +16,15 @@ import pytest
 
 from sgjax.config import EngineArgs
 from sgjax.engine import Engine
-from tests.e2e.test_server import API_KEY, MODEL, LiveServer, get, post, wait_until
+from tests.e2e.test_server import (
+    API_KEY,
+    MODEL,
+    LiveServer,
+    get,
+    post,
+    scrape,
+    wait_until,
+)
 
 ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=8, chunked_prefill_size=64, num_pages=400)
 LIMITS = dict(max_prompts_per_request=4, max_n=4, max_sequences_per_request=8, max_stop_strings=3,
@@ -384,15 +392,6 @@ def test_generate_refuses_max_new_tokens_beyond_the_context(server):
 
 # ---- 9. metrics ----------------------------------------------------------------------------------------
 
-def scrape(server) -> dict[str, float]:
-    metrics = {}
-    for line in get(server.url + "/metrics")[1].splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            metrics[name] = float(value)
-    return metrics
-
-
 def test_metrics_count_errors_by_type_and_aborts_by_cause(server, monkeypatch):
     engine = engine_of(server)
     before = scrape(server)
@@ -458,9 +457,9 @@ def test_fuzzing_every_route_from_its_openapi_schema_gets_no_server_error(server
     """Bodies schemathesis derives from /openapi.json (valid and not) get no 5xx on any route; the server is
     healthy afterwards and every KV page is free or in the radix cache."""
     import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
 
     from sgjax.server.protocol import POST_BODIES
-    from hypothesis import HealthCheck, Phase, given, settings
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

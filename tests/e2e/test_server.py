@@ -395,20 +395,21 @@ def test_engine_timings_count_the_steps_a_request_takes(setup):
     assert after["host_s"]["process"] > before["host_s"]["process"]
 
 
+def scrape(server: LiveServer) -> dict[str, float]:
+    """The server's Prometheus metrics, name (with labels) -> value."""
+    metrics = {}
+    for line in get(server.url + "/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    return metrics
+
+
 def test_metrics_change_after_requests(setup):
     engine, server, prompts, _ = setup
-
-    def scrape() -> dict:
-        out = {}
-        for line in get(server.url + "/metrics")[1].splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    before = scrape()
+    before = scrape(server)
     post(server.url + "/generate", {"input_ids": prompts[10], "sampling_params": {"max_new_tokens": 5}})
-    after = scrape()
+    after = scrape(server)
     assert after["sgjax_generation_tokens_total"] - before.get("sgjax_generation_tokens_total", 0) == 5
     assert after["sgjax_prompt_tokens_total"] - before.get("sgjax_prompt_tokens_total", 0) == len(prompts[10])
     key = 'sgjax_requests_total{status="length"}'
