@@ -4,6 +4,8 @@ sees it."""
 
 from __future__ import annotations
 
+import functools
+
 import threading
 import uuid
 
@@ -58,7 +60,7 @@ class RequestBuilder:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
-    @property
+    @functools.cached_property
     def image_placeholder(self) -> str | None:
         """The text that stands for one image in a chat prompt, as the model's chat template writes it (Qwen:
         <|vision_start|><|image_pad|><|vision_end|>); build() expands its token to the image's. None: a

@@ -28,7 +28,7 @@ def default_workers() -> int:
 
 
 class CompileQueue:
-    """Compiles submitted programs on `workers` threads in submission order; `ready` says which are done."""
+    """Compiles submitted programs on `workers` threads in submission order."""
 
     def __init__(self, workers: int):
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sgjax-compile")
@@ -42,11 +42,6 @@ class CompileQueue:
             if key not in self._futures:
                 self._futures[key] = self._pool.submit(compile_fn)
             return self._futures[key]
-
-    def ready(self, key: Hashable) -> bool:
-        """Whether `key`'s program compiled (a failed compile is not ready: `wait` raises its error)."""
-        future = self._futures.get(key)
-        return future is not None and future.done() and future.exception() is None
 
     def wait(self, key: Hashable):
         return self._futures[key].result()

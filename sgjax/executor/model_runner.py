@@ -283,10 +283,6 @@ class ModelRunner:
             return bucket
         return next((b for b in self.buckets if b >= bucket and (b, False, False) in self.compiled), bucket)
 
-    def compiled_or_lazy(self):
-        """The forward programs a step may pick: those compiled, or on a CPU any (compiled at first use)."""
-        return self.compiled if self.queue is not None else _Everything()
-
     @property
     def spare_slot(self) -> int:
         """The PenaltyState row that padding rows write to."""
@@ -304,7 +300,9 @@ class ModelRunner:
         total = sum(len(c.tokens) for c in chunks)
         with_prompt = prompt_targets is not None
         num_tokens = self.bucket_for(total) if with_prompt else self._compiled_bucket(total)
-        grouped = not with_prompt and prefix_groups and (num_tokens, False, True) in self.compiled_or_lazy()
+        # a shared-prefix program still compiling in the background: the plain one instead (on a CPU: at first use)
+        grouped = (not with_prompt and bool(prefix_groups)
+                   and (self.queue is None or (num_tokens, False, True) in self.compiled))
         batch = make_batch(chunks, self.page_size, num_tokens=num_tokens, num_seqs=self.max_seqs,
                            max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
                            max_prefix_groups=self.prefix_groups_for(total) if grouped else 0,
@@ -423,8 +421,3 @@ class ModelRunner:
 
 def _covers(have: SamplerFeatures, need: SamplerFeatures) -> bool:
     return all(h or not n for h, n in zip(dataclasses.astuple(have), dataclasses.astuple(need)))
-
-
-class _Everything:
-    def __contains__(self, _) -> bool:
-        return True
