@@ -1,7 +1,7 @@
 """Engine start-up time on dummy weights of a real shape: cold (an empty persistent compilation cache) and
 warm (the cache the cold start filled), each in a fresh process, with the step programs compiled on a pool of
-threads in the background (the default) and, for comparison, one after another before the engine returns
-(--serial, as a start was before executor/compile_queue.py).
+threads in the background (the default) and, as the baseline, one after another with every program compiled
+before the engine returns (--serial: one compile thread, waiting for all).
 
 Printed per start: seconds until Engine() returns (weights loaded, the first programs ready: a server
 answers /health_generate then), until a first request is answered, and until every step program is compiled,
