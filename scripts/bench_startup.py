@@ -58,7 +58,8 @@ def main() -> None:
     p.add_argument("--child", nargs=3, metavar=("CACHE_DIR", "SERIAL", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        logging.basicConfig(level=logging.INFO)
+        # milliseconds since the child started on every line: where a start's seconds go, phase by phase
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
         cache_dir, serial, out = args.child
         with open(out, "w") as f:
             json.dump(one_start(args.model, cache_dir, serial == "1"), f)

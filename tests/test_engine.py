@@ -1,6 +1,7 @@
 """The Engine against transformers (greedy tokens, logprobs) and against itself across configurations."""
 
 import asyncio
+import copy
 import re
 import threading
 import time
@@ -155,6 +156,27 @@ def test_fp8_kv_cache_matches_transformers_with_fp8_rounded_kv(llama, kv_cache_d
         assert engine.runner.pool.config.bytes_per_page * 4 == KVPoolConfig.for_model(
             engine.loaded.config, 2, 4, "float32").bytes_per_page
         check_pages_accounted(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_bf16_on_a_cpu_computes_in_float32_with_a_bf16_kv_cache(llama):
+    """--dtype bfloat16 on a CPU: float32 arithmetic on weights rounded to bfloat16, K/V stored as bfloat16 (the
+    CPU attention's bit pool): greedy tokens equal HF's float32 model with the same rounded weights whose
+    attention reads K/V rounded through bfloat16."""
+    path, hf_model, prompts, _ = llama
+    prompts = prompts[:4]
+    rounded = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    expected = [hf_greedy(rounded, p, 8, kv_dtype=torch.bfloat16) for p in prompts]
+    engine = make_engine(path, dtype="bfloat16", attention_backend="cpu")
+    try:
+        assert engine.loaded.config.dtype == "float32"
+        assert engine.runner.pool.config.storage_dtype == "uint16"  # bfloat16 bits
+        results = engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 8})
+        assert [r["output_ids"] for r in results] == expected
     finally:
         engine.shutdown()
 

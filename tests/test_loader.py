@@ -5,6 +5,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -113,17 +114,26 @@ def test_bad_mesh_and_load_format(tiny_models):
 
 def test_weights_are_float32_on_a_cpu_unless_asked(llama_copy, caplog):
     """A bf16 checkpoint loads in float32 on a CPU (the more accurate, and the CPU has the memory); an asked-for
-    bf16 is kept (it has its CPU paths), an asked-for float16 too, with a warning that it has none."""
+    bf16 is computed in float32 from weights rounded to bf16, with a bf16 KV cache, or kept in bf16 when its
+    weights are to stay so; an asked-for float16 is kept, with a warning that it has no tuned CPU paths."""
     cfg_path = os.path.join(llama_copy, "config.json")
     cfg = json.load(open(cfg_path))
     cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
     json.dump(cfg, open(cfg_path, "w"))
-    loaded = load_model(llama_copy, make_mesh("1x1"), load_format="dummy")
-    assert loaded.config.dtype == "float32"
+    loaded = load_model(llama_copy, make_mesh("1x1"))
+    assert loaded.config.dtype == "float32" and loaded.kv_dtype is None
     assert {w.dtype for w in jax.tree.leaves(loaded.model)} <= {np.dtype("float32")}
+    exact = jax.tree.leaves(loaded.model)
+
+    widened = load_model(llama_copy, make_mesh("1x1"), dtype="bfloat16")
+    assert widened.config.dtype == "float32" and widened.kv_dtype == "bfloat16"
+    for w, x in zip(jax.tree.leaves(widened.model), exact):
+        assert w.dtype == np.float32
+        np.testing.assert_array_equal(w, np.asarray(x).astype(jnp.bfloat16).astype(np.float32))
     with caplog.at_level("WARNING"):
-        loaded = load_model(llama_copy, make_mesh("1x1"), dtype="bfloat16", load_format="dummy")
-    assert loaded.config.dtype == "bfloat16" and "CPU" not in caplog.text
+        loaded = load_model(llama_copy, make_mesh("1x1"), dtype="bfloat16", load_format="dummy",
+                            cpu_bf16_weights=True)
+    assert loaded.config.dtype == "bfloat16" and loaded.kv_dtype is None and "CPU" not in caplog.text
     with caplog.at_level("WARNING"):
         loaded = load_model(llama_copy, make_mesh("1x1"), dtype="float16", load_format="dummy")
     assert loaded.config.dtype == "float16" and "tuned CPU paths" in caplog.text

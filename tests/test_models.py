@@ -64,7 +64,7 @@ def test_sharded_greedy_matches_transformers(family, mesh, tiny_models):
 
 def test_bf16_logits_close_to_transformers(tiny_models):
     path, hf_model = tiny_models("llama")
-    loaded = load_model(path, make_mesh("1x1"), dtype="bfloat16")
+    loaded = load_model(path, make_mesh("1x1"), dtype="bfloat16", cpu_bf16_weights=True)
     assert loaded.model.model.layers[0].mlp.gate_up_proj.weight[...].dtype == np.dtype("bfloat16")
     prompt = random_prompts(4)[2]
     ours = forward_logits(loaded, [prompt])[0]

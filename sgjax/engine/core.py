@@ -63,14 +63,15 @@ class EngineCore:
                                       **{"fused_norm": not args.kv_cache_dtype.startswith("fp8"),
                                          **(kernel_options or {})})
         self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
-                                 load_format=args.load_format, kernels=self.kernels)
+                                 load_format=args.load_format, kernels=self.kernels,
+                                 cpu_bf16_weights=args.cpu_bf16_weights)
         cfg = self.loaded.config
         self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
                                                                           cfg.vocab_size)
         self.context_length = resolve_context_length(args.context_length, cfg.max_position_embeddings)
         ps = args.page_size
         max_pages_per_seq = pages_for(self.context_length, ps)
-        kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype]
+        kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or self.loaded.kv_dtype
         num_pages = args.num_pages
         if num_pages is None:  # a pool asked for by size may be small on purpose: longer requests get an error each
             page_cfg = KVPoolConfig.for_model(cfg, 2, ps, kv_dtype)
