@@ -6,7 +6,11 @@ left-padded `generate`); then the sgjax server's start-up time until /health_gen
 compilation cache (cold) and with the one the cold start filled (warm). Greedy decoding, EOS ignored, the same
 prompts on both sides.
 
-    python scripts/bench_cpu.py [--new-tokens 64] [--dtypes bfloat16 float32] [--no-server]
+    python scripts/bench_cpu.py [--new-tokens 64] [--dtypes bfloat16 bfloat16-weights float32] [--no-server]
+
+`bfloat16` is sgjax's default for an asked-for bfloat16 model on a CPU (float32 arithmetic on weights rounded to
+bfloat16, a bfloat16 KV cache); `bfloat16-weights` keeps the weights in bfloat16 (`cpu_bf16_weights`, half their
+memory). transformers runs bfloat16 in both rows. The table gives each side's weight bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+import jax
 
 from bench_common import Table, run_header
 
@@ -129,7 +135,8 @@ def server_start_s(cache_dir: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "bfloat16-weights", "float32"],
+                   choices=("bfloat16", "bfloat16-weights", "float32"))
     p.add_argument("--no-server", action="store_true", help="skip the server start-up times")
     args = p.parse_args()
 
@@ -140,22 +147,30 @@ def main() -> None:
 
     path = default_model_path()
     print(run_header(device=False), f"| {os.cpu_count()} cores | torch threads {torch.get_num_threads()}")
-    table = Table(("side", "<13"), ("dtype", "<9"), ("decode b1 tok/s", ">15.1f"), ("TTFT 200 tok s", ">14.3f"),
-                  *((f"agg tok/s x{n}", ">14.1f") for n in CONCURRENCY))
+    table = Table(("side", "<13"), ("dtype", "<16"), ("weights MB", ">10.0f"), ("decode b1 tok/s", ">15.1f"),
+                  ("TTFT 200 tok s", ">14.3f"), *((f"agg tok/s x{n}", ">14.1f") for n in CONCURRENCY))
     print(table.header())
     ratios = []
-    for dtype in args.dtypes:
-        engine = Engine(path, dtype=dtype, context_length=1024, max_running_requests=16)
+    transformers_runs = {}  # torch dtype -> (weights MB, figures): one run serves both bfloat16 rows
+    for name in args.dtypes:
+        dtype = name.removesuffix("-weights")
+        engine = Engine(path, dtype=dtype, cpu_bf16_weights=name.endswith("-weights"), context_length=1024,
+                        max_running_requests=16)
         tokenizer = engine.tokenizer
+        weights_mb = sum(w.nbytes for w in jax.tree.leaves(engine.loaded.model)) / 1e6
         ours = figures(sgjax_generate(engine), prompt_source(tokenizer, PROMPT_TOKENS), args.new_tokens)
         engine.shutdown()
-        model = transformers_model(path, getattr(torch, dtype))
-        theirs = figures(transformers_generate(model, tokenizer.pad_token_id or 0), prompt_source(tokenizer, PROMPT_TOKENS),
-                         args.new_tokens)
-        del model
-        for side, f in (("sgjax", ours), ("transformers", theirs)):
-            print(table.row(side, dtype, f["decode_1"], f["ttft_s"], *(f[f"agg_{n}"] for n in CONCURRENCY)))
-        ratios.append(f"{dtype}: decode b1 {ours['decode_1'] / theirs['decode_1']:.2f}x transformers'; x16 aggregate "
+        if dtype not in transformers_runs:
+            model = transformers_model(path, getattr(torch, dtype))
+            tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head counted once
+            model_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+            transformers_runs[dtype] = model_mb, figures(transformers_generate(model, tokenizer.pad_token_id or 0),
+                                                         prompt_source(tokenizer, PROMPT_TOKENS), args.new_tokens)
+            del model
+        model_mb, theirs = transformers_runs[dtype]
+        for side, mb, f in (("sgjax", weights_mb, ours), ("transformers", model_mb, theirs)):
+            print(table.row(side, name, mb, f["decode_1"], f["ttft_s"], *(f[f"agg_{n}"] for n in CONCURRENCY)))
+        ratios.append(f"{name}: decode b1 {ours['decode_1'] / theirs['decode_1']:.2f}x transformers'; x16 aggregate "
                       f"{ours['agg_16'] / theirs['decode_1']:.2f}x transformers' b1, "
                       f"{ours['agg_16'] / theirs['agg_16']:.2f}x its batched generate")
     print("\n".join(ratios))
