@@ -65,14 +65,15 @@ class ImagePreprocessor:
                    max_pixels=args.max_image_pixels)
 
     def prepare(self, prompt_ids: list[int], images: list) -> tuple[list[int], MultimodalInputs]:
-        """(prompt ids with each image's placeholder expanded, the request's MultimodalInputs). A placeholder is a run
-        of the image token: one token (as chat templates write it), or already the image's token count."""
+        """(prompt ids with each image's placeholder expanded, the request's MultimodalInputs). A placeholder is the
+        image token once (as chat templates write it; images side by side make a run of them, one each), or already
+        the image's token count in a row."""
         if len(images) > self.max_images:
             raise TooManyImagesError(f"request has {len(images)} images; at most {self.max_images} are allowed per "
                                      "request")
         token, spec = self.cfg.image_token_id, self.spec
         runs = _runs(prompt_ids, token)
-        if len(runs) != len(images):
+        if not len(runs) <= len(images) <= sum(length for _, length in runs):
             raise ImagePlaceholderError(f"prompt has {len(runs)} image placeholders; {len(images)} images were given "
                                         f"(one image token {token} per image, where the image goes)")
         processed = []
@@ -81,22 +82,41 @@ class ImagePreprocessor:
                 pixels, grid = spec.preprocess(load_image(source, max_pixels=self.max_pixels), self.processor)
             except ValueError as e:
                 raise type(e)(f"image {k}: {e}") from None
-            processed.append((pixels, grid))
+            processed.append((pixels, tuple(grid), spec.num_tokens(tuple(grid), self.cfg.vision)))
         ids, inputs, done = [], [], 0
-        for k, ((start, length), (pixels, grid)) in enumerate(zip(runs, processed)):
-            n = spec.num_tokens(tuple(grid), self.cfg.vision)
-            if length not in (1, n):
-                raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a row")
-            ids += prompt_ids[done:start]
-            inputs.append(ImageInput(pixels, tuple(grid), content_hash(pixels, grid), len(ids), n))
-            ids += [token] * n
-            done = start + length
+        for k, (start, length) in zip(self._first_image_of_runs(runs, processed), runs):
+            # the run is image k's expanded placeholder, or one token for each of images k, k + 1, ...
+            spans = [(start, length)] if length == processed[k][2] else [(start + j, 1) for j in range(length)]
+            for j, (at, span) in enumerate(spans):
+                pixels, grid, n = processed[k + j]
+                ids += prompt_ids[done:at]
+                inputs.append(ImageInput(pixels, grid, content_hash(pixels, grid), len(ids), n))
+                ids += [token] * n
+                done = at + span
         ids += prompt_ids[done:]
         positions, delta = None, 0
         if spec.positions is not None:
             positions, delta = spec.positions(ids, [i.grid_thw for i in inputs], self.cfg)
             positions = positions.astype(np.int32)
         return ids, MultimodalInputs(inputs, positions, delta, make_cache_key(ids, inputs))
+
+    @staticmethod
+    def _first_image_of_runs(runs: list[tuple[int, int]], processed: list) -> list[int]:
+        """The first image each run of placeholders stands for, checking that the runs hold exactly the images."""
+        firsts, k = [], 0
+        for start, length in runs:
+            if k >= len(processed):
+                raise ImagePlaceholderError(f"prompt has image placeholders past its {len(processed)} images "
+                                            f"(at token {start})")
+            n = processed[k][2]
+            if length != n and k + length > len(processed):
+                raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a "
+                                            "row")
+            firsts.append(k)
+            k += 1 if length == n else length
+        if k != len(processed):
+            raise ImagePlaceholderError(f"prompt has placeholders for {k} images; {len(processed)} images were given")
+        return firsts
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
