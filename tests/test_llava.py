@@ -136,12 +136,13 @@ def _encode(graphdef, state, pixels, meta):
 
 
 def test_several_feature_layers_and_the_full_strategy_match_transformers(tmp_path):
-    """vision_feature_layer [0, -1] (the embeddings and the last layer, concatenated), class token kept."""
+    """vision_feature_layer [0, -1] (the embeddings and the last layer, concatenated), class token kept; the tower
+    sharded over two devices."""
     model = make_llava("llava", str(tmp_path), vision_feature_layer=[0, -1], vision_feature_select_strategy="full")
     with open(tmp_path / "config.json") as f:
         cfg = LlavaVisionConfig.from_hf(json.load(f))
     assert cfg.feature_layers == (0, 3) and cfg.tile_tokens == 17
-    tower = load_llava_tower(str(tmp_path), make_mesh("1x1"), cfg=cfg)
+    tower = load_llava_tower(str(tmp_path), make_mesh("1x2"), cfg=cfg)  # heads split over "tensor"
     processed = [preprocess_image(image, ClipImageConfig.from_pretrained(str(tmp_path))) for image in (CAT, DOG)]
     pixels = np.zeros((4, cfg.input_dim), np.float32)  # padded to a bucket of 4 tiles, as the engine does
     pixels[:2] = np.concatenate([p for p, _ in processed])
@@ -252,3 +253,17 @@ def test_images_side_by_side_take_one_placeholder_each(llava):
         images.prepare([5, IMAGE, IMAGE, 6], [CAT, DOG, CAT])
     with pytest.raises(ImagePlaceholderError, match=f"image 1 takes {n[1]} placeholder tokens; the prompt has 2"):
         images.prepare([5, IMAGE, 7, IMAGE, IMAGE, 6], [CAT, DOG])
+
+
+def test_unsupported_configs_and_images_are_refused_by_name():
+    config = transformers.LlavaConfig(text_config=TEXT, vision_config=VISION, image_token_id=IMAGE).to_dict()
+    siglip = {**config, "vision_config": {**config["vision_config"], "model_type": "siglip_vision_model"}}
+    with pytest.raises(ValueError, match="vision tower 'siglip_vision_model' is not supported here"):
+        LlavaVisionConfig.from_hf(siglip)
+    with pytest.raises(ValueError, match="vision_feature_layer .* outside the tower's 4 hidden states"):
+        LlavaVisionConfig.from_hf({**config, "vision_feature_layer": -5})
+    with pytest.raises(ValueError, match="strategy 'full' does not fit"):
+        LlavaVisionConfig.from_hf({**config, "model_type": "llava_next", "image_grid_pinpoints": PINPOINTS,
+                                   "vision_feature_select_strategy": "full"})
+    with pytest.raises(ValueError, match="image is 3x700; its aspect ratio must be below 200"):
+        preprocess_image(random_image(0, 700, 3), ClipImageConfig())
