@@ -84,15 +84,11 @@ class ImagePreprocessor:
                 raise type(e)(f"image {k}: {e}") from None
             processed.append((pixels, tuple(grid), spec.num_tokens(tuple(grid), self.cfg.vision)))
         ids, inputs, done = [], [], 0
-        for k, (start, length) in zip(self._first_image_of_runs(runs, processed), runs):
-            # the run is image k's expanded placeholder, or one token for each of images k, k + 1, ...
-            spans = [(start, length)] if length == processed[k][2] else [(start + j, 1) for j in range(length)]
-            for j, (at, span) in enumerate(spans):
-                pixels, grid, n = processed[k + j]
-                ids += prompt_ids[done:at]
-                inputs.append(ImageInput(pixels, grid, content_hash(pixels, grid), len(ids), n))
-                ids += [token] * n
-                done = at + span
+        for (start, length), (pixels, grid, n) in zip(_image_spans(runs, [n for _, _, n in processed]), processed):
+            ids += prompt_ids[done:start]
+            inputs.append(ImageInput(pixels, grid, content_hash(pixels, grid), len(ids), n))
+            ids += [token] * n
+            done = start + length
         ids += prompt_ids[done:]
         positions, delta = None, 0
         if spec.positions is not None:
@@ -100,23 +96,26 @@ class ImagePreprocessor:
             positions = positions.astype(np.int32)
         return ids, MultimodalInputs(inputs, positions, delta, make_cache_key(ids, inputs))
 
-    @staticmethod
-    def _first_image_of_runs(runs: list[tuple[int, int]], processed: list) -> list[int]:
-        """The first image each run of placeholders stands for, checking that the runs hold exactly the images."""
-        firsts, k = [], 0
-        for start, length in runs:
-            if k >= len(processed):
-                raise ImagePlaceholderError(f"prompt has image placeholders past its {len(processed)} images "
-                                            f"(at token {start})")
-            n = processed[k][2]
-            if length != n and k + length > len(processed):
-                raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a "
-                                            "row")
-            firsts.append(k)
-            k += 1 if length == n else length
-        if k != len(processed):
-            raise ImagePlaceholderError(f"prompt has placeholders for {k} images; {len(processed)} images were given")
-        return firsts
+
+def _image_spans(runs: list[tuple[int, int]], num_tokens: list[int]) -> list[tuple[int, int]]:
+    """Each image's placeholder (start, length) in the prompt: a run of the image token is the next image's
+    expanded placeholder (as long as its token count), or one token for each of the next images."""
+    spans = []
+    for start, length in runs:
+        k = len(spans)
+        if k == len(num_tokens):
+            raise ImagePlaceholderError(f"prompt has image placeholders past its {k} images (at token {start})")
+        if length == num_tokens[k]:
+            spans.append((start, length))
+        elif k + length <= len(num_tokens):
+            spans += [(start + j, 1) for j in range(length)]
+        else:
+            raise ImagePlaceholderError(f"image {k} takes {num_tokens[k]} placeholder tokens; the prompt has {length} "
+                                        "in a row")
+    if len(spans) != len(num_tokens):
+        raise ImagePlaceholderError(f"prompt has placeholders for {len(spans)} images; {len(num_tokens)} images were "
+                                    "given")
+    return spans
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
