@@ -17,6 +17,7 @@ from flax import nnx
 
 from sgjax.engine import Engine
 from sgjax.engine.image_inputs import ImagePlaceholderError
+from sgjax.models.config import ModelConfig
 from sgjax.models.vision.llava import (
     LlavaVisionConfig,
     llava_metadata,
@@ -137,7 +138,7 @@ def _encode(graphdef, state, pixels, meta):
 
 def test_several_feature_layers_and_the_full_strategy_match_transformers(tmp_path):
     """vision_feature_layer [0, -1] (the embeddings and the last layer, concatenated), class token kept; the tower
-    sharded over two devices."""
+    sharded over two devices; its weights under the hub checkpoints' names."""
     model = make_llava("llava", str(tmp_path), vision_feature_layer=[0, -1], vision_feature_select_strategy="full")
     with open(tmp_path / "config.json") as f:
         cfg = LlavaVisionConfig.from_hf(json.load(f))
@@ -150,6 +151,12 @@ def test_several_feature_layers_and_the_full_strategy_match_transformers(tmp_pat
     assert out.shape == (cfg.output_rows(4), TEXT["hidden_size"])
     expected = np.concatenate(hf_image_rows("llava", model, processed))
     np.testing.assert_allclose(np.asarray(out)[:len(expected)], expected, atol=2e-4, rtol=1e-4)
+    # The llava-hf checkpoints name the tower's tensors vision_tower.vision_model.*: the same weights load.
+    hub = {k.replace("vision_tower.", "vision_tower.vision_model."): v.numpy()
+           for k, v in model.model.state_dict().items() if not k.startswith("language_model.")}
+    from_hub = load_llava_tower(hub, make_mesh("1x1"), cfg=cfg)
+    for (path, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(tower)), nnx.to_flat_state(nnx.state(from_hub))):
+        np.testing.assert_array_equal(np.asarray(ours[...]), np.asarray(theirs[...]), err_msg=str(path))
 
 
 def pad_tiles(processed) -> np.ndarray:
@@ -267,3 +274,15 @@ def test_unsupported_configs_and_images_are_refused_by_name():
                                    "vision_feature_select_strategy": "full"})
     with pytest.raises(ValueError, match="image is 3x700; its aspect ratio must be below 200"):
         preprocess_image(random_image(0, 700, 3), ClipImageConfig())
+
+
+@pytest.mark.parametrize("text_type, flags", [("llama", dict(qkv_bias=False, sliding_windows=(None, None))),
+                                              ("qwen2", dict(qkv_bias=True)),
+                                              ("mistral", dict(sliding_windows=(8, 8)))])
+def test_the_decoder_follows_its_text_config(text_type, flags):
+    """LLaVA over a Llama, Qwen2 or Mistral decoder: the text config's family flags, 1D positions."""
+    text = {**TEXT, "model_type": text_type, **({"sliding_window": 8} if text_type == "mistral" else {})}
+    hf = transformers.LlavaConfig(text_config=text, vision_config=VISION, image_token_id=IMAGE)
+    cfg = ModelConfig.from_hf(hf, "LlavaForConditionalGeneration", "float32")
+    assert {k: getattr(cfg, k) for k in flags} == flags
+    assert cfg.mrope_section == () and cfg.image_token_id == IMAGE and cfg.vision.tile_tokens == 16
