@@ -46,13 +46,14 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # q/k/v as one matmul; the loader turns it off when the mesh's "tensor" axis does not divide the KV heads
     fuse_qkv: bool = True
-    # Vision-language models (Qwen2-VL, Qwen2.5-VL): M-RoPE splits the rotary frequencies into sections rotated
-    # by the temporal, row and column positions (positions are [3, T]); image placeholders take the tower's rows.
+    # Vision-language models (models/vision/spec.py): image placeholders take the tower's rows. M-RoPE (Qwen2-VL,
+    # Qwen2.5-VL) splits the rotary frequencies into sections rotated by the temporal, row and column positions
+    # (positions are [3, T]).
     mrope_section: tuple[int, ...] = ()
     image_token_id: int | None = None
     # The tokens around an image's placeholder where the chat template writes them (Qwen: <|vision_start|>...)
     image_wrapper_ids: tuple[int, ...] = ()
-    vision: Any = None  # sgjax.models.vision.qwen2_vl.VisionConfig
+    vision: Any = None  # the family's vision config (VisionSpec.config)
 
     @property
     def is_multimodal(self) -> bool:
@@ -98,8 +99,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf, architecture: str, dtype: str | None = None) -> "ModelConfig":
         """Copy the fields we use out of a transformers PretrainedConfig."""
+        # its families import this module
+        from sgjax.models.vision.spec import is_vision_language, vision_spec
+
         outer = hf
-        vision_language = architecture in VISION_LANGUAGE
+        vision_language = is_vision_language(architecture)
+        spec = vision_spec(architecture) if vision_language else None
         if vision_language:  # the decoder's numbers are in text_config; the embeddings' tying is the outer one's
             hf = hf.get_text_config()
         get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
@@ -110,8 +115,8 @@ class ModelConfig:
         mrope_section = tuple(rope.pop("mrope_section", ()) or ())
         if rope.get("type") == "mrope":  # transformers 4.x's spelling of M-RoPE over default frequencies
             rope.pop("type")
-        if vision_language and not mrope_section:
-            mrope_section = (16, 24, 24)  # transformers' default for these models
+        if vision_language and spec.mrope and not mrope_section:
+            mrope_section = (16, 24, 24)  # transformers' default for Qwen2-VL and Qwen2.5-VL
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
@@ -121,12 +126,12 @@ class ModelConfig:
         window = get("sliding_window")
         if layer_types:
             windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
-        elif architecture.startswith("Mistral") and window:
+        elif (architecture.startswith("Mistral") or getattr(hf, "model_type", None) == "mistral") and window:
             windows = (window,) * hf.num_hidden_layers
         else:
             windows = (None,) * hf.num_hidden_layers
 
-        family = "Qwen2" if vision_language else architecture.removesuffix("ForCausalLM")
+        family = _text_family(hf) if vision_language else architecture.removesuffix("ForCausalLM")
         attention_bias = bool(get("attention_bias", False))
         if dtype is None:
             dtype = str(get("dtype") or getattr(outer, "dtype", None) or get("torch_dtype")
@@ -163,15 +168,18 @@ class ModelConfig:
             image_wrapper_ids=tuple(i for i in (getattr(outer, "vision_start_token_id", None),
                                                 getattr(outer, "vision_end_token_id", None)) if i is not None)
             if vision_language else (),
-            vision=_vision_config(outer, dtype) if vision_language else None,
+            vision=spec.config(outer.to_dict(), dtype) if vision_language else None,
         )
 
 
-# Architectures whose config nests the decoder's in text_config and adds a vision tower (models/qwen2_vl.py).
-VISION_LANGUAGE = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
+# A vision-language model's text_config model_type -> the decoder family it is (its flags in from_hf)
+TEXT_FAMILIES = {"qwen2_vl_text": "Qwen2", "qwen2_5_vl_text": "Qwen2", "qwen2": "Qwen2", "llama": "Llama",
+                 "mistral": "Mistral"}
 
 
-def _vision_config(hf, dtype: str):
-    from sgjax.models.vision.qwen2_vl import VisionConfig  # it imports this module
-
-    return VisionConfig.from_hf(hf.to_dict(), dtype)
+def _text_family(text_config) -> str:
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in TEXT_FAMILIES:
+        raise ValueError(f"a {model_type!r} decoder under a vision tower is not supported "
+                         f"(supported: {sorted(TEXT_FAMILIES)})")
+    return TEXT_FAMILIES[model_type]

@@ -86,6 +86,30 @@ class CheckpointTensors:
         return data[begin:end].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
+class PrefixedTensors:
+    """A checkpoint's tensors under our names where it nests them elsewhere: `prefixes` maps a prefix of ours to the
+    checkpoint's candidates for it (the first one present wins; LLaVA's `model.` is `language_model.model.`)."""
+
+    def __init__(self, tensors: CheckpointTensors, prefixes: dict[str, tuple[str, ...]]):
+        self.tensors, self.prefixes = tensors, prefixes
+
+    def _name(self, name: str) -> str:
+        for ours, theirs in self.prefixes.items():
+            if name.startswith(ours):
+                rest = name[len(ours):]
+                return next((t + rest for t in theirs if t + rest in self.tensors), name)
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return self._name(name) in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors.shape(self._name(name))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.tensors.get(self._name(name))
+
+
 @dataclasses.dataclass
 class LoadedModel:
     model: nnx.Module
@@ -158,14 +182,18 @@ def load_model(
         values = _random_weights(flat, shardings, seed, rounded_to)
     else:
         tensors = GGUFTensors(gguf_file, cfg) if gguf_file is not None else CheckpointTensors(model_path)
+        if getattr(model_class, "checkpoint_prefixes", None) and gguf_file is None:
+            tensors = PrefixedTensors(tensors, model_class.checkpoint_prefixes)
         values = _read_checkpoint(tensors, model_path, flat, shardings, cfg, rounded_to)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     vision = None
     if cfg.vision is not None:
-        from sgjax.models.vision.qwen2_vl import VisionTower, load_vision_tower  # it imports this module
+        # its families import this module
+        from sgjax.models.vision.spec import vision_spec
 
-        vision = (VisionTower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
-                  else load_vision_tower(model_path, mesh, cfg=cfg.vision))
+        spec = vision_spec(cfg.architecture)
+        vision = (spec.tower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
+                  else spec.load_tower(model_path, mesh, cfg=cfg.vision))
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels, vision, kv_dtype=rounded_to)
 
 
