@@ -36,6 +36,9 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    rotary_dim: int = 0  # features of each head that RoPE turns (GLM-4: half); 0: all of head_dim
+    rope_interleaved: bool = False  # GLM-4: RoPE pairs features (2i, 2i + 1), not (i, i + rotary_dim / 2)
+    checkpoint_gate_up: bool = False  # GLM-4: the checkpoint holds gate and up as one `gate_up_proj` tensor
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
@@ -52,7 +55,7 @@ class ModelConfig:
     image_token_id: int | None = None
     # The tokens around an image's placeholder where the chat template writes them (Qwen: <|vision_start|>...)
     image_wrapper_ids: tuple[int, ...] = ()
-    vision: Any = None  # sgjax.models.vision.qwen2_vl.VisionConfig
+    vision: Any = None  # the tower's config: sgjax.models.vision.qwen2_vl.VisionConfig or .glm4v.Glm4vVisionConfig
 
     @property
     def is_multimodal(self) -> bool:
@@ -108,10 +111,12 @@ class ModelConfig:
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
         mrope_section = tuple(rope.pop("mrope_section", ()) or ())
+        partial_rotary = rope.pop("partial_rotary_factor", None) or get("partial_rotary_factor") or 1.0
         if rope.get("type") == "mrope":  # transformers 4.x's spelling of M-RoPE over default frequencies
             rope.pop("type")
+        is_glm = architecture in GLM4V
         if vision_language and not mrope_section:
-            mrope_section = (16, 24, 24)  # transformers' default for these models
+            mrope_section = (8, 12, 12) if is_glm else (16, 24, 24)  # transformers' defaults for these models
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
@@ -126,7 +131,7 @@ class ModelConfig:
         else:
             windows = (None,) * hf.num_hidden_layers
 
-        family = "Qwen2" if vision_language else architecture.removesuffix("ForCausalLM")
+        family = "Glm4" if is_glm else "Qwen2" if vision_language else architecture.removesuffix("ForCausalLM")
         attention_bias = bool(get("attention_bias", False))
         if dtype is None:
             dtype = str(get("dtype") or getattr(outer, "dtype", None) or get("torch_dtype")
@@ -147,10 +152,13 @@ class ModelConfig:
             max_position_embeddings=get("max_position_embeddings", 8192),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            qkv_bias=family == "Qwen2" or attention_bias,
-            o_bias=attention_bias and family != "Qwen2",
+            qkv_bias=family in ("Qwen2", "Glm4") or attention_bias,
+            o_bias=attention_bias and family not in ("Qwen2", "Glm4"),
             mlp_bias=bool(get("mlp_bias", False)),
             qk_norm=family == "Qwen3",
+            rotary_dim=int(head_dim * partial_rotary) if partial_rotary != 1.0 else 0,
+            rope_interleaved=is_glm,
+            checkpoint_gate_up=is_glm,
             tie_word_embeddings=bool(getattr(outer, "tie_word_embeddings", False)),
             hidden_act=(get("hidden_activation") if is_gemma else None) or get("hidden_act") or "silu",
             sliding_windows=windows,
@@ -160,18 +168,33 @@ class ModelConfig:
             dtype=dtype,
             mrope_section=mrope_section,
             image_token_id=getattr(outer, "image_token_id", None) if vision_language else None,
-            image_wrapper_ids=tuple(i for i in (getattr(outer, "vision_start_token_id", None),
-                                                getattr(outer, "vision_end_token_id", None)) if i is not None)
-            if vision_language else (),
+            image_wrapper_ids=_image_wrapper_ids(outer) if vision_language else (),
             vision=_vision_config(outer, dtype) if vision_language else None,
         )
 
 
-# Architectures whose config nests the decoder's in text_config and adds a vision tower (models/qwen2_vl.py).
-VISION_LANGUAGE = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"}
+# Architectures whose config nests the decoder's in text_config and adds a vision tower (models/qwen2_vl.py,
+# models/glm4v.py).
+GLM4V = {"Glm4vForConditionalGeneration"}
+VISION_LANGUAGE = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"} | GLM4V
+
+
+def _image_wrapper_ids(hf) -> tuple[int, ...]:
+    """The tokens a chat template writes around an image's placeholder: Qwen's <|vision_start|>/<|vision_end|>,
+    GLM's <|begin_of_image|>/<|end_of_image|>."""
+    for start, end in (("vision_start_token_id", "vision_end_token_id"), ("image_start_token_id", "image_end_token_id")):
+        ids = (getattr(hf, start, None), getattr(hf, end, None))
+        if None not in ids:
+            return ids
+    return ()
 
 
 def _vision_config(hf, dtype: str):
-    from sgjax.models.vision.qwen2_vl import VisionConfig  # it imports this module
+    # they import this module
+    if hf.model_type == "glm4v":
+        from sgjax.models.vision.glm4v import Glm4vVisionConfig
+
+        return Glm4vVisionConfig.from_hf(hf.to_dict(), dtype)
+    from sgjax.models.vision.qwen2_vl import VisionConfig
 
     return VisionConfig.from_hf(hf.to_dict(), dtype)

@@ -95,9 +95,14 @@ class LoadedModel:
     vision: nnx.Module | None = None  # a vision-language model's tower (models/vision), run by its own program
 
 
-def checkpoint_name(path: tuple) -> str:
-    """nnx state path -> Hugging Face tensor name (our module tree mirrors HF's)."""
-    return ".".join(str(p) for p in path)
+def checkpoint_name(path: tuple, renames: tuple[tuple[str, str], ...] = ()) -> str:
+    """nnx state path -> Hugging Face tensor name (our module tree mirrors HF's), the first of `renames`' (our
+    prefix, the checkpoint's) that matches applied (a model class's `checkpoint_renames`)."""
+    name = ".".join(str(p) for p in path)
+    for ours, theirs in renames:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
 
 
 logger = logging.getLogger(__name__)
@@ -146,7 +151,8 @@ def load_model(
         values = _random_weights(flat, shardings, seed)
     else:
         tensors = GGUFTensors(gguf_file, cfg) if gguf_file is not None else CheckpointTensors(model_path)
-        values = _read_checkpoint(tensors, model_path, flat, shardings, cfg)
+        values = _read_checkpoint(tensors, model_path, flat, shardings, cfg,
+                                  getattr(model_class, "checkpoint_renames", ()))
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     vision = None
     if cfg.vision is not None:
@@ -183,15 +189,19 @@ def _init_fn(shape, dtype, sharding, kind):
 
 
 def _read_checkpoint(tensors: CheckpointTensors | GGUFTensors, model_path: str, flat, shardings,
-                     cfg: ModelConfig) -> list[jax.Array]:
+                     cfg: ModelConfig, renames: tuple[tuple[str, str], ...] = ()) -> list[jax.Array]:
     target = np.dtype(cfg.jnp_dtype)
     values = []
     for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
-        name = checkpoint_name(path)
+        name = checkpoint_name(path, renames)
         meta = var.get_metadata()
+        shape = tuple(var.shape)
         if meta.get("checkpoint_parts"):
-            source = _stacked(tensors, name, tuple(var.shape), meta["checkpoint_parts"], meta["checkpoint_axis"],
+            source = _stacked(tensors, name, shape, meta["checkpoint_parts"], meta["checkpoint_axis"],
                               model_path, cfg)
+        elif meta.get("checkpoint_reshape"):  # a stack HF keeps flat: [out..., in] as [prod(out), in]
+            hf_shape = (math.prod(shape[:-1]), shape[-1]) if name.endswith("weight") else (math.prod(shape),)
+            source = _tensor(tensors, name, hf_shape, model_path, cfg).reshape(shape)
         else:
             source = _tensor(tensors, name, tuple(var.shape), model_path, cfg)
         values.append(jax.make_array_from_callback(

@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "sgjax.models.gemma2:Gemma2ForCausalLM",
     "Qwen2VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "sgjax.models.glm4v:Glm4vForConditionalGeneration",
 }
 
 
