@@ -34,7 +34,7 @@ from sgjax.cache.radix_cache import RadixCache
 from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
-from sgjax.engine.image_inputs import image_processor_config, max_image_patches
+from sgjax.engine.image_inputs import max_image_patches
 from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
@@ -116,8 +116,8 @@ class EngineCore:
         """A vision-language model's image embedding pool: rows, and the patches of the largest image."""
         if not cfg.is_multimodal:
             return {}
-        patches = max_image_patches(image_processor_config(args.model_path, cfg))
-        largest = patches // cfg.vision.merge_unit  # one image's tokens: the pool holds at least one
+        patches = max_image_patches(args.model_path, cfg)
+        largest = cfg.vision.output_rows(patches)  # one image's tokens (at most): the pool holds at least one
         rows = max(args.image_pool_rows or 4 * largest, largest)
         return dict(image_pool_rows=rows, max_image_patches=patches)
 

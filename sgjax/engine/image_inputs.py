@@ -1,5 +1,6 @@
 """A request's images, on the caller's side: decoded, preprocessed as the model's image processor does, hashed,
-and their placeholders in the prompt expanded to one token per merged patch, with the prompt's M-RoPE positions.
+and their placeholders in the prompt expanded to the image's token count, with the prompt's M-RoPE positions where
+the model has them. What is model-specific comes from its VisionSpec (models/vision/spec.py).
 
 Everything wrong with a request's images raises an ImageInputError (a ValueError; a corrupt or oversized image an
 ImageError from multimodal/image_io.py, also a ValueError) naming the problem: the server answers 400 with it.
@@ -7,12 +8,13 @@ ImageError from multimodal/image_io.py, also a ValueError) naming the problem: t
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import numpy as np
 
 from sgjax.config import EngineArgs
 from sgjax.models.config import ModelConfig
+from sgjax.models.vision.spec import VisionSpec, vision_spec
 from sgjax.multimodal.image_io import load_image
 from sgjax.multimodal.inputs import (
     ImageInput,
@@ -20,8 +22,6 @@ from sgjax.multimodal.inputs import (
     content_hash,
     make_cache_key,
 )
-from sgjax.multimodal.mrope import mrope_positions
-from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
 
 
 class ImageInputError(ValueError):
@@ -40,21 +40,20 @@ class ImagePlaceholderError(ImageInputError):
     """The prompt's image placeholders do not match its images."""
 
 
-def image_processor_config(model_path: str, cfg: ModelConfig) -> Qwen2VLImageConfig:
-    """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
-    v = cfg.vision
-    return dataclasses.replace(Qwen2VLImageConfig.from_pretrained(model_path), patch_size=v.patch_size,
-                               temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+def image_processor_config(model_path: str, cfg: ModelConfig) -> Any:
+    """The checkpoint's image processor settings (preprocessor_config.json), agreeing with its tower."""
+    return vision_spec(cfg.architecture).processor(model_path, cfg.vision)
 
 
-def max_image_patches(processor: Qwen2VLImageConfig) -> int:
-    """The most patches one image can become (its pixels are at most max_pixels after resizing)."""
-    return processor.max_pixels // processor.patch_size**2
+def max_image_patches(model_path: str, cfg: ModelConfig) -> int:
+    """The most tower input rows (patches, or tiles) one image can become."""
+    return vision_spec(cfg.architecture).max_rows(image_processor_config(model_path, cfg))
 
 
 class ImagePreprocessor:
-    def __init__(self, cfg: ModelConfig, processor: Qwen2VLImageConfig, *, max_images: int, max_pixels: int):
+    def __init__(self, cfg: ModelConfig, processor: Any, *, max_images: int, max_pixels: int):
         self.cfg, self.processor = cfg, processor
+        self.spec: VisionSpec = vision_spec(cfg.architecture)
         self.max_images, self.max_pixels = max_images, max_pixels
 
     @classmethod
@@ -71,7 +70,7 @@ class ImagePreprocessor:
         if len(images) > self.max_images:
             raise TooManyImagesError(f"request has {len(images)} images; at most {self.max_images} are allowed per "
                                      "request")
-        token, m = self.cfg.image_token_id, self.processor.merge_size
+        token, spec = self.cfg.image_token_id, self.spec
         runs = _runs(prompt_ids, token)
         if len(runs) != len(images):
             raise ImagePlaceholderError(f"prompt has {len(runs)} image placeholders; {len(images)} images were given "
@@ -79,13 +78,13 @@ class ImagePreprocessor:
         processed = []
         for k, source in enumerate(images):
             try:
-                pixels, grid = preprocess_image(load_image(source, max_pixels=self.max_pixels), self.processor)
+                pixels, grid = spec.preprocess(load_image(source, max_pixels=self.max_pixels), self.processor)
             except ValueError as e:
                 raise type(e)(f"image {k}: {e}") from None
             processed.append((pixels, grid))
         ids, inputs, done = [], [], 0
         for k, ((start, length), (pixels, grid)) in enumerate(zip(runs, processed)):
-            n = int(np.prod(grid)) // m**2
+            n = spec.num_tokens(tuple(grid), self.cfg.vision)
             if length not in (1, n):
                 raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a row")
             ids += prompt_ids[done:start]
@@ -93,9 +92,11 @@ class ImagePreprocessor:
             ids += [token] * n
             done = start + length
         ids += prompt_ids[done:]
-        positions, delta = mrope_positions(ids, [i.grid_thw for i in inputs], image_token_id=token,
-                                           spatial_merge_size=m)
-        return ids, MultimodalInputs(inputs, positions.astype(np.int32), delta, make_cache_key(ids, inputs))
+        positions, delta = None, 0
+        if spec.positions is not None:
+            positions, delta = spec.positions(ids, [i.grid_thw for i in inputs], self.cfg)
+            positions = positions.astype(np.int32)
+        return ids, MultimodalInputs(inputs, positions, delta, make_cache_key(ids, inputs))
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:

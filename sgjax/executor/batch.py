@@ -22,8 +22,8 @@ class SeqChunk:
     tokens: list[int]  # tokens to run this step (a prefill chunk, or the one decode token)
     num_cached: int  # tokens of this sequence already in the KV cache
     pages: list[int] | np.ndarray  # pages covering num_cached + len(tokens) tokens, in order
-    # M-RoPE models (make_batch's `mrope`): the tokens' [3, n] positions (None: their indices, on all three rows)
-    # and each token's row in the image embedding pool (None: all text, -1)
+    # M-RoPE models (make_batch's `mrope`): the tokens' [3, n] positions (None: their indices, on all three rows);
+    # vision-language models (`images`): each token's row in the image embedding pool (None: all text, -1)
     positions: np.ndarray | None = None
     image_rows: np.ndarray | None = None
 
@@ -31,19 +31,19 @@ class SeqChunk:
 @dataclasses.dataclass
 class FlatBatch:
     input_ids: np.ndarray  # [T] int32
-    positions: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32 ([3, T] with `mrope`)
     meta: AttentionMetadata  # numpy arrays; jit moves them to the device
     last_token_index: np.ndarray  # [B] int32: row of each sequence's last token, for its logits
-    image_rows: np.ndarray | None = None  # [T] int32 with `mrope`: each token's image embedding row, -1 for text
+    image_rows: np.ndarray | None = None  # [T] int32 with `images`: each token's image embedding row, -1 for text
 
 
 def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None = None,
                num_seqs: int | None = None, max_pages: int | None = None, max_prefix_groups: int = 0,
                prefix_groups: Sequence[int] = (), pool_pages: int | None = None,
-               page_table_out: np.ndarray | None = None, mrope: bool = False) -> FlatBatch:
+               page_table_out: np.ndarray | None = None, images: bool = False, mrope: bool = False) -> FlatBatch:
     """Concatenate the chunks, padded to num_tokens / num_seqs / max_pages (a compiled bucket).
 
-    With `mrope` (vision-language models) positions are [3, num_tokens], and the batch has image_rows.
+    With `images` (vision-language models) the batch has image_rows; with `mrope` positions are [3, num_tokens].
 
     With `max_prefix_groups` the metadata also describes the shared prefixes of the leading groups of
     chunks (`prefix_groups`: their sizes, as shared_prefix.order_by_first_page ordered them).
@@ -107,10 +107,12 @@ def make_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int | None
     batch = FlatBatch(ids, positions, meta, last)
     if mrope:
         batch.positions = np.repeat(positions[None], 3, axis=0)
-        batch.image_rows = np.full(num_tokens, -1, np.int32)
         for c, start in zip(chunks, qsl[:n].tolist()):
             if c.positions is not None:
                 batch.positions[:, start:start + len(c.tokens)] = c.positions
+    if images:
+        batch.image_rows = np.full(num_tokens, -1, np.int32)
+        for c, start in zip(chunks, qsl[:n].tolist()):
             if c.image_rows is not None:
                 batch.image_rows[start:start + len(c.tokens)] = c.image_rows
     return batch

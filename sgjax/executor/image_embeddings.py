@@ -1,13 +1,15 @@
 """The vision tower as its own compiled step, and the device pool its output rows wait in for the forward passes.
 
-A vision-language model's tower (models/vision) turns each image's patches into one row per placeholder token.
+A vision-language model's tower (models/vision, through its VisionSpec) turns each image's pixel rows (patches,
+or whole tiles) into one row per placeholder token.
 Those rows are written into a pool on the device ([rows, hidden], in the decoder's dtype): each image gets pool rows
 from a host-side free list until every one of its tokens has run (the prompt chunks that cover it may be several
 steps), and a step's forward pass gathers its image tokens' rows from the pool by index (models/qwen2_vl.py). The
 pool has fixed shape, so neither the encoder's nor the forward pass's programs depend on which images are where.
 
-Images are encoded together, in one call per group that fits the largest patch bucket, padded to the next bucket
-(powers of two): one program per bucket, compiled at start-up, or at its first use on a CPU (ShapePolicy.lazy).
+Images are encoded together, in one call per group that fits the largest bucket of input rows, padded to the next
+bucket (the tower's smallest, doubled): one program per bucket, compiled at start-up, or at its first use on a CPU
+(ShapePolicy.lazy).
 """
 
 from __future__ import annotations
@@ -22,16 +24,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sgjax.models.vision.qwen2_vl import VisionTower, vision_metadata
+from sgjax.models.vision.spec import VisionSpec
 
 logger = logging.getLogger(__name__)
 
-SMALLEST_PATCH_BUCKET = 64
 
-
-def patch_buckets(merge_unit: int, largest: int, smallest: int = SMALLEST_PATCH_BUCKET) -> list[int]:
-    """Patch counts to compile the tower for: powers of two (whole merge blocks) up to the first >= `largest`."""
-    buckets = [max(smallest, merge_unit)]
+def patch_buckets(smallest: int, largest: int) -> list[int]:
+    """Input row counts to compile the tower for: `smallest` doubled up to the first >= `largest`."""
+    buckets = [smallest]
     while buckets[-1] < largest:
         buckets.append(buckets[-1] * 2)
     return buckets
@@ -44,12 +44,12 @@ def _encode(graphdef, state_def, weights, pool, pixels, meta, rows):
 
 
 class ImageEmbeddingPool:
-    def __init__(self, tower: VisionTower, mesh, *, num_rows: int, hidden_size: int, dtype, max_patches: int,
-                 lazy: bool):
-        """`max_patches`: the most patches one image can have (the processor's max_pixels): the largest bucket."""
-        self.cfg = tower.config
+    def __init__(self, tower: nnx.Module, spec: VisionSpec, mesh, *, num_rows: int, hidden_size: int, dtype,
+                 max_patches: int, lazy: bool):
+        """`max_patches`: the most input rows one image can have (VisionSpec.max_rows): the largest bucket."""
+        self.cfg, self.spec = tower.config, spec
         self.num_rows = num_rows
-        self.buckets = patch_buckets(self.cfg.merge_unit, max_patches)
+        self.buckets = patch_buckets(self.cfg.smallest_bucket, max_patches)
         graphdef, state = nnx.split(tower)
         self.weights, state_def = jax.tree.flatten(state)
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -76,16 +76,16 @@ class ImageEmbeddingPool:
         self._free.extend(rows.tolist())
 
     def _compile(self, bucket: int) -> None:
-        started, m = time.perf_counter(), self.cfg.spatial_merge_size
+        started = time.perf_counter()
         meta = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            vision_metadata([(1, m, m)], self.cfg, num_patches=bucket))  # shapes: bucket only
-        pixels = jax.ShapeDtypeStruct((bucket, self.cfg.patch_dim), np.float32)
-        rows = jax.ShapeDtypeStruct((bucket // self.cfg.merge_unit,), np.int32)
+                            self.spec.metadata([], self.cfg, bucket))  # shapes: bucket only
+        pixels = jax.ShapeDtypeStruct((bucket, self.cfg.input_dim), np.float32)
+        rows = jax.ShapeDtypeStruct((self.cfg.output_rows(bucket),), np.int32)
         self.compiled[bucket] = self._step.lower(self.weights, self.pool, pixels, meta, rows).compile()
-        logger.info("compiled the vision tower for %d patches in %.1f s", bucket, time.perf_counter() - started)
+        logger.info("compiled the vision tower for %d input rows in %.1f s", bucket, time.perf_counter() - started)
 
-    def encode(self, images: list[tuple[np.ndarray, tuple[int, int, int], np.ndarray]]) -> None:
-        """Enqueue the tower on (pixel_values, grid_thw, pool rows) of each image; its rows land in the pool."""
+    def encode(self, images: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]]) -> None:
+        """Enqueue the tower on (pixel_values, grid, pool rows) of each image; its rows land in the pool."""
         group, patches = [], 0
         for image in images:
             n = len(image[0])
@@ -101,13 +101,14 @@ class ImageEmbeddingPool:
         total = sum(len(pixels) for pixels, _, _ in group)
         bucket = next((b for b in self.buckets if b >= total), None)
         if bucket is None:
-            raise ValueError(f"an image of {total} patches exceeds the vision tower's largest bucket {self.buckets[-1]}")
-        pixels = np.zeros((bucket, self.cfg.patch_dim), np.float32)
+            raise ValueError(f"an image of {total} input rows exceeds the vision tower's largest bucket "
+                             f"{self.buckets[-1]}")
+        pixels = np.zeros((bucket, self.cfg.input_dim), np.float32)
         pixels[:total] = np.concatenate([p for p, _, _ in group])
-        rows = np.full(bucket // self.cfg.merge_unit, self.num_rows, np.int32)  # padding: past the pool, dropped
+        rows = np.full(self.cfg.output_rows(bucket), self.num_rows, np.int32)  # padding: past the pool, dropped
         merged = np.concatenate([r for _, _, r in group])
         rows[:len(merged)] = merged
-        meta = vision_metadata([g for _, g, _ in group], self.cfg, num_patches=bucket)
+        meta = self.spec.metadata([g for _, g, _ in group], self.cfg, bucket)
         if bucket not in self.compiled:  # lazy: its first use
             self._compile(bucket)
         self.pool = self.compiled[bucket](self.weights, self.pool, pixels, meta, rows)

@@ -62,6 +62,7 @@ from sgjax.executor.sampler import (
 from sgjax.executor.step import PreparedStep, StepHandle, StepOutput
 from sgjax.kernels.metadata import AttentionMetadata, SharedPrefixes
 from sgjax.models.loader import LoadedModel
+from sgjax.models.vision.spec import vision_spec
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,14 @@ class ModelRunner:
         2 cores; JAX's persistent cache then serves a restart).
 
         A vision-language model (LoadedModel.vision) gets an image embedding pool of `image_pool_rows` rows and
-        tower programs for images of up to `max_image_patches` patches (image_embeddings.py); its steps take
-        [3, T] M-RoPE positions and each token's row in that pool."""
+        tower programs for images of up to `max_image_patches` input rows (image_embeddings.py); its steps take
+        each token's row in that pool, and [3, T] positions where its VisionSpec has M-RoPE positions."""
         self.pool = pool
-        self.images = None
+        self.images, self.mrope = None, False
         if loaded.vision is not None:
-            self.images = ImageEmbeddingPool(loaded.vision, loaded.mesh, num_rows=image_pool_rows,
+            spec = vision_spec(loaded.config.architecture)
+            self.mrope = spec.mrope
+            self.images = ImageEmbeddingPool(loaded.vision, spec, loaded.mesh, num_rows=image_pool_rows,
                                              hidden_size=loaded.config.hidden_size, dtype=loaded.config.jnp_dtype,
                                              max_patches=max_image_patches, lazy=shapes.lazy)
         self.shapes = shapes
@@ -260,9 +263,10 @@ class ModelRunner:
             meta.shared = SharedPrefixes(group_starts=i32(self.max_prefix_groups + 1), shared_pages=i32(b))
         padding = SamplingBatch.build([], [], [], [], [], b, self.spare_slot)  # shapes and dtypes only
         sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), padding)
-        if self.images is not None:  # M-RoPE positions, and each token's image embedding row
-            return sampling, i32(num_tokens), i32(3, num_tokens), meta, i32(b), i32(num_tokens), i32(num_tokens)
-        return sampling, i32(num_tokens), i32(num_tokens), meta, i32(b), i32(num_tokens)
+        positions = i32(3, num_tokens) if self.mrope else i32(num_tokens)
+        if self.images is not None:  # and each token's image embedding row
+            return sampling, i32(num_tokens), positions, meta, i32(b), i32(num_tokens), i32(num_tokens)
+        return sampling, i32(num_tokens), positions, meta, i32(b), i32(num_tokens)
 
     def _image_pool(self) -> tuple:
         """The forward pass's last argument: the image embedding pool, for vision-language models only."""
@@ -307,7 +311,7 @@ class ModelRunner:
                            max_pages=self.max_pages, pool_pages=self.pool.config.num_pages,
                            max_prefix_groups=self.prefix_groups_for(total) if grouped else 0,
                            prefix_groups=prefix_groups, page_table_out=self._page_table,
-                           mrope=self.images is not None)
+                           images=self.images is not None, mrope=self.mrope)
         if batch.meta.shared is not None and not batch.meta.shared.shared_pages.any():
             batch.meta.shared = None  # the groups share too little: the plain program
         key = (num_tokens, with_prompt, batch.meta.shared is not None)

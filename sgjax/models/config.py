@@ -49,13 +49,14 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # q/k/v as one matmul; the loader turns it off when the mesh's "tensor" axis does not divide the KV heads
     fuse_qkv: bool = True
-    # Vision-language models (Qwen2-VL, Qwen2.5-VL): M-RoPE splits the rotary frequencies into sections rotated
-    # by the temporal, row and column positions (positions are [3, T]); image placeholders take the tower's rows.
+    # Vision-language models (models/vision/spec.py): image placeholders take the tower's rows. M-RoPE (Qwen2-VL,
+    # Qwen2.5-VL) splits the rotary frequencies into sections rotated by the temporal, row and column positions
+    # (positions are [3, T]).
     mrope_section: tuple[int, ...] = ()
     image_token_id: int | None = None
     # The tokens around an image's placeholder where the chat template writes them (Qwen: <|vision_start|>...)
     image_wrapper_ids: tuple[int, ...] = ()
-    vision: Any = None  # the tower's config: sgjax.models.vision.qwen2_vl.VisionConfig or .glm4v.Glm4vVisionConfig
+    vision: Any = None  # the family's vision config (VisionSpec.config)
 
     @property
     def is_multimodal(self) -> bool:
@@ -101,8 +102,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf, architecture: str, dtype: str | None = None) -> "ModelConfig":
         """Copy the fields we use out of a transformers PretrainedConfig."""
+        # its families import this module
+        from sgjax.models.vision.spec import is_vision_language, vision_spec
+
         outer = hf
-        vision_language = architecture in VISION_LANGUAGE
+        vision_language = is_vision_language(architecture)
+        spec = vision_spec(architecture) if vision_language else None
         if vision_language:  # the decoder's numbers are in text_config; the embeddings' tying is the outer one's
             hf = hf.get_text_config()
         get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
@@ -114,9 +119,9 @@ class ModelConfig:
         partial_rotary = rope.pop("partial_rotary_factor", None) or get("partial_rotary_factor") or 1.0
         if rope.get("type") == "mrope":  # transformers 4.x's spelling of M-RoPE over default frequencies
             rope.pop("type")
-        is_glm = architecture in GLM4V
-        if vision_language and not mrope_section:
-            mrope_section = (8, 12, 12) if is_glm else (16, 24, 24)  # transformers' defaults for these models
+        family = _text_family(hf) if vision_language else architecture.removesuffix("ForCausalLM")
+        if vision_language and spec.mrope and not mrope_section:
+            mrope_section = MROPE_DEFAULTS[family]  # transformers' defaults for these models
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
@@ -126,12 +131,11 @@ class ModelConfig:
         window = get("sliding_window")
         if layer_types:
             windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
-        elif architecture.startswith("Mistral") and window:
+        elif (architecture.startswith("Mistral") or getattr(hf, "model_type", None) == "mistral") and window:
             windows = (window,) * hf.num_hidden_layers
         else:
             windows = (None,) * hf.num_hidden_layers
 
-        family = "Glm4" if is_glm else "Qwen2" if vision_language else architecture.removesuffix("ForCausalLM")
         attention_bias = bool(get("attention_bias", False))
         if dtype is None:
             dtype = str(get("dtype") or getattr(outer, "dtype", None) or get("torch_dtype")
@@ -157,8 +161,8 @@ class ModelConfig:
             mlp_bias=bool(get("mlp_bias", False)),
             qk_norm=family == "Qwen3",
             rotary_dim=int(head_dim * partial_rotary) if partial_rotary != 1.0 else 0,
-            rope_interleaved=is_glm,
-            checkpoint_gate_up=is_glm,
+            rope_interleaved=family == "Glm4",
+            checkpoint_gate_up=family == "Glm4",
             tie_word_embeddings=bool(getattr(outer, "tie_word_embeddings", False)),
             hidden_act=(get("hidden_activation") if is_gemma else None) or get("hidden_act") or "silu",
             sliding_windows=windows,
@@ -169,14 +173,22 @@ class ModelConfig:
             mrope_section=mrope_section,
             image_token_id=getattr(outer, "image_token_id", None) if vision_language else None,
             image_wrapper_ids=_image_wrapper_ids(outer) if vision_language else (),
-            vision=_vision_config(outer, dtype) if vision_language else None,
+            vision=spec.config(outer.to_dict(), dtype) if vision_language else None,
         )
 
 
-# Architectures whose config nests the decoder's in text_config and adds a vision tower (models/qwen2_vl.py,
-# models/glm4v.py).
-GLM4V = {"Glm4vForConditionalGeneration"}
-VISION_LANGUAGE = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"} | GLM4V
+# A vision-language model's text_config model_type -> the decoder family it is (its flags in from_hf)
+TEXT_FAMILIES = {"qwen2_vl_text": "Qwen2", "qwen2_5_vl_text": "Qwen2", "qwen2": "Qwen2", "llama": "Llama",
+                 "mistral": "Mistral", "glm4v_text": "Glm4"}
+MROPE_DEFAULTS = {"Qwen2": (16, 24, 24), "Glm4": (8, 12, 12)}  # M-RoPE sections a config may leave out
+
+
+def _text_family(text_config) -> str:
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in TEXT_FAMILIES:
+        raise ValueError(f"a {model_type!r} decoder under a vision tower is not supported "
+                         f"(supported: {sorted(TEXT_FAMILIES)})")
+    return TEXT_FAMILIES[model_type]
 
 
 def _image_wrapper_ids(hf) -> tuple[int, ...]:
@@ -187,14 +199,3 @@ def _image_wrapper_ids(hf) -> tuple[int, ...]:
         if None not in ids:
             return ids
     return ()
-
-
-def _vision_config(hf, dtype: str):
-    # they import this module
-    if hf.model_type == "glm4v":
-        from sgjax.models.vision.glm4v import Glm4vVisionConfig
-
-        return Glm4vVisionConfig.from_hf(hf.to_dict(), dtype)
-    from sgjax.models.vision.qwen2_vl import VisionConfig
-
-    return VisionConfig.from_hf(hf.to_dict(), dtype)

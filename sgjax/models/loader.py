@@ -156,10 +156,11 @@ def load_model(
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     vision = None
     if cfg.vision is not None:
-        from sgjax.models.vision.qwen2_vl import VisionTower, load_vision_tower  # it imports this module
+        from sgjax.models.vision.spec import vision_spec  # its families import this module
 
-        vision = (VisionTower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
-                  else load_vision_tower(model_path, mesh, cfg=cfg.vision))
+        spec = vision_spec(cfg.architecture)
+        vision = (spec.tower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
+                  else spec.load_tower(model_path, mesh, cfg=cfg.vision))
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, kernels, vision)
 
 

@@ -1,5 +1,5 @@
-"""A request's images as the engine carries them: each image's patches, grid, content hash and placeholder span,
-and the prompt's M-RoPE positions.
+"""A request's images as the engine carries them: each image's pixel rows, grid, content hash and placeholder span,
+and the prompt's M-RoPE positions where the model has them.
 
 The radix cache keys a prompt by its token ids, but every image's placeholder tokens are the same id. So the cache
 key replaces an image's placeholders by an id derived from its content hash (as SGLang does with pad values): the
@@ -19,8 +19,8 @@ CACHE_KEY_BASE = 1 << 30
 
 @dataclasses.dataclass
 class ImageInput:
-    pixel_values: np.ndarray  # [patches, C * temporal_patch * patch**2] float32, as the processor lays them out
-    grid_thw: tuple[int, int, int]  # (t, patch rows, patch columns)
+    pixel_values: np.ndarray  # [rows, the tower's input_dim] float32, as the processor lays them out
+    grid_thw: tuple[int, ...]  # the image's layout for its tower (Qwen: t, patch rows, patch columns; VisionSpec)
     content_hash: int  # of the pixels and grid (content_hash)
     offset: int  # index of its first placeholder token in the prompt
     num_tokens: int  # its placeholder tokens: the tower's merged rows
@@ -38,12 +38,15 @@ class ImageInput:
 @dataclasses.dataclass
 class MultimodalInputs:
     images: list[ImageInput]
-    positions: np.ndarray  # [3, prompt length] int32 M-RoPE positions of the prompt
+    positions: np.ndarray | None  # [3, prompt length] int32 M-RoPE positions of the prompt; None: 1D, the indices
     position_delta: int  # a token after the prompt at index i has position i + delta (all three rows)
     cache_key: np.ndarray  # [prompt length] int32: the prompt ids, images' placeholders as their cache_key_id
 
-    def chunk_positions(self, start: int, n: int) -> np.ndarray:
-        """[3, n] positions of tokens start..start+n-1 (prompt tokens from the table, later ones by the delta)."""
+    def chunk_positions(self, start: int, n: int) -> np.ndarray | None:
+        """[3, n] positions of tokens start..start+n-1 (prompt tokens from the table, later ones by the delta);
+        None for a model with 1D positions (the tokens' indices)."""
+        if self.positions is None:
+            return None
         in_prompt = max(0, min(self.positions.shape[1], start + n) - start)
         out = np.empty((3, n), np.int32)
         out[:, :in_prompt] = self.positions[:, start:start + in_prompt]

@@ -10,7 +10,8 @@ Several images run in one call as one flat sequence: attention is masked to pair
 id (the image, or the window); the mask is dense, O(N^2) per head, which a segment-aware flash kernel in
 kernels/ should replace for large images. The per-call index arrays come from `vision_metadata` on the host; shapes depend only
 on the number of patches, so the executor can bucket that and pad (padding is its own segment, and ignored).
-Module and parameter names mirror Hugging Face's `visual.*` tensors.
+Module and parameter names mirror Hugging Face's `visual.*` tensors. The engine reaches all of it through `SPEC`
+(models/vision/spec.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ from jax.sharding import Mesh
 from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
 from sgjax.models.loader import CheckpointTensors
+from sgjax.models.vision.spec import VisionSpec
+from sgjax.multimodal.mrope import mrope_positions
+from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
 from sgjax.platform.mesh import TENSOR, named_sharding
 
 ARCHITECTURES = {"qwen2_vl", "qwen2_5_vl"}
+SMALLEST_PATCH_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,19 @@ class VisionConfig:
     def patch_dim(self) -> int:
         """Values per patch row of pixel_values."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def input_dim(self) -> int:
+        return self.patch_dim
+
+    @property
+    def smallest_bucket(self) -> int:
+        """A tower call's fewest patch rows: whole merge blocks (the larger buckets double it)."""
+        return max(SMALLEST_PATCH_BUCKET, self.merge_unit)
+
+    def output_rows(self, num_patches: int) -> int:
+        """Merged rows of a call over `num_patches` patch rows."""
+        return num_patches // self.merge_unit
 
     @property
     def jnp_dtype(self):
@@ -159,14 +177,16 @@ def vision_metadata(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionC
         frame_offset += t
         window_offset += num_windows
 
-    units_order = np.concatenate(units)
+    units_order = np.concatenate(units or [np.zeros(0, np.int64)])  # no images: all padding (compiling a bucket)
     order = (units_order[:, None] * unit + np.arange(unit)).reshape(-1)
     pad = num_patches - total
+    positions = np.concatenate(positions or [np.zeros((0, 2), np.int64)])
+    frames, windows = (np.concatenate(a or [np.zeros(0, np.int64)]) for a in (frames, windows))
     return VisionMetadata(
         order=np.concatenate([order, np.arange(total, num_patches)]).astype(np.int32),
-        positions=np.concatenate([np.concatenate(positions)[order], np.zeros((pad, 2), np.int64)]).astype(np.int32),
-        image_segments=np.concatenate([np.repeat(np.concatenate(frames), unit), np.full(pad, -1)]).astype(np.int32),
-        window_segments=np.concatenate([np.repeat(np.concatenate(windows), unit), np.full(pad, -1)]).astype(np.int32),
+        positions=np.concatenate([positions[order], np.zeros((pad, 2), np.int64)]).astype(np.int32),
+        image_segments=np.concatenate([np.repeat(frames, unit), np.full(pad, -1)]).astype(np.int32),
+        window_segments=np.concatenate([np.repeat(windows, unit), np.full(pad, -1)]).astype(np.int32),
         restore=np.concatenate([np.argsort(units_order), np.arange(total // unit, num_patches // unit)]).astype(np.int32),
     )
 
@@ -369,3 +389,25 @@ def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg
             shape, sharding, lambda index, src=array: np.asarray(src[index]).astype(target)))
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     return nnx.merge(graphdef, state)
+
+
+# --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------
+
+def processor_config(model_path: str, cfg: VisionConfig) -> Qwen2VLImageConfig:
+    """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
+    return dataclasses.replace(Qwen2VLImageConfig.from_pretrained(model_path), patch_size=cfg.patch_size,
+                               temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.spatial_merge_size)
+
+
+def _positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], model_cfg) -> tuple[np.ndarray, int]:
+    return mrope_positions(ids, list(grids), image_token_id=model_cfg.image_token_id,
+                           spatial_merge_size=model_cfg.vision.spatial_merge_size)
+
+
+SPEC = VisionSpec(
+    config=VisionConfig.from_hf, tower=VisionTower, load_tower=load_vision_tower, metadata=vision_metadata,
+    processor=processor_config, preprocess=preprocess_image,
+    num_tokens=lambda grid, cfg: int(np.prod(grid)) // cfg.merge_unit,
+    max_rows=lambda processor: processor.max_pixels // processor.patch_size**2,  # pixels after resizing <= max_pixels
+    positions=_positions,
+)
