@@ -43,6 +43,12 @@ class Qwen2VLImageConfig:
         return cls.from_dict(raw)
 
     @classmethod
+    def for_tower(cls, model_path: str, tower) -> Qwen2VLImageConfig:
+        """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
+        return dataclasses.replace(cls.from_pretrained(model_path), patch_size=tower.patch_size,
+                                   temporal_patch_size=tower.temporal_patch_size, merge_size=tower.spatial_merge_size)
+
+    @classmethod
     def from_dict(cls, raw: dict) -> Qwen2VLImageConfig:
         size = raw.get("size") or {}
         values = dict(

@@ -36,7 +36,11 @@ from sgjax.models.vision.qwen2_vl import (
     rotary_cos_sin,
     segment_attention,
 )
+from sgjax.models.vision.spec import VisionSpec
 from sgjax.models.vision.weights import load_tower
+from sgjax.multimodal.glm4v_processor import Glm4vImageConfig
+from sgjax.multimodal.mrope import prompt_mrope_positions
+from sgjax.multimodal.qwen2_vl_processor import preprocess_image
 from sgjax.platform.mesh import TENSOR
 
 SMALLEST_PATCH_BUCKET = 64
@@ -337,3 +341,14 @@ def load_glm4v_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg:
             raise ValueError("loading a vision tower from a state dict needs its config (cfg=...)")
         cfg = Glm4vVisionConfig.from_pretrained(source, dtype)
     return load_tower(lambda: Glm4vVisionTower(cfg, rngs=nnx.Rngs(0)), source, mesh, cfg.jnp_dtype, "glm4v")
+
+
+# --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------
+
+SPEC = VisionSpec(
+    config=Glm4vVisionConfig.from_hf, tower=Glm4vVisionTower, load_tower=load_glm4v_tower,
+    metadata=glm4v_vision_metadata, processor=Glm4vImageConfig.for_tower, preprocess=preprocess_image,
+    num_tokens=lambda grid, cfg: int(np.prod(grid)) // cfg.merge_unit,
+    max_rows=lambda processor: processor.max_patches,
+    positions=prompt_mrope_positions,  # GLM's get_rope_index lays out images as Qwen2-VL's does
+)

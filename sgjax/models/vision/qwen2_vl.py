@@ -32,7 +32,7 @@ from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
 from sgjax.models.loader import CheckpointTensors
 from sgjax.models.vision.spec import VisionSpec
-from sgjax.multimodal.mrope import mrope_positions
+from sgjax.multimodal.mrope import prompt_mrope_positions
 from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
 from sgjax.platform.mesh import TENSOR, named_sharding
 
@@ -393,21 +393,10 @@ def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg
 
 # --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------
 
-def processor_config(model_path: str, cfg: VisionConfig) -> Qwen2VLImageConfig:
-    """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
-    return dataclasses.replace(Qwen2VLImageConfig.from_pretrained(model_path), patch_size=cfg.patch_size,
-                               temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.spatial_merge_size)
-
-
-def _positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], model_cfg) -> tuple[np.ndarray, int]:
-    return mrope_positions(ids, list(grids), image_token_id=model_cfg.image_token_id,
-                           spatial_merge_size=model_cfg.vision.spatial_merge_size)
-
-
 SPEC = VisionSpec(
     config=VisionConfig.from_hf, tower=VisionTower, load_tower=load_vision_tower, metadata=vision_metadata,
-    processor=processor_config, preprocess=preprocess_image,
+    processor=Qwen2VLImageConfig.for_tower, preprocess=preprocess_image,
     num_tokens=lambda grid, cfg: int(np.prod(grid)) // cfg.merge_unit,
-    max_rows=lambda processor: processor.max_pixels // processor.patch_size**2,  # pixels after resizing <= max_pixels
-    positions=_positions,
+    max_rows=lambda processor: processor.max_patches,
+    positions=prompt_mrope_positions,
 )

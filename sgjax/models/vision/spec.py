@@ -34,6 +34,7 @@ from typing import Any
 SPECS = {
     "Qwen2VLForConditionalGeneration": "sgjax.models.vision.qwen2_vl:SPEC",
     "Qwen2_5_VLForConditionalGeneration": "sgjax.models.vision.qwen2_vl:SPEC",
+    "Glm4vForConditionalGeneration": "sgjax.models.vision.glm4v:SPEC",
 }
 
 
