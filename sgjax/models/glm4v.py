@@ -10,6 +10,8 @@ checkpoint fuses gate and up into one `gate_up_proj` (checkpoint_gate_up) and na
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 from flax import nnx
 
@@ -49,4 +51,4 @@ class Glm4TextModel(DecoderModel):
 
 class Glm4vForConditionalGeneration(Qwen2VLForConditionalGeneration):
     model_class = Glm4TextModel
-    checkpoint_renames = (("model.", "model.language_model."),)
+    checkpoint_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {"model.": ("model.language_model.",)}

@@ -86,6 +86,30 @@ class CheckpointTensors:
         return data[begin:end].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
+class PrefixedTensors:
+    """A checkpoint's tensors under our names where it nests them elsewhere: `prefixes` maps a prefix of ours to the
+    checkpoint's candidates for it (the first one present wins; LLaVA's `model.` is `language_model.model.`)."""
+
+    def __init__(self, tensors: CheckpointTensors, prefixes: dict[str, tuple[str, ...]]):
+        self.tensors, self.prefixes = tensors, prefixes
+
+    def _name(self, name: str) -> str:
+        for ours, theirs in self.prefixes.items():
+            if name.startswith(ours):
+                rest = name[len(ours):]
+                return next((t + rest for t in theirs if t + rest in self.tensors), name)
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return self._name(name) in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors.shape(self._name(name))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.tensors.get(self._name(name))
+
+
 @dataclasses.dataclass
 class LoadedModel:
     model: nnx.Module
@@ -95,14 +119,9 @@ class LoadedModel:
     vision: nnx.Module | None = None  # a vision-language model's tower (models/vision), run by its own program
 
 
-def checkpoint_name(path: tuple, renames: tuple[tuple[str, str], ...] = ()) -> str:
-    """nnx state path -> Hugging Face tensor name (our module tree mirrors HF's), the first of `renames`' (our
-    prefix, the checkpoint's) that matches applied (a model class's `checkpoint_renames`)."""
-    name = ".".join(str(p) for p in path)
-    for ours, theirs in renames:
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    return name
+def checkpoint_name(path: tuple) -> str:
+    """nnx state path -> Hugging Face tensor name (our module tree mirrors HF's)."""
+    return ".".join(str(p) for p in path)
 
 
 logger = logging.getLogger(__name__)
@@ -151,12 +170,14 @@ def load_model(
         values = _random_weights(flat, shardings, seed)
     else:
         tensors = GGUFTensors(gguf_file, cfg) if gguf_file is not None else CheckpointTensors(model_path)
-        values = _read_checkpoint(tensors, model_path, flat, shardings, cfg,
-                                  getattr(model_class, "checkpoint_renames", ()))
+        if getattr(model_class, "checkpoint_prefixes", None) and gguf_file is None:
+            tensors = PrefixedTensors(tensors, model_class.checkpoint_prefixes)
+        values = _read_checkpoint(tensors, model_path, flat, shardings, cfg)
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     vision = None
     if cfg.vision is not None:
-        from sgjax.models.vision.spec import vision_spec  # its families import this module
+        # its families import this module
+        from sgjax.models.vision.spec import vision_spec
 
         spec = vision_spec(cfg.architecture)
         vision = (spec.tower(cfg.vision, rngs=nnx.Rngs(seed)) if load_format == "dummy"
@@ -190,11 +211,11 @@ def _init_fn(shape, dtype, sharding, kind):
 
 
 def _read_checkpoint(tensors: CheckpointTensors | GGUFTensors, model_path: str, flat, shardings,
-                     cfg: ModelConfig, renames: tuple[tuple[str, str], ...] = ()) -> list[jax.Array]:
+                     cfg: ModelConfig) -> list[jax.Array]:
     target = np.dtype(cfg.jnp_dtype)
     values = []
     for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
-        name = checkpoint_name(path, renames)
+        name = checkpoint_name(path)
         meta = var.get_metadata()
         shape = tuple(var.shape)
         if meta.get("checkpoint_parts"):

@@ -37,7 +37,7 @@ from sgjax.models.vision.qwen2_vl import (
     segment_attention,
 )
 from sgjax.models.vision.spec import VisionSpec
-from sgjax.models.vision.weights import load_tower
+from sgjax.models.vision.weights import load_visual_tower
 from sgjax.multimodal.glm4v_processor import Glm4vImageConfig
 from sgjax.multimodal.mrope import prompt_mrope_positions
 from sgjax.multimodal.qwen2_vl_processor import preprocess_image
@@ -340,7 +340,8 @@ def load_glm4v_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg:
         if not isinstance(source, str):
             raise ValueError("loading a vision tower from a state dict needs its config (cfg=...)")
         cfg = Glm4vVisionConfig.from_pretrained(source, dtype)
-    return load_tower(lambda: Glm4vVisionTower(cfg, rngs=nnx.Rngs(0)), source, mesh, cfg.jnp_dtype, "glm4v")
+    return load_visual_tower(lambda: Glm4vVisionTower(cfg, rngs=nnx.Rngs(0)), source, mesh, cfg.jnp_dtype,
+                             what="glm4v vision tower")
 
 
 # --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------

@@ -30,11 +30,11 @@ from jax.sharding import Mesh
 
 from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
-from sgjax.models.loader import CheckpointTensors
 from sgjax.models.vision.spec import VisionSpec
+from sgjax.models.vision.weights import load_visual_tower
 from sgjax.multimodal.mrope import prompt_mrope_positions
 from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
-from sgjax.platform.mesh import TENSOR, named_sharding
+from sgjax.platform.mesh import TENSOR
 
 ARCHITECTURES = {"qwen2_vl", "qwen2_5_vl"}
 SMALLEST_PATCH_BUCKET = 64
@@ -352,43 +352,17 @@ class VisionTower(nnx.Module):
 # --- weights ----------------------------------------------------------------------------------------------------
 
 # transformers' save_pretrained and the Qwen checkpoints write `visual.*`; other converters keep the in-memory name
-VISION_PREFIXES = ("visual.", "model.visual.")
-
-
 def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg: VisionConfig | None = None,
                       dtype: str = "float32") -> VisionTower:
     """A VisionTower with weights on `mesh`, from a model folder (config.json + safetensors; `dtype` for the config
     read from it) or a state dict of numpy arrays under HF names (then `cfg` is required). Tensors may be named
     `visual.*` or `model.visual.*`."""
-    if isinstance(source, str):
-        cfg = cfg or VisionConfig.from_pretrained(source, dtype)
-        tensors, where = CheckpointTensors(source), repr(source)
-    else:
-        if cfg is None:
+    if cfg is None:
+        if not isinstance(source, str):
             raise ValueError("loading a vision tower from a state dict needs its VisionConfig (cfg=...)")
-        tensors, where = source, "the state dict"
-    prefix = next((p for p in VISION_PREFIXES if f"{p}patch_embed.proj.weight" in tensors), None)
-    if prefix is None:
-        raise KeyError(f"{where} has no vision tower tensors (looked for {' or '.join(VISION_PREFIXES)}patch_embed.*)")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0))))
-    flat = nnx.to_flat_state(abstract)
-    target = np.dtype(cfg.jnp_dtype)
-    values = []
-    for path, var in flat:
-        name = prefix + ".".join(str(p) for p in path)
-        if name not in tensors:
-            raise KeyError(f"{where} has no tensor {name!r} (needed by the {cfg.architecture} vision tower)")
-        array = tensors.get(name)
-        shape = tuple(var.shape)
-        if tuple(array.shape) != shape:
-            if not (var.get_metadata().get("checkpoint_reshape") and array.size == np.prod(shape)):
-                raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}; the vision config implies {shape}")
-            array = array.reshape(shape)
-        sharding = named_sharding(var.get_metadata().get("axes"), shape, mesh)
-        values.append(jax.make_array_from_callback(
-            shape, sharding, lambda index, src=array: np.asarray(src[index]).astype(target)))
-    state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
-    return nnx.merge(graphdef, state)
+        cfg = VisionConfig.from_pretrained(source, dtype)
+    return load_visual_tower(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), source, mesh, cfg.jnp_dtype,
+                             what=f"{cfg.architecture} vision tower")
 
 
 # --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------
