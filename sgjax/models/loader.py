@@ -225,7 +225,7 @@ def _read_checkpoint(tensors: CheckpointTensors | GGUFTensors, model_path: str, 
             hf_shape = (math.prod(shape[:-1]), shape[-1]) if name.endswith("weight") else (math.prod(shape),)
             source = _tensor(tensors, name, hf_shape, model_path, cfg).reshape(shape)
         else:
-            source = _tensor(tensors, name, tuple(var.shape), model_path, cfg)
+            source = _tensor(tensors, name, shape, model_path, cfg)
         values.append(jax.make_array_from_callback(
             tuple(var.shape), sharding, lambda index, src=source: np.asarray(src[index]).astype(target)
         ))

@@ -38,6 +38,8 @@ def glm4v_smart_resize(height: int, width: int, factor: int, min_pixels: int, ma
 
 @dataclasses.dataclass(frozen=True)
 class Glm4vImageConfig(Qwen2VLImageConfig):
+    """Qwen2-VL's settings with GLM's defaults and resize (preprocessor_config.json's `size` spelling)."""
+
     min_pixels: int = 112 * 112
     max_pixels: int = 28 * 28 * 15000
 

@@ -351,7 +351,6 @@ class VisionTower(nnx.Module):
 
 # --- weights ----------------------------------------------------------------------------------------------------
 
-# transformers' save_pretrained and the Qwen checkpoints write `visual.*`; other converters keep the in-memory name
 def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg: VisionConfig | None = None,
                       dtype: str = "float32") -> VisionTower:
     """A VisionTower with weights on `mesh`, from a model folder (config.json + safetensors; `dtype` for the config
