@@ -2,6 +2,7 @@
 merged embeddings, and the M-RoPE positions; plus image loading's errors."""
 
 import base64
+import dataclasses
 import functools
 import io
 import json
@@ -12,6 +13,7 @@ import PIL.Image
 import pytest
 from flax import nnx
 
+from sgjax.models.config import ModelConfig
 from sgjax.models.vision.qwen2_vl import VisionConfig, vision_metadata
 from sgjax.models.vision.spec import vision_spec
 from sgjax.multimodal.glm4v_processor import Glm4vImageConfig
@@ -236,3 +238,20 @@ def test_truncated_and_oversized_images_are_refused():
     with pytest.raises(ImageTooLargeError, match="64x64 = 4096 pixels; the limit is 4000"):
         load_image(data, max_pixels=4000)
     assert load_image(data, max_pixels=4096).size == (64, 64)
+
+
+def test_glm46v_configs_are_read_as_glm4v_and_its_moe_decoder_is_refused():
+    """GLM-4.6V-Flash's Glm46V config wraps GLM-4.1V's tower and decoder: the same ModelConfig; GLM-4.6V's
+    mixture-of-experts decoder is refused by name (it comes with the MoE models)."""
+    text = {**TEXT, "rope_parameters": TEXT_ROPE["glm4v"]}
+    glm4v = ModelConfig.from_hf(transformers.Glm4vConfig(text_config=text, vision_config=VISION["glm4v"]),
+                                "Glm4vForConditionalGeneration")
+    glm46v = ModelConfig.from_hf(transformers.Glm46VConfig(
+        text_config={**text, "model_type": "glm4v_text"}, vision_config={**VISION["glm4v"], "model_type": "glm4v_vision"}),
+        "Glm46VForConditionalGeneration")
+    assert glm46v == dataclasses.replace(glm4v, architecture="Glm46VForConditionalGeneration")
+    assert (glm4v.rotary_dim, glm4v.rope_interleaved, glm4v.checkpoint_gate_up) == (8, True, True)
+    moe = transformers.Glm46VConfig(text_config={**text, "model_type": "glm4v_moe_text"},
+                                    vision_config={**VISION["glm4v"], "model_type": "glm4v_vision"})
+    with pytest.raises(ValueError, match="'glm4v_moe_text' decoder under a vision tower is not supported"):
+        ModelConfig.from_hf(moe, "Glm46VForConditionalGeneration")

@@ -44,6 +44,8 @@ from sgjax.multimodal.qwen2_vl_processor import preprocess_image
 from sgjax.platform.mesh import TENSOR
 
 SMALLEST_PATCH_BUCKET = 64
+# GLM-4.6V's configs (Glm46VForConditionalGeneration) wrap the same tower and, for GLM-4.6V-Flash, the same decoder
+MODEL_TYPES = {"glm4v", "glm46v"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +106,9 @@ class Glm4vVisionConfig:
     @classmethod
     def from_hf(cls, config: Mapping, dtype: str = "float32") -> Glm4vVisionConfig:
         """From a Hugging Face config.json's dict (the full model's, with `vision_config`)."""
-        if config.get("model_type") != "glm4v":
-            raise ValueError(f"model_type {config.get('model_type')!r} is not glm4v")
+        if config.get("model_type") not in MODEL_TYPES:
+            raise ValueError(f"model_type {config.get('model_type')!r} has no GLM-4.1V vision tower "
+                             f"(supported: {sorted(MODEL_TYPES)})")
         v = config["vision_config"]
         return cls(
             depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
