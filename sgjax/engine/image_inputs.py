@@ -65,14 +65,15 @@ class ImagePreprocessor:
                    max_pixels=args.max_image_pixels)
 
     def prepare(self, prompt_ids: list[int], images: list) -> tuple[list[int], MultimodalInputs]:
-        """(prompt ids with each image's placeholder expanded, the request's MultimodalInputs). A placeholder is a run
-        of the image token: one token (as chat templates write it), or already the image's token count."""
+        """(prompt ids with each image's placeholder expanded, the request's MultimodalInputs). A placeholder is the
+        image token once (as chat templates write it; images side by side make a run of them, one each), or already
+        the image's token count in a row."""
         if len(images) > self.max_images:
             raise TooManyImagesError(f"request has {len(images)} images; at most {self.max_images} are allowed per "
                                      "request")
         token, spec = self.cfg.image_token_id, self.spec
         runs = _runs(prompt_ids, token)
-        if len(runs) != len(images):
+        if not len(runs) <= len(images) <= sum(length for _, length in runs):
             raise ImagePlaceholderError(f"prompt has {len(runs)} image placeholders; {len(images)} images were given "
                                         f"(one image token {token} per image, where the image goes)")
         processed = []
@@ -81,14 +82,11 @@ class ImagePreprocessor:
                 pixels, grid = spec.preprocess(load_image(source, max_pixels=self.max_pixels), self.processor)
             except ValueError as e:
                 raise type(e)(f"image {k}: {e}") from None
-            processed.append((pixels, grid))
+            processed.append((pixels, tuple(grid), spec.num_tokens(tuple(grid), self.cfg.vision)))
         ids, inputs, done = [], [], 0
-        for k, ((start, length), (pixels, grid)) in enumerate(zip(runs, processed)):
-            n = spec.num_tokens(tuple(grid), self.cfg.vision)
-            if length not in (1, n):
-                raise ImagePlaceholderError(f"image {k} takes {n} placeholder tokens; the prompt has {length} in a row")
+        for (start, length), (pixels, grid, n) in zip(_image_spans(runs, [n for _, _, n in processed]), processed):
             ids += prompt_ids[done:start]
-            inputs.append(ImageInput(pixels, tuple(grid), content_hash(pixels, grid), len(ids), n))
+            inputs.append(ImageInput(pixels, grid, content_hash(pixels, grid), len(ids), n))
             ids += [token] * n
             done = start + length
         ids += prompt_ids[done:]
@@ -97,6 +95,27 @@ class ImagePreprocessor:
             positions, delta = spec.positions(ids, [i.grid_thw for i in inputs], self.cfg)
             positions = positions.astype(np.int32)
         return ids, MultimodalInputs(inputs, positions, delta, make_cache_key(ids, inputs))
+
+
+def _image_spans(runs: list[tuple[int, int]], num_tokens: list[int]) -> list[tuple[int, int]]:
+    """Each image's placeholder (start, length) in the prompt: a run of the image token is the next image's
+    expanded placeholder (as long as its token count), or one token for each of the next images."""
+    spans = []
+    for start, length in runs:
+        k = len(spans)
+        if k == len(num_tokens):
+            raise ImagePlaceholderError(f"prompt has image placeholders past its {k} images (at token {start})")
+        if length == num_tokens[k]:
+            spans.append((start, length))
+        elif k + length <= len(num_tokens):
+            spans += [(start + j, 1) for j in range(length)]
+        else:
+            raise ImagePlaceholderError(f"image {k} takes {num_tokens[k]} placeholder tokens; the prompt has {length} "
+                                        "in a row")
+    if len(spans) != len(num_tokens):
+        raise ImagePlaceholderError(f"prompt has placeholders for {len(spans)} images; {len(num_tokens)} images were "
+                                    "given")
+    return spans
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:

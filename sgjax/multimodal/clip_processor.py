@@ -25,6 +25,8 @@ from sgjax.multimodal.qwen2_vl_processor import (
     to_rgb,
 )
 
+MAX_ASPECT_RATIO = 200
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipImageConfig:
@@ -166,6 +168,8 @@ def anyres_tiles(image: PIL.Image.Image, cfg: ClipImageConfig) -> list[PIL.Image
 
 def preprocess_image(image: PIL.Image.Image, cfg: ClipImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (its tiles' pixel values [tiles, C * H * W] float32, (tiles, image height, image width))."""
+    if max(image.size) / min(image.size) > MAX_ASPECT_RATIO:  # its short side resized up would make a huge image
+        raise ValueError(f"image is {image.width}x{image.height}; its aspect ratio must be below {MAX_ASPECT_RATIO}")
     image = to_rgb(image)
     if cfg.grid_pinpoints:
         tiles = anyres_tiles(image, cfg)

@@ -125,14 +125,14 @@ def anyres_layout(height: int, width: int, cfg: LlavaVisionConfig) -> tuple[int,
     return grid_h, grid_w, slice(0, rows), slice(padding, cols - padding)
 
 
-def image_rows(grid: Sequence[int], cfg: LlavaVisionConfig, first_tile: int, newline: int) -> np.ndarray:
+def image_gather(grid: Sequence[int], cfg: LlavaVisionConfig, first_tile: int, newline: int) -> np.ndarray:
     """One image's output rows, as indices into the projected rows of the call (its tiles from `first_tile` on);
     `newline`: the index of image_newline."""
     tiles, height, width = grid
     per_tile = cfg.tile_tokens
-    base = first_tile * per_tile + np.arange(per_tile)
     if not cfg.anyres:
         return first_tile * per_tile + np.arange(tiles * per_tile)
+    base = first_tile * per_tile + np.arange(per_tile)  # the whole image's tile
     if tiles == 1:
         return np.concatenate([base, [newline]])
     grid_h, grid_w, keep_rows, keep_cols = anyres_layout(height, width, cfg)
@@ -148,14 +148,7 @@ def image_rows(grid: Sequence[int], cfg: LlavaVisionConfig, first_tile: int, new
 
 def num_tokens(grid: Sequence[int], cfg: LlavaVisionConfig) -> int:
     """Placeholder tokens of an image with this grid (tiles, height, width)."""
-    tiles, height, width = grid
-    if not cfg.anyres:
-        return tiles * cfg.tile_tokens
-    if tiles == 1:
-        return cfg.tile_tokens + 1
-    _, _, keep_rows, keep_cols = anyres_layout(height, width, cfg)
-    rows, cols = keep_rows.stop - keep_rows.start, keep_cols.stop - keep_cols.start
-    return cfg.tile_tokens + rows * (cols + 1)
+    return len(image_gather(grid, cfg, 0, -1))
 
 
 def llava_metadata(grids: Sequence[Sequence[int]], cfg: LlavaVisionConfig, num_tiles: int) -> LlavaMetadata:
@@ -166,7 +159,7 @@ def llava_metadata(grids: Sequence[Sequence[int]], cfg: LlavaVisionConfig, num_t
     newline = num_tiles * cfg.tile_tokens
     pieces, tile = [], 0
     for grid in grids:
-        pieces.append(image_rows(grid, cfg, tile, newline))
+        pieces.append(image_gather(grid, cfg, tile, newline))
         tile += grid[0]
     gather = np.zeros(cfg.output_rows(num_tiles), np.int32)  # padding rows: any row (their output is dropped)
     used = np.concatenate(pieces or [np.zeros(0, np.int64)])
