@@ -215,6 +215,7 @@ def data_url(image: PIL.Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+@pytest.mark.parametrize("llava", ["llava"], indirect=True)  # the server path is the same for NeXT: once is enough
 def test_images_through_the_openai_client_and_generate_with_a_repeated_image_cached(llava):
     """The official openai client sends an image as a data URL: transformers' greedy tokens for the chat with the
     model's <image>; the same chat again finds the image's tokens cached (usage), skips the tower, and answers
