@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from sgjax.models.config import ModelConfig
+from sgjax.models.vision.glm4v import bicubic_weights
 from sgjax.models.vision.qwen2_vl import VisionConfig, vision_metadata
 from sgjax.models.vision.spec import vision_spec
 from sgjax.multimodal.glm4v_processor import Glm4vImageConfig
@@ -114,6 +115,22 @@ def test_tower_loads_from_a_state_dict_with_the_model_prefix(tiny_vl):
     del state["model.visual.blocks.1.attn.proj.weight"]
     with pytest.raises(KeyError, match="blocks.1.attn.proj.weight"):
         spec.load_tower(state, make_mesh("1x1"), cfg=cfg)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (4, 10), (5, 5), (18, 6)])
+def test_glm4v_position_weights_resample_as_grid_sample(grid):
+    """GLM's learned 5x5 position table resampled to a patch grid (smaller, larger, equal) by the host's separable
+    bicubic weights equals torch's grid_sample (bicubic, align_corners=False, border), as Glm4vVisionEmbeddings
+    calls it."""
+    side, (h, w) = 5, grid
+    table = np.random.default_rng(0).standard_normal((side, side, 3)).astype(np.float32)
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    ours = np.einsum("na,nb,abe->ne", bicubic_weights(rows, h, side), bicubic_weights(cols, w, side), table)
+    normed = torch.from_numpy(np.stack([(cols + 0.5) / w * 2 - 1, (rows + 0.5) / h * 2 - 1], -1).astype(np.float32))
+    expected = torch.nn.functional.grid_sample(torch.from_numpy(table).permute(2, 0, 1)[None], normed[None, :, None],
+                                               mode="bicubic", align_corners=False, padding_mode="border")
+    np.testing.assert_allclose(ours, expected[0, :, :, 0].T.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_vision_metadata_rejects_a_too_small_bucket():
