@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL through the Engine against transformers: first-step logprobs and greedy tokens with one and
+"""Qwen2-VL / Qwen2.5-VL / GLM-4.1V through the Engine against transformers: first-step logprobs and greedy tokens with one and
 two images, image KV reuse through the radix cache (keyed by image content), chunked prefill across image spans,
 preemption, and bad image input as ValueErrors naming the problem."""
 
@@ -39,8 +39,18 @@ VISION = {
     # windows of 16 px = 2x2 merge blocks; block 0 windowed, block 1 full
     "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2, patch_size=4,
                        window_size=16, fullatt_block_indexes=[1]),
+    "glm4v": dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2, patch_size=4,
+                  image_size=20),
 }
-CLASSES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
+CLASSES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "glm4v": "Glm4v"}
+# GLM-4 turns half of each head: heads of 32 leave 8 frequencies for the same M-RoPE sections
+TEXT_OF = {"glm4v": {**TEXT, "num_attention_heads": 2, "num_key_value_heads": 1, "rope_parameters": {
+    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "partial_rotary_factor": 0.5}}}
+# Each family's config keys for the tokens around an image and its tokens' text: start, end, placeholder
+QWEN_TOKENS = (("vision_start_token_id", "vision_end_token_id"), ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"))
+IMAGE_TOKENS = {"glm4v": (("image_start_token_id", "image_end_token_id"),
+                          ("<|begin_of_image|>", "<|end_of_image|>", "<|image|>"))}
+QWEN = ["qwen2_5_vl", "qwen2_vl"]  # engine behaviour no model changes (preemption, input errors) runs on these only
 GREEDY = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 
 
@@ -59,13 +69,15 @@ TWO_IMAGES = [5, START, IMAGE, END, 20, 21, START, IMAGE, END, 22, 23]
 
 @pytest.fixture(scope="module", params=sorted(VISION))
 def vl(request, tmp_path_factory):
-    """(name, transformers model, engine) of a tiny random Qwen2-VL or Qwen2.5-VL saved with save_pretrained."""
+    """(name, transformers model, engine) of a tiny random Qwen2-VL, Qwen2.5-VL or GLM-4.1V saved with
+    save_pretrained."""
     name = request.param
     config_class = getattr(transformers, f"{CLASSES[name]}Config")
     model_class = getattr(transformers, f"{CLASSES[name]}ForConditionalGeneration")
+    (start_key, end_key), token_texts = IMAGE_TOKENS.get(name, QWEN_TOKENS)
     torch.manual_seed(0)
-    model = model_class(config_class(text_config=TEXT, vision_config=VISION[name], image_token_id=IMAGE,
-                                     vision_start_token_id=START, vision_end_token_id=END)).eval()
+    model = model_class(config_class(text_config=TEXT_OF.get(name, TEXT), vision_config=VISION[name],
+                                     image_token_id=IMAGE, **{start_key: START, end_key: END})).eval()
     with torch.no_grad():  # HF's init (std 0.02) leaves activations too small for a comparison to mean much
         for key, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in key or "ln_q" in key else 0.3 * torch.randn_like(p))
@@ -73,8 +85,8 @@ def vl(request, tmp_path_factory):
     model.save_pretrained(path)
     tokenizer = make_tokenizer(300)  # + special tokens at the ids the config names, so chat text can hold images
     tokenizer.add_special_tokens({"additional_special_tokens": [f"<|unused{i}|>" for i in range(START - 300)] + [
-        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
-    assert tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]) == [START, END, IMAGE]
+        *token_texts]})
+    assert tokenizer.convert_tokens_to_ids(list(token_texts)) == [START, END, IMAGE]
     tokenizer.save_pretrained(path)
     with open(f"{path}/preprocessor_config.json", "w") as f:
         json.dump({"min_pixels": 64, "max_pixels": 48 * 48, "patch_size": 4, "merge_size": 2}, f)
@@ -152,6 +164,7 @@ def test_a_repeated_image_hits_the_cache_and_a_different_one_does_not(vl):
     check_pages_accounted(engine)
 
 
+@pytest.mark.parametrize("vl", QWEN, indirect=True)
 def test_preempted_requests_recompute_their_images(vl):
     """Four concurrent image requests overflow the 23-page pool: some are preempted and recomputed, and each gets
     the tokens it gets alone."""
@@ -172,6 +185,7 @@ def test_preempted_requests_recompute_their_images(vl):
     assert engine.runner.images.num_free == engine.runner.images.num_rows
 
 
+@pytest.mark.parametrize("vl", QWEN, indirect=True)
 def test_bad_image_input_raises_value_errors_naming_the_problem(vl):
     _, _, engine = vl
     with pytest.raises(ImagePlaceholderError, match="prompt has 1 image placeholders; 2 images were given"):
@@ -198,7 +212,7 @@ def test_images_through_the_openai_client_the_native_api_and_the_frontend_langua
     /generate takes image_data, and a frontend program with sgl.image runs over RuntimeEndpoint; each answers
     with transformers' greedy tokens for the prompt with the model's image placeholder, and a second turn over
     the same image finds the image's tokens cached (usage)."""
-    _, model, engine = vl
+    family, model, engine = vl
     server = LiveServer(engine)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
@@ -208,7 +222,8 @@ def test_images_through_the_openai_client_the_native_api_and_the_frontend_langua
         reply = client.chat.completions.create(model=name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
                                                messages=[{"role": "user", "content": content}])
         placeholder = engine.image_placeholder
-        assert placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+        start, end, image = IMAGE_TOKENS.get(family, QWEN_TOKENS)[1]
+        assert placeholder == start + image + end
         prompt = engine.apply_chat_template([{"role": "user", "content": f"look: {placeholder} what?"}])
         want = hf_generate(model, engine, prompt, [CAT], 4)
         assert reply.choices[0].message.content == engine.tokenizer.decode(want)

@@ -36,6 +36,9 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    rotary_dim: int = 0  # features of each head that RoPE turns (GLM-4: half); 0: all of head_dim
+    rope_interleaved: bool = False  # GLM-4: RoPE pairs features (2i, 2i + 1), not (i, i + rotary_dim / 2)
+    checkpoint_gate_up: bool = False  # GLM-4: the checkpoint holds gate and up as one `gate_up_proj` tensor
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
@@ -113,10 +116,12 @@ class ModelConfig:
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
         mrope_section = tuple(rope.pop("mrope_section", ()) or ())
+        partial_rotary = rope.pop("partial_rotary_factor", None) or get("partial_rotary_factor") or 1.0
         if rope.get("type") == "mrope":  # transformers 4.x's spelling of M-RoPE over default frequencies
             rope.pop("type")
+        family = _text_family(hf) if vision_language else architecture.removesuffix("ForCausalLM")
         if vision_language and spec.mrope and not mrope_section:
-            mrope_section = (16, 24, 24)  # transformers' default for Qwen2-VL and Qwen2.5-VL
+            mrope_section = MROPE_DEFAULTS[family]  # transformers' defaults for these models
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
@@ -131,7 +136,6 @@ class ModelConfig:
         else:
             windows = (None,) * hf.num_hidden_layers
 
-        family = _text_family(hf) if vision_language else architecture.removesuffix("ForCausalLM")
         attention_bias = bool(get("attention_bias", False))
         if dtype is None:
             dtype = str(get("dtype") or getattr(outer, "dtype", None) or get("torch_dtype")
@@ -152,10 +156,13 @@ class ModelConfig:
             max_position_embeddings=get("max_position_embeddings", 8192),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            qkv_bias=family == "Qwen2" or attention_bias,
-            o_bias=attention_bias and family != "Qwen2",
+            qkv_bias=family in ("Qwen2", "Glm4") or attention_bias,
+            o_bias=attention_bias and family not in ("Qwen2", "Glm4"),
             mlp_bias=bool(get("mlp_bias", False)),
             qk_norm=family == "Qwen3",
+            rotary_dim=int(head_dim * partial_rotary) if partial_rotary != 1.0 else 0,
+            rope_interleaved=family == "Glm4",
+            checkpoint_gate_up=family == "Glm4",
             tie_word_embeddings=bool(getattr(outer, "tie_word_embeddings", False)),
             hidden_act=(get("hidden_activation") if is_gemma else None) or get("hidden_act") or "silu",
             sliding_windows=windows,
@@ -165,16 +172,15 @@ class ModelConfig:
             dtype=dtype,
             mrope_section=mrope_section,
             image_token_id=getattr(outer, "image_token_id", None) if vision_language else None,
-            image_wrapper_ids=tuple(i for i in (getattr(outer, "vision_start_token_id", None),
-                                                getattr(outer, "vision_end_token_id", None)) if i is not None)
-            if vision_language else (),
+            image_wrapper_ids=_image_wrapper_ids(outer) if vision_language else (),
             vision=spec.config(outer.to_dict(), dtype) if vision_language else None,
         )
 
 
 # A vision-language model's text_config model_type -> the decoder family it is (its flags in from_hf)
 TEXT_FAMILIES = {"qwen2_vl_text": "Qwen2", "qwen2_5_vl_text": "Qwen2", "qwen2": "Qwen2", "llama": "Llama",
-                 "mistral": "Mistral"}
+                 "mistral": "Mistral", "glm4v_text": "Glm4"}
+MROPE_DEFAULTS = {"Qwen2": (16, 24, 24), "Glm4": (8, 12, 12)}  # M-RoPE sections a config may leave out
 
 
 def _text_family(text_config) -> str:
@@ -183,3 +189,13 @@ def _text_family(text_config) -> str:
         raise ValueError(f"a {model_type!r} decoder under a vision tower is not supported "
                          f"(supported: {sorted(TEXT_FAMILIES)})")
     return TEXT_FAMILIES[model_type]
+
+
+def _image_wrapper_ids(hf) -> tuple[int, ...]:
+    """The tokens a chat template writes around an image's placeholder: Qwen's <|vision_start|>/<|vision_end|>,
+    GLM's <|begin_of_image|>/<|end_of_image|>."""
+    for start, end in (("vision_start_token_id", "vision_end_token_id"), ("image_start_token_id", "image_end_token_id")):
+        ids = (getattr(hf, start, None), getattr(hf, end, None))
+        if None not in ids:
+            return ids
+    return ()

@@ -63,14 +63,16 @@ class FusedLinear(nnx.Module):
 
     weight is [*out_shape, in]; `parts` lists (HF module name, slots): each part's [out, in] matrix,
     reshaped, fills `slots` entries of `out_shape[part_axis]`, in order. The loader assembles the
-    stack from the named tensors (Param metadata `checkpoint_parts`, `checkpoint_axis`).
+    stack from the named tensors (Param metadata `checkpoint_parts`, `checkpoint_axis`). Empty `parts`: the
+    checkpoint already has the stack under this module's own name (metadata `checkpoint_reshape`).
     """
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], parts: tuple[tuple[str, int], ...],
                  part_axis: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs, cpu: bool = False):
-        if sum(n for _, n in parts) != out_shape[part_axis]:
+        if parts and sum(n for _, n in parts) != out_shape[part_axis]:
             raise ValueError(f"parts {parts} do not fill axis {part_axis} of {out_shape}")
-        meta = dict(checkpoint_parts=parts, checkpoint_axis=part_axis)
+        # No parts: the checkpoint holds the stack itself, flattened to HF's [prod(out_shape), in]
+        meta = {"checkpoint_parts": parts, "checkpoint_axis": part_axis} if parts else {"checkpoint_reshape": True}
         init = jax.random.normal(rngs.params(), (*out_shape, in_features), dtype) * (in_features**-0.5)
         self.weight = nnx.Param(init.astype(dtype), axes=(*axes, None), **meta)
         self.bias = nnx.Param(jnp.zeros(out_shape, dtype), axes=tuple(axes), **meta) if bias else None
@@ -140,20 +142,29 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndar
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
-               mrope_section: tuple[int, ...] = ()) -> jax.Array:
-    """Rotate [T, heads, D] by position, in HF's rotate-half layout. With `mrope_section` (M-RoPE), positions
-    are [3, T] (temporal, row, column) and section i of the frequencies turns with row i % 3 (transformers'
-    apply_multimodal_rotary_pos_emb)."""
+               mrope_section: tuple[int, ...] = (), interleaved: bool = False) -> jax.Array:
+    """Rotate [T, heads, D] by position. The first 2 * len(inv_freq) features turn (all of them unless the rotary
+    is partial, as GLM-4's); they pair as (i, i + half) in HF's rotate-half layout, or, `interleaved`, as
+    (2i, 2i + 1) (GLM-4's). With `mrope_section` (M-RoPE), positions are [3, T] (temporal, row, column) and
+    section i of the frequencies turns with row i % 3 (transformers' apply_multimodal_rotary_pos_emb)."""
     if mrope_section:
         row = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # frequency -> its position row
         freqs = positions.astype(jnp.float32)[row].T * jnp.asarray(inv_freq)[None, :]
     else:
         freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
-    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, None, :].astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    rotary = 2 * freqs.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    if interleaved:
+        freqs = jnp.repeat(freqs, 2, axis=-1)
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., ::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        freqs = jnp.concatenate([freqs, freqs], -1)
+        half = rotary // 2
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos = jnp.cos(freqs)[:, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, None, :].astype(x.dtype)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
 class Attention(nnx.Module):
@@ -184,8 +195,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt)
         else:
             self.q_norm = self.k_norm = None
-        self.inv_freq_key = (d, cfg.rope_theta, cfg.rope_scaling)
-        self.mrope_section = cfg.mrope_section
+        self.inv_freq_key = (cfg.rotary_dim or d, cfg.rope_theta, cfg.rope_scaling)
+        self.mrope_section, self.rope_interleaved = cfg.mrope_section, cfg.rope_interleaved
         self.attention_kwargs = dict(
             scale=cfg.attention_scale,
             sliding_window=cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None,
@@ -210,7 +221,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(*self.inv_freq_key)
-        q, k = (apply_rope(y, positions, inv_freq, self.mrope_section) for y in (q, k))
+        q, k = (apply_rope(y, positions, inv_freq, self.mrope_section, self.rope_interleaved) for y in (q, k))
         out, k_pages, v_pages = self.attend(q, k, v, kv[0], kv[1], meta, **self.attention_kwargs)
         return self.o_proj(out.reshape(t, -1)), (k_pages, v_pages)
 
@@ -230,7 +241,9 @@ class GatedMLP(nnx.Module):
         h, i, dt, b = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype, cfg.mlp_bias
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
-        self.gate_up_proj = FusedLinear(h, (2, i), (("gate_proj", 1), ("up_proj", 1)), part_axis=0, bias=b,
+        # Checkpoints keep gate and up as two tensors, or (GLM-4) as one [2I, hidden] `gate_up_proj`: gate first.
+        parts = () if cfg.checkpoint_gate_up else (("gate_proj", 1), ("up_proj", 1))
+        self.gate_up_proj = FusedLinear(h, (2, i), parts, part_axis=0, bias=b,
                                         axes=(None, TENSOR), dtype=dt, rngs=rngs, cpu=cpu)
         self.down_proj = Linear(i, h, bias=b, axes=ROW, dtype=dt, rngs=rngs, cpu=cpu)
         self.hidden_act = cfg.hidden_act

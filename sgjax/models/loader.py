@@ -232,11 +232,15 @@ def _read_checkpoint(tensors: CheckpointTensors | GGUFTensors, model_path: str, 
     for (path, var), sharding in zip(tqdm(flat, desc="loading weights", unit="tensor"), shardings):
         name = checkpoint_name(path)
         meta = var.get_metadata()
+        shape = tuple(var.shape)
         if meta.get("checkpoint_parts"):
-            source = _stacked(tensors, name, tuple(var.shape), meta["checkpoint_parts"], meta["checkpoint_axis"],
+            source = _stacked(tensors, name, shape, meta["checkpoint_parts"], meta["checkpoint_axis"],
                               model_path, cfg)
+        elif meta.get("checkpoint_reshape"):  # a stack HF keeps flat: [out..., in] as [prod(out), in]
+            hf_shape = (math.prod(shape[:-1]), shape[-1]) if name.endswith("weight") else (math.prod(shape),)
+            source = _tensor(tensors, name, hf_shape, model_path, cfg).reshape(shape)
         else:
-            source = _tensor(tensors, name, tuple(var.shape), model_path, cfg)
+            source = _tensor(tensors, name, shape, model_path, cfg)
         values.append(jax.make_array_from_callback(
             tuple(var.shape), sharding, lambda index, src=source: _cast(np.asarray(src[index]), steps)
         ))

@@ -13,6 +13,8 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "sgjax.models.gemma2:Gemma2ForCausalLM",
     "Qwen2VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "sgjax.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "sgjax.models.glm4v:Glm4vForConditionalGeneration",
+    "Glm46VForConditionalGeneration": "sgjax.models.glm4v:Glm4vForConditionalGeneration",
     "LlavaForConditionalGeneration": "sgjax.models.llava:LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "sgjax.models.llava:LlavaForConditionalGeneration",
 }

@@ -48,3 +48,10 @@ def mrope_text_positions(start: int, length: int, delta: int) -> np.ndarray:
     """[3, length] positions of text tokens at indices start..start+length-1 after a prompt with this `delta`
     (decode steps, or text-only continuations)."""
     return np.broadcast_to(np.arange(start, start + length, dtype=np.int64) + delta, (3, length)).copy()
+
+
+def prompt_mrope_positions(ids: Sequence[int], grids: Sequence[Sequence[int]], model_cfg) -> tuple[np.ndarray, int]:
+    """`mrope_positions` of a prompt for a model (a ModelConfig: its image token, its tower's merge size): the
+    VisionSpec.positions of Qwen2-VL, Qwen2.5-VL and GLM-4.1V, whose images' positions are alike."""
+    return mrope_positions(ids, list(grids), image_token_id=model_cfg.image_token_id,
+                           spatial_merge_size=model_cfg.vision.spatial_merge_size)

@@ -43,6 +43,12 @@ class Qwen2VLImageConfig:
         return cls.from_dict(raw)
 
     @classmethod
+    def for_tower(cls, model_path: str, tower) -> Qwen2VLImageConfig:
+        """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
+        return dataclasses.replace(cls.from_pretrained(model_path), patch_size=tower.patch_size,
+                                   temporal_patch_size=tower.temporal_patch_size, merge_size=tower.spatial_merge_size)
+
+    @classmethod
     def from_dict(cls, raw: dict) -> Qwen2VLImageConfig:
         size = raw.get("size") or {}
         values = dict(
@@ -59,6 +65,15 @@ class Qwen2VLImageConfig:
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to."""
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    @property
+    def max_patches(self) -> int:
+        """The most patches one image can become (its pixels are at most max_pixels after resizing)."""
+        return self.max_pixels // self.patch_size**2
 
 
 @dataclasses.dataclass
@@ -101,7 +116,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 def preprocess_image(image: PIL.Image.Image, cfg: Qwen2VLImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (patches [grid_h * grid_w, C*T*P*P] float32, (1, grid_h, grid_w))."""
     image = to_rgb(image)
-    height, width = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    height, width = cfg.resized(image.height, image.width)
     image = image.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
     # Same arithmetic as transformers: scale in float64, then float32 for the normalization.
     pixels = (np.asarray(image).astype(np.float64) * cfg.rescale_factor).astype(np.float32)

@@ -30,10 +30,9 @@ from jax.sharding import Mesh
 
 from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
-from sgjax.models.loader import CheckpointTensors
 from sgjax.models.vision.spec import VisionSpec
-from sgjax.models.vision.weights import load_module_weights
-from sgjax.multimodal.mrope import mrope_positions
+from sgjax.models.vision.weights import load_visual_tower
+from sgjax.multimodal.mrope import prompt_mrope_positions
 from sgjax.multimodal.qwen2_vl_processor import Qwen2VLImageConfig, preprocess_image
 from sgjax.platform.mesh import TENSOR
 
@@ -352,46 +351,25 @@ class VisionTower(nnx.Module):
 
 # --- weights ----------------------------------------------------------------------------------------------------
 
-# transformers' save_pretrained and the Qwen checkpoints write `visual.*`; other converters keep the in-memory name
-VISION_PREFIXES = ("visual.", "model.visual.")
-
-
 def load_vision_tower(source: str | Mapping[str, np.ndarray], mesh: Mesh, *, cfg: VisionConfig | None = None,
                       dtype: str = "float32") -> VisionTower:
     """A VisionTower with weights on `mesh`, from a model folder (config.json + safetensors; `dtype` for the config
     read from it) or a state dict of numpy arrays under HF names (then `cfg` is required). Tensors may be named
     `visual.*` or `model.visual.*`."""
-    if isinstance(source, str):
-        cfg = cfg or VisionConfig.from_pretrained(source, dtype)
-        tensors, where = CheckpointTensors(source), repr(source)
-    else:
-        if cfg is None:
+    if cfg is None:
+        if not isinstance(source, str):
             raise ValueError("loading a vision tower from a state dict needs its VisionConfig (cfg=...)")
-        tensors, where = source, "the state dict"
-    prefix = next((p for p in VISION_PREFIXES if f"{p}patch_embed.proj.weight" in tensors), None)
-    if prefix is None:
-        raise KeyError(f"{where} has no vision tower tensors (looked for {' or '.join(VISION_PREFIXES)}patch_embed.*)")
-    return load_module_weights(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), tensors, lambda key: prefix + key, mesh,
-                               cfg.jnp_dtype, where=where, what=f"{cfg.architecture} vision tower")
+        cfg = VisionConfig.from_pretrained(source, dtype)
+    return load_visual_tower(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), source, mesh, cfg.jnp_dtype,
+                             what=f"{cfg.architecture} vision tower")
 
 
 # --- the engine's interface (models/vision/spec.py) ---------------------------------------------------------------
 
-def processor_config(model_path: str, cfg: VisionConfig) -> Qwen2VLImageConfig:
-    """The checkpoint's preprocessor_config.json, with the patch geometry of its tower (which must agree)."""
-    return dataclasses.replace(Qwen2VLImageConfig.from_pretrained(model_path), patch_size=cfg.patch_size,
-                               temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.spatial_merge_size)
-
-
-def _positions(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], model_cfg) -> tuple[np.ndarray, int]:
-    return mrope_positions(ids, list(grids), image_token_id=model_cfg.image_token_id,
-                           spatial_merge_size=model_cfg.vision.spatial_merge_size)
-
-
 SPEC = VisionSpec(
     config=VisionConfig.from_hf, tower=VisionTower, load_tower=load_vision_tower, metadata=vision_metadata,
-    processor=processor_config, preprocess=preprocess_image,
+    processor=Qwen2VLImageConfig.for_tower, preprocess=preprocess_image,
     num_tokens=lambda grid, cfg: int(np.prod(grid)) // cfg.merge_unit,
-    max_rows=lambda processor: processor.max_pixels // processor.patch_size**2,  # pixels after resizing <= max_pixels
-    positions=_positions,
+    max_rows=lambda processor: processor.max_patches,
+    positions=prompt_mrope_positions,
 )

@@ -34,6 +34,8 @@ from typing import Any
 SPECS = {
     "Qwen2VLForConditionalGeneration": "sgjax.models.vision.qwen2_vl:SPEC",
     "Qwen2_5_VLForConditionalGeneration": "sgjax.models.vision.qwen2_vl:SPEC",
+    "Glm4vForConditionalGeneration": "sgjax.models.vision.glm4v:SPEC",
+    "Glm46VForConditionalGeneration": "sgjax.models.vision.glm4v:SPEC",
     "LlavaForConditionalGeneration": "sgjax.models.vision.llava:SPEC",
     "LlavaNextForConditionalGeneration": "sgjax.models.vision.llava:SPEC",
 }

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sgjax.models.loader import CheckpointTensors
 from sgjax.platform.mesh import named_sharding
 
 
@@ -38,3 +39,19 @@ def load_module_weights(make: Callable[[], nnx.Module], tensors: Mapping, name_o
             shape, sharding, lambda index, src=array: np.asarray(src[index]).astype(target)))
     state = nnx.from_flat_state([(path, var.replace(value)) for (path, var), value in zip(flat, values)])
     return nnx.merge(graphdef, state)
+
+
+# transformers' save_pretrained and the Qwen checkpoints write `visual.*`; GLM's and other converters keep the
+# in-memory name
+VISUAL_PREFIXES = ("visual.", "model.visual.")
+
+
+def load_visual_tower(make: Callable[[], nnx.Module], source: str | Mapping, mesh: Mesh, dtype, *,
+                      what: str) -> nnx.Module:
+    """A tower kept under `visual.` or `model.visual.` (Qwen2-VL's, GLM-4.1V's) with weights from a model folder
+    (safetensors) or a state dict of numpy arrays under HF names."""
+    tensors, where = (CheckpointTensors(source), repr(source)) if isinstance(source, str) else (source, "the state dict")
+    prefix = next((p for p in VISUAL_PREFIXES if f"{p}patch_embed.proj.weight" in tensors), None)
+    if prefix is None:
+        raise KeyError(f"{where} has no vision tower tensors (looked for {' or '.join(VISUAL_PREFIXES)}patch_embed.*)")
+    return load_module_weights(make, tensors, lambda key: prefix + key, mesh, dtype, where=where, what=what)
