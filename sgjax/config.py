@@ -160,6 +160,11 @@ class ServerArgs:
         1024, help="requests waiting for a tokenizer thread before new ones get 503 with Retry-After")
     body_timeout_s: float = option(30.0, help="seconds a request body may take to arrive (408 beyond)")
     keepalive_timeout_s: float = option(75.0, help="seconds an idle keep-alive connection stays open")
+    # Each connection holds a file descriptor: without a cap, idle clients can take them all (and then asyncio
+    # logs its failed accepts once a second).
+    max_connections: int = option(
+        8192, help="most open HTTP connections; one more is answered 503 and closed (the open-files limit is "
+                   "raised to fit, else the cap lowered)")
 
 
 @dataclasses.dataclass

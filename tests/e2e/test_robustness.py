@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -363,6 +364,36 @@ def test_connection_that_never_sends_a_request_is_closed(server):
         return time.monotonic() - started
 
     assert asyncio.run(connect_and_wait()) < 10
+
+
+def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplog):
+    """Idle connections up to --max-connections are held; each one more is answered 503 and closed at once
+    (not held until the keep-alive timeout, as idle ones are), the refusals are logged once, not once each, and
+    once connections close requests are served again."""
+    capped = LiveServer(engine_of(server), api_key=API_KEY, served_model_name=MODEL, max_connections=4,
+                        keepalive_timeout_s=60)
+    open_now = capped.runner.server.open
+    held = []
+    try:
+        held += [socket.create_connection(("127.0.0.1", capped.port), timeout=10) for _ in range(4)]
+        wait_until(lambda: len(open_now) == 4, timeout=10)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", capped.port), timeout=10) as extra:
+                    reply = b"".join(iter(lambda: extra.recv(65536), b""))  # to the server's close
+                head, _, payload = reply.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head, reply
+                assert_openai_error(503, json.loads(payload), 503, "--max-connections")
+        assert [r.getMessage()[:40] for r in caplog.records] == ["refused 1 connection(s): 4 are open, as "]
+        for s in held:
+            s.close()
+        wait_until(lambda: not open_now, timeout=10)
+        client = openai.OpenAI(base_url=capped.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        assert client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2).usage.completion_tokens == 2
+    finally:
+        for s in held:
+            s.close()
+        capped.stop()
 
 
 # ---- 5. a huge prompt is refused before it is tokenized; a token limit that cannot fit is an error --------
