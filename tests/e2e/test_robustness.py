@@ -195,6 +195,59 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server,
     wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
 
 
+def test_a_failed_steps_pages_leave_the_cache_while_a_live_request_shares_their_prefix(server, monkeypatch):
+    """A request that shares a cached prompt prefix with a failed step's request, but was not in that step (a
+    prefill the step had no budget for), keeps running and is served; of the failed request's prompt, the pages
+    the step wrote leave the radix cache (their KV may never have been written) while the shared prefix stays,
+    and every page is accounted for afterwards."""
+    engine = engine_of(server)
+    scheduler, launcher = engine.core.scheduler, engine.core.launcher
+    shared = list(range(300, 308))  # two pages
+    live_prompt, failing_prompt = shared + list(range(400, 440)), shared + list(range(500, 512))
+    real_schedule, real_collect, faults = scheduler.schedule, launcher.collect, []
+
+    def schedule_starving_the_live_one():  # while the failing request is in the engine
+        batch = real_schedule()
+        if any(r.rid == "fails" for r in [*scheduler.waiting, *scheduler.running]):
+            batch = [(r, n) for r, n in batch if r.rid != "live"]
+        return batch
+
+    def collect_failing_once(step):
+        if not faults and any(r.rid == "fails" for r, _ in step.batch):
+            faults.append([r.rid for r, _ in step.batch])
+            raise RuntimeError("injected fault")
+        return real_collect(step)
+
+    monkeypatch.setattr(scheduler, "schedule", schedule_starving_the_live_one)
+    monkeypatch.setattr(launcher, "collect", collect_failing_once)
+    greedy = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        live = engine.make_requests(input_ids=live_prompt, sampling_params=greedy, rid="live")[0]
+        running = asyncio.ensure_future(engine.run_to_end([live]))
+        deadline = time.monotonic() + 30
+        while not live.output_ids:  # decoding: its prompt, the shared prefix with it, is in the radix cache
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        failing = engine.make_requests(input_ids=failing_prompt, sampling_params=greedy, rid="fails")[0]
+        await asyncio.wait_for(asyncio.gather(running, engine.run_to_end([failing])), 60)
+        return live, failing
+
+    live, failing = asyncio.run(run())
+    monkeypatch.undo()
+    assert faults == [["fails"]], faults
+    assert failing.finish_reason["type"] == "abort" and "injected fault" in failing.finish_reason["message"]
+    assert live.finish_reason["type"] == "length" and len(live.output_ids) == 12, live.finish_reason
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=failing_prompt, sampling_params=greedy)))[0]
+    assert later.cached_tokens == len(shared)  # the live request's prefix, not the failed request's pages
+    assert engine.flush_cache()
+    quiet = [asyncio.run(engine.run_to_end(engine.make_requests(input_ids=p, sampling_params=greedy)))[0].output_ids
+             for p in (live_prompt, failing_prompt)]
+    assert [live.output_ids, later.output_ids] == quiet
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+
+
 # ---- 3. a dead engine process: its requests fail cleanly, health says so, a watchdog restarts it -----------
 
 def test_dead_engine_process_fails_its_streams_and_is_restarted(tiny_models):
