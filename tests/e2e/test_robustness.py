@@ -54,10 +54,12 @@ def idle(engine) -> bool:
     return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
 
 
-def pages_accounted(engine) -> bool:
-    """The ownership invariant at idle: every usable KV page is free or held by the radix cache."""
+def pages_accounted(engine, running=()) -> bool:
+    """The ownership invariant: every usable KV page is free, held by the radix cache, or a running request's
+    own (at idle, with no running requests: free or cached)."""
     tree = engine.radix.all_pages() if engine.radix else []
-    return sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
+    own = [p for r in running for p in r.pages[r.num_tree_pages:]]
+    return sorted(tree + engine.allocator.free_pages() + own) == list(range(1, engine.allocator.num_pages))
 
 
 def raw_post(server, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
@@ -204,9 +206,11 @@ def test_a_failed_steps_pages_leave_the_cache_while_a_live_request_shares_their_
     scheduler, launcher = engine.core.scheduler, engine.core.launcher
     shared = list(range(300, 308))  # two pages
     live_prompt, failing_prompt = shared + list(range(400, 440)), shared + list(range(500, 512))
-    real_schedule, real_collect, faults = scheduler.schedule, launcher.collect, []
+    real_schedule, real_collect, faults, accounted = scheduler.schedule, launcher.collect, [], []
 
     def schedule_starving_the_live_one():  # while the failing request is in the engine
+        if faults and not accounted and any(r.rid == "live" for r in scheduler.running):
+            accounted.append(pages_accounted(engine, running=scheduler.running))  # on the engine thread
         batch = real_schedule()
         if any(r.rid == "fails" for r in [*scheduler.waiting, *scheduler.running]):
             batch = [(r, n) for r, n in batch if r.rid != "live"]
@@ -235,7 +239,7 @@ def test_a_failed_steps_pages_leave_the_cache_while_a_live_request_shares_their_
 
     live, failing = asyncio.run(run())
     monkeypatch.undo()
-    assert faults == [["fails"]], faults
+    assert faults == [["fails"]] and accounted == [True], (faults, accounted)
     assert failing.finish_reason["type"] == "abort" and "injected fault" in failing.finish_reason["message"]
     assert live.finish_reason["type"] == "length" and len(live.output_ids) == 12, live.finish_reason
     wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
