@@ -458,14 +458,24 @@ def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplo
 @pytest.mark.parametrize("path,fields", [
     ("/v1/completions", dict(prompt="x " * 20_000)),
     (CHAT, dict(messages=[{"role": "user", "content": "x " * 20_000}])),
+    ("/tokenize", dict(prompt=["hi", "x " * 20_000])),
 ])
 def test_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch, path, fields):
     tokenizer, encoded = engine_of(server).tokenizer, []
     real = tokenizer.encode
     monkeypatch.setattr(tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or real(text, **kw))
-    status, reply = raw_post(server, path, body(**fields), JSON)
+    data = json.dumps(fields).encode() if path == "/tokenize" else body(**fields)
+    status, reply = raw_post(server, path, data, JSON)
     assert_openai_error(status, reply, 400, "characters; at most")
     assert not any(n >= 40_000 for n in encoded), encoded
+
+
+def test_detokenize_refuses_more_ids_than_the_context_holds(server):
+    context = engine_of(server).context_length
+    status, reply = raw_post(server, "/detokenize", json.dumps({"tokens": [[5], [5] * (context + 1)]}).encode(), JSON)
+    assert_openai_error(status, reply, 400, f"at most the context length ({context})")
+    status, reply = raw_post(server, "/detokenize", json.dumps({"tokens": [5] * context}).encode(), JSON)
+    assert status == 200 and isinstance(reply["text"], str)
 
 
 def test_generate_refuses_max_new_tokens_beyond_the_context(server):
