@@ -546,7 +546,32 @@ def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server)
     assert metrics["sgjax_kv_cache_usage"] == 0  # ... and count as available, not used, at idle
     assert metrics['sgjax_kv_pages{state="used"}'] == 0
     assert metrics["sgjax_queue_time_seconds_count"] >= 1
-    assert metrics["sgjax_preemptions_total"] == engine.load_stats()["num_preemptions"]
+
+
+def test_metrics_count_preemptions(server):
+    """Concurrent requests that together need more KV pages than the pool has are served by preempting some of
+    them; /metrics counts each preemption."""
+    import aiohttp
+
+    engine = engine_of(server)
+    before = engine.load_stats()["num_preemptions"]
+    assert scrape(server).get("sgjax_preemptions_total", 0) == before
+    slots, pages = ENGINE_OPTIONS["max_running_requests"], ENGINE_OPTIONS["num_pages"]
+    prompt_len, new_tokens = 160, 60
+    assert slots * (prompt_len + new_tokens) > pages * ENGINE_OPTIONS["page_size"]  # they outgrow the pool
+
+    async def generate_all():
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async def one(i):
+                body = {"input_ids": [i + 10] + [(7 * i + j) % 400 + 10 for j in range(prompt_len - 1)],
+                        "sampling_params": {"max_new_tokens": new_tokens, "ignore_eos": True}}
+                async with session.post(server.url + "/generate", json=body) as r:
+                    return (await r.json())["meta_info"]["completion_tokens"]
+            return await asyncio.gather(*(one(i) for i in range(slots)))
+
+    assert asyncio.run(generate_all()) == [new_tokens] * slots
+    preempted = engine.load_stats()["num_preemptions"] - before
+    assert preempted > 0 and scrape(server)["sgjax_preemptions_total"] - before == preempted
 
 
 # ---- a schema-driven fuzz of every route ------------------------------------------------------------------
