@@ -1,6 +1,7 @@
 """The listening side of the HTTP server: aiohttp's runner with a cap on open connections (--max-connections),
 so that idle or slow clients cannot use up the process's file descriptors. A connection over the cap is
-answered 503 and closed at once; refusals are logged once a minute, not once each."""
+answered 503 and closed at once; refusals are logged once a minute, not once each. What aiohttp refuses before
+routing (malformed HTTP) is answered with the same JSON errors as the routes' own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import resource
 import time
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -41,9 +43,28 @@ class Refusal(asyncio.Protocol):
         transport.close()  # once the write is flushed
 
 
+class ApiRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it refuses before any route sees it (a malformed request
+    line, headers or chunking) as every other error: OpenAI-style JSON, logged in one line, not a traceback."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status == 500:  # a handler's own failure escaped the middleware: a bug, with its traceback
+            return super().handle_error(request, status, exc, message)
+        logger.info("request from %s refused before routing (%d): %s", request.remote, status,
+                    message.splitlines()[0] if message else exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was sent already; the error cannot be")
+        response = ApiError(message or HTTPStatus(status).phrase, status=status).response()
+        response.force_close()
+        return response
+
+
 class CappedServer(web.Server):
-    """aiohttp's protocol factory and connection registry, giving connections beyond `max_connections` a
-    Refusal instead of a request handler.
+    """aiohttp's protocol factory and connection registry: an ApiRequestHandler for each connection, a Refusal
+    for each one beyond `max_connections`.
 
     A connection counts from its protocol's creation: the event loop may accept a burst of connections, each
     protocol created, before any of them is told it is connected, and the cap holds in a burst too."""
@@ -60,7 +81,7 @@ class CappedServer(web.Server):
         if len(self.open) >= self.max_connections:
             self._count_refusal()
             return Refusal(self._refusal)
-        handler = super().__call__()
+        handler = ApiRequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ makes its own
         self.open.add(handler)
         return handler
 

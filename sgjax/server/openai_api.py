@@ -214,9 +214,10 @@ def chat_tools(body: dict, fmt: str) -> tuple[list[dict] | None, str | None]:
     """The tools to show the model, and for tool_choice "required" or a named function the grammar
     its reply must follow."""
     tools = body.get("tools")
-    if not tools:
-        return None, None
     choice = body.get("tool_choice") or "auto"
+    if not tools:
+        require(choice in ("none", "auto"), "tool_choice other than none or auto needs tools", "tool_choice")
+        return None, None
     if choice == "none":
         return None, None
     if choice == "auto":

@@ -342,6 +342,9 @@ CHAT = "/v1/chat/completions"
     ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
     ("/v1/completions", body(prompt="hi", echo="yes"), JSON, 400, "echo"),
     ("/generate", b'{"text": "hi", "stream": "no"}', JSON, 400, "stream"),
+    ("/generate", b'{"text": []}', JSON, 400, "text"),
+    (CHAT, body(messages=[{"role": "user"}]), JSON, 400, "a user message needs content"),
+    (CHAT, body(messages=[{"role": "user", "content": "hi"}], tool_choice="required"), JSON, 400, "needs tools"),
 ])
 def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
     got, reply = raw_post(server, path, data, headers)
@@ -349,6 +352,40 @@ def test_malformed_bodies_get_json_errors(server, path, data, headers, status, n
         assert got == 200 and reply["meta_info"]["completion_tokens"] == 1
     else:
         assert_openai_error(got, reply, status, needle)
+
+
+def raw_exchange(server, data: bytes) -> tuple[bytes, bytes]:
+    """(head, body) of the response to raw bytes sent on a new connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"(?i)content-length: *(\d+)", reply).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return head, payload
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n", "8190 bytes"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "content-length"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+])
+def test_malformed_http_gets_a_json_400_and_no_traceback(server, caplog, data, needle):
+    with caplog.at_level(logging.WARNING):
+        head, payload = raw_exchange(server, data)
+    assert head.startswith(b"HTTP/1.0 400") and b"application/json" in head, head
+    assert_openai_error(400, json.loads(payload), 400, needle)
+    assert not caplog.records, caplog.text[:2000]
+
+
+def test_body_declared_too_large_gets_413_without_waiting_for_it(server):
+    head, payload = raw_exchange(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000000000\r\n\r\n{")
+    assert head.startswith(b"HTTP/1.1 413"), head  # not 408: the body was not waited for
+    assert_openai_error(413, json.loads(payload), 413, "--max-body-bytes")
 
 
 @pytest.mark.parametrize("path,status", [("/no/such/path", 404), ("/v1/completions", 405)])
