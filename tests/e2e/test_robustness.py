@@ -132,6 +132,26 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     wait_until(lambda: idle(engine), timeout=30)
 
 
+def test_a_stop_regex_that_backtracks_without_end_fails_alone(server):
+    """A stop_regex whose search backtracks exponentially in the output's length (nested alternatives that
+    match the same characters) would hold the engine thread for minutes: it ends its own request with an
+    error naming it, and the request beside it finishes."""
+    engine = engine_of(server)
+    greedy = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
+        bad = engine.make_requests(input_ids=[5, 6, 8], sampling_params={**greedy,
+                                                                         "stop_regex": r"(?:[\s\S]|.)*\d{9}"})
+        await asyncio.wait_for(asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad)), 60)
+        return good[0], bad[0]
+
+    good, bad = asyncio.run(run())
+    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 40, good.finish_reason
+    assert bad.finish_reason["type"] == "abort" and "stop_regex" in bad.finish_reason["message"], bad.finish_reason
+    wait_until(lambda: idle(engine), timeout=30)
+
+
 @pytest.mark.parametrize("where", ["outputs.append_token", "scheduler.add"])
 def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch, where):
     """An exception while taking a request in or processing its token fails that request; the request running
