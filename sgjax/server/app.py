@@ -200,5 +200,10 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     if server_args.enable_metrics:
         app[METRICS] = Metrics(engine)
         engine.finish_hooks.append(app[METRICS].observe)
+
+        async def stop_observing(app: web.Application) -> None:  # the engine may outlive this app
+            engine.finish_hooks.remove(app[METRICS].observe)
+
+        app.on_cleanup.append(stop_observing)
         app.router.add_get("/metrics", metrics)
     return app

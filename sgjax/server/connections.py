@@ -17,6 +17,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from sgjax.config import ServerArgs
 from sgjax.server.errors import ApiError
+from sgjax.server.keys import METRICS
+from sgjax.server.metrics import Metrics
 
 logger = logging.getLogger("sgjax.server")
 REFUSAL_LOG_INTERVAL_S = 60.0
@@ -57,6 +59,9 @@ class ApiRequestHandler(RequestHandler):
                     message.splitlines()[0] if message else exc)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was sent already; the error cannot be")
+        metrics = getattr(self._manager, "metrics", None)
+        if metrics is not None:
+            metrics.errors.labels(str(status), "invalid_request_error").inc()
         response = ApiError(message or HTTPStatus(status).phrase, status=status).response()
         response.force_close()
         return response
@@ -69,13 +74,14 @@ class CappedServer(web.Server):
     A connection counts from its protocol's creation: the event loop may accept a burst of connections, each
     protocol created, before any of them is told it is connected, and the cap holds in a burst too."""
 
-    def __init__(self, *args, max_connections: int, **kwargs):
+    def __init__(self, *args, max_connections: int, metrics: Metrics | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_connections = max_connections
+        self.max_connections, self.metrics = max_connections, metrics
         self.open: set[RequestHandler] = set()
-        self.refused = 0
         self._refused_unlogged, self._logged_at = 0, -float("inf")
         self._refusal = refusal(max_connections)
+        if metrics is not None:
+            metrics.connections.set_function(lambda: len(self.open))
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.open) >= self.max_connections:
@@ -90,7 +96,8 @@ class CappedServer(web.Server):
         super().connection_lost(handler, exc)
 
     def _count_refusal(self) -> None:
-        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.refused_connections.inc()
         self._refused_unlogged += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
@@ -113,7 +120,7 @@ class CappedRunner(web.AppRunner):
         server = await super()._make_server()
         return CappedServer(server.request_handler, request_factory=server.request_factory,
                             handler_cancellation=server.handler_cancellation, loop=asyncio.get_running_loop(),
-                            max_connections=self.max_connections, **server._kwargs)
+                            max_connections=self.max_connections, metrics=self.app.get(METRICS), **server._kwargs)
 
 
 def fit_descriptor_limit(max_connections: int) -> int:

@@ -485,7 +485,7 @@ def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplo
     (not held until the keep-alive timeout, as idle ones are), the refusals are logged once, not once each, and
     once connections close requests are served again."""
     capped = LiveServer(engine_of(server), api_key=API_KEY, served_model_name=MODEL, max_connections=4,
-                        keepalive_timeout_s=60)
+                        keepalive_timeout_s=60, enable_metrics=True)
     open_now = capped.runner.server.open
     held = []
     try:
@@ -502,6 +502,8 @@ def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplo
         for s in held:
             s.close()
         wait_until(lambda: not open_now, timeout=10)
+        metrics = scrape(capped)  # on a connection of its own
+        assert metrics["sgjax_refused_connections_total"] == 20 and metrics["sgjax_open_connections"] == 1
         client = openai.OpenAI(base_url=capped.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
         assert client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2).usage.completion_tokens == 2
     finally:
