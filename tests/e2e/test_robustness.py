@@ -137,7 +137,7 @@ def test_a_stop_regex_that_backtracks_without_end_fails_alone(server):
     match the same characters) would hold the engine thread for minutes: it ends its own request with an
     error naming it, and the request beside it finishes."""
     engine = engine_of(server)
-    greedy = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    greedy = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
 
     async def run():
         good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
@@ -147,7 +147,7 @@ def test_a_stop_regex_that_backtracks_without_end_fails_alone(server):
         return good[0], bad[0]
 
     good, bad = asyncio.run(run())
-    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 40, good.finish_reason
+    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 24, good.finish_reason
     assert bad.finish_reason["type"] == "abort" and "stop_regex" in bad.finish_reason["message"], bad.finish_reason
     wait_until(lambda: idle(engine), timeout=30)
 
