@@ -96,9 +96,9 @@ def request_ids(body: dict, request: web.Request, num_prompts: int, batched: boo
     return rid
 
 
-def logprob_entries(tokenizer, pairs, with_text: bool) -> list:
+def logprob_entries(engine, pairs, with_text: bool) -> list:
     """[(logprob, id)] -> SGLang's [[logprob, id, text or None]]."""
-    return [[lp, tok, tokenizer.decode([tok]) if with_text and tokenizer else None] for lp, tok in pairs]
+    return [[lp, tok, engine.token_text(tok) if with_text and engine.tokenizer else None] for lp, tok in pairs]
 
 
 def native_result(engine, req, body: dict) -> dict:
@@ -107,10 +107,10 @@ def native_result(engine, req, body: dict) -> dict:
     with_text = bool(one_value(body, "return_text_in_logprobs", False, bool))
     for key in ("output_token_logprobs", "input_token_logprobs"):
         if key in meta:
-            meta[key] = logprob_entries(engine.tokenizer, meta[key], with_text)
+            meta[key] = logprob_entries(engine, meta[key], with_text)
     for key in ("output_top_logprobs", "input_top_logprobs", "output_token_ids_logprobs", "input_token_ids_logprobs"):
         if key in meta:
-            meta[key] = [logprob_entries(engine.tokenizer, top, with_text) if top else None for top in meta[key]]
+            meta[key] = [logprob_entries(engine, top, with_text) if top else None for top in meta[key]]
     return out
 
 

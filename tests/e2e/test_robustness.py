@@ -448,6 +448,25 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
     assert_openai_error(503, json.loads(caught.value.read()), 503, "busy")
 
 
+def test_echo_and_logprobs_decode_off_the_event_loop_or_once_per_token(server, monkeypatch):
+    """An echoed token-id prompt is decoded on a tokenizer thread; the logprobs' token texts (up to 21 per
+    position) are built on the event loop from one decode per distinct token."""
+    engine = engine_of(server)
+    tokenizer, calls = engine.tokenizer, []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: calls.append(
+        (list(ids), threading.current_thread().name)) or real(ids, **kw))
+    monkeypatch.setattr(engine, "_token_texts", {})  # no token's text known yet
+    prompt = [5, 6, 7, 8] * 10
+    status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=2, echo=True), JSON)
+    assert status == 200 and [t for ids, t in calls if ids == prompt][0].startswith("sgjax-tokenizer")
+    status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=12, logprobs=5,
+                                                             ignore_eos=True), JSON)
+    assert status == 200 and len(reply["choices"][0]["logprobs"]["top_logprobs"]) == 12
+    on_loop = [ids for ids, thread in calls if thread == server.thread.name]
+    assert on_loop and all(len(ids) == 1 for ids in on_loop) and len(on_loop) == len({ids[0] for ids in on_loop})
+
+
 # ---- 6. a body that never arrives times out ---------------------------------------------------------------
 
 def test_body_that_never_arrives_gets_408(server):
