@@ -166,6 +166,16 @@ class ServerArgs:
         8192, help="most open HTTP connections; one more is answered 503 and closed (the open-files limit is "
                    "raised to fit, else the cap lowered)")
 
+    def __post_init__(self):
+        # A limit of 0 would refuse every request (or connection) with an error that blames the client
+        for name in ("max_body_bytes", "max_prompts_per_request", "max_n", "max_sequences_per_request",
+                     "max_constraint_bytes", "tokenizer_threads", "max_pending_requests", "body_timeout_s",
+                     "keepalive_timeout_s", "max_connections"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0 (0: no stop strings); got {self.max_stop_strings}")
+
 
 @dataclasses.dataclass
 class MultiHostArgs:
