@@ -35,6 +35,11 @@ class StepWrites:
     # pages this step writes even after the request's own list changed.
     pages: list[list[int]]
 
+    @classmethod
+    def of(cls, batch: list[tuple[Request, int]]) -> StepWrites:
+        """The batch about to be launched."""
+        return cls(batch, [r.num_computed for r, _ in batch], [r.pages for r, _ in batch])
+
     def pages_written(self, page_size: int) -> set[int]:
         """The pages holding K/V this step computes (the first of a request's may hold earlier tokens too)."""
         return {p for (_, n), start, pages in zip(self.batch, self.starts, self.pages)
@@ -90,10 +95,11 @@ class StepLauncher:
                 raise StepBuildError([r for r, _ in batch], e) from e
         if not batch:
             return None
-        batch, prefix_groups = self._group_shared_prefixes(batch)
-        reqs = [r for r, _ in batch]
-        starts = [r.num_computed for r in reqs]
-        self.launching = StepWrites(batch, starts, [r.pages for r in reqs])
+        self.launching = StepWrites.of(batch)
+        grouped, prefix_groups = self._group_shared_prefixes(batch)
+        if grouped is not batch:  # the same requests in another order
+            batch, self.launching = grouped, StepWrites.of(grouped)
+        reqs, starts = [r for r, _ in batch], self.launching.starts
         params = [r.params for r in reqs]
         try:  # nothing has changed yet: a request that breaks the build can be failed alone, the rest rescheduled
             chunks = [self._chunk(req, n) for req, n in batch]
