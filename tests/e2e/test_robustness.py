@@ -531,6 +531,22 @@ def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplo
         capped.stop()
 
 
+@pytest.mark.parametrize("soft,hard,fitted,raised_to", [(1024, 4096, 4096 - 256, 4096), (1024, 100_000, 8192, 8448),
+                                                         (20_000, 20_000, 8192, None)])
+def test_the_connection_cap_fits_the_open_files_limit(monkeypatch, caplog, soft, hard, fitted, raised_to):
+    """The soft limit is raised as far as the cap needs (up to the hard one); a cap the hard limit cannot hold
+    is lowered, with a warning, so that connections never run the process out of descriptors."""
+    from sgjax.server import connections
+
+    raised = []
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(connections.resource, "setrlimit", lambda which, limits: raised.append(limits[0]))
+    with caplog.at_level(logging.WARNING):
+        assert connections.fit_descriptor_limit(8192) == fitted
+    assert raised == ([raised_to] if raised_to else [])
+    assert bool(caplog.records) == (fitted < 8192)
+
+
 # ---- 5. a huge prompt is refused before it is tokenized; a token limit that cannot fit is an error --------
 
 @pytest.mark.parametrize("path,fields", [
