@@ -102,7 +102,7 @@ class CappedServer(web.Server):
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
             logger.warning("refused %d connection(s): %d are open, as many as --max-connections allows; those "
-                           "over it get 503 (said at most once a minute)", self._refused_unlogged,
+                           "over it get 503 (this is logged at most once a minute)", self._refused_unlogged,
                            self.max_connections)
             self._refused_unlogged, self._logged_at = 0, now
 
