@@ -403,7 +403,8 @@ def test_malformed_http_gets_a_json_400_and_no_traceback(server, caplog, data, n
 
 def test_body_declared_too_large_gets_413_without_waiting_for_it(server):
     head, payload = raw_exchange(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000000000\r\n\r\n{")
+                                 b"Authorization: Bearer " + API_KEY.encode()
+                                 + b"\r\nContent-Length: 1000000000\r\n\r\n{")
     assert head.startswith(b"HTTP/1.1 413"), head  # not 408: the body was not waited for
     assert_openai_error(413, json.loads(payload), 413, "--max-body-bytes")
 
@@ -459,7 +460,7 @@ def test_echo_and_logprobs_decode_off_the_event_loop_or_once_per_token(server, m
     monkeypatch.setattr(engine, "_token_texts", {})  # no token's text known yet
     prompt = [5, 6, 7, 8] * 10
     status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=2, echo=True), JSON)
-    assert status == 200 and [t for ids, t in calls if ids == prompt][0].startswith("sgjax-tokenizer")
+    assert status == 200 and next(t for ids, t in calls if ids == prompt).startswith("sgjax-tokenizer")
     status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=12, logprobs=5,
                                                              ignore_eos=True), JSON)
     assert status == 200 and len(reply["choices"][0]["logprobs"]["top_logprobs"]) == 12
