@@ -164,6 +164,21 @@ class ServerArgs:
         1024, help="requests waiting for a tokenizer thread before new ones get 503 with Retry-After")
     body_timeout_s: float = option(30.0, help="seconds a request body may take to arrive (408 beyond)")
     keepalive_timeout_s: float = option(75.0, help="seconds an idle keep-alive connection stays open")
+    # Each connection holds a file descriptor: without a cap, idle clients can take them all (and then asyncio
+    # logs its failed accepts once a second).
+    max_connections: int = option(
+        8192, help="most open HTTP connections; one more is answered 503 and closed (the open-files limit is "
+                   "raised to fit, else the cap lowered)")
+
+    def __post_init__(self):
+        # A limit of 0 would refuse every request (or connection) with an error that blames the client
+        for name in ("max_body_bytes", "max_prompts_per_request", "max_n", "max_sequences_per_request",
+                     "max_constraint_bytes", "tokenizer_threads", "max_pending_requests", "body_timeout_s",
+                     "keepalive_timeout_s", "max_connections"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0 (0: no stop strings); got {self.max_stop_strings}")
 
 
 @dataclasses.dataclass

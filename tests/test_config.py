@@ -102,6 +102,8 @@ def test_validation_still_raises():
         args_from_cli(parser.parse_args(["--model-path", "m", "--max-running-requests", "0"]))
     with pytest.raises(ValueError, match="mem_fraction_static"):
         args_from_cli(parser.parse_args(["--model-path", "m", "--mem-fraction-static", "1.5"]))
+    with pytest.raises(ValueError, match="max_connections must be positive"):
+        args_from_cli(parser.parse_args(["--model-path", "m", "--max-connections", "0"]))
 
 
 def test_the_compilation_cache_default_is_the_factorys():

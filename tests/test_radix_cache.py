@@ -243,6 +243,28 @@ def test_reset_refuses_while_locked_then_frees_everything():
     assert alloc.num_free == alloc.num_usable and cache.match_prefix([1, 2, 3]).num_tokens == 0
 
 
+def test_discard_drops_from_a_page_on_with_the_prefixes_under_it():
+    """K/V that may never have been written leaves the tree with every longer prefix (computed from it); the
+    pages before it stay, as do other branches; what a running request holds is refused."""
+    alloc, cache = make(num_pages=16, page_size=2)
+    a, b, c = (alloc.alloc(n).tolist() for n in (4, 4, 3))
+    cache.insert([1, 2, 3, 4, 5, 6, 7, 8], a)
+    cache.insert([1, 2, 3, 4, 5, 6, 9, 9], b)  # shares a[:3]
+    cache.insert([1, 2, 8, 8, 8, 8], c)  # shares a[0]
+    held = cache.match_prefix([1, 2, 8, 8, 8, 8]).last_node
+    cache.lock(held)
+    cache.discard({a[1]})
+    assert tree_prefixes(cache) == {(None, (1, 2)): a[0], (None, (1, 2, 8, 8)): c[1], (None, (1, 2, 8, 8, 8, 8)): c[2]}
+    assert alloc.ref_counts[[a[1], a[2], a[3], b[3]]].tolist() == [0, 0, 0, 0]
+    with pytest.raises(RuntimeError, match="running request"):
+        cache.discard({c[2]})
+    cache.unlock(held)
+    cache.discard({c[2], 99})
+    assert cache.match_prefix([1, 2, 8, 8, 8, 8]).pages.tolist() == [a[0], c[1]]
+    assert sorted(cache.all_pages() + alloc.free_pages()) == list(range(1, 16))
+    assert cache.cached_tokens == 4 and cache.evict(100) == 4
+
+
 def test_allocator_errors_name_the_problem():
     alloc = PageAllocator(4, 16)
     with pytest.raises(OutOfPages, match="asked for 4 KV pages; 3 free"):

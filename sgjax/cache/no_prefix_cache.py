@@ -3,7 +3,7 @@ has one code path whether prefixes are shared or not."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class NoPrefixCache:
         return 0
 
     def reset(self) -> None:
+        pass
+
+    def discard(self, pages: Collection[int]) -> None:
         pass
 
     def reset_stats(self) -> None:

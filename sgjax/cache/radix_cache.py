@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 import numpy as np
 
@@ -192,6 +192,40 @@ class RadixCache:
         self._roots.clear()
         self._heap.clear()
         self.cached_tokens = 0
+
+    def discard(self, pages: Collection[int]) -> None:
+        """Drop the cached K/V from each of `pages` on, with the longer prefixes under it (computed from it),
+        returning their pages to the allocator: for K/V that may never have been written. Keeps the part of a
+        prefix before such a page. None of what is dropped may be locked."""
+        doomed = set(pages)
+        if not doomed:
+            return
+        stack = [child for root in self._roots.values() for child in root.children.values()]
+        while stack:
+            node = stack.pop()
+            hit = [i for i, page in enumerate(node.pages.tolist()) if page in doomed]
+            if not hit:
+                stack.extend(node.children.values())
+                continue
+            if hit[0]:  # the pages before the first doomed one stay
+                node = next(iter(self._split(node, hit[0] * self.page_size).children.values()))
+            self._drop_subtree(node)
+
+    def _drop_subtree(self, top: TreeNode) -> None:
+        nodes, stack = [], [top]
+        while stack:
+            nodes.append(stack.pop())
+            stack.extend(nodes[-1].children.values())
+        if any(node.lock_ref for node in nodes):
+            raise RuntimeError("cannot drop cached pages that a running request holds")
+        parent = top.parent
+        del parent.children[self._child_key(top.key, 0)]
+        for node in nodes:
+            self.allocator.free(node.pages)
+            self.cached_tokens -= len(node.key)
+            node.alive = False
+        if parent.parent is not None and parent.is_leaf and parent.lock_ref == 0:
+            self._push_leaf(parent)
 
     # ---- statistics ---------------------------------------------------------------------------
     def reset_stats(self) -> None:

@@ -35,7 +35,7 @@ from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.image_inputs import max_image_patches
-from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher
+from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher, StepWrites
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
 from sgjax.engine.request import Request, Status
@@ -199,23 +199,30 @@ class EngineCore:
                     self._process(in_flight)
                     in_flight = None
             except Exception as e:  # keep serving: fail the requests of the steps it broke, name the error
-                steps = [step.batch for step in (in_flight, self._next_step) if step is not None]
-                failed = {id(req): req for batch in steps + [self.launcher.launching] for req, _ in batch}
-                logger.exception("engine step failed; failing its %d requests", len(failed))
+                self._fail_steps([s for s in (in_flight, self._next_step, self.launcher.launching) if s is not None],
+                                 f"engine error: {type(e).__name__}: {e}")
                 in_flight = self._next_step = None  # their results are not collected: nothing is unknown
-                self.launcher.launching = []
-                for req in failed.values():
-                    req.num_unknown = 0
-                    if not req.finished:
-                        self._fail(req, f"engine error: {type(e).__name__}: {e}")
-                # The broken steps' prompts went into the radix cache as they launched, but their KV may never
-                # have been written: drop the cache rather than serve it to later requests (only possible once
-                # no running request holds a part of it).
-                if failed and not self.scheduler.running:
-                    self.radix.reset()
+                self.launcher.launching = None
             self._flush_outbox()
             if in_flight is None:
                 self.stats.idle()
+
+    def _fail_steps(self, steps: list[StepWrites], message: str) -> None:
+        """Fail the requests of steps that broke (called while handling the error), and take the K/V those steps
+        wrote out of the radix cache: it may never have been written. The prompts went into the cache as the
+        steps launched, and requests that reuse part of them can still be running; a running request whose
+        cached prefix holds such K/V fails too."""
+        failed = {id(req): req for step in steps for req, _ in step.batch}
+        logger.exception("engine step failed; failing its %d requests", len(failed))
+        for req in failed.values():
+            req.num_unknown = 0
+            if not req.finished:
+                self._fail(req, message)
+        unwritten = set().union(*(step.pages_written(self.args.page_size) for step in steps))
+        for req in list(self.scheduler.running):
+            if unwritten.intersection(req.pages[:req.num_tree_pages]):
+                self._fail(req, f"{message} (its cached prefix came from a step that failed)")
+        self.radix.discard(unwritten)
 
     def _fail_unbuildable(self, error: StepBuildError) -> None:
         """A step could not be built: fail the requests that cannot be built alone (all of the step's if none

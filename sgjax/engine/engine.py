@@ -60,6 +60,7 @@ class Engine:
                                        self.context_length, self.num_usable_pages,
                                        ImagePreprocessor.for_model(self.args, self.config))
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []  # run where callbacks run (metrics)
+        self._token_texts: dict[int, str] = {}
         self._ids = itertools.count()
         self._live: dict[int, tuple[RequestOutput, Callback, asyncio.AbstractEventLoop | None]] = {}
         # The caller's request ids and their unfinished requests, made or submitted: an id names one running
@@ -286,6 +287,14 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text prompt (RequestBuilder.tokenize)."""
         return self.requests.tokenize(text)
+
+    def token_text(self, token: int) -> str:
+        """One token's text, as logprob entries show it ("" without a tokenizer). Decoded once per id: a
+        response's logprobs name up to 21 tokens per position, and the server builds it on its event loop."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token]) if self.tokenizer else ""
+        return text
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             template_kwargs: dict | None = None) -> list[int]:

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from sgjax.cache.page_allocator import pages_for
 from sgjax.engine.image_steps import ImageSteps
 from sgjax.engine.output_processor import prompt_targets, wants_prompt_logprobs
 from sgjax.engine.request import Request
@@ -25,11 +26,30 @@ from sgjax.executor.step import StepHandle, StepOutput
 
 
 @dataclasses.dataclass
-class LaunchedStep:
-    """A launched step, as processing its results needs it."""
+class StepWrites:
+    """A step's batch and where its tokens' K/V go: what a failure of the step must undo."""
 
     batch: list[tuple[Request, int]]
     starts: list[int]  # each request's num_computed before the step
+    # Each request's page list at launch: Request.pages is only appended to or replaced, so it keeps the
+    # pages this step writes even after the request's own list changed.
+    pages: list[list[int]]
+
+    @classmethod
+    def of(cls, batch: list[tuple[Request, int]]) -> StepWrites:
+        """The batch about to be launched."""
+        return cls(batch, [r.num_computed for r, _ in batch], [r.pages for r, _ in batch])
+
+    def pages_written(self, page_size: int) -> set[int]:
+        """The pages holding K/V this step computes (the first of a request's may hold earlier tokens too)."""
+        return {p for (_, n), start, pages in zip(self.batch, self.starts, self.pages)
+                for p in pages[start // page_size: pages_for(start + n, page_size)]}
+
+
+@dataclasses.dataclass
+class LaunchedStep(StepWrites):
+    """A launched step, as processing its results needs it."""
+
     targets: list[list[int]] | None  # prompt-logprob targets per chunk
     sampling_rows: list[int]  # rows whose sample is the request's next token
     handle: StepHandle
@@ -53,7 +73,7 @@ class StepLauncher:
         """`eos_token_ids`: what min_new_tokens bans until a request has that many tokens."""
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
         self.eos_token_ids = eos_token_ids
-        self.launching: list[tuple[Request, int]] = []  # the batch being launched: what a failure there fails
+        self.launching: StepWrites | None = None  # the step being launched: what a failure there fails
         self.images = ImageSteps(runner.images) if runner.images is not None else None
 
     def _chunk(self, req: Request, n: int) -> SeqChunk:
@@ -75,9 +95,11 @@ class StepLauncher:
                 raise StepBuildError([r for r, _ in batch], e) from e
         if not batch:
             return None
-        self.launching = batch
-        batch, prefix_groups = self._group_shared_prefixes(batch)
-        reqs = [r for r, _ in batch]
+        self.launching = StepWrites.of(batch)
+        grouped, prefix_groups = self._group_shared_prefixes(batch)
+        if grouped is not batch:  # the same requests in another order
+            batch, self.launching = grouped, StepWrites.of(grouped)
+        reqs, starts = [r for r, _ in batch], self.launching.starts
         params = [r.params for r in reqs]
         try:  # nothing has changed yet: a request that breaks the build can be failed alone, the rest rescheduled
             chunks = [self._chunk(req, n) for req, n in batch]
@@ -89,9 +111,8 @@ class StepLauncher:
                 targets = [prompt_targets(r, n) for r, n in batch]
             prepared = self.runner.prepare(chunks, sampling, SamplerFeatures.of(params), targets, prefix_groups)
         except Exception as e:
-            self.launching = []  # the caller fails the culprits; the rest are rescheduled
+            self.launching = None  # the caller fails the culprits; the rest are rescheduled
             raise StepBuildError(reqs, e) from e
-        starts = [r.num_computed for r in reqs]
         enqueued = time.perf_counter()
         if previous is not None:
             self.sample(previous)
@@ -117,7 +138,7 @@ class StepLauncher:
                 req.num_unknown += 1
                 req.unknown_row = i
                 sampling_rows.append(i)
-        step = LaunchedStep(batch, starts, targets, sampling_rows, handle,
+        step = LaunchedStep(batch, starts, self.launching.pages, targets, sampling_rows, handle,
                             constrained=any(batch[i][0].matcher is not None for i in sampling_rows), record=record)
         if any(batch[i][0].params.logit_bias or batch[i][0].params.min_new_tokens for i in sampling_rows):
             rows = set(sampling_rows)  # a chunk that does not end its prompt samples nothing
@@ -129,7 +150,7 @@ class StepLauncher:
         if not step.constrained:
             self.sample(step)
             self.stats.host_s["enqueue"] += time.perf_counter() - now
-        self.launching = []
+        self.launching = None
         return step
 
     def check(self, req: Request) -> None:

@@ -84,6 +84,9 @@ class OutputProcessor:
 
 
 REGEX_WINDOW = 1024  # characters before the new text that a stop_regex match may start in
+# A search runs on the engine thread, between every request's steps: a pattern that backtracks for longer
+# (nested quantifiers such as (.|\s)*) fails its own request instead of stalling all of them.
+REGEX_TIMEOUT_S = 0.1
 
 
 def match_stop_regex(req: Request, text: str) -> dict | None:
@@ -92,8 +95,12 @@ def match_stop_regex(req: Request, text: str) -> dict | None:
     token than a short one."""
     start, req.regex_checked = max(0, req.regex_checked - REGEX_WINDOW), len(text)
     for pattern in req.params.stop_patterns:
-        if pattern.search(text, start):
-            return {"type": "stop", "matched": pattern.pattern}
+        try:
+            if pattern.search(text, start, timeout=REGEX_TIMEOUT_S):
+                return {"type": "stop", "matched": pattern.pattern}
+        except TimeoutError:
+            return {"type": "abort", "message": f"the request cannot run: stop_regex {pattern.pattern!r} took over "
+                                                f"{REGEX_TIMEOUT_S} s to search {len(text) - start} characters"}
     return None
 
 

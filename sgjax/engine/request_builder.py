@@ -46,7 +46,8 @@ class RequestBuilder:
             self._max_prompt_chars = self.context_length * max(longest, 1)
         return self._max_prompt_chars
 
-    def _check_length(self, text: str) -> None:
+    def check_length(self, text: str) -> None:
+        """ValueError for a text too long to fit the context, found without tokenizing it."""
         if len(text) > self.max_prompt_chars:
             raise ValueError(f"prompt has {len(text)} characters; at most {self.max_prompt_chars} can fit the "
                              f"context length ({self.context_length} tokens)")
@@ -56,7 +57,7 @@ class RequestBuilder:
         (text rendered by a chat template)."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer (dummy weights); pass input_ids")
-        self._check_length(text)
+        self.check_length(text)
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
@@ -78,7 +79,7 @@ class RequestBuilder:
         extra variables the template reads (e.g. Qwen3's enable_thinking)."""
         extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
-        self._check_length(text)
+        self.check_length(text)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prompts(self, prompt, input_ids) -> tuple[list[list[int]], bool]:

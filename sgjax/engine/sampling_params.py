@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
+
+import regex
 
 from sgjax.constrained.grammar import Constraint
 from sgjax.executor.sampler import MAX_LOGIT_BIAS, MAX_TOKEN_IDS_LOGPROB, TOP_LOGPROBS
@@ -98,7 +99,7 @@ class SamplingParams:
         return params
 
     @property
-    def stop_patterns(self) -> list[re.Pattern]:
+    def stop_patterns(self) -> list[regex.Pattern]:
         if self.stop_regex is None:
             return []
         return [compiled(p) for p in ([self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex)]
@@ -160,7 +161,7 @@ class SamplingParams:
         for pattern in patterns:
             try:
                 compiled(pattern)
-            except re.error as e:
+            except regex.error as e:
                 raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: {e}") from None
         self.constraint  # raises ValueError for several constraints or a malformed one
         if self.logit_bias is not None:
@@ -187,6 +188,8 @@ class SamplingParams:
 
 
 @functools.lru_cache(maxsize=256)
-def compiled(pattern: str) -> re.Pattern:
-    """A stop_regex pattern, compiled once per process."""
-    return re.compile(pattern)
+def compiled(pattern: str) -> regex.Pattern:
+    """A stop_regex pattern, compiled once per process: by `regex`, Python's `re` with the same syntax and a
+    time limit on a search (output_processor.match_stop_regex), which a pattern that backtracks without end
+    would otherwise spend on the engine thread."""
+    return regex.compile(pattern)

@@ -7,14 +7,13 @@ import logging
 
 import jax
 
-from aiohttp import web
-
 from sgjax.config import MultiHostArgs, args_from_cli, build_parser, from_namespace
 from sgjax.config_sources import describe
 from sgjax.engine import Engine
 from sgjax.models.default_model import default_model_path
 from sgjax.platform import distributed
-from sgjax.server.app import make_app, runner_options
+from sgjax.server.app import make_app
+from sgjax.server.connections import serve
 
 # The engine schedules on one host; its steps are not yet sent to the others' devices.
 NOT_ACROSS_HOSTS = ("serving one model across several hosts is not implemented yet (each host would have to run "
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(args=engine_args, engine_process=server_args.engine_process,
                     restart_engine=server_args.restart_engine)
     try:
-        web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
-                    print=lambda msg: logging.getLogger("sgjax.server").info(msg), **runner_options(server_args))
+        serve(make_app(engine, server_args), server_args)
     finally:
         engine.shutdown()
 

@@ -165,13 +165,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
-def runner_options(server_args: ServerArgs) -> dict:
-    """aiohttp's connection options (for web.run_app or web.AppRunner): a connection idle for
-    --keepalive-timeout-s, before its first request or with headers that never finish as between requests, is
-    closed; requests are logged by the middleware, not an access log."""
-    return dict(access_log=None, keepalive_timeout=server_args.keepalive_timeout_s)
-
-
 def make_app(engine, server_args: ServerArgs) -> web.Application:
     """The HTTP application over a running Engine."""
     if server_args.served_model_name is None:
@@ -207,5 +200,10 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     if server_args.enable_metrics:
         app[METRICS] = Metrics(engine)
         engine.finish_hooks.append(app[METRICS].observe)
+
+        async def stop_observing(app: web.Application) -> None:  # the engine may outlive this app
+            engine.finish_hooks.remove(app[METRICS].observe)
+
+        app.on_cleanup.append(stop_observing)
         app.router.add_get("/metrics", metrics)
     return app

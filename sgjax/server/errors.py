@@ -40,8 +40,12 @@ def require(condition: bool, message: str, param: str | None = None) -> None:
 async def read_body(request: web.Request) -> str:
     """The body as text: 408 if it does not arrive in time, 413 past --max-body-bytes (the app's
     client_max_size), 400 for a body that cannot be decoded (bad compression, unknown charset)."""
+    args = request.app[SERVER_ARGS]
+    if (request.content_length or 0) > args.max_body_bytes:  # said up front: not waited for
+        raise ApiError(f"the request body is {request.content_length} bytes; this server accepts at most "
+                       f"{args.max_body_bytes} (--max-body-bytes)", status=413)
     try:
-        raw = await asyncio.wait_for(request.read(), request.app[SERVER_ARGS].body_timeout_s)
+        raw = await asyncio.wait_for(request.read(), args.body_timeout_s)
     except TimeoutError:
         raise ApiError("the request body did not arrive in time", status=408) from None
     except web.HTTPException:

@@ -54,6 +54,10 @@ class Metrics:
         self.errors = Counter("sgjax_http_errors", "Error responses by status and error type", ["status", "type"],
                               registry=r)
         self.hit_rate = Gauge("sgjax_prefix_cache_hit_rate", "Prompt tokens found in the radix cache", registry=r)
+        self.connections = Gauge("sgjax_open_connections", "Open HTTP connections (set by the server's listener)",
+                                 registry=r)
+        self.refused_connections = Counter("sgjax_refused_connections", "Connections answered 503 and closed at "
+                                           "once: --max-connections were open", registry=r)
 
     def observe(self, req) -> None:
         """Record a finished request (called once per request)."""

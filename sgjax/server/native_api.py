@@ -96,9 +96,9 @@ def request_ids(body: dict, request: web.Request, num_prompts: int, batched: boo
     return rid
 
 
-def logprob_entries(tokenizer, pairs, with_text: bool) -> list:
+def logprob_entries(engine, pairs, with_text: bool) -> list:
     """[(logprob, id)] -> SGLang's [[logprob, id, text or None]]."""
-    return [[lp, tok, tokenizer.decode([tok]) if with_text and tokenizer else None] for lp, tok in pairs]
+    return [[lp, tok, engine.token_text(tok) if with_text and engine.tokenizer else None] for lp, tok in pairs]
 
 
 def native_result(engine, req, body: dict) -> dict:
@@ -107,10 +107,10 @@ def native_result(engine, req, body: dict) -> dict:
     with_text = bool(one_value(body, "return_text_in_logprobs", False, bool))
     for key in ("output_token_logprobs", "input_token_logprobs"):
         if key in meta:
-            meta[key] = logprob_entries(engine.tokenizer, meta[key], with_text)
+            meta[key] = logprob_entries(engine, meta[key], with_text)
     for key in ("output_top_logprobs", "input_top_logprobs", "output_token_ids_logprobs", "input_token_ids_logprobs"):
         if key in meta:
-            meta[key] = [logprob_entries(engine.tokenizer, top, with_text) if top else None for top in meta[key]]
+            meta[key] = [logprob_entries(engine, top, with_text) if top else None for top in meta[key]]
     return out
 
 
@@ -171,8 +171,16 @@ async def tokenize(request: web.Request) -> web.Response:
     require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
     prompts = [prompt] if single else prompt
     check_limits(request.app[SERVER_ARGS], len(prompts), {})
-    tokens = await request.app[OFFLOAD].run(
-        lambda: [engine.tokenizer.encode(p, add_special_tokens=special) for p in prompts])
+
+    def encode() -> list[list[int]]:
+        for p in prompts:  # as for generation: a text that cannot fit the context is not tokenized
+            engine.requests.check_length(p)
+        return [engine.tokenizer.encode(p, add_special_tokens=special) for p in prompts]
+
+    try:
+        tokens = await request.app[OFFLOAD].run(encode)
+    except ValueError as e:
+        raise ApiError(str(e), param="prompt") from None
     counts = [len(t) for t in tokens]
     return web.json_response({"tokens": tokens[0] if single else tokens, "count": counts[0] if single else counts,
                               "max_model_len": engine.context_length})
@@ -185,10 +193,20 @@ async def detokenize(request: web.Request) -> web.Response:
     tokens, skip = body.tokens, body.skip_special_tokens
     single = all(isinstance(t, int) for t in tokens)  # an empty list is one empty sequence
     require(engine.tokenizer is not None, "this server has no tokenizer (dummy weights)")
-    vocab = engine.config.vocab_size
+    vocab, context = engine.config.vocab_size, engine.context_length
     lists = [tokens] if single else tokens
-    require(all(0 <= t < vocab for ids in lists for t in ids), f"token ids must be in [0, {vocab})", "tokens")
+    longest = max(map(len, lists), default=0)
+    require(longest <= context, f"tokens has a sequence of {longest} ids; at most the context length ({context})",
+            "tokens")
     check_limits(request.app[SERVER_ARGS], len(lists), {})
-    texts = await request.app[OFFLOAD].run(
-        lambda: [engine.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists])
+
+    def decode() -> list[str]:
+        if not all(0 <= t < vocab for ids in lists for t in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return [engine.tokenizer.decode(ids, skip_special_tokens=skip) for ids in lists]
+
+    try:
+        texts = await request.app[OFFLOAD].run(decode)
+    except ValueError as e:
+        raise ApiError(str(e), param="tokens") from None
     return web.json_response({"text": texts[0] if single else texts})

@@ -124,7 +124,7 @@ def completion_prompts(body: dict) -> tuple[list | None, list | None]:
 def completion_logprobs(engine, req, echo: bool) -> dict:
     """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
     meta = engine.result(req)["meta_info"]
-    decode = lambda t: engine.tokenizer.decode([t]) if engine.tokenizer else ""  # noqa: E731
+    decode = engine.token_text
     pairs = list(meta.get("input_token_logprobs", [])) if echo else []
     tops = list(meta.get("input_top_logprobs", [])) if echo else []
     pairs += meta.get("output_token_logprobs", [])
@@ -155,7 +155,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     include_usage = stream_options(body)
     requests = await make_requests(request, texts, params, id_lists, max_tokens_given(body))
     n = params.get("n", 1)
-    prompt_texts = texts or [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists]
+    prompt_texts = texts
+    if echo and texts is None:  # token id prompts echoed as text, decoded on the tokenizer thread
+        prompt_texts = await request.app[OFFLOAD].run(
+            lambda: [engine.tokenizer.decode(ids) if engine.tokenizer else "" for ids in id_lists])
     head = {"id": f"cmpl-{request[REQUEST_ID]}", "object": "text_completion", "created": int(time.time()),
             "model": model_name(request)}
 
@@ -214,9 +217,10 @@ def chat_tools(body: dict, fmt: str) -> tuple[list[dict] | None, str | None]:
     """The tools to show the model, and for tool_choice "required" or a named function the grammar
     its reply must follow."""
     tools = body.get("tools")
-    if not tools:
-        return None, None
     choice = body.get("tool_choice") or "auto"
+    if not tools:
+        require(choice in ("none", "auto"), "tool_choice other than none or auto needs tools", "tool_choice")
+        return None, None
     if choice == "none":
         return None, None
     if choice == "auto":
@@ -240,7 +244,7 @@ def chat_message(req, tool_format: str | None) -> tuple[dict, str]:
 
 def chat_logprobs(engine, req) -> dict:
     meta = engine.result(req)["meta_info"]
-    decode = lambda t: engine.tokenizer.decode([t]) if engine.tokenizer else ""  # noqa: E731
+    decode = engine.token_text
     entry = lambda lp, t: {"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())}  # noqa: E731
     tops = meta.get("output_top_logprobs") or [[] for _ in meta["output_token_logprobs"]]
     return {"content": [{**entry(lp, t), "top_logprobs": [entry(a, b) for a, b in top]}

@@ -123,6 +123,12 @@ class ChatMessage(Body):
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
+    @model_validator(mode="after")
+    def has_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":  # an assistant turn may be only tool calls
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
 
 class FunctionSpec(Body):
     name: str
@@ -161,7 +167,7 @@ def one_or_each(kind):
 
 
 class GenerateRequest(Body):
-    text: str | list[str] | None = None
+    text: str | Annotated[list[str], NonEmpty] | None = Field(None, description="a string or a list of strings")
     input_ids: list[int] | list[list[int]] | None = Field(
         None, description="a list of token ids or a list of such lists")
     # Validated by SamplingParams itself (its messages name each parameter); the schema shows its fields

@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -53,10 +54,12 @@ def idle(engine) -> bool:
     return stats["num_running_requests"] == 0 and stats["num_queued_requests"] == 0
 
 
-def pages_accounted(engine) -> bool:
-    """The ownership invariant at idle: every usable KV page is free or held by the radix cache."""
+def pages_accounted(engine, running=()) -> bool:
+    """The ownership invariant: every usable KV page is free, held by the radix cache, or a running request's
+    own (at idle, with no running requests: free or cached)."""
     tree = engine.radix.all_pages() if engine.radix else []
-    return sorted(tree + engine.allocator.free_pages()) == list(range(1, engine.allocator.num_pages))
+    own = [p for r in running for p in r.pages[r.num_tree_pages:]]
+    return sorted(tree + engine.allocator.free_pages() + own) == list(range(1, engine.allocator.num_pages))
 
 
 def raw_post(server, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
@@ -129,6 +132,26 @@ def test_a_request_that_breaks_step_building_fails_alone(server, monkeypatch):
     wait_until(lambda: idle(engine), timeout=30)
 
 
+def test_a_stop_regex_that_backtracks_without_end_fails_alone(server):
+    """A stop_regex whose search backtracks exponentially in the output's length (nested alternatives that
+    match the same characters) would hold the engine thread for minutes: it ends its own request with an
+    error naming it, and the request beside it finishes."""
+    engine = engine_of(server)
+    greedy = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        good = engine.make_requests(input_ids=[5, 6, 7], sampling_params=greedy)
+        bad = engine.make_requests(input_ids=[5, 6, 8], sampling_params={**greedy,
+                                                                         "stop_regex": r"(?:[\s\S]|.)*\d{9}"})
+        await asyncio.wait_for(asyncio.gather(engine.run_to_end(good), engine.run_to_end(bad)), 60)
+        return good[0], bad[0]
+
+    good, bad = asyncio.run(run())
+    assert good.finish_reason["type"] == "length" and len(good.output_ids) == 24, good.finish_reason
+    assert bad.finish_reason["type"] == "abort" and "stop_regex" in bad.finish_reason["message"], bad.finish_reason
+    wait_until(lambda: idle(engine), timeout=30)
+
+
 @pytest.mark.parametrize("where", ["outputs.append_token", "scheduler.add"])
 def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch, where):
     """An exception while taking a request in or processing its token fails that request; the request running
@@ -191,6 +214,61 @@ def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_rest(server,
                                                                sampling_params=greedy)))[0]
     assert later.finish_reason["type"] == "length" and len(later.output_ids) == 8
     assert later.cached_tokens == 0
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+
+
+def test_a_failed_steps_pages_leave_the_cache_while_a_live_request_shares_their_prefix(server, monkeypatch):
+    """A request that shares a cached prompt prefix with a failed step's request, but was not in that step (a
+    prefill the step had no budget for), keeps running and is served; of the failed request's prompt, the pages
+    the step wrote leave the radix cache (their KV may never have been written) while the shared prefix stays,
+    and every page is accounted for afterwards."""
+    engine = engine_of(server)
+    scheduler, launcher = engine.core.scheduler, engine.core.launcher
+    shared = list(range(300, 308))  # two pages
+    live_prompt, failing_prompt = shared + list(range(400, 440)), shared + list(range(500, 512))
+    real_schedule, real_collect, faults, accounted = scheduler.schedule, launcher.collect, [], []
+
+    def schedule_starving_the_live_one():  # while the failing request is in the engine
+        if faults and not accounted and any(r.rid == "live" for r in scheduler.running):
+            accounted.append(pages_accounted(engine, running=scheduler.running))  # on the engine thread
+        batch = real_schedule()
+        if any(r.rid == "fails" for r in [*scheduler.waiting, *scheduler.running]):
+            batch = [(r, n) for r, n in batch if r.rid != "live"]
+        return batch
+
+    def collect_failing_once(step):
+        if not faults and any(r.rid == "fails" for r, _ in step.batch):
+            faults.append([r.rid for r, _ in step.batch])
+            raise RuntimeError("injected fault")
+        return real_collect(step)
+
+    monkeypatch.setattr(scheduler, "schedule", schedule_starving_the_live_one)
+    monkeypatch.setattr(launcher, "collect", collect_failing_once)
+    greedy = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    async def run():
+        live = engine.make_requests(input_ids=live_prompt, sampling_params=greedy, rid="live")[0]
+        running = asyncio.ensure_future(engine.run_to_end([live]))
+        deadline = time.monotonic() + 30
+        while not live.output_ids:  # decoding: its prompt, the shared prefix with it, is in the radix cache
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        failing = engine.make_requests(input_ids=failing_prompt, sampling_params=greedy, rid="fails")[0]
+        await asyncio.wait_for(asyncio.gather(running, engine.run_to_end([failing])), 60)
+        return live, failing
+
+    live, failing = asyncio.run(run())
+    monkeypatch.undo()
+    assert faults == [["fails"]] and accounted == [True], (faults, accounted)
+    assert failing.finish_reason["type"] == "abort" and "injected fault" in failing.finish_reason["message"]
+    assert live.finish_reason["type"] == "length" and len(live.output_ids) == 12, live.finish_reason
+    wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
+    later = asyncio.run(engine.run_to_end(engine.make_requests(input_ids=failing_prompt, sampling_params=greedy)))[0]
+    assert later.cached_tokens == len(shared)  # the live request's prefix, not the failed request's pages
+    assert engine.flush_cache()
+    quiet = [asyncio.run(engine.run_to_end(engine.make_requests(input_ids=p, sampling_params=greedy)))[0].output_ids
+             for p in (live_prompt, failing_prompt)]
+    assert [live.output_ids, later.output_ids] == quiet
     wait_until(lambda: idle(engine) and pages_accounted(engine), timeout=30)
 
 
@@ -284,6 +362,9 @@ CHAT = "/v1/chat/completions"
     ("/v1/completions", body(prompt="x" * 60_000), JSON, 413, ""),
     ("/v1/completions", body(prompt="hi", echo="yes"), JSON, 400, "echo"),
     ("/generate", b'{"text": "hi", "stream": "no"}', JSON, 400, "stream"),
+    ("/generate", b'{"text": []}', JSON, 400, "text"),
+    (CHAT, body(messages=[{"role": "user"}]), JSON, 400, "a user message needs content"),
+    (CHAT, body(messages=[{"role": "user", "content": "hi"}], tool_choice="required"), JSON, 400, "needs tools"),
 ])
 def test_malformed_bodies_get_json_errors(server, path, data, headers, status, needle):
     got, reply = raw_post(server, path, data, headers)
@@ -291,6 +372,41 @@ def test_malformed_bodies_get_json_errors(server, path, data, headers, status, n
         assert got == 200 and reply["meta_info"]["completion_tokens"] == 1
     else:
         assert_openai_error(got, reply, status, needle)
+
+
+def raw_exchange(server, data: bytes) -> tuple[bytes, bytes]:
+    """(head, body) of the response to raw bytes sent on a new connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"(?i)content-length: *(\d+)", reply).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return head, payload
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n", "8190 bytes"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "content-length"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+])
+def test_malformed_http_gets_a_json_400_and_no_traceback(server, caplog, data, needle):
+    with caplog.at_level(logging.WARNING):
+        head, payload = raw_exchange(server, data)
+    assert head.startswith(b"HTTP/1.0 400") and b"application/json" in head, head
+    assert_openai_error(400, json.loads(payload), 400, needle)
+    assert not caplog.records, caplog.text[:2000]
+
+
+def test_body_declared_too_large_gets_413_without_waiting_for_it(server):
+    head, payload = raw_exchange(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Authorization: Bearer " + API_KEY.encode()
+                                 + b"\r\nContent-Length: 1000000000\r\n\r\n{")
+    assert head.startswith(b"HTTP/1.1 413"), head  # not 408: the body was not waited for
+    assert_openai_error(413, json.loads(payload), 413, "--max-body-bytes")
 
 
 @pytest.mark.parametrize("path,status", [("/no/such/path", 404), ("/v1/completions", 405)])
@@ -333,6 +449,25 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
     assert_openai_error(503, json.loads(caught.value.read()), 503, "busy")
 
 
+def test_echo_and_logprobs_decode_off_the_event_loop_or_once_per_token(server, monkeypatch):
+    """An echoed token-id prompt is decoded on a tokenizer thread; the logprobs' token texts (up to 21 per
+    position) are built on the event loop from one decode per distinct token."""
+    engine = engine_of(server)
+    tokenizer, calls = engine.tokenizer, []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: calls.append(
+        (list(ids), threading.current_thread().name)) or real(ids, **kw))
+    monkeypatch.setattr(engine, "_token_texts", {})  # no token's text known yet
+    prompt = [5, 6, 7, 8] * 10
+    status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=2, echo=True), JSON)
+    assert status == 200 and next(t for ids, t in calls if ids == prompt).startswith("sgjax-tokenizer")
+    status, reply = raw_post(server, "/v1/completions", body(prompt=prompt, max_tokens=12, logprobs=5,
+                                                             ignore_eos=True), JSON)
+    assert status == 200 and len(reply["choices"][0]["logprobs"]["top_logprobs"]) == 12
+    on_loop = [ids for ids, thread in calls if thread == server.thread.name]
+    assert on_loop and all(len(ids) == 1 for ids in on_loop) and len(on_loop) == len({ids[0] for ids in on_loop})
+
+
 # ---- 6. a body that never arrives times out ---------------------------------------------------------------
 
 def test_body_that_never_arrives_gets_408(server):
@@ -365,19 +500,77 @@ def test_connection_that_never_sends_a_request_is_closed(server):
     assert asyncio.run(connect_and_wait()) < 10
 
 
+def test_connections_over_the_cap_get_503_at_once_and_one_log_line(server, caplog):
+    """Idle connections up to --max-connections are held; each one more is answered 503 and closed at once
+    (not held until the keep-alive timeout, as idle ones are), the refusals are logged once, not once each, and
+    once connections close requests are served again."""
+    capped = LiveServer(engine_of(server), api_key=API_KEY, served_model_name=MODEL, max_connections=4,
+                        keepalive_timeout_s=60, enable_metrics=True)
+    open_now = capped.runner.server.open
+    held = []
+    try:
+        held += [socket.create_connection(("127.0.0.1", capped.port), timeout=10) for _ in range(4)]
+        wait_until(lambda: len(open_now) == 4, timeout=10)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", capped.port), timeout=10) as extra:
+                    reply = b"".join(iter(lambda: extra.recv(65536), b""))  # to the server's close
+                head, _, payload = reply.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head, reply
+                assert_openai_error(503, json.loads(payload), 503, "--max-connections")
+        assert [r.getMessage()[:40] for r in caplog.records] == ["refused 1 connection(s): 4 are open, as "]
+        for s in held:
+            s.close()
+        wait_until(lambda: not open_now, timeout=10)
+        metrics = scrape(capped)  # on a connection of its own
+        assert metrics["sgjax_refused_connections_total"] == 20 and metrics["sgjax_open_connections"] == 1
+        client = openai.OpenAI(base_url=capped.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+        assert client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2).usage.completion_tokens == 2
+    finally:
+        for s in held:
+            s.close()
+        capped.stop()
+
+
+@pytest.mark.parametrize("soft,hard,fitted,raised_to", [(1024, 4096, 4096 - 256, 4096), (1024, 100_000, 8192, 8448),
+                                                         (20_000, 20_000, 8192, None)])
+def test_the_connection_cap_fits_the_open_files_limit(monkeypatch, caplog, soft, hard, fitted, raised_to):
+    """The soft limit is raised as far as the cap needs (up to the hard one); a cap the hard limit cannot hold
+    is lowered, with a warning, so that connections never run the process out of descriptors."""
+    from sgjax.server import connections
+
+    raised = []
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(connections.resource, "setrlimit", lambda which, limits: raised.append(limits[0]))
+    with caplog.at_level(logging.WARNING):
+        assert connections.fit_descriptor_limit(8192) == fitted
+    assert raised == ([raised_to] if raised_to else [])
+    assert bool(caplog.records) == (fitted < 8192)
+
+
 # ---- 5. a huge prompt is refused before it is tokenized; a token limit that cannot fit is an error --------
 
 @pytest.mark.parametrize("path,fields", [
     ("/v1/completions", dict(prompt="x " * 20_000)),
     (CHAT, dict(messages=[{"role": "user", "content": "x " * 20_000}])),
+    ("/tokenize", dict(prompt=["hi", "x " * 20_000])),
 ])
 def test_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch, path, fields):
     tokenizer, encoded = engine_of(server).tokenizer, []
     real = tokenizer.encode
     monkeypatch.setattr(tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or real(text, **kw))
-    status, reply = raw_post(server, path, body(**fields), JSON)
+    data = json.dumps(fields).encode() if path == "/tokenize" else body(**fields)
+    status, reply = raw_post(server, path, data, JSON)
     assert_openai_error(status, reply, 400, "characters; at most")
     assert not any(n >= 40_000 for n in encoded), encoded
+
+
+def test_detokenize_refuses_more_ids_than_the_context_holds(server):
+    context = engine_of(server).context_length
+    status, reply = raw_post(server, "/detokenize", json.dumps({"tokens": [[5], [5] * (context + 1)]}).encode(), JSON)
+    assert_openai_error(status, reply, 400, f"at most the context length ({context})")
+    status, reply = raw_post(server, "/detokenize", json.dumps({"tokens": [5] * context}).encode(), JSON)
+    assert status == 200 and isinstance(reply["text"], str)
 
 
 def test_generate_refuses_max_new_tokens_beyond_the_context(server):
@@ -448,7 +641,32 @@ def test_metrics_count_cached_pages_apart_and_queue_time_and_preemptions(server)
     assert metrics["sgjax_kv_cache_usage"] == 0  # ... and count as available, not used, at idle
     assert metrics['sgjax_kv_pages{state="used"}'] == 0
     assert metrics["sgjax_queue_time_seconds_count"] >= 1
-    assert metrics["sgjax_preemptions_total"] == engine.load_stats()["num_preemptions"]
+
+
+def test_metrics_count_preemptions(server):
+    """Concurrent requests that together need more KV pages than the pool has are served by preempting some of
+    them; /metrics counts each preemption."""
+    import aiohttp
+
+    engine = engine_of(server)
+    before = engine.load_stats()["num_preemptions"]
+    assert scrape(server).get("sgjax_preemptions_total", 0) == before
+    slots, pages = ENGINE_OPTIONS["max_running_requests"], ENGINE_OPTIONS["num_pages"]
+    prompt_len, new_tokens = 160, 60
+    assert slots * (prompt_len + new_tokens) > pages * ENGINE_OPTIONS["page_size"]  # they outgrow the pool
+
+    async def generate_all():
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async def one(i):
+                body = {"input_ids": [i + 10] + [(7 * i + j) % 400 + 10 for j in range(prompt_len - 1)],
+                        "sampling_params": {"max_new_tokens": new_tokens, "ignore_eos": True}}
+                async with session.post(server.url + "/generate", json=body) as r:
+                    return (await r.json())["meta_info"]["completion_tokens"]
+            return await asyncio.gather(*(one(i) for i in range(slots)))
+
+    assert asyncio.run(generate_all()) == [new_tokens] * slots
+    preempted = engine.load_stats()["num_preemptions"] - before
+    assert preempted > 0 and scrape(server)["sgjax_preemptions_total"] - before == preempted
 
 
 # ---- a schema-driven fuzz of every route ------------------------------------------------------------------

@@ -18,11 +18,11 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-from aiohttp import web
 
 from sgjax.config import EngineArgs, ServerArgs
 from sgjax.engine import Engine
-from sgjax.server.app import make_app, runner_options
+from sgjax.server.app import make_app
+from sgjax.server.connections import start
 from sgjax.server.keys import SERVER_ARGS
 from sgjax.testing import workloads
 from tests.hf_oracle import hf_greedy
@@ -47,9 +47,7 @@ class LiveServer:
 
         def serve():
             asyncio.set_event_loop(self.loop)
-            self.runner = web.AppRunner(self.app, **runner_options(self.app[SERVER_ARGS]))
-            self.loop.run_until_complete(self.runner.setup())
-            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            self.runner = self.loop.run_until_complete(start(self.app, self.app[SERVER_ARGS]))
             started.set()
             self.loop.run_forever()
 
