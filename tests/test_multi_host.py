@@ -137,3 +137,37 @@ def test_two_hosts_serve_the_tokens_of_one(tiny_models):
     assert answers == expected
     assert again == expected[0]
     assert "host 0 stopped after" in outputs[1]
+
+
+# A host of the step channel alone, without a model: host 0 sends the Hello and waits; host 1 reads it and dies.
+CHANNEL_HOST = """
+import os, sys, threading
+from sgjax.config import EngineArgs
+from sgjax.engine.step_channel import StepReceiver, StepSender
+from sgjax.platform import distributed
+rank = int(sys.argv[1])
+distributed.initialize(distributed.HostGroup(sys.argv[2], 2, rank))
+if rank == 0:
+    StepSender.open(EngineArgs(), num_pages=7)
+    threading.Event().wait()  # as an engine between steps: only the channel's watcher can end this
+else:
+    print("host 0 sent", StepReceiver.connect().receive().num_pages, "pages", flush=True)
+    os._exit(3)
+"""
+
+
+def test_host_0_exits_with_an_error_when_another_host_dies():
+    """The model spans the dead host's devices: host 0 cannot run another step, so it exits at once, saying why,
+    instead of waiting in a collective forever."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    hosts = [subprocess.Popen([sys.executable, "-c", CHANNEL_HOST, str(rank), coordinator], env=HOST_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs = [host.communicate(timeout=120) for host in hosts]
+    finally:
+        for host in hosts:
+            host.kill()
+    assert hosts[1].returncode == 3 and outputs[1][0] == "host 0 sent 7 pages\n", outputs[1]
+    assert hosts[0].returncode == 1, outputs[0]
+    assert "host 1 closed the step channel" in outputs[0][1]
+    assert "no host can run another step: exiting" in outputs[0][1]

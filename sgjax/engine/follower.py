@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def follow(args: EngineArgs) -> None:
     """Run host 0's steps until host 0 stops. Raises EOFError if host 0 vanished without stopping."""
     loaded = model_setup.load(args)
-    channel = StepReceiver.connect(jax.process_index())
+    channel = StepReceiver.connect()
     try:
         hello = channel.receive()
         if not isinstance(hello, Hello):

@@ -146,8 +146,10 @@ class StepReceiver:
         self.sock = sock
 
     @classmethod
-    def connect(cls, rank: int, timeout_s: float = CONNECT_TIMEOUT_S) -> StepReceiver:
+    def connect(cls, timeout_s: float = CONNECT_TIMEOUT_S) -> StepReceiver:
         """Connect to host 0's step channel, once host 0 has published it."""
+        # Asked first: JAX's backend starts with an exchange between all hosts, which host 0 joins in open()
+        rank = jax.process_index()
         host, port, token = distributed.lookup(ADDRESS_KEY, timeout_s).rsplit(":", 2)
         sock = socket.create_connection((host, int(port)), timeout=60.0)
         sock.settimeout(None)
