@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from sgjax.config import MultiHostArgs, build_parser, from_namespace
+from sgjax.config import EngineArgs, MultiHostArgs, build_parser, from_namespace
+from sgjax.engine.step_channel import check_same_flags
 from sgjax.executor.greedy import greedy_generate
 from sgjax.models.loader import load_model, load_tokenizer
 from sgjax.platform import distributed
@@ -57,6 +58,13 @@ def test_one_host_initializes_nothing_and_zero_hosts_lets_jax_detect():
 def test_inconsistent_hosts_are_refused(hosts, expected):
     with pytest.raises(ValueError, match=expected):
         distributed.host_group(*hosts)
+
+
+def test_a_host_given_other_engine_flags_than_host_0_is_told_which():
+    host0 = EngineArgs(model_path="/mnt/a/model", mesh="1x8", max_running_requests=64)
+    check_same_flags(EngineArgs(model_path="/mnt/b/model", mesh="1x8", max_running_requests=64), host0)
+    with pytest.raises(ValueError, match=r"max_running_requests: 64 on host 0, 32 here$"):
+        check_same_flags(EngineArgs(model_path="/mnt/a/model", mesh="1x8", max_running_requests=32), host0)
 
 
 def free_port() -> int:
