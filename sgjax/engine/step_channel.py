@@ -3,8 +3,10 @@
 Why a socket and not a device broadcast (jax.experimental.multihost_utils.broadcast_one_to_all): a broadcast
 is itself a program on the devices, queued behind the step they are running, so a host would learn step N+1's
 inputs only once step N had finished, and host scheduling would no longer overlap the device's work; its
-shapes must also be known before it runs (a call's size varies). Over TCP the calls travel beside the devices'
-work, and a host that dies closes its socket at once, which the others see.
+shapes must also be known before it runs (a call's size varies). scripts/bench_step_channel.py (2 processes x
+2 CPU devices, a loaded 2-core machine): a broadcast of 16 KB took 3.6 ms, 213 ms when issued behind a 155 ms
+program; the same bytes over TCP with a reply 0.19 ms. Over TCP the calls travel beside the devices' work, and
+a host that dies closes its socket at once, which the others see.
 
 Host 0 listens on a free port and publishes its address and a random token in the coordinator's key-value
 store; each other host connects with its rank and the token, then receives a `Hello` (the pool size host 0
