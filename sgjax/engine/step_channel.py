@@ -73,8 +73,11 @@ class StepSender:
             logger.info("waiting for hosts %s to connect to the step channel", sorted(expected))
             peers, deadline = {}, time.monotonic() + timeout_s
             while expected - peers.keys():
-                listener.settimeout(max(0.0, deadline - time.monotonic()))
+                left = deadline - time.monotonic()
                 try:
+                    if left <= 0:
+                        raise TimeoutError
+                    listener.settimeout(left)
                     peer, address = listener.accept()
                 except TimeoutError:
                     raise TimeoutError(f"hosts {sorted(expected - peers.keys())} did not connect to the step "

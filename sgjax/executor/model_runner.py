@@ -186,9 +186,12 @@ class ModelRunner:
         self.row_buckets = row_buckets(max_seqs, shapes.min_row_bucket)
 
         def compile_sampler(features, rows):
+            # Replicated results (what XLA chose anyway on the meshes tried): every host can read them, host 0
+            # among them when the mesh spans several
             self.sampler[features, rows] = jax.jit(functools.partial(
                 sample_step, loaded.config.final_logit_softcap, self.kernels.greedy_head,
-                self.kernels.top_k_top_p_keep, features, rows, self.sampling_layout)).lower(
+                self.kernels.top_k_top_p_keep, features, rows, self.sampling_layout),
+                out_shardings=replicated).lower(
                 self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
 
         self._compile_sampler = compile_sampler
