@@ -16,7 +16,7 @@ import pytest
 
 from sgjax.config import EngineArgs, MultiHostArgs, build_parser, from_namespace
 from sgjax.engine.step_channel import check_same_flags
-from sgjax.executor.greedy import greedy_generate
+from sgjax.executor.greedy import forward_logits, greedy_generate
 from sgjax.models.loader import load_model, load_tokenizer
 from sgjax.platform import distributed
 from sgjax.platform.distributed import HostGroup
@@ -103,9 +103,9 @@ def test_two_hosts_generate_the_tokens_of_one(tiny_models):
 
 def test_two_hosts_serve_the_tokens_of_one(tiny_models):
     """Two concurrent requests of different lengths (the longer one prefilled in chunks beside the other's
-    decodes), then the first again (its prompt's pages from the radix cache): host 0's scheduling reaches host 1
-    as each step's inputs, and the tokens are one process's greedy tokens. Host 0 stopping stops host 1, which
-    exits with 0."""
+    decodes), then the first again (its prompt's pages from the radix cache), and once more with its first token
+    banned by a logit bias (sampling's bias arrays travel too): host 0's scheduling reaches host 1 as each step's
+    inputs, and the tokens are one process's greedy tokens. Host 0 stopping stops host 1, which exits with 0."""
     path, _ = tiny_models("llama")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 500, 9).tolist(), rng.integers(0, 500, 37).tolist()]  # 37: three 16-token chunks
@@ -122,9 +122,9 @@ def test_two_hosts_serve_the_tokens_of_one(tiny_models):
                               stderr=subprocess.STDOUT)]
     url = f"http://127.0.0.1:{port}"
 
-    def generate(i: int) -> list[int]:
+    def generate(i: int, **params) -> list[int]:
         status, body = post(url + "/generate", {"input_ids": prompts[i], "sampling_params": {
-            "max_new_tokens": new_tokens[i], "temperature": 0, "ignore_eos": True}}, key=None)
+            "max_new_tokens": new_tokens[i], "temperature": 0, "ignore_eos": True, **params}}, key=None)
         assert status == 200, body
         return body["output_ids"]
 
@@ -132,10 +132,15 @@ def test_two_hosts_serve_the_tokens_of_one(tiny_models):
         # the reference while the hosts start: one process, one device
         loaded = load_model(path, make_mesh("1x1"), dtype="float32")
         expected = [ids[:n] for ids, n in zip(greedy_generate(loaded, prompts, max(new_tokens)), new_tokens)]
+        banned = expected[0][0]
+        logits = forward_logits(loaded, prompts[:1])[0][-1].copy()
+        logits[banned] -= 100.0
+        second_choice = int(np.argmax(logits))
         wait_until_healthy(hosts[0], url, timeout=300)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(generate, range(2)))
         again = generate(0)
+        biased = generate(0, max_new_tokens=1, logit_bias={str(banned): -100})
         hosts[0].send_signal(signal.SIGINT)  # as Ctrl-C stops it: the server shuts its engine down
         outputs = [host.communicate(timeout=120)[0].decode() for host in hosts]
     finally:
@@ -144,6 +149,7 @@ def test_two_hosts_serve_the_tokens_of_one(tiny_models):
     assert [host.returncode for host in hosts] == [0, 0], [out[-3000:] for out in outputs]
     assert answers == expected
     assert again == expected[0]
+    assert biased == [second_choice] != [banned]
     assert "host 0 stopped after" in outputs[1]
 
 
