@@ -10,7 +10,7 @@ a host that dies closes its socket at once, which the others see.
 
 Host 0 listens on a free port and publishes its address and a random token in the coordinator's key-value
 store; each other host connects with its rank and the token, then receives a `Hello` (the pool size host 0
-chose, and its engine flags, which must be its own) and the calls in order, and `STOP` when host 0 stops.
+chose, and host 0's engine flags, which it checks against its own) and the calls in order, and `STOP` when host 0 stops.
 A host whose peer vanishes exits with an error: the model spans that host's devices, and the programs it no
 longer runs would keep every other host waiting in their collectives forever.
 """
@@ -68,7 +68,10 @@ class StepSender:
         """Publish this host's address, wait for every other host to connect, and send each the Hello."""
         expected = set(range(1, jax.process_count()))
         token = secrets.token_hex(16)  # 32 characters
-        with socket.create_server(("", 0)) as listener:
+        # every interface, IPv6 too where the host has it: the others reach it as they reach the coordinator
+        dual = socket.has_dualstack_ipv6()
+        with socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                  dualstack_ipv6=dual) as listener:
             distributed.publish(ADDRESS_KEY, f"{distributed.coordinator_host()}:{listener.getsockname()[1]}:{token}")
             logger.info("waiting for hosts %s to connect to the step channel", sorted(expected))
             peers, deadline = {}, time.monotonic() + timeout_s

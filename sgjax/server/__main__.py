@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NoReturn
 
 import jax
 
@@ -42,15 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=server_args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("configuration: %s", describe(engine_args, server_args, hosts))
     distributed.initialize(group)  # before any other use of the devices; JAX may detect the hosts (--num-hosts 0)
-    engine_process = server_args.engine_process
-    if jax.process_count() > 1:
-        if jax.process_index() != 0:
-            _follow(engine_args)
-            return
+    # Asked only of several hosts: it starts JAX's backend in this process, which the engine process then could
+    # not use (a TPU opens in one process only)
+    if group is None or jax.process_count() == 1:
+        engine = Engine(args=engine_args, engine_process=server_args.engine_process,
+                        restart_engine=server_args.restart_engine)
+    elif jax.process_index() != 0:
+        _follow(engine_args)
+        return
+    else:
         # The process that joined the hosts runs the model; on host 0 that is this one, beside the HTTP server
         logger.info("host 0 of %d: serving HTTP; the engine runs in this process", jax.process_count())
-        engine_process = False
-    engine = Engine(args=engine_args, engine_process=engine_process, restart_engine=server_args.restart_engine)
+        try:
+            engine = Engine(args=engine_args)
+        except BaseException:
+            _exit_now("host 0's engine failed to start")
     try:
         web.run_app(make_app(engine, server_args), host=server_args.host, port=server_args.port,
                     print=logger.info, **runner_options(server_args))
@@ -63,10 +70,15 @@ def _follow(engine_args: EngineArgs) -> None:
     try:
         follow(engine_args)
     except BaseException:
-        logger.exception("host %d stops", jax.process_index())
-        # Not through JAX's exit, whose shutdown waits for every host, host 0 among them
-        logging.shutdown()
-        os._exit(1)
+        _exit_now(f"host {jax.process_index()} stops")
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Log the exception being handled and exit with 1, not through JAX's exit, whose shutdown waits for every
+    host: the others, which stop on this one's failure, would never come."""
+    logger.exception(message)
+    logging.shutdown()
+    os._exit(1)
 
 
 if __name__ == "__main__":
