@@ -16,6 +16,7 @@ import pytest
 
 from sgjax.config import EngineArgs, MultiHostArgs, build_parser, from_namespace
 from sgjax.engine.step_channel import check_same_flags
+from sgjax.executor.device_calls import Launch, Replayer, Sample
 from sgjax.executor.greedy import forward_logits, greedy_generate
 from sgjax.models.loader import load_model, load_tokenizer
 from sgjax.platform import distributed
@@ -65,6 +66,20 @@ def test_a_host_given_other_engine_flags_than_host_0_is_told_which():
     check_same_flags(EngineArgs(model_path="/mnt/b/model", mesh="1x8", max_running_requests=64), host0)
     with pytest.raises(ValueError, match=r"max_running_requests: 64 on host 0, 32 here$"):
         check_same_flags(EngineArgs(model_path="/mnt/a/model", mesh="1x8", max_running_requests=32), host0)
+
+
+def test_a_host_out_of_step_with_host_0_says_so():
+    """Host 0's launches are counted on both ends: a call that would run a different step than host 0's is refused
+    (the follower then exits, and host 0 with it) instead of run into mismatched collectives."""
+
+    class Runner:  # a runner that has launched three steps
+        num_launches = 3
+
+    replay = Replayer(Runner())
+    with pytest.raises(RuntimeError, match="host 0's launch 2 arrived as this host's 3: the hosts are out of step"):
+        replay(Launch(step=None, index=2))
+    with pytest.raises(RuntimeError, match="host 0 samples launch 0, which is not this host's latest"):
+        replay(Sample(index=0, variant=None, bitmask=None, bias=None))
 
 
 def free_port() -> int:
