@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from sgjax.config import ServerArgs, build_parser
-from sgjax.generate.__main__ import ENGINE_FLAGS
 
 K8S = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 VERSION = "1.33"  # a recent minor most clusters run; the manifests use nothing newer
@@ -74,8 +73,9 @@ def test_the_gpu_server_probes_serves_and_keeps_its_data():
     assert service["selector"] == pod["metadata"]["labels"] and service["ports"][0]["port"] == port
 
 
-def test_the_tpu_jobset_runs_one_pod_per_host_joined_by_jax_distributed():
-    jobset = by_kind("tpu-multihost-jobset.yaml")["JobSet"]
+def test_the_tpu_jobset_serves_from_one_pod_per_host_joined_by_jax_distributed():
+    resources = by_kind("tpu-multihost-jobset.yaml")
+    jobset = resources["JobSet"]
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["spec"]["network"]["enableDNSHostnames"]
     (replicated,) = jobset["spec"]["replicatedJobs"]
     job = replicated["template"]
@@ -89,14 +89,23 @@ def test_the_tpu_jobset_runs_one_pod_per_host_joined_by_jax_distributed():
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     # host 0's pod by the name JobSet gives it: <jobset>-<replicated job>-<job index>-<pod index>.<jobset>
     coordinator = f"{jobset['metadata']['name']}-{replicated['name']}-0-0.{jobset['metadata']['name']}"
-    port = container["ports"][0]["containerPort"]
-    assert env["SGJAX_COORDINATOR"]["value"] == f"{coordinator}:{port}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["SGJAX_COORDINATOR"]["value"] == f"{coordinator}:{ports['coordinator']}"
     data, tensor = (int(x) for x in env["SGJAX_MESH"]["value"].split("x"))
     assert data * tensor == hosts * container["resources"]["limits"]["google.com/tpu"]  # the mesh spans the slice
     # every variable is a flag of the command the pods run
-    generate_flags = set(ENGINE_FLAGS) | {"num_hosts", "host_rank", "coordinator"}
-    assert container["command"] == ["python", "-m", "sgjax.generate"]
-    assert {n.removeprefix("SGJAX_").lower() for n in env} <= generate_flags
+    assert container["command"] == ["python", "-m", "sgjax.server"]
+    assert {n.removeprefix("SGJAX_").lower() for n in env} <= server_flags()
+    # HTTP reaches host 0's pod (the Job controller labels each pod with its completion index), on the port
+    # its server listens on, on every interface
+    assert ports["http"] == ServerArgs().port and env["SGJAX_HOST"]["value"] == "0.0.0.0"
+    service = resources["Service"]
+    validate(service)
+    assert service["spec"]["selector"] == {"jobset.sigs.k8s.io/jobset-name": jobset["metadata"]["name"],
+                                           "batch.kubernetes.io/job-completion-index": "0"}
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["metadata"]["name"] != jobset["metadata"]["name"]  # JobSet's headless Service has that name
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 1  # one host failing stops all: restart them together
 
 
 def test_every_variable_in_the_server_manifest_is_a_server_flag():

@@ -15,7 +15,6 @@ its sampling. Text the grammar forces is appended at once (jump-forward) and run
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -25,80 +24,50 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from sgjax import kernels
-from sgjax.cache.kv_pool import KVPool, KVPoolConfig
 from sgjax.cache.no_prefix_cache import NoPrefixCache
-from sgjax.cache.page_allocator import PageAllocator, pages_for
-from sgjax.cache.pool_sizing import check_pool_fits, pages_from_memory
+from sgjax.cache.page_allocator import PageAllocator
 from sgjax.cache.radix_cache import RadixCache
-from sgjax.config import KV_CACHE_DTYPES, EngineArgs, resolve_context_length
+from sgjax.config import EngineArgs, resolve_context_length
 from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
+from sgjax.engine import model_setup
 from sgjax.engine.detokenizer import IncrementalDetokenizer
-from sgjax.engine.image_inputs import max_image_patches
 from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher, StepWrites
 from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
 from sgjax.engine.request import Request, Status
 from sgjax.engine.scheduler import Scheduler
 from sgjax.engine.stats import EngineStats
+from sgjax.engine.step_channel import StepSender
 from sgjax.engine.text_side import load_text_side
-from sgjax.executor.buckets import shape_policy
-from sgjax.executor.model_runner import ModelRunner
-from sgjax.models.loader import load_model
-from sgjax.platform.compile_cache import enable_compile_cache
-from sgjax.platform.mesh import make_mesh
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
     def __init__(self, args: EngineArgs, kernel_options: dict | None = None):
-        """`kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons."""
+        """`kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons.
+
+        Under jax.distributed with several processes this is host 0's engine: every device call of its runner
+        goes to the other hosts first (follower.py runs them there), so all hosts run the same programs."""
         self.args = args
-        enable_compile_cache(args.compilation_cache_dir)
-        # The fused residual add + norm made the ShareGPT-like run 0.5% faster with a bf16 pool but 3.5% slower
-        # with an fp8 one (four A/B pairs on one H100; the cause is not known): fp8 pools keep the plain add
-        # and norm.
-        self.kernels = kernels.select(args.attention_backend, args.page_size,
-                                      **{"fused_norm": not args.kv_cache_dtype.startswith("fp8"),
-                                         **(kernel_options or {})})
-        self.loaded = load_model(args.model_path, make_mesh(args.mesh), dtype=args.dtype,
-                                 load_format=args.load_format, kernels=self.kernels,
-                                 cpu_bf16_weights=args.cpu_bf16_weights)
+        self.loaded = model_setup.load(args, kernel_options)
+        self.kernels = self.loaded.kernels
         cfg = self.loaded.config
         self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
                                                                           cfg.vocab_size)
         self.context_length = resolve_context_length(args.context_length, cfg.max_position_embeddings)
-        ps = args.page_size
-        max_pages_per_seq = pages_for(self.context_length, ps)
-        kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or self.loaded.kv_dtype
-        num_pages = args.num_pages
-        if num_pages is None:  # a pool asked for by size may be small on purpose: longer requests get an error each
-            page_cfg = KVPoolConfig.for_model(cfg, 2, ps, kv_dtype)
-            num_pages = pages_from_memory(page_cfg, self.loaded.mesh, args.mem_fraction_static,
-                                          useful_pages=1 + args.max_running_requests * max_pages_per_seq,
-                                          context_pages=max_pages_per_seq)
-            check_pool_fits(num_pages, self.context_length, ps, page_cfg.bytes_per_page)
-        pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, ps, kv_dtype, self.kernels.bf16_pool_as_bits),
-                      self.loaded.mesh)
-        self.allocator = PageAllocator(num_pages, ps)
+        num_pages = model_setup.pool_pages(args, self.loaded, self.context_length)
+        # The other hosts' runners are built from this host's pool size (their memory may differ)
+        self.followers = StepSender.open(args, num_pages) if jax.process_count() > 1 else None
+        self.runner = model_setup.make_runner(args, self.loaded, num_pages, self.context_length)
+        if self.followers is not None:
+            self.runner.mirror = self.followers
+        self.allocator = PageAllocator(num_pages, args.page_size)
         self.radix = NoPrefixCache() if args.disable_radix_cache else RadixCache(self.allocator)
-        prefill_budget = args.chunked_prefill_size or self.context_length
-        shapes = shape_policy(args.shape_policy, jax.default_backend())
-        if args.min_token_bucket:
-            shapes = dataclasses.replace(shapes, min_token_bucket=args.min_token_bucket)
-        self.runner = ModelRunner(self.loaded, pool, max_seqs=args.max_running_requests,
-                                  max_pages_per_seq=max_pages_per_seq,
-                                  max_tokens=prefill_budget + args.max_running_requests,
-                                  shapes=shapes,
-                                  enable_prompt_logprobs=args.enable_prompt_logprobs,
-                                  max_prefix_groups=args.shared_prefix_groups
-                                  if self.kernels.reads_shared_prefixes else 0,
-                                  **self._image_pool_size(args, cfg))
         self.scheduler = Scheduler(self.allocator, self.radix, max_running_requests=args.max_running_requests,
-                                   chunked_prefill_size=prefill_budget, context_length=self.context_length,
-                                   policy=args.schedule_policy, step_token_target=args.step_token_target,
-                                   round_up=self.runner.bucket_for)
+                                   chunked_prefill_size=model_setup.prefill_budget(args, self.context_length),
+                                   context_length=self.context_length, policy=args.schedule_policy,
+                                   step_token_target=args.step_token_target, round_up=self.runner.bucket_for)
         self.stats = EngineStats()
         self.outputs = OutputProcessor(self.eos_token_ids, self.context_length, self._finish_running, self._progress)
         self.launcher = StepLauncher(self.runner, self.scheduler, self.stats, args.max_running_requests,
@@ -111,16 +80,6 @@ class EngineCore:
         self._next_step: LaunchedStep | None = None  # launched, not yet processed; its sampling may wait for masks
         self._thread = threading.Thread(target=self._loop, name="sgjax-engine", daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def _image_pool_size(args: EngineArgs, cfg) -> dict:
-        """A vision-language model's image embedding pool: rows, and the patches of the largest image."""
-        if not cfg.is_multimodal:
-            return {}
-        patches = max_image_patches(args.model_path, cfg)
-        largest = cfg.vision.output_rows(patches)  # one image's tokens (at most): the pool holds at least one
-        rows = max(args.image_pool_rows or 4 * largest, largest)
-        return dict(image_pool_rows=rows, max_image_patches=patches)
 
     # ---- what callers use (any thread) -----------------------------------------------------------
     @property
@@ -170,6 +129,8 @@ class EngineCore:
         self._stopped = True
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
+        if self.followers is not None:  # after the last step: the other hosts stop behind it
+            self.followers.close()
         if self.runner.queue is not None:
             self.runner.queue.close()
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from sgjax.engine.request import Request
-from sgjax.executor.image_embeddings import ImageEmbeddingPool
+from sgjax.executor.model_runner import ModelRunner
 
 
 class ImageSteps:
-    def __init__(self, pool: ImageEmbeddingPool):
-        self.pool = pool
+    def __init__(self, runner: ModelRunner):
+        self.pool = runner.images
+        self.encode = runner.encode_images  # the runner's: on several hosts, every host encodes
         self.holders: set[Request] = set()  # requests holding pool rows
         self.num_encoded = 0  # images run through the tower (tests check cache hits skip it)
 
@@ -46,7 +47,7 @@ class ImageSteps:
             if n > 0:
                 kept.append((req, n))
         if encode:
-            self.pool.encode(encode)
+            self.encode(encode)
             self.num_encoded += len(encode)
         return kept
 

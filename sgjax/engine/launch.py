@@ -74,7 +74,7 @@ class StepLauncher:
         self.runner, self.scheduler, self.stats, self.max_rows = runner, scheduler, stats, max_rows
         self.eos_token_ids = eos_token_ids
         self.launching: StepWrites | None = None  # the step being launched: what a failure there fails
-        self.images = ImageSteps(runner.images) if runner.images is not None else None
+        self.images = ImageSteps(runner) if runner.images is not None else None
 
     def _chunk(self, req: Request, n: int) -> SeqChunk:
         """The next n tokens of `req` as the step takes them (with M-RoPE positions and image rows if it has images)."""

@@ -49,6 +49,7 @@ from sgjax.constrained.bitmask import allow_all
 from sgjax.executor.batch import SeqChunk, make_batch
 from sgjax.executor.buckets import ACCELERATOR, ShapePolicy, bucket_for, row_buckets, token_buckets
 from sgjax.executor.compile_queue import CacheCounter, CompileQueue, default_workers
+from sgjax.executor.device_calls import ClearPenalties, DeviceCall, EncodeImages, Launch, Mirror, Sample
 from sgjax.executor.host_inputs import PackedLayout, pack
 from sgjax.executor.image_embeddings import ImageEmbeddingPool
 from sgjax.executor.programs import forward, sample_step
@@ -86,6 +87,9 @@ class ModelRunner:
         tower programs for images of up to `max_image_patches` input rows (image_embeddings.py); its steps take
         each token's row in that pool, and [3, T] positions where its VisionSpec has M-RoPE positions."""
         self.pool = pool
+        # Host 0 of several: each device call goes to the other hosts first (device_calls.py)
+        self.mirror: Mirror | None = None
+        self.num_launches = 0
         self.images, self.mrope = None, False
         if loaded.vision is not None:
             spec = vision_spec(loaded.config.architecture)
@@ -185,9 +189,12 @@ class ModelRunner:
         self.row_buckets = row_buckets(max_seqs, shapes.min_row_bucket)
 
         def compile_sampler(features, rows):
+            # Replicated results (what XLA chose anyway on the meshes tried): every host can read them, host 0
+            # among them when the mesh spans several
             self.sampler[features, rows] = jax.jit(functools.partial(
                 sample_step, loaded.config.final_logit_softcap, self.kernels.greedy_head,
-                self.kernels.top_k_top_p_keep, features, rows, self.sampling_layout)).lower(
+                self.kernels.top_k_top_p_keep, features, rows, self.sampling_layout),
+                out_shardings=replicated).lower(
                 self.head, hidden, *resident, penalties, *((mask, *bias) if features.masked else (None,) * 3)).compile()
 
         self._compile_sampler = compile_sampler
@@ -336,6 +343,11 @@ class ModelRunner:
     def launch(self, step: PreparedStep) -> StepHandle:
         """Enqueue a prepared step's forward pass; after `sample`, `collect` gives for each chunk's last
         token the sampled next token."""
+        handle = self._run(Launch(step, self.num_launches), self._launch, step)
+        self.num_launches += 1
+        return handle
+
+    def _launch(self, step: PreparedStep) -> StepHandle:
         ints, floats = jax.device_put((step.ints, step.floats), self._input_sharding)
         if step.program not in self.compiled:  # lazy (a CPU, or prompt logprobs): its first step
             self._compile_lazily(f"the forward pass of {step.program[0]} tokens", ("forward", step.program),
@@ -345,17 +357,23 @@ class ModelRunner:
             self.prev_tokens, *self._image_pool())
         self._hidden = hidden  # the next forward pass writes its rows here, after this step's sampling read them
         return StepHandle(hidden, *self._resident, step.features, tuple(prompt_out), step.num_chunks,
-                          step.num_tokens)
+                          step.num_tokens, index=self.num_launches)
 
     def sample(self, handle: StepHandle, bitmask: np.ndarray | None = None,
-               bias: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+               bias: tuple[np.ndarray, np.ndarray] | None = None, variant: tuple | None = None) -> None:
         """Enqueue the sampling of a launched step; `bitmask` [max_seqs, V/32] limits rows to grammars,
         `bias` (sampler.logit_bias_arrays of max_seqs rows) adds logit biases. Before the next launch:
-        that forward pass writes its hidden rows over this step's."""
-        features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
-        (features, _), program = self.sampler_for(features, handle.num_chunks)
-        out = program(self.head, handle.hidden, handle.ints, handle.floats, self.penalties,
-                      *self.mask_args(bitmask, bias, features.masked))
+        that forward pass writes its hidden rows over this step's. `variant`: the (features, rows) program
+        host 0 chose (device_calls.py); else chosen here (sampler_for)."""
+        if variant is None:
+            features = dataclasses.replace(handle.features, masked=bitmask is not None or bias is not None)
+            variant, _ = self.sampler_for(features, handle.num_chunks)
+        self._run(Sample(handle.index, variant, bitmask, bias), self._sample, handle, variant, bitmask, bias)
+
+    def _sample(self, handle: StepHandle, variant: tuple, bitmask: np.ndarray | None,
+                bias: tuple[np.ndarray, np.ndarray] | None) -> None:
+        out = self._sampler(variant)(self.head, handle.hidden, handle.ints, handle.floats, self.penalties,
+                                     *self.mask_args(bitmask, bias, variant[0].masked))
         self.prev_tokens, packed = out
         handle.device_outputs = (packed, *handle.prompt_outputs)
         # The results' transfers to the host start now, behind the sampling on the device: `collect` then
@@ -369,11 +387,30 @@ class ModelRunner:
     def clear_penalty_slots(self, slots: list[int]) -> None:
         """Zero the penalty counts of `slots`, for requests that start over in them; enqueued, so a step
         launched after this call counts its tokens from zero."""
+        self._run(ClearPenalties(list(slots)), self._clear_penalty_slots, slots)
+
+    def _clear_penalty_slots(self, slots: list[int]) -> None:
         for i in range(0, len(slots), CLEAR_SLOTS):
             ids = np.full(CLEAR_SLOTS, self.spare_slot, np.int32)
             part = slots[i:i + CLEAR_SLOTS]
             ids[:len(part)] = part
             self.penalties = self._clear_penalties(self.penalties, ids)
+
+    def encode_images(self, images: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]]) -> None:
+        """Enqueue the vision tower on images (ImageEmbeddingPool.encode): their rows land in the image pool."""
+        self._run(EncodeImages(images), self.images.encode, images)
+
+    def _run(self, call: DeviceCall, enqueue, *args):
+        """Enqueue a device call here, sent to the other hosts first where there are any: they start on it while
+        this host does (on a CPU, compiling its program at its first step)."""
+        if self.mirror is None:
+            return enqueue(*args)
+        self.mirror.send(call)
+        try:
+            return enqueue(*args)
+        except BaseException as e:  # the other hosts run it: this host can never be in step with them again
+            self.mirror.lost_step(e)
+            raise
 
     def mask_args(self, bitmask: np.ndarray | None, bias: tuple[np.ndarray, np.ndarray] | None = None,
                   masked: bool | None = None) -> tuple:
@@ -413,9 +450,14 @@ class ModelRunner:
             if stand_ins:
                 best = min(stand_ins, key=lambda v: (v[1], sum(dataclasses.astuple(v[0]))))
                 return best, self.sampler[best]
-        self._compile_lazily(f"sampling of {variant[1]} rows ({variant[0]})", ("sampler", variant),
-                             self._compile_sampler, *variant)
-        return variant, self.sampler[variant]
+        return variant, self._sampler(variant)
+
+    def _sampler(self, variant: tuple):
+        """The compiled sampling program of `variant`, compiled now if it is not yet (a CPU's first use)."""
+        if variant not in self.sampler:
+            self._compile_lazily(f"sampling of {variant[1]} rows ({variant[0]})", ("sampler", variant),
+                                 self._compile_sampler, *variant)
+        return self.sampler[variant]
 
     @staticmethod
     def collect(handle: StepHandle) -> StepOutput:

@@ -41,7 +41,9 @@ def forward(model_def, with_prompt, layout, rows_sharding, weights, kv_caches, p
         target_logprobs = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
         top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
         ids_logprobs = jnp.take_along_axis(logprobs, sampling.token_ids[token_rows], axis=-1)  # token_ids_logprob
-        out = (*out, target_logprobs, top[0], top[1].astype(jnp.int32), ids_logprobs)
+        prompt_out = (target_logprobs, top[0], top[1].astype(jnp.int32), ids_logprobs)
+        # replicated: host 0 reads them, also where the mesh spans other hosts' devices
+        out = (*out, *(jax.lax.with_sharding_constraint(x, rows_sharding) for x in prompt_out))
     return out, kv_caches, penalties, resident
 
 

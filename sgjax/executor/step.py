@@ -32,6 +32,7 @@ class StepHandle:
     num_chunks: int
     num_tokens: int
     device_outputs: tuple = ()  # once sampled; still computing until collected
+    index: int = 0  # the runner's count of launches before this one
 
 
 @dataclasses.dataclass

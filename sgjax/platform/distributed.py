@@ -54,3 +54,33 @@ def initialize(group: HostGroup | None, init: Callable[..., None] | None = None)
     (init or jax.distributed.initialize)(coordinator_address=group.coordinator_address,
                                          num_processes=group.num_processes, process_id=group.process_id)
 
+
+
+def _client():
+    """JAX's client of the coordinator's key-value store (jax.distributed has no public accessor for it)."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: no coordinator to exchange addresses through")
+    return client
+
+
+def publish(key: str, value: str) -> None:
+    """Store `value` under `key` in the coordinator's key-value store, for the other hosts to look up."""
+    _client().key_value_set(key, value)
+
+
+def lookup(key: str, timeout_s: float) -> str:
+    """The value another host published under `key`, waiting up to `timeout_s` for it."""
+    return _client().blocking_key_value_get(key, int(timeout_s * 1000))
+
+
+def coordinator_host() -> str:
+    """Host 0's address as every host reaches its coordinator (the host part of the coordinator's address)."""
+    from jax._src import distributed as jax_distributed
+
+    address = jax_distributed.global_state.coordinator_address
+    if address is None:
+        raise RuntimeError("jax.distributed is not initialized: host 0's address is not known")
+    return address.rsplit(":", 1)[0].strip("[]")

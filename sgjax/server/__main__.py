@@ -1,24 +1,28 @@
 """python -m sgjax.server [--model-path DIR] [--mesh 2x4] [--port 30000] [--no-engine-process] ...: the HTTP server
-(without --model-path, on the bundled SmolLM2-135M-Instruct)."""
+(without --model-path, on the bundled SmolLM2-135M-Instruct).
+
+One model over several hosts: the same command on every host, with --num-hosts N --host-rank I --coordinator
+HOST0:PORT (or --num-hosts 0 where JAX detects them); host 0 serves HTTP and schedules, the others run its
+steps on their devices (sgjax/engine/follower.py)."""
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import NoReturn
 
 import jax
 
-from sgjax.config import MultiHostArgs, args_from_cli, build_parser, from_namespace
+from sgjax.config import EngineArgs, MultiHostArgs, args_from_cli, build_parser, from_namespace
 from sgjax.config_sources import describe
 from sgjax.engine import Engine
+from sgjax.engine.follower import follow
 from sgjax.models.default_model import default_model_path
 from sgjax.platform import distributed
 from sgjax.server.app import make_app
 from sgjax.server.connections import serve
 
-# The engine schedules on one host; its steps are not yet sent to the others' devices.
-NOT_ACROSS_HOSTS = ("serving one model across several hosts is not implemented yet (each host would have to run "
-                    "the engine's steps in lock-step); run one server per host, or python -m sgjax.generate "
-                    "across hosts")
+logger = logging.getLogger("sgjax.server")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,24 +34,49 @@ def main(argv: list[str] | None = None) -> None:
         group = distributed.host_group(hosts.num_hosts, hosts.host_rank, hosts.coordinator)
     except ValueError as e:
         parser.error(str(e))
-    if group is not None and group.num_processes is not None:
-        parser.error(NOT_ACROSS_HOSTS)
     if engine_args.model_path is None:
         try:
             engine_args.model_path = default_model_path()
         except ValueError as e:
             parser.error(str(e))
     logging.basicConfig(level=server_args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sgjax.server").info("configuration: %s", describe(engine_args, server_args, hosts))
-    distributed.initialize(group)  # a TPU VM's hosts, detected by JAX (--num-hosts 0)
-    if group is not None and jax.process_count() > 1:
-        parser.error(f"{jax.process_count()} hosts found: {NOT_ACROSS_HOSTS}")
-    engine = Engine(args=engine_args, engine_process=server_args.engine_process,
-                    restart_engine=server_args.restart_engine)
+    logger.info("configuration: %s", describe(engine_args, server_args, hosts))
+    distributed.initialize(group)  # before any other use of the devices; JAX may detect the hosts (--num-hosts 0)
+    # Asked only of several hosts: it starts JAX's backend in this process, which the engine process then could
+    # not use (a TPU opens in one process only)
+    if group is None or jax.process_count() == 1:
+        engine = Engine(args=engine_args, engine_process=server_args.engine_process,
+                        restart_engine=server_args.restart_engine)
+    elif jax.process_index() != 0:
+        _follow(engine_args)
+        return
+    else:
+        # The process that joined the hosts runs the model; on host 0 that is this one, beside the HTTP server
+        logger.info("host 0 of %d: serving HTTP; the engine runs in this process", jax.process_count())
+        try:
+            engine = Engine(args=engine_args)
+        except BaseException:
+            _exit_now("host 0's engine failed to start")
     try:
         serve(make_app(engine, server_args), server_args)
     finally:
         engine.shutdown()
+
+
+def _follow(engine_args: EngineArgs) -> None:
+    """A host of rank > 0: run host 0's steps until it stops; exit 1 on anything else."""
+    try:
+        follow(engine_args)
+    except BaseException:
+        _exit_now(f"host {jax.process_index()} stops")
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Log the exception being handled and exit with 1, not through JAX's exit, whose shutdown waits for every
+    host: the others, which stop on this one's failure, would never come."""
+    logger.exception(message)
+    logging.shutdown()
+    os._exit(1)
 
 
 if __name__ == "__main__":
