@@ -74,3 +74,12 @@ class Error:
     """The engine process could not start (its traceback)."""
 
     message: str
+
+
+@dataclasses.dataclass(slots=True)
+class StartupPhase:
+    """The engine's start-up entered a phase (sent before it is ready; /health shows the latest)."""
+
+    name: str  # "loading weights", "allocating the KV pool", ...
+    step: int  # this phase's number, from 1
+    steps: int  # how many phases a start-up has
