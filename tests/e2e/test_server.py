@@ -741,3 +741,19 @@ def test_engine_process_start_hands_each_phase_on_before_ready():
     seen = []
     assert client._receive_start(seen.append) == ready
     assert seen == phases
+
+
+def test_an_engine_that_fails_to_start_ends_the_start_with_its_error():
+    """Serving.start raises the build's own exception (python -m sgjax.server then exits 1 with its traceback),
+    after the phases it reported, and serves nothing."""
+    from sgjax.engine.messages import StartupPhase
+    from sgjax.server.startup import Serving
+
+    def build(report):
+        report(StartupPhase("loading weights", 1, 4))
+        raise FileNotFoundError("no config.json in model folder 'x'")
+
+    serving = Serving("m")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        asyncio.run(serving.start(build))
+    assert serving.engine is None and serving.progress()["phase"] == "loading weights"
