@@ -32,7 +32,7 @@ from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine import model_setup
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher, StepWrites
-from sgjax.engine.messages import Finished, GenerateRequest, StartupPhase, TokenDelta
+from sgjax.engine.messages import STARTUP_PHASES, Finished, GenerateRequest, StartupPhase, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
 from sgjax.engine.request import Request, Status
 from sgjax.engine.scheduler import Scheduler
@@ -41,9 +41,6 @@ from sgjax.engine.step_channel import StepSender
 from sgjax.engine.text_side import load_text_side
 
 logger = logging.getLogger(__name__)
-# The phases of a start-up, in order, as EngineCore reports them (the last one ends when the engine is ready)
-STARTUP_PHASES = ("loading weights", "loading the tokenizer", "allocating the KV pool",
-                  "compiling the first step programs")
 
 
 class EngineCore:

@@ -76,6 +76,11 @@ class Error:
     message: str
 
 
+# The phases of an engine's start-up, in order, as EngineCore reports them (the last ends when it is ready)
+STARTUP_PHASES = ("loading weights", "loading the tokenizer", "allocating the KV pool",
+                  "compiling the first step programs")
+
+
 @dataclasses.dataclass(slots=True)
 class StartupPhase:
     """The engine's start-up entered a phase (sent before it is ready; /health shows the latest)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from sgjax.engine.messages import StartupPhase
+from sgjax.engine.messages import STARTUP_PHASES, StartupPhase
 from sgjax.server.errors import ApiError
 
 logger = logging.getLogger("sgjax.server")
@@ -26,7 +26,8 @@ class Serving:
     def __init__(self, model_name: str, engine=None):
         self.model_name, self.engine = model_name, engine
         self.started = time.monotonic()
-        self.phase, self.phase_started = StartupPhase("starting the engine", 0, 0), self.started
+        self.phase = StartupPhase("starting the engine", 0, len(STARTUP_PHASES))  # until the engine reports
+        self.phase_started = self.started
         self._on_ready: list[Callable] = []
 
     @classmethod
