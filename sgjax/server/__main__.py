@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         _follow(engine_args)
         return
     # The process that joined the hosts runs the model; on host 0 that is this one, beside the HTTP server.
-    # Built before the port opens: a failure must end this process at once (_exit_now), not a serving loop.
+    # Built before the port opens: its failure must end this process through _exit_now, not through a serving
+    # loop and JAX's exit, which would wait for the other hosts.
     logger.info("host 0 of %d: serving HTTP; the engine runs in this process", jax.process_count())
     try:
         engine = Engine(args=engine_args)

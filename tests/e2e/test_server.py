@@ -708,7 +708,8 @@ def test_health_reports_the_start_up_until_the_engine_is_ready(tiny_models, tmp_
         status, headers, body = exchange(url + "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1})
         assert status == 503 and headers["Retry-After"] == "5", body
         assert body["error"]["code"] == 503 and "the server is starting" in body["error"]["message"], body
-        wait_until(lambda: health_answered(200), timeout=120, interval=0.2)  # (then it serves: the test above)
+        # (that it then serves is test_server_command_line_starts_and_serves's)
+        wait_until(lambda: health_answered(200), timeout=120, interval=0.2)
     finally:
         proc.terminate()
         proc.wait(30)
