@@ -58,6 +58,9 @@ def test_the_gpu_server_probes_serves_and_keeps_its_data():
     assert container["ports"] == [{"name": "http", "containerPort": port}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health_generate"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # /health answers 503 while the engine starts: liveness waits for a startup probe that allows for it
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health" and startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
                                               "prometheus.io/path": "/metrics"}

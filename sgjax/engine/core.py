@@ -32,7 +32,7 @@ from sgjax.constrained.bitmask import allow_all, fill_rows, force_token
 from sgjax.engine import model_setup
 from sgjax.engine.detokenizer import IncrementalDetokenizer
 from sgjax.engine.launch import LaunchedStep, StepBuildError, StepLauncher, StepWrites
-from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
+from sgjax.engine.messages import STARTUP_PHASES, Finished, GenerateRequest, StartupPhase, TokenDelta
 from sgjax.engine.output_processor import OutputProcessor, delta_of
 from sgjax.engine.request import Request, Status
 from sgjax.engine.scheduler import Scheduler
@@ -44,22 +44,29 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, args: EngineArgs, kernel_options: dict | None = None):
-        """`kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons.
+    def __init__(self, args: EngineArgs, kernel_options: dict | None = None,
+                 on_phase: Callable[[StartupPhase], None] | None = None):
+        """`kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons;
+        `on_phase`: called as each start-up phase begins (STARTUP_PHASES), on this thread.
 
         Under jax.distributed with several processes this is host 0's engine: every device call of its runner
         goes to the other hosts first (follower.py runs them there), so all hosts run the same programs."""
         self.args = args
+        phase = _phase_reporter(on_phase)
+        phase("loading weights")
         self.loaded = model_setup.load(args, kernel_options)
         self.kernels = self.loaded.kernels
         cfg = self.loaded.config
+        phase("loading the tokenizer")
         self.tokenizer, self.eos_token_ids, self.grammar = load_text_side(args.model_path, args.load_format,
                                                                           cfg.vocab_size)
         self.context_length = resolve_context_length(args.context_length, cfg.max_position_embeddings)
+        phase("allocating the KV pool")
         num_pages = model_setup.pool_pages(args, self.loaded, self.context_length)
         # The other hosts' runners are built from this host's pool size (their memory may differ)
         self.followers = StepSender.open(args, num_pages) if jax.process_count() > 1 else None
-        self.runner = model_setup.make_runner(args, self.loaded, num_pages, self.context_length)
+        self.runner = model_setup.make_runner(args, self.loaded, num_pages, self.context_length,
+                                              on_compiling=lambda: phase("compiling the first step programs"))
         if self.followers is not None:
             self.runner.mirror = self.followers
         self.allocator = PageAllocator(num_pages, args.page_size)
@@ -345,3 +352,12 @@ class EngineCore:
                 self.on_updates(deltas)
             except Exception:
                 logger.exception("delivering a step's updates failed")
+
+
+def _phase_reporter(on_phase: Callable[[StartupPhase], None] | None) -> Callable[[str], None]:
+    """phase(name) for one of STARTUP_PHASES: `on_phase` called with it, numbered."""
+    def phase(name: str) -> None:
+        if on_phase is not None:
+            on_phase(StartupPhase(name, STARTUP_PHASES.index(name) + 1, len(STARTUP_PHASES)))
+
+    return phase

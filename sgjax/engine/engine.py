@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from sgjax.config import EngineArgs
 from sgjax.engine.image_inputs import ImagePreprocessor
-from sgjax.engine.messages import Finished, GenerateRequest, TokenDelta
+from sgjax.engine.messages import Finished, GenerateRequest, StartupPhase, TokenDelta
 from sgjax.engine.outputs import RequestOutput
 from sgjax.engine.request_builder import ImageData, Prompt, RequestBuilder
 from sgjax.engine.sampling_params import SamplingParams
@@ -31,12 +31,13 @@ Callback = Callable[[RequestOutput, str, bool], None]  # (request, new text, fin
 
 class Engine:
     def __init__(self, model_path: str | None = None, *, args: EngineArgs | None = None, engine_process: bool = False,
-                 restart_engine: bool = False, kernel_options: dict | None = None, **kwargs):
+                 restart_engine: bool = False, kernel_options: dict | None = None,
+                 on_phase: Callable[[StartupPhase], None] | None = None, **kwargs):
         """The model runs on a thread of this process, or with `engine_process` in a child process (the server's
         default: its Python then does not share the engine thread's GIL); `restart_engine`: a child process that
         dies is started again (the requests it had fail; later ones are served once it is back).
         `kernel_options`: keywords for sgjax.kernels.select, to turn single kernels off in comparisons (in this
-        process only)."""
+        process only); `on_phase`: called as each phase of the start-up begins (the server's /health shows it)."""
         self._restart, self._stopping = restart_engine and engine_process, False
         self.num_restarts = 0
         self.args = args or EngineArgs(model_path=model_path, **kwargs)
@@ -46,12 +47,12 @@ class Engine:
         if engine_process:
             from sgjax.engine.engine_process import EngineProcess
 
-            self.core = EngineProcess(self.args)
+            self.core = EngineProcess(self.args, on_phase=on_phase)
             self.core.on_exit = self._core_exited
         else:
             from sgjax.engine.core import EngineCore
 
-            self.core = EngineCore(self.args, kernel_options)
+            self.core = EngineCore(self.args, kernel_options, on_phase)
         self.in_process = not engine_process
         self.tokenizer, self.grammar = self.core.tokenizer, self.core.grammar
         self.config, self.context_length = self.core.config, self.core.context_length

@@ -8,7 +8,8 @@ SGLang runs its HTTP and tokenizer side apart from its scheduler for this reason
 `EngineProcess(args)` starts a process (spawn) running `serve(args, conn)`: an EngineCore fed over one
 multiprocessing Pipe with the typed messages of messages.py. The caller side (Engine) tokenizes and
 validates requests itself, with its own tokenizer and grammar compiler (loaded here while the child loads
-the model) and the engine's limits, sent once at start-up. The core sends each step's TokenDeltas in one
+the model) and the engine's limits, sent once at start-up. Before Ready the core sends a StartupPhase as
+each phase of its start begins (the server's /health shows them); then each step's TokenDeltas in one
 message. If the child dies, `on_exit` is called (the Engine aborts every request in flight, naming it, and
 may start a new engine process) and `alive` turns False (/health then answers 503).
 """
@@ -25,7 +26,7 @@ import traceback
 from collections.abc import Callable
 
 from sgjax.config import EngineArgs
-from sgjax.engine.messages import Abort, Error, GenerateRequest, TokenDelta
+from sgjax.engine.messages import Abort, Error, GenerateRequest, StartupPhase, TokenDelta
 from sgjax.engine.text_side import load_text_side
 from sgjax.models.config import ModelConfig
 
@@ -69,8 +70,10 @@ class Reply:
 class EngineProcess:
     """The caller's end of an engine process; what Engine needs of a core."""
 
-    def __init__(self, args: EngineArgs, text_side: tuple | None = None):
-        """`text_side`: (tokenizer, grammar) already loaded (a restart), else loaded here."""
+    def __init__(self, args: EngineArgs, text_side: tuple | None = None,
+                 on_phase: Callable[[StartupPhase], None] | None = None):
+        """`text_side`: (tokenizer, grammar) already loaded (a restart), else loaded here; `on_phase`: called
+        with each start-up phase the engine process reports (on this thread)."""
         self.args = args
         self.on_updates: Callable[[list[TokenDelta]], None] = lambda deltas: None  # on the reader thread
         self.on_exit: Callable[[str], None] = lambda message: None
@@ -90,7 +93,7 @@ class EngineProcess:
             text_side_error = None
         except Exception as e:  # the child most likely fails the same way: its error, with its traceback, wins
             text_side_error = e
-        ready = self._receive_start()
+        ready = self._receive_start(on_phase or (lambda phase: None))
         if isinstance(ready, Error):
             self._process.join(30)
             raise RuntimeError(f"the engine process failed to start:\n{ready.message}")
@@ -105,17 +108,23 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="sgjax-engine-client", daemon=True)
         self._reader.start()
 
-    def _receive_start(self) -> Ready | Error:
+    def _receive_start(self, on_phase: Callable[[StartupPhase], None]) -> Ready | Error:
+        """The engine process's Ready or Error, its StartupPhases before it handed to `on_phase`."""
         waited = 0.0
-        while not self._conn.poll(1.0):
-            waited += 1.0
-            if not self._process.is_alive() or waited > START_TIMEOUT_S:
-                return Error(f"exit code {self._process.exitcode}" if not self._process.is_alive() else "timed out")
-        try:
-            return self._conn.recv()
-        except EOFError:  # it closed its end while exiting: wait for the exit, so its code is known
-            self._process.join(30)
-            return Error(f"exit code {self._process.exitcode}")
+        while True:
+            while not self._conn.poll(1.0):
+                waited += 1.0
+                if not self._process.is_alive() or waited > START_TIMEOUT_S:
+                    return Error(f"exit code {self._process.exitcode}" if not self._process.is_alive()
+                                 else "timed out")
+            try:
+                message = self._conn.recv()
+            except EOFError:  # it closed its end while exiting: wait for the exit, so its code is known
+                self._process.join(30)
+                return Error(f"exit code {self._process.exitcode}")
+            if not isinstance(message, StartupPhase):
+                return message
+            on_phase(message)
 
     # ---- what Engine calls -----------------------------------------------------------------------
     def submit(self, message: GenerateRequest) -> bool:
@@ -189,7 +198,7 @@ def serve(args: EngineArgs, conn) -> None:
     from sgjax.engine.core import EngineCore
 
     try:
-        core = EngineCore(args)
+        core = EngineCore(args, on_phase=conn.send)
     except BaseException:
         conn.send(Error(traceback.format_exc()))
         return

@@ -74,3 +74,17 @@ class Error:
     """The engine process could not start (its traceback)."""
 
     message: str
+
+
+# The phases of an engine's start-up, in order, as EngineCore reports them (the last ends when it is ready)
+STARTUP_PHASES = ("loading weights", "loading the tokenizer", "allocating the KV pool",
+                  "compiling the first step programs")
+
+
+@dataclasses.dataclass(slots=True)
+class StartupPhase:
+    """The engine's start-up entered a phase (sent before it is ready; /health shows the latest)."""
+
+    name: str  # "loading weights", "allocating the KV pool", ...
+    step: int  # this phase's number, from 1
+    steps: int  # how many phases a start-up has

@@ -8,6 +8,7 @@ host's programs have the same shapes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
@@ -54,11 +55,14 @@ def pool_pages(args: EngineArgs, loaded: LoadedModel, context_length: int) -> in
     return num_pages
 
 
-def make_runner(args: EngineArgs, loaded: LoadedModel, num_pages: int, context_length: int) -> ModelRunner:
-    """The KV pool of `num_pages` pages and the model runner over it, its programs compiled or queued."""
+def make_runner(args: EngineArgs, loaded: LoadedModel, num_pages: int, context_length: int,
+                on_compiling: Callable[[], None] = lambda: None) -> ModelRunner:
+    """The KV pool of `num_pages` pages and the model runner over it, its programs compiled or queued;
+    `on_compiling` is called once the pool is allocated, as compiling begins (start-up progress)."""
     cfg = loaded.config
     pool = KVPool(KVPoolConfig.for_model(cfg, num_pages, args.page_size, kv_dtype(args, loaded),
                                          loaded.kernels.bf16_pool_as_bits), loaded.mesh)
+    on_compiling()
     shapes = shape_policy(args.shape_policy, jax.default_backend())
     if args.min_token_bucket:
         shapes = dataclasses.replace(shapes, min_token_bucket=args.min_token_bucket)

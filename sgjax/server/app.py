@@ -16,22 +16,25 @@ from sgjax.engine.chat_template import role_markers
 from sgjax.server import native_api, openai_api
 from sgjax.server.errors import ApiError, read_body
 from sgjax.server.keys import (
-    ENGINE,
     ENGINE_REQUESTS,
     EVENT_STREAM,
     METRICS,
     OFFLOAD,
     REQUEST_ID,
     SERVER_ARGS,
+    SERVING,
     STARTED,
 )
 from sgjax.server.limits import Offload
 from sgjax.server.metrics import Metrics
 from sgjax.server.protocol import AbortRequest, openapi, parse
+from sgjax.server.startup import Serving
 from sgjax.server.streaming import end_with_error
 
 logger = logging.getLogger("sgjax.server")
 OPEN_PATHS = {"/health", "/openapi.json"}  # reachable without the API key
+# What answers while the engine starts (the health routes with the start-up's progress); the rest get 503
+ANSWERED_WHILE_STARTING = {"/health", "/health_generate", "/openapi.json", "/metrics"}
 HEALTH_GENERATE_TIMEOUT_S = 60.0  # a token behind a full queue of requests may take this long
 
 
@@ -44,6 +47,8 @@ async def handle_request(request: web.Request, handler):
         key = request.app[SERVER_ARGS].api_key
         if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
             raise ApiError("missing or wrong API key", status=401, type_="authentication_error")
+        if request.app[SERVING].engine is None and request.path not in ANSWERED_WHILE_STARTING:
+            raise request.app[SERVING].starting_error()
         if request.app[SERVER_ARGS].log_requests and request.can_read_body:
             logger.info("request %s body: %.2000s", request[REQUEST_ID], await read_body(request))
         response = await handler(request)
@@ -70,7 +75,9 @@ async def handle_request(request: web.Request, handler):
         logger.exception("request %s failed", request[REQUEST_ID])
         return await error_response(request, ApiError(f"internal error: {e}", status=500, type_="server_error"))
     finally:
-        request.app[ENGINE].abort_requests([r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished])
+        unfinished = [r for r in request.get(ENGINE_REQUESTS, ()) if not r.finished]
+        if unfinished:
+            request.app[SERVING].engine.abort_requests(unfinished)
         if status >= 400 and METRICS in request.app:
             request.app[METRICS].errors.labels(str(status), error_type).inc()
         logger.info("request %s %s %s -> %s in %.1f ms", request[REQUEST_ID], request.method, request.path,
@@ -87,14 +94,20 @@ async def error_response(request: web.Request, error: ApiError) -> web.StreamRes
 
 
 async def health(request: web.Request) -> web.Response:
-    if not request.app[ENGINE].alive:
+    """200 while the engine runs; 503 with the start-up's progress while it starts, 503 once it died."""
+    serving = request.app[SERVING]
+    if serving.engine is None:
+        return serving.starting_response()
+    if not serving.engine.alive:
         raise ApiError("the engine is not running", status=503, type_="server_error")
     return web.Response(text="")
 
 
 async def health_generate(request: web.Request) -> web.Response:
     """200 only once the engine generated a token: a dead, restarting or stuck engine gets 503."""
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
+    if engine is None:
+        return request.app[SERVING].starting_response()
     if not engine.alive:
         raise ApiError("the engine is not running", status=503, type_="server_error")
     requests = engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
@@ -112,7 +125,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def model_info(request: web.Request) -> web.Response:
-    engine, args = request.app[ENGINE], request.app[SERVER_ARGS]
+    engine, args = request.app[SERVING].engine, request.app[SERVER_ARGS]
     return web.json_response({"model_path": engine.args.model_path, "tokenizer_path": engine.args.model_path,
                               "is_generation": True, "served_model_name": args.served_model_name,
                               "architecture": engine.config.architecture,
@@ -127,7 +140,7 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     info = {**dataclasses.asdict(engine.args), **dataclasses.asdict(request.app[SERVER_ARGS])}
     info.pop("api_key", None)
     info.update(engine.load_stats())
@@ -138,7 +151,7 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    if not await asyncio.get_running_loop().run_in_executor(None, request.app[ENGINE].flush_cache):
+    if not await asyncio.get_running_loop().run_in_executor(None, request.app[SERVING].engine.flush_cache):
         raise ApiError("cannot flush the cache while requests are running")
     return web.Response(text="cache flushed")
 
@@ -147,9 +160,9 @@ async def abort_request(request: web.Request) -> web.Response:
     """SGLang's /abort_request: {rid} aborts that request (all its samples), {abort_all: true} every one."""
     body = await parse(request, AbortRequest)
     if body.abort_all:
-        request.app[ENGINE].abort_all()
+        request.app[SERVING].engine.abort_all()
     else:
-        request.app[ENGINE].abort(body.rid)
+        request.app[SERVING].engine.abort(body.rid)
     return web.Response(text="")
 
 
@@ -166,14 +179,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(engine, server_args: ServerArgs) -> web.Application:
-    """The HTTP application over a running Engine."""
+    """The HTTP application over a running Engine, or over a Serving whose engine is still starting."""
+    serving = engine if isinstance(engine, Serving) else Serving.of(engine)
     if server_args.served_model_name is None:
-        server_args.served_model_name = engine.model_name
+        server_args.served_model_name = serving.model_name
     if server_args.chat_template:
         with open(server_args.chat_template) as f:
-            engine.tokenizer.chat_template = f.read()
+            template = f.read()
+        serving.when_ready(lambda engine: setattr(engine.tokenizer, "chat_template", template))
     app = web.Application(middlewares=[handle_request], client_max_size=server_args.max_body_bytes)
-    app[ENGINE], app[SERVER_ARGS], app[STARTED] = engine, server_args, int(time.time())
+    app[SERVING], app[SERVER_ARGS], app[STARTED] = serving, server_args, int(time.time())
     app[OFFLOAD] = Offload(server_args.tokenizer_threads, server_args.max_pending_requests)
 
     async def stop_offload(app: web.Application) -> None:
@@ -198,11 +213,12 @@ def make_app(engine, server_args: ServerArgs) -> web.Application:
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     if server_args.enable_metrics:
-        app[METRICS] = Metrics(engine)
-        engine.finish_hooks.append(app[METRICS].observe)
+        app[METRICS] = Metrics()
+        serving.when_ready(app[METRICS].attach)
 
         async def stop_observing(app: web.Application) -> None:  # the engine may outlive this app
-            engine.finish_hooks.remove(app[METRICS].observe)
+            if serving.engine is not None:
+                serving.engine.finish_hooks.remove(app[METRICS].observe)
 
         app.on_cleanup.append(stop_observing)
         app.router.add_get("/metrics", metrics)

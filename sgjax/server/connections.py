@@ -10,6 +10,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -151,12 +152,15 @@ async def start(app: web.Application, args: ServerArgs, handle_signals: bool = F
     return runner
 
 
-def serve(app: web.Application, args: ServerArgs) -> None:
-    """Serve `app` until SIGINT or SIGTERM."""
+def serve(app: web.Application, args: ServerArgs, starting: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve `app` until SIGINT or SIGTERM; `starting`, awaited once the port is open, ends the server with its
+    exception if it raises (an engine that failed to start)."""
     async def until_stopped() -> None:
         runner = await start(app, args, handle_signals=True)
         logger.info("serving on http://%s:%d", args.host, args.port)
         try:
+            if starting is not None:
+                await starting()
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()

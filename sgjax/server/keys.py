@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-ENGINE = web.AppKey("engine", object)
+SERVING = web.AppKey("serving", object)  # startup.Serving: the engine, or its start-up's progress
 SERVER_ARGS = web.AppKey("server_args", object)
 STARTED = web.AppKey("started", int)
 METRICS = web.AppKey("metrics", object)

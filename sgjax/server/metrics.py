@@ -27,8 +27,8 @@ def abort_cause(reason: dict) -> str:
 
 
 class Metrics:
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self):
+        self.engine = None  # the engine's gauges are read at scrape time once it started (attach)
         self.registry = r = CollectorRegistry()
         self.requests = Counter("sgjax_requests", "Finished requests by finish reason", ["status"], registry=r)
         self.prompt_tokens = Counter("sgjax_prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -59,6 +59,11 @@ class Metrics:
         self.refused_connections = Counter("sgjax_refused_connections", "Connections answered 503 and closed at "
                                            "once: --max-connections were open", registry=r)
 
+    def attach(self, engine) -> None:
+        """Record the engine's finished requests, and read its gauges at each scrape."""
+        self.engine = engine
+        engine.finish_hooks.append(self.observe)
+
     def observe(self, req) -> None:
         """Record a finished request (called once per request)."""
         now = time.monotonic()
@@ -77,6 +82,8 @@ class Metrics:
                 self.itl.observe((now - req.first_token_time) / (len(req.output_ids) - 1))
 
     def render(self) -> bytes:
+        if self.engine is None:  # starting: the counters only
+            return generate_latest(self.registry)
         stats = self.engine.load_stats()
         self.running.set(stats["num_running_requests"])
         self.queued.set(stats["num_queued_requests"])

@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, read_json, require
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS
+from sgjax.server.keys import ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, SERVING
 from sgjax.server.limits import check_limits, check_max_tokens
 from sgjax.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest, parse, validate
 from sgjax.server.streaming import end_event_stream, open_event_stream, run, run_to_end, send_event
@@ -115,7 +115,7 @@ def native_result(engine, req, body: dict) -> dict:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     body = await read_json(request)
     check_fields(body, request.app[SERVER_ARGS].served_model_name, engine.image_placeholder is not None)
     validate(GenerateRequest, body)  # the fields' shapes; the handler reads the body as sent
@@ -164,7 +164,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def tokenize(request: web.Request) -> web.Response:
     """SGLang's /tokenize: {prompt: text or texts, add_special_tokens} -> {tokens, count, max_model_len}."""
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     body = await parse(request, TokenizeRequest)
     prompt, special = body.prompt, body.add_special_tokens
     single = isinstance(prompt, str)
@@ -188,7 +188,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     """SGLang's /detokenize: {tokens: ids or lists of ids, skip_special_tokens} -> {text}."""
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     body = await parse(request, DetokenizeRequest)
     tokens, skip = body.tokens, body.skip_special_tokens
     single = all(isinstance(t, int) for t in tokens)  # an empty list is one empty sequence

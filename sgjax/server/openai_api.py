@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from sgjax.server.errors import ApiError, require
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, STARTED
+from sgjax.server.keys import ENGINE_REQUESTS, OFFLOAD, REQUEST_ID, SERVER_ARGS, SERVING, STARTED
 from sgjax.server.limits import check_limits, check_max_tokens
 from sgjax.server.openai_fields import CHAT, COMPLETIONS, SAMPLING_EXTENSIONS, check_fields
 from sgjax.server.protocol import ChatCompletionRequest, CompletionRequest, parse_dict
@@ -85,7 +85,7 @@ def finish_reason(req) -> str:
 async def make_requests(request: web.Request, prompt, params: dict, input_ids=None, max_tokens_given: bool = False,
                         image_data: list | None = None):
     """Tokenize and validate (images decoded and preprocessed too), on a tokenizer thread."""
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     check_limits(request.app[SERVER_ARGS], len(prompt if prompt is not None else input_ids), params)
     try:
         requests = await request.app[OFFLOAD].run(engine.make_requests, prompt, params, input_ids,
@@ -140,7 +140,7 @@ def completion_logprobs(engine, req, echo: bool) -> dict:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     body = await parse_dict(request, CompletionRequest)
     check_fields(body, COMPLETIONS, "/v1/completions")
     check_model(request, body)
@@ -252,7 +252,7 @@ def chat_logprobs(engine, req) -> dict:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     body = await parse_dict(request, ChatCompletionRequest)
     check_fields(body, CHAT, "/v1/chat/completions")
     check_model(request, body)

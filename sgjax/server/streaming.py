@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sgjax.server.keys import ENGINE, ENGINE_REQUESTS, EVENT_STREAM
+from sgjax.server.keys import ENGINE_REQUESTS, EVENT_STREAM, SERVING
 
 DISCONNECT_POLL_S = 0.1  # how soon a non-streaming request notices that its client hung up
 
@@ -18,14 +18,14 @@ def run(request: web.Request, requests: list) -> AsyncIterator:
     registered on the HTTP request, so the app's middleware aborts whatever is unfinished when the handler
     ends (a client that disconnected)."""
     request[ENGINE_REQUESTS] = requests
-    return request.app[ENGINE].run_requests(requests)
+    return request.app[SERVING].engine.run_requests(requests)
 
 
 async def run_to_end(request: web.Request, requests: list) -> list:
     """Like `run`, for handlers that answer only once every request has finished. A client that hangs up
     meanwhile aborts them: nothing else would notice before the answer is written."""
     request[ENGINE_REQUESTS] = requests
-    engine = request.app[ENGINE]
+    engine = request.app[SERVING].engine
     watcher = asyncio.create_task(abort_on_disconnect(request, engine, requests))
     try:
         return await engine.run_to_end(requests)

@@ -44,9 +44,9 @@ def server(tiny_models):
 
 
 def engine_of(server) -> Engine:
-    from sgjax.server.keys import ENGINE
+    from sgjax.server.keys import SERVING
 
-    return server.app[ENGINE]
+    return server.app[SERVING].engine
 
 
 def idle(engine) -> bool:

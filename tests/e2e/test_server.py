@@ -84,11 +84,11 @@ def get(url: str, key: str | None = API_KEY) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def wait_until(condition, timeout=60.0):
+def wait_until(condition, timeout=60.0, interval=0.01):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 ENGINE_OPTIONS = dict(dtype="float32", page_size=4, max_running_requests=16, chunked_prefill_size=64, num_pages=1200,
@@ -583,7 +583,9 @@ def wait_until_healthy(proc, url: str, timeout: float) -> None:
         except OSError:
             return False
 
-    wait_until(healthy, timeout=timeout)
+    # Each answer is a log line in the server's output pipe, which is read only at the end: polled more often,
+    # a start-up's 503s could fill the pipe and block the server on its next log line
+    wait_until(healthy, timeout=timeout, interval=0.2)
 
 
 def child_pids(parent: int) -> list[int]:
@@ -655,3 +657,104 @@ def test_engine_client_whose_text_side_fails_stops_its_engine(tiny_models, monke
         Engine(args=EngineArgs(model_path=path, **ENGINE_OPTIONS), engine_process=True)
     engines = [pid for pid in set(child_pids(os.getpid())) - before if "spawn_main" in command_line(pid)]
     assert not [pid for pid in engines if running(pid)]
+
+
+def exchange(url: str, body: dict | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of a GET, or of a POST of `body`."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            payload = r.read()
+            return r.status, dict(r.headers), json.loads(payload) if payload else {}
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_health_reports_the_start_up_until_the_engine_is_ready(tiny_models, tmp_path):
+    """python -m sgjax.server opens its port before it builds the engine: /health answers 503 with the
+    start-up's phase from its first answer on, a completion sent meanwhile gets 503 JSON with Retry-After,
+    and /health turns 200 once the engine is ready. (In-process: an engine process starts the same way,
+    a second interpreter later; its phases over the pipe are the next test's.)"""
+    import subprocess
+
+    path, _ = tiny_models("llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: the server's log lines never wait for a reader
+        proc = subprocess.Popen([sys.executable, "-m", "sgjax.server", "--model-path", path, "--port", str(port),
+                                 "--dtype", "float32", "--page-size", "4", "--max-running-requests", "2",
+                                 "--chunked-prefill-size", "16", "--context-length", "64",
+                                 "--served-model-name", "m", "--no-engine-process"],
+                                env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                                     "PATH": "", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                                stdout=log, stderr=subprocess.STDOUT)
+    url, answers = f"http://127.0.0.1:{port}", []
+
+    def health_answered(status: int | None = None) -> bool:
+        """Ask /health once (its answer kept); whether it answered (with `status`, if given)."""
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            answers.append(exchange(url + "/health"))
+        except OSError:  # the port is not open yet
+            return False
+        return status is None or answers[-1][0] == status
+
+    try:
+        # 5 times a second: more often, the polls and their log lines slow the start on a small machine
+        wait_until(health_answered, timeout=120, interval=0.2)
+        status, headers, body = exchange(url + "/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 1})
+        assert status == 503 and headers["Retry-After"] == "5", body
+        assert body["error"]["code"] == 503 and "the server is starting" in body["error"]["message"], body
+        # (that it then serves is test_server_command_line_starts_and_serves's)
+        wait_until(lambda: health_answered(200), timeout=120, interval=0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        output = log_path.read_text()
+        print(output[-5000:])  # shown if the test fails
+    starting = [body for status, _, body in answers if status == 503]
+    assert answers[0][0] == 503 and answers[-1][0] == 200 and len(starting) == len(answers) - 1, answers
+    assert all(body["status"] == "starting" for body in starting), starting
+    steps = [body["progress"]["step"] for body in starting]
+    assert steps == sorted(steps) and steps[-1] >= 1, starting  # the phases, in order
+    assert set(starting[-1]["progress"]) == {"phase", "step", "steps", "phase_elapsed_s", "elapsed_s"}
+    assert output.index("serving on http") < output.index("the engine is ready"), output[-3000:]
+
+
+def test_engine_process_start_hands_each_phase_on_before_ready():
+    """The caller's end of an engine process: the StartupPhases its child sends before Ready reach on_phase,
+    in order, and Ready ends the start."""
+    import multiprocessing
+
+    from sgjax.engine.engine_process import EngineProcess, Ready
+    from sgjax.engine.messages import StartupPhase
+
+    caller, child = multiprocessing.Pipe()
+    client = EngineProcess.__new__(EngineProcess)  # its pipe alone, without a child process
+    client._conn, client._process = caller, multiprocessing.current_process()
+    phases = [StartupPhase("loading weights", 1, 4), StartupPhase("compiling the first step programs", 4, 4)]
+    ready = Ready(config=None, context_length=64, num_usable_pages=9, stats={})
+    for message in (*phases, ready):
+        child.send(message)
+    seen = []
+    assert client._receive_start(seen.append) == ready
+    assert seen == phases
+
+
+def test_an_engine_that_fails_to_start_ends_the_start_with_its_error():
+    """Serving.start raises the build's own exception (python -m sgjax.server then exits 1 with its traceback),
+    after the phases it reported, and serves nothing."""
+    from sgjax.engine.messages import StartupPhase
+    from sgjax.server.startup import Serving
+
+    def build(report):
+        report(StartupPhase("loading weights", 1, 4))
+        raise FileNotFoundError("no config.json in model folder 'x'")
+
+    serving = Serving("m")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        asyncio.run(serving.start(build))
+    assert serving.engine is None and serving.progress()["phase"] == "loading weights"
