@@ -40,8 +40,13 @@ def main() -> None:
 
     def inputs(program) -> list:
         """Arguments shaped as the program takes them: random floats (hidden rows), zero integers."""
-        out = [jax.random.normal(key, a.shape, a.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-               else jnp.zeros(a.shape, a.dtype) for a in (info._aval for info in jax.tree.leaves(program.args_info))]
+        def make(info):
+            a = info._aval
+            return (jax.random.normal(key, a.shape, a.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                    else jnp.zeros(a.shape, a.dtype))
+
+        positional, _ = program.args_info  # a tree: the mask arguments of unmasked variants are None
+        out = list(jax.tree.map(make, positional, is_leaf=lambda x: hasattr(x, "_aval")))
         out[0] = runner.head  # the real head: its shape and sharding are the program's
         return out
 
