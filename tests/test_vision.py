@@ -15,7 +15,7 @@ from flax import nnx
 
 from sgjax.models.config import ModelConfig
 from sgjax.models.vision.glm4v import bicubic_weights
-from sgjax.models.vision.qwen2_vl import VisionConfig, vision_metadata
+from sgjax.models.vision.qwen2_vl import VisionConfig, segment_attention, vision_metadata
 from sgjax.models.vision.spec import vision_spec
 from sgjax.multimodal.glm4v_processor import Glm4vImageConfig
 from sgjax.multimodal.image_io import ImageError, ImageTooLargeError, load_image
@@ -131,6 +131,21 @@ def test_glm4v_position_weights_resample_as_grid_sample(grid):
     expected = torch.nn.functional.grid_sample(torch.from_numpy(table).permute(2, 0, 1)[None], normed[None, :, None],
                                                mode="bicubic", align_corners=False, padding_mode="border")
     np.testing.assert_allclose(ours, expected[0, :, :, 0].T.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [40, 64])
+def test_segment_attention_by_query_blocks_equals_all_queries_at_once(n):
+    """The towers' attention in blocks of 16 queries (the last one padded when 16 does not divide n) against
+    numpy's dense block-diagonal softmax over the same segments (images and windows of uneven sizes)."""
+    rng = np.random.default_rng(n)
+    q, k, v = (rng.standard_normal((n, 2, 8)).astype(np.float32) for _ in range(3))
+    segments = np.repeat(np.arange(4), [7, 20, 1, n - 28]).astype(np.int32)
+    got = np.asarray(segment_attention(q, k, v, segments, 0.3, block=16))
+    scores = np.einsum("qhd,khd->hqk", q, k) * 0.3
+    scores = np.where(segments[None, :, None] == segments[None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("hqk,khd->qhd", probs / probs.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_vision_metadata_rejects_a_too_small_bucket():

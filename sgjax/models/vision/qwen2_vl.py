@@ -7,8 +7,9 @@ together, so the merger still finds each block's patches adjacent), and the merg
 at the end.
 
 Several images run in one call as one flat sequence: attention is masked to pairs of patches with the same segment
-id (the image, or the window); the mask is dense, O(N^2) per head, which a segment-aware flash kernel in
-kernels/ should replace for large images. The per-call index arrays come from `vision_metadata` on the host; shapes depend only
+id (the image, or the window), computed by blocks of queries so that a call's scores take O(block * N) memory a
+head, not O(N^2) (the largest images are 16-32k patches: a dense mask would be tens of GB); it still computes the
+masked pairs, which a segment-aware flash kernel in kernels/ would skip. The per-call index arrays come from `vision_metadata` on the host; shapes depend only
 on the number of patches, so the executor can bucket that and pad (padding is its own segment, and ignored).
 Module and parameter names mirror Hugging Face's `visual.*` tensors. The engine reaches all of it through `SPEC`
 (models/vision/spec.py).
@@ -251,10 +252,29 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float) -> jax.Array:
-    """Bidirectional attention [N, heads, D] among rows of equal segment id (a block-diagonal mask)."""
+# Queries a block of segment_attention: its scores are heads x 1024 x N floats (16 heads of a 32k-patch image:
+# 2 GiB, against 64 GiB for all queries at once)
+QUERY_BLOCK = 1024
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float,
+                      block: int = QUERY_BLOCK) -> jax.Array:
+    """Bidirectional attention [N, heads, D] among rows of equal segment id (a block-diagonal mask), `block`
+    queries at a time (each row's result is the same as all at once: it reads the same keys)."""
+    n = q.shape[0]
+    if n <= block:
+        return _segment_rows(q, segments, k, v, segments, scale)
+    pad = -n % block  # padding queries take the last row's segment (no row without a key) and are cut off
+    q_blocks = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(-1, block, *q.shape[1:])
+    s_blocks = jnp.pad(segments, (0, pad), mode="edge").reshape(-1, block)
+    out = jax.lax.map(lambda qs: _segment_rows(qs[0], qs[1], k, v, segments, scale), (q_blocks, s_blocks))
+    return out.reshape(-1, *q.shape[1:])[:n]
+
+
+def _segment_rows(q: jax.Array, q_segments: jax.Array, k: jax.Array, v: jax.Array, k_segments: jax.Array,
+                  scale: float) -> jax.Array:
     scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(segments[None, :, None] == segments[None, None, :], scores, -jnp.inf)
+    scores = jnp.where(q_segments[None, :, None] == k_segments[None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("hqk,khd->qhd", probs, v)
 
