@@ -12,9 +12,7 @@ to one tile first. An image's pixel values are its tiles, each flattened [C * H 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 import numpy as np
 import PIL.Image
@@ -22,6 +20,7 @@ import PIL.Image
 from sgjax.multimodal.qwen2_vl_processor import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    read_preprocessor_config,
     to_rgb,
 )
 
@@ -47,11 +46,8 @@ class ClipImageConfig:
     @classmethod
     def from_pretrained(cls, model_path: str) -> ClipImageConfig:
         """Read preprocessor_config.json (CLIP's defaults without one)."""
-        path = os.path.join(model_path, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            return cls()
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        raw = read_preprocessor_config(model_path)
+        return cls() if raw is None else cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ClipImageConfig:

@@ -21,6 +21,15 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def read_preprocessor_config(model_path: str) -> dict | None:
+    """The model folder's preprocessor_config.json, or None without one (the processor's defaults apply)."""
+    path = os.path.join(model_path, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLImageConfig:
     patch_size: int = 14
@@ -35,12 +44,8 @@ class Qwen2VLImageConfig:
     @classmethod
     def from_pretrained(cls, model_path: str) -> Qwen2VLImageConfig:
         """Read preprocessor_config.json (either the `min_pixels`/`max_pixels` or the `size` spelling)."""
-        path = os.path.join(model_path, "preprocessor_config.json")
-        if not os.path.isfile(path):
-            return cls()
-        with open(path) as f:
-            raw = json.load(f)
-        return cls.from_dict(raw)
+        raw = read_preprocessor_config(model_path)
+        return cls() if raw is None else cls.from_dict(raw)
 
     @classmethod
     def for_tower(cls, model_path: str, tower) -> Qwen2VLImageConfig:

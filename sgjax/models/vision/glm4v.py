@@ -17,8 +17,6 @@ number of patches, so the executor buckets that and pads (padding is its own seg
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -27,11 +25,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sgjax.models.config import DTYPES
 from sgjax.models.layers import COLUMN, ROW, Linear, RMSNorm
 from sgjax.models.vision.qwen2_vl import (
     ACTIVATIONS,
     LayerNorm,
+    PatchTowerConfig,
     apply_rotary,
     rotary_cos_sin,
     segment_attention,
@@ -43,13 +41,12 @@ from sgjax.multimodal.mrope import prompt_mrope_positions
 from sgjax.multimodal.qwen2_vl_processor import preprocess_image
 from sgjax.platform.mesh import TENSOR
 
-SMALLEST_PATCH_BUCKET = 64
 # GLM-4.6V's configs (Glm46VForConditionalGeneration) wrap the same tower and, for GLM-4.6V-Flash, the same decoder
 MODEL_TYPES = {"glm4v", "glm46v"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Glm4vVisionConfig:
+class Glm4vVisionConfig(PatchTowerConfig):
     depth: int
     hidden_size: int  # the tower's width
     num_heads: int
@@ -68,40 +65,9 @@ class Glm4vVisionConfig:
     architecture: str = "glm4v"
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def merge_unit(self) -> int:
-        """Patches merged into one output row (and one placeholder token)."""
-        return self.spatial_merge_size**2
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch row of pixel_values."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def input_dim(self) -> int:
-        return self.patch_dim
-
-    @property
-    def smallest_bucket(self) -> int:
-        """A tower call's fewest patch rows: whole merge blocks (the larger buckets double it)."""
-        return max(SMALLEST_PATCH_BUCKET, self.merge_unit)
-
-    def output_rows(self, num_patches: int) -> int:
-        """Merged rows of a call over `num_patches` patch rows."""
-        return num_patches // self.merge_unit
-
-    @property
     def position_side(self) -> int:
         """Rows (and columns) of the learned position table."""
         return self.image_size // self.patch_size
-
-    @property
-    def jnp_dtype(self):
-        return DTYPES[self.dtype]
 
     @classmethod
     def from_hf(cls, config: Mapping, dtype: str = "float32") -> Glm4vVisionConfig:
@@ -119,14 +85,6 @@ class Glm4vVisionConfig:
             attention_bias=bool(v.get("attention_bias", False)),
             rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)), dtype=dtype,
         )
-
-    @classmethod
-    def from_pretrained(cls, model_path: str, dtype: str = "float32") -> Glm4vVisionConfig:
-        path = os.path.join(model_path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
-        with open(path) as f:
-            return cls.from_hf(json.load(f), dtype)
 
 
 # --- host side: per-call index arrays ---------------------------------------------------------------------------

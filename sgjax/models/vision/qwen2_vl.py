@@ -41,23 +41,10 @@ ARCHITECTURES = {"qwen2_vl", "qwen2_5_vl"}
 SMALLEST_PATCH_BUCKET = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    architecture: str  # "qwen2_vl" or "qwen2_5_vl"
-    depth: int
-    hidden_size: int  # the tower's width
-    num_heads: int
-    intermediate_size: int
-    out_hidden_size: int  # the decoder's hidden size: what the merger outputs
-    hidden_act: str
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    in_channels: int = 3
-    rope_theta: float = 10000.0
-    window_size: int = 0  # pixels per window side (Qwen2.5-VL); 0: no windows, every block sees the whole image
-    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that see the whole image despite windows
-    dtype: str = "float32"
+class PatchTowerConfig:
+    """What a tower over a grid of patches merged m x m derives from its fields (hidden_size, num_heads,
+    patch_size, temporal_patch_size, spatial_merge_size, in_channels, dtype); Qwen2-VL's and GLM-4.1V's configs
+    (dataclasses) share it, and the engine reads the same names of both."""
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +77,34 @@ class VisionConfig:
     def jnp_dtype(self):
         return DTYPES[self.dtype]
 
+    @classmethod
+    def from_pretrained(cls, model_path: str, dtype: str = "float32"):
+        """From the model folder's config.json (`from_hf`)."""
+        path = os.path.join(model_path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
+        with open(path) as f:
+            return cls.from_hf(json.load(f), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(PatchTowerConfig):
+    architecture: str  # "qwen2_vl" or "qwen2_5_vl"
+    depth: int
+    hidden_size: int  # the tower's width
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int  # the decoder's hidden size: what the merger outputs
+    hidden_act: str
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    window_size: int = 0  # pixels per window side (Qwen2.5-VL); 0: no windows, every block sees the whole image
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that see the whole image despite windows
+    dtype: str = "float32"
+
     def uses_windows(self, block: int) -> bool:
         return self.window_size > 0 and block not in self.fullatt_block_indexes
 
@@ -114,14 +129,6 @@ class VisionConfig:
                    out_hidden_size=v["out_hidden_size"], hidden_act=v.get("hidden_act", "silu"),
                    window_size=v.get("window_size", 112),
                    fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))), **common)
-
-    @classmethod
-    def from_pretrained(cls, model_path: str, dtype: str = "float32") -> VisionConfig:
-        path = os.path.join(model_path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in model folder {model_path!r}")
-        with open(path) as f:
-            return cls.from_hf(json.load(f), dtype)
 
 
 # --- host side: per-call index arrays ---------------------------------------------------------------------------
